@@ -1,0 +1,113 @@
+"""Input checks shared by every public function (floor 1: no Flax, no I/O).
+
+Shape checks run while tracing (shapes are static). Value checks need concrete
+arrays, so they run only when an input is not a tracer: inside `jax.jit` the
+caller is responsible for its data, outside it bad data raises a `ValueError`
+that names the argument and the problem.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+
+def is_concrete(*arrays) -> bool:
+  """True when no argument is a JAX tracer, so its values can be inspected."""
+  return not any(isinstance(a, jax.core.Tracer) for a in arrays)
+
+
+def as_float(name: str, x: ArrayLike) -> jax.Array:
+  """Converts to JAX's default float (float32, or float64 in x64 mode)."""
+  try:
+    return jnp.asarray(x, dtype=jnp.result_type(float))
+  except (TypeError, ValueError) as err:
+    raise ValueError(f"{name}: cannot be read as a float array ({err})") from err
+
+
+def as_int(name: str, x: ArrayLike) -> jax.Array:
+  """Converts an integer array to JAX's default int; floats are refused."""
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise ValueError(f"{name}: must be an integer array, got dtype {x.dtype}")
+  return x.astype(jnp.result_type(int))
+
+
+def check_ndim(name: str, x: jax.Array, ndim: int) -> None:
+  if x.ndim != ndim:
+    shape = "[n]" if ndim == 1 else "[n, A]"
+    raise ValueError(
+        f"{name}: expected a {ndim}-d array {shape} for one dataset (batch "
+        f"datasets with jax.vmap), got shape {tuple(x.shape)}")
+
+
+def check_same_length(**arrays: jax.Array) -> int:
+  """Checks that every array has the same leading length and returns it."""
+  lengths = {name: x.shape[0] for name, x in arrays.items()}
+  first_name, n = next(iter(lengths.items()))
+  for name, length in lengths.items():
+    if length != n:
+      raise ValueError(
+          f"{name}: has {length} rounds but {first_name} has {n}; every "
+          "per-round array must have the same length")
+  if n == 0:
+    raise ValueError(f"{first_name}: is empty; at least one round is needed")
+  return n
+
+
+def check_finite(name: str, x: jax.Array) -> None:
+  if is_concrete(x):
+    values = np.asarray(x)
+    if not np.all(np.isfinite(values)):
+      bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+      raise ValueError(f"{name}: contains {bad} NaN or infinite value(s)")
+
+
+def check_probabilities(name: str, x: jax.Array) -> None:
+  """Propensities must lie in (0, 1]: a zero propensity breaks importance weighting."""
+  if is_concrete(x):
+    values = np.asarray(x)
+    bad = ~((values > 0) & (values <= 1))
+    if np.any(bad):
+      first = values[bad].ravel()[0]
+      raise ValueError(
+          f"{name}: every propensity must be in (0, 1], found {int(bad.sum())} "
+          f"outside (e.g. {first})")
+
+
+def check_distribution_rows(name: str, x: jax.Array) -> None:
+  """Each row must be a probability distribution over the last axis."""
+  if is_concrete(x):
+    values = np.asarray(x, dtype=np.float64)
+    if not np.all(np.isfinite(values)) or np.any(values < 0):
+      raise ValueError(f"{name}: probabilities must be finite and >= 0")
+    tolerance = 1e-6 if x.dtype == jnp.float64 else 1e-4
+    row_sums = values.sum(axis=-1)
+    bad = np.abs(row_sums - 1.0) > tolerance
+    if np.any(bad):
+      row = int(np.argmax(bad))
+      raise ValueError(
+          f"{name}: rows must sum to 1, row {row} sums to {row_sums.ravel()[row]:.6g} "
+          f"({int(bad.sum())} bad rows)")
+
+
+def check_actions(name: str, actions: jax.Array, n_actions: int) -> None:
+  if is_concrete(actions):
+    values = np.asarray(actions)
+    bad = (values < 0) | (values >= n_actions)
+    if np.any(bad):
+      raise ValueError(
+          f"{name}: every action must be in [0, {n_actions}), found "
+          f"{int(bad.sum())} outside (e.g. {values[bad].ravel()[0]})")
+
+
+def check_nonnegative_option(name: str, value, *, strictly_positive: bool = False) -> None:
+  """Checks a scalar hyper-parameter such as a clipping threshold."""
+  if value is None or not is_concrete(value):
+    return
+  v = float(np.asarray(value))
+  if np.isnan(v) or v < 0 or (strictly_positive and v == 0):
+    need = "> 0" if strictly_positive else ">= 0"
+    raise ValueError(f"{name}: must be {need}, got {value}")

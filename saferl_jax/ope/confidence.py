@@ -1,0 +1,66 @@
+"""Intervals and deployment decisions for bandit estimates (floor 1).
+
+Thin bridges from an `Estimate` or `LoggedRounds` to the shared bounds in
+`saferl_jax.stats`: the bootstrap recomputes the chosen estimator on each
+resample of the rounds, and the improvement test compares a lower bound on the
+target policy's value with the logging policy's on-policy mean reward.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from saferl_jax import checks
+from saferl_jax.ope.estimators import Estimate
+from saferl_jax.ope.rounds import LoggedRounds
+from saferl_jax.stats import ImprovementTest, Interval, bootstrap_interval, safe_improvement_test
+
+
+def estimator_bootstrap_interval(
+    estimator_from_rounds: Callable[..., Estimate], rounds: LoggedRounds, *, key: jax.Array,
+    num_resamples: int = 1000, alpha: float = 0.05, batch_size: int = 50,
+    generator: str = "hash", **estimator_options,
+) -> Interval:
+  """Percentile bootstrap interval of an estimator, refitted on every resample of the rounds.
+
+  Args:
+    estimator_from_rounds: e.g. `snips_from_rounds` or `beta_ips_from_rounds`.
+    rounds: the `LoggedRounds` of the dataset.
+    key: PRNG key.
+    num_resamples, alpha, batch_size, generator: as in `stats.bootstrap_interval`.
+    **estimator_options: passed to the estimator (clip, tau, baseline, ...).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from saferl_jax.ope import logged_rounds, snips_from_rounds
+    >>> rounds = logged_rounds(jnp.array([1., 0., 1., 0.]), jnp.array([0, 1, 0, 1]),
+    ...                        jnp.full(4, 0.5), jnp.full((4, 2), 0.5))
+    >>> ci = estimator_bootstrap_interval(snips_from_rounds, rounds, key=jax.random.key(0))
+    >>> bool(ci.lower <= 0.5 <= ci.upper)
+    True
+  """
+  return bootstrap_interval(
+      lambda resampled: estimator_from_rounds(resampled, **estimator_options).value,
+      rounds, key=key, num_resamples=num_resamples, alpha=alpha, batch_size=batch_size,
+      generator=generator)
+
+
+def improves_on_logging(
+    estimate: Estimate, logged_rewards: ArrayLike, *, delta: float = 0.05, method: str = "t",
+    max_value: float | None = None, truncate: bool = False,
+) -> ImprovementTest:
+  """Safe policy improvement: deploy if the estimate's lower bound beats mean(logged_rewards).
+
+  Args:
+    estimate: the target policy's `Estimate` on held-out logs.
+    logged_rewards: [n] rewards of the logging policy (its on-policy value is their mean).
+    delta, method, max_value, truncate: as in `stats.lower_bound`.
+  """
+  logged_rewards = checks.as_float("logged_rewards", logged_rewards)
+  checks.check_finite("logged_rewards", logged_rewards)
+  return safe_improvement_test(estimate.per_sample, jnp.mean(logged_rewards), delta=delta,
+                               method=method, max_value=max_value, truncate=truncate)
