@@ -1,0 +1,67 @@
+"""The `saferl-jax` command line (floor 3).
+
+  saferl-jax demo [--out DIR] [--full]          every experiment, quick unless --full
+  saferl-jax ope-variance [--quick] --out DIR   bias/variance/MSE study of the estimators
+  saferl-jax obd --out DIR                      the uniform policy's value on the OBD sample
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from saferl_jax.experiments import obd_evaluation, ope_variance
+
+
+def _ope_variance(out: Path, quick: bool) -> str:
+  results = ope_variance.run(out, ope_variance.QUICK if quick else ope_variance.FULL)
+  return ope_variance.summary(results)
+
+
+def _obd(out: Path, quick: bool) -> str:
+  del quick  # The sample is small: quick and full are the same run.
+  return obd_evaluation.summary(obd_evaluation.run(out))
+
+
+EXPERIMENTS = {"ope-variance": _ope_variance, "obd": _obd}
+
+
+def demo(out: Path, quick: bool = True) -> None:
+  """Runs every experiment into out/<name>/ and writes out/summary.md."""
+  out.mkdir(parents=True, exist_ok=True)
+  parts = [f"# saferl_jax demo ({'quick' if quick else 'full'} mode)\n"]
+  for name, run in EXPERIMENTS.items():
+    start = time.perf_counter()
+    print(f"== {name}: writing {out / name}", flush=True)
+    parts.append(run(out / name, quick))
+    parts.append(f"_{name}: {time.perf_counter() - start:.0f} s; files in `{name}/`._\n")
+  (out / "summary.md").write_text("\n".join(parts))
+  print("\n".join(parts))
+  print(f"Results, plots and summary in {out.resolve()}")
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(prog="saferl-jax", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  commands = parser.add_subparsers(dest="command", required=True)
+  demo_parser = commands.add_parser("demo", help="run every experiment (quick mode by default)")
+  demo_parser.add_argument("--out", type=Path, default=Path("results"))
+  demo_parser.add_argument("--full", action="store_true", help="full-size runs (hours on a CPU)")
+  variance = commands.add_parser("ope-variance", help="bias, variance and MSE of the OPE estimators")
+  variance.add_argument("--quick", action="store_true")
+  variance.add_argument("--out", type=Path, required=True)
+  obd = commands.add_parser("obd", help="evaluate the uniform policy on the Open Bandit sample")
+  obd.add_argument("--out", type=Path, required=True)
+  args = parser.parse_args(argv)
+
+  if args.command == "demo":
+    demo(args.out, quick=not args.full)
+  elif args.command == "ope-variance":
+    print(_ope_variance(args.out, args.quick))
+  elif args.command == "obd":
+    print(_obd(args.out, True))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,82 @@
+"""What every experiment shares (floor 3): result files, checkpoints, progress, tables, plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+
+def to_jsonable(value: Any) -> Any:
+  """Turns numpy/JAX scalars and arrays inside dicts and lists into plain Python."""
+  if isinstance(value, dict):
+    return {str(k): to_jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [to_jsonable(v) for v in value]
+  if hasattr(value, "tolist"):
+    return to_jsonable(np.asarray(value).tolist())
+  if isinstance(value, float) and not np.isfinite(value):
+    raise ValueError(f"results: refusing to write a non-finite number ({value})")
+  return value
+
+
+def write_json(path: Path, data: Any) -> None:
+  """Writes JSON atomically (a crash never leaves a half-written file)."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(to_jsonable(data), indent=2))
+  os.replace(tmp, path)
+
+
+class Checkpoint:
+  """Finished cells of a long run, saved after each one so a rerun resumes where it stopped.
+
+  The file records the run's config; a checkpoint written under another config
+  is ignored rather than mixed into these results.
+  """
+
+  def __init__(self, path: Path, config: dict):
+    self.path = Path(path)
+    self.config = to_jsonable(config)
+    self.cells: dict[str, Any] = {}
+    if self.path.exists():
+      saved = json.loads(self.path.read_text())
+      if saved.get("config") == self.config:
+        self.cells = saved["cells"]
+
+  def __contains__(self, cell: str) -> bool:
+    return cell in self.cells
+
+  def __getitem__(self, cell: str) -> Any:
+    return self.cells[cell]
+
+  def save(self, cell: str, result: Any) -> None:
+    self.cells[cell] = to_jsonable(result)
+    write_json(self.path, {"config": self.config, "cells": self.cells})
+
+
+def progress(items: Iterable, description: str, total: int | None = None):
+  """A console progress bar (disabled when SAFERL_JAX_QUIET is set, as in the tests)."""
+  return tqdm(items, desc=description, total=total, disable=bool(os.environ.get("SAFERL_JAX_QUIET")),
+              dynamic_ncols=True)
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+  def cell(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+  lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+  lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def pyplot():
+  """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
