@@ -22,7 +22,7 @@ from saferl_jax.stats import ImprovementTest, Interval, bootstrap_interval, safe
 
 def estimator_bootstrap_interval(
     estimator_from_rounds: Callable[..., Estimate], rounds: LoggedRounds, *, key: jax.Array,
-    num_resamples: int = 1000, alpha: float = 0.05, batch_size: int = 50,
+    num_resamples: int = 1000, alpha: float = 0.05, batch_size: int = 10,
     generator: str = "hash", **estimator_options,
 ) -> Interval:
   """Percentile bootstrap interval of an estimator, refitted on every resample of the rounds.

@@ -1,0 +1,65 @@
+"""The ope-variance study: result schema, the claim's bookkeeping, resuming from a checkpoint."""
+
+import json
+
+import numpy as np
+import pytest
+
+from saferl_jax.experiments import ope_variance
+
+TINY = ope_variance.Config(logger_inverse_temperatures=(-1.0, 1.0), n_actions=(5,),
+                           sample_sizes=(50, 200), n_seeds=16, n_contexts=50)
+
+
+def test_results_file_has_the_documented_schema(tmp_path):
+  ope_variance.run(tmp_path, TINY)
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert len(results["settings"]) == 2
+  for setting in results["settings"]:
+    assert setting["n"] == [50, 200]
+    assert {"logger_inverse_temperature", "n_actions", "true_value", "estimators"} <= set(setting)
+    for name in ("ips", "snips", "dm", "dr", "sndr", "switch_dr", "dr_os", "beta_ips"):
+      stats = setting["estimators"][name]
+      assert len(stats["mse"]) == 2
+      # MSE = bias^2 + variance (population variance over seeds).
+      np.testing.assert_allclose(stats["mse"], np.square(stats["bias"]) + np.asarray(stats["variance"]),
+                                 rtol=1e-6)
+  claim = results["claims"]["beta_ips_lowest_mse"]
+  assert claim["cells"] == 4 and 0 <= claim["cells_where_it_holds"] <= 4
+  assert (tmp_path / "mse.png").stat().st_size > 0
+  assert (tmp_path / "mse_beta0_-1_A5.png").exists()
+  assert "MSE" in (tmp_path / "summary.md").read_text()
+
+
+def test_an_interrupted_run_resumes_without_redoing_cells(tmp_path, monkeypatch):
+  real_cell = ope_variance._cell
+  calls = []
+
+  def failing_after_two(*args):
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    calls.append(args[1])
+    return real_cell(*args)
+
+  monkeypatch.setattr(ope_variance, "_cell", failing_after_two)
+  with pytest.raises(KeyboardInterrupt):
+    ope_variance.run(tmp_path, TINY)
+  assert len(calls) == 2
+
+  resumed = []
+  monkeypatch.setattr(ope_variance, "_cell", lambda *a: resumed.append(a[1]) or real_cell(*a))
+  results = ope_variance.run(tmp_path, TINY)
+  assert len(resumed) == 2  # only the two cells that had not finished
+
+  fresh = ope_variance.run(tmp_path / "fresh", TINY)
+  assert results["settings"] == fresh["settings"]  # resuming loses nothing and changes nothing
+
+
+def test_a_checkpoint_from_another_config_is_not_reused(tmp_path, monkeypatch):
+  ope_variance.run(tmp_path, TINY)
+  calls = []
+  real_cell = ope_variance._cell
+  monkeypatch.setattr(ope_variance, "_cell", lambda *a: calls.append(1) or real_cell(*a))
+  other = ope_variance.Config(**{**TINY.__dict__, "seed": 1})
+  ope_variance.run(tmp_path, other)
+  assert len(calls) == 4
