@@ -160,14 +160,15 @@ def _plot(settings: list[dict], out: Path) -> None:
     _plot_setting(ax, setting)
   for ax in axes.ravel()[n_panels:]:
     ax.axis("off")
-  axes[0, 0].legend(fontsize=7)
-  fig.tight_layout()
+  handles, labels = axes[0, 0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="center right", fontsize=8)
+  fig.tight_layout(rect=(0, 0, 0.86, 1))
   fig.savefig(out / "mse.png", dpi=120)
   plt.close(fig)
   for setting in settings:
-    fig, ax = plt.subplots(figsize=(4.5, 3.6))
+    fig, ax = plt.subplots(figsize=(5.8, 3.6))
     _plot_setting(ax, setting)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(out / f"mse_beta0_{setting['logger_inverse_temperature']:g}_A{setting['n_actions']}.png",
                 dpi=120)
