@@ -103,6 +103,15 @@ def check_actions(name: str, actions: jax.Array, n_actions: int) -> None:
           f"{int(bad.sum())} outside (e.g. {values[bad].ravel()[0]})")
 
 
+def check_level_option(name: str, value) -> None:
+  """Checks a miss probability such as delta or alpha: it must lie in (0, 1)."""
+  if value is None or not is_concrete(value):
+    return
+  v = float(np.asarray(value))
+  if not 0 < v < 1:
+    raise ValueError(f"{name}: must be in (0, 1), got {value}")
+
+
 def check_nonnegative_option(name: str, value, *, strictly_positive: bool = False) -> None:
   """Checks a scalar hyper-parameter such as a clipping threshold."""
   if value is None or not is_concrete(value):

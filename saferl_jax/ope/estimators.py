@@ -70,6 +70,8 @@ def _self_normalised(numerators: jax.Array, weights: jax.Array) -> tuple[jax.Arr
 
 def _delta_method_estimate(per_sample: jax.Array, influence: jax.Array) -> Estimate:
   n = per_sample.shape[0]
+  if n < 2:  # As for the linear estimators: one round gives no standard error.
+    return Estimate(jnp.mean(per_sample), per_sample, jnp.asarray(jnp.inf, per_sample.dtype))
   return Estimate(jnp.mean(per_sample), per_sample, jnp.sqrt(jnp.sum(influence**2)) / n)
 
 
@@ -126,10 +128,12 @@ def dr_os_from_rounds(rounds: LoggedRounds, *, lambda_: float) -> Estimate:
   checks.check_nonnegative_option("lambda_", lambda_)
   weights = rounds.weights
   lambda_ = jnp.asarray(lambda_, weights.dtype)
-  denominator = weights**2 + lambda_
+  infinite = jnp.isinf(lambda_)
+  finite_lambda = jnp.where(infinite, 1.0, lambda_)  # double where: no inf / inf, no NaN gradient
+  denominator = weights**2 + finite_lambda
   safe_denominator = jnp.where(denominator > 0, denominator, 1.0)
-  shrunk = jnp.where(denominator > 0, lambda_ * weights / safe_denominator, 0.0)
-  shrunk = jnp.where(jnp.isinf(lambda_), weights, shrunk)
+  shrunk = jnp.where(denominator > 0, finite_lambda * weights / safe_denominator, 0.0)
+  shrunk = jnp.where(infinite, weights, shrunk)
   residuals = rounds.rewards - rounds.reward_hat_logged
   return _linear_estimate(rounds.dm + shrunk * residuals)
 
@@ -295,6 +299,7 @@ FROM_ROUNDS = {
     "beta_ips": beta_ips_from_rounds,
 }
 MODEL_BASED = ("dm", "dr", "sndr", "switch_dr", "dr_os")
+REQUIRED_OPTIONS = {"switch_dr": "tau", "dr_os": "lambda_"}
 
 
 def estimate_all(
@@ -328,6 +333,9 @@ def estimate_all(
   if unknown:
     raise ValueError(f"estimators/options: unknown or unrequested names {sorted(unknown)}; "
                      f"choose from {sorted(FROM_ROUNDS)}")
+  for name, option in REQUIRED_OPTIONS.items():
+    if name in estimators and option not in options.get(name, {}):
+      raise ValueError(f"options: {name} needs {option!r}, e.g. options={{'{name}': {{'{option}': ...}}}}")
   if reward_hat is None and set(estimators) & set(MODEL_BASED):
     raise ValueError(f"reward_hat: needed by {sorted(set(estimators) & set(MODEL_BASED))}")
   rounds = logged_rounds(rewards, actions, logging_probs, target_dist, reward_hat)

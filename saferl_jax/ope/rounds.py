@@ -133,6 +133,8 @@ def weight_diagnostics(weights: ArrayLike) -> WeightDiagnostics:
   """
   weights = checks.as_float("weights", weights)
   checks.check_ndim("weights", weights, 1)
+  checks.check_same_length(weights=weights)
+  checks.check_finite("weights", weights)
   sum_sq = jnp.sum(weights**2)
   safe_sum_sq = jnp.where(sum_sq > 0, sum_sq, 1.0)
   ess = jnp.where(sum_sq > 0, jnp.sum(weights)**2 / safe_sum_sq, 0.0)

@@ -39,6 +39,10 @@ def _hash32(x: jax.Array) -> jax.Array:
 
 def _index_sampler(key: jax.Array, num_resamples: int, n: int, generator: str):
   """Per-resample inputs, and the function that turns one of them into [n] row indices."""
+  if num_resamples < 1:
+    raise ValueError(f"num_resamples: must be >= 1, got {num_resamples}")
+  if n < 1:
+    raise ValueError(f"data: needs at least one row to resample, got n={n}")
   if generator == "threefry":
     return jax.random.split(key, num_resamples), lambda k: jax.random.randint(k, (n,), 0, n)
   if generator != "hash":
@@ -91,8 +95,7 @@ def bootstrap_replicates(
   for leaf in leaves:
     if leaf.shape[0] != n:
       raise ValueError(f"data: every array must have the same leading length, got {leaf.shape[0]} and {n}")
-  if num_resamples < 1:
-    raise ValueError(f"num_resamples: must be >= 1, got {num_resamples}")
+
   def on_resample(indices):
     # The barrier makes XLA compute the indices once; otherwise it fuses the hash into
     # the gather of every array and recomputes it per array (2-3 times slower).
@@ -108,7 +111,7 @@ def percentile_interval(replicates: ArrayLike, *, alpha: float = 0.05) -> Interv
   """The alpha/2 and 1 - alpha/2 quantiles of bootstrap replicates (linear interpolation)."""
   replicates = checks.as_float("replicates", replicates)
   checks.check_ndim("replicates", replicates, 1)
-  checks.check_nonnegative_option("alpha", alpha, strictly_positive=True)
+  checks.check_level_option("alpha", alpha)
   lower, upper = jnp.quantile(replicates, jnp.array([alpha / 2, 1 - alpha / 2]))
   return Interval(lower, upper)
 

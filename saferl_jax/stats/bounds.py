@@ -14,6 +14,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, NamedTuple
 
 import jax
@@ -64,14 +65,34 @@ def _prepare(samples: ArrayLike, method: str, max_value, truncate: bool) -> jax.
   return samples
 
 
+@functools.lru_cache(maxsize=256)
+def _host_quantile(distribution: str, df: float, q: float) -> float:
+  from tensorflow_probability.substrates import numpy as tfp_numpy
+  with np.errstate(all="ignore"):  # tfp's numpy quantile evaluates unused branches of a where
+    return _host_quantile_value(tfp_numpy, distribution, df, q)
+
+
+def _host_quantile_value(tfp_numpy, distribution: str, df: float, q: float) -> float:
+  dist = (tfp_numpy.distributions.Normal(0.0, 1.0) if distribution == "normal"
+          else tfp_numpy.distributions.StudentT(df, 0.0, 1.0))
+  return float(dist.quantile(q))
+
+
+def _quantile(distribution: str, df: float, q) -> jax.Array:
+  """A standard normal or Student-t quantile; on the host when q is concrete (fast eagerly)."""
+  if checks.is_concrete(q):
+    return jnp.asarray(_host_quantile(distribution, df, float(q)))
+  dist = (tfp.distributions.Normal(0.0, 1.0) if distribution == "normal"
+          else tfp.distributions.StudentT(df, 0.0, 1.0))
+  return dist.quantile(q)
+
+
 def _half_width(samples: jax.Array, delta, method: str, max_value) -> jax.Array:
   """Width of a one-sided bound at level 1 - delta."""
   n = samples.shape[0]
   std = jnp.std(samples, ddof=1)
-  if method == "normal":
-    return tfp.distributions.Normal(0.0, 1.0).quantile(1.0 - delta).astype(samples.dtype) * std / jnp.sqrt(n)
-  if method == "t":
-    quantile = tfp.distributions.StudentT(float(n - 1), 0.0, 1.0).quantile(1.0 - delta)
+  if method in ("normal", "t"):
+    quantile = _quantile(method, float(n - 1), 1.0 - delta)
     return quantile.astype(samples.dtype) * std / jnp.sqrt(n)
   log_term = jnp.log(1.0 / delta) if method == "hoeffding" else jnp.log(2.0 / delta)
   if method == "hoeffding":
@@ -106,9 +127,19 @@ def lower_bound(
     >>> round(float(lower_bound(x, method="hoeffding", max_value=1.0)), 4)
     -0.1119
   """
-  checks.check_nonnegative_option("delta", delta, strictly_positive=True)
+  checks.check_level_option("delta", delta)
   samples = _prepare(samples, method, max_value, truncate)
   return jnp.mean(samples) - _half_width(samples, delta, method, max_value)
+
+
+def upper_bound(
+    samples: ArrayLike, *, delta: float = 0.05, method: Method = "t",
+    max_value: float | None = None, truncate: bool = False,
+) -> jax.Array:
+  """A 1 - delta upper confidence bound on E[X]: mean + the same width as `lower_bound`."""
+  checks.check_level_option("delta", delta)
+  samples = _prepare(samples, method, max_value, truncate)
+  return jnp.mean(samples) + _half_width(samples, delta, method, max_value)
 
 
 def confidence_interval(
@@ -125,7 +156,7 @@ def confidence_interval(
     >>> round(float(ci.lower), 3), round(float(ci.upper), 3)
     (-0.066, 1.066)
   """
-  checks.check_nonnegative_option("alpha", alpha, strictly_positive=True)
+  checks.check_level_option("alpha", alpha)
   samples = _prepare(samples, method, max_value, truncate)
   mean = jnp.mean(samples)
   half = _half_width(samples, alpha / 2, method, max_value)

@@ -454,9 +454,6 @@ def test_snips_gradient_matches_finite_differences():
   np.testing.assert_allclose(analytic, fd, rtol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="dr_os(lambda_=inf) computes lambda_ w / (w^2 + lambda_) = "
-                   "inf/inf before the jnp.where that selects w, so the gradient w.r.t. the weights "
-                   "(hence target_dist) is NaN although the value is fine")
 def test_dr_os_infinite_lambda_gradient_has_no_nan():
   f_inf = lambda t: dr_os(R, A, P, t, Q, lambda_=np.inf).value
   f_dr = lambda t: dr(R, A, P, t, Q).value
@@ -464,9 +461,6 @@ def test_dr_os_infinite_lambda_gradient_has_no_nan():
   np.testing.assert_allclose(grad, jax.grad(f_dr)(jnp.asarray(T)), rtol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="with one round the linear estimators report stderr=inf "
-                   "('a standard error needs two rounds'), but snips/sndr report stderr=0, an "
-                   "overconfident standard error from a single round")
 @pytest.mark.parametrize("fn", [snips, lambda r, a, p, t: sndr(r, a, p, t, Q[:1])],
                          ids=["snips", "sndr"])
 def test_self_normalised_stderr_of_one_round_is_not_zero(fn):
@@ -563,9 +557,6 @@ def test_estimate_all_errors():
     estimate_all(R, A, np.zeros(4), T)
 
 
-@pytest.mark.xfail(strict=True, reason="estimate_all without the required option of switch_dr "
-                   "(tau) or dr_os (lambda_) raises a TypeError from the call, not a ValueError "
-                   "naming the option")
 def test_estimate_all_missing_required_option_names_it():
   with pytest.raises(ValueError, match="tau"):
     estimate_all(R, A, P, T, Q, estimators=("switch_dr",))

@@ -47,9 +47,6 @@ def test_resample_indices_unknown_generator():
     resample_indices(jax.random.key(0), 2, 5, generator="mersenne")
 
 
-@pytest.mark.xfail(strict=True, reason="resample_indices does not validate num_resamples: a "
-                   "negative count fails deep in XLA (an MLIR 'invalid tensor dimension' "
-                   "error) instead of a ValueError naming num_resamples")
 def test_resample_indices_negative_count_raises_value_error():
   with pytest.raises(ValueError, match="num_resamples"):
     resample_indices(jax.random.key(0), -1, 5)
@@ -186,9 +183,6 @@ def test_bootstrap_replicates_bad_data():
     bootstrap_replicates(lambda d: 0.0, {}, key=jax.random.key(0))
 
 
-@pytest.mark.xfail(strict=True, reason="bootstrap_replicates accepts data with zero rows and "
-                   "returns NaN replicates (indices mod 0) instead of a ValueError like the "
-                   "estimators' 'at least one round is needed'")
 def test_bootstrap_replicates_empty_data_raises():
   with pytest.raises(ValueError, match="data"):
     bootstrap_replicates(jnp.mean, jnp.zeros(0), key=jax.random.key(0), num_resamples=4)
@@ -208,8 +202,6 @@ def test_percentile_interval_bad_inputs():
     percentile_interval(jnp.ones((2, 2)))
 
 
-@pytest.mark.xfail(strict=True, reason="percentile_interval checks only alpha > 0: alpha >= 1 "
-                   "gives an 'interval' with lower > upper instead of a ValueError")
 def test_percentile_interval_alpha_above_one_raises():
   with pytest.raises(ValueError, match="alpha"):
     percentile_interval(jnp.arange(5.0), alpha=1.5)

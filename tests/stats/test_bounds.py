@@ -116,9 +116,6 @@ def test_confidence_interval_bad_alpha():
     confidence_interval(X, alpha=0.0)
 
 
-@pytest.mark.xfail(strict=True, reason="delta (and alpha) are only checked to be > 0: "
-                   "delta >= 1 is accepted and the t bound returns NaN (delta > 1) or -inf "
-                   "(delta = 1) instead of raising a ValueError naming delta")
 def test_delta_of_one_or_more_raises():
   with pytest.raises(ValueError, match="delta"):
     lower_bound(X, delta=1.5, method="normal")

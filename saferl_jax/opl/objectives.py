@@ -1,0 +1,133 @@
+"""Off-policy learning objectives and baseline-corrected policy gradients (floor 1).
+
+A policy pi_theta(a|x) gives the logged actions log-probabilities log pi_theta(a_i|x_i);
+with the logging propensities p_i the importance weights are w_i(theta) = pi_theta(a_i|x_i) / p_i.
+Objectives (to maximise; use their negation as an optax loss) take those log-probs, so they
+never learn what model produced them:
+
+  IPS:                mean_i r_i w_i(theta)
+  SNIPS:              sum_i r_i w_i(theta) / sum_i w_i(theta)
+  baseline-corrected: mean_i (r_i - beta) w_i(theta)   (BanditNet's lambda is such a beta)
+
+The corrected gradient mean_i (r_i - beta) grad w_i is unbiased for every fixed beta because
+E[grad w] = grad E[w] = 0. Its variance is smallest at the gradient-variance-optimal baseline
+
+  beta*_grad = E[r ||grad w||^2] / E[||grad w||^2],
+
+computed per mini-batch from per-example gradients (jax.vmap of jax.grad). The functions
+that need gradients take an `apply_fn(params, contexts) -> logits [n, A]`. One dataset (or
+mini-batch) per call; vmap over seeds or datasets.
+
+References:
+  [OB] Gupta, Jeunen, Oosterhuis, de Rijke. Optimal Baseline Corrections for Off-Policy
+  Contextual Bandits. RecSys 2024. https://arxiv.org/abs/2405.05736
+  Joachims, Swaminathan, de Rijke. Deep Learning with Logged Bandit Feedback. ICLR 2018.
+  Swaminathan, Joachims. The Self-Normalized Estimator for Counterfactual Learning. NeurIPS 2015.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from saferl_jax.ope.baseline import optimal_baseline
+
+
+class LoggedBatch(NamedTuple):
+  """Logged bandit feedback for learning: contexts [n, d], actions [n], rewards [n], logging_probs [n]."""
+  contexts: jax.Array
+  actions: jax.Array
+  rewards: jax.Array
+  logging_probs: jax.Array
+
+
+def logged_log_probs(apply_fn: Callable, params, contexts: jax.Array, actions: jax.Array) -> jax.Array:
+  """log pi_theta(a_i|x_i) for a softmax policy with logits apply_fn(params, contexts) [n, A]."""
+  log_policy = jax.nn.log_softmax(apply_fn(params, contexts), axis=-1)
+  return jnp.take_along_axis(log_policy, actions[:, None], axis=-1)[:, 0]
+
+
+def policy_weights(log_probs: ArrayLike, logging_probs: ArrayLike) -> jax.Array:
+  """w_i(theta) = exp(log pi_theta(a_i|x_i)) / p_i, computed in log space."""
+  return jnp.exp(jnp.asarray(log_probs) - jnp.log(jnp.asarray(logging_probs)))
+
+
+def ips_objective(log_probs: ArrayLike, rewards: ArrayLike, logging_probs: ArrayLike) -> jax.Array:
+  """mean_i r_i w_i(theta).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> float(ips_objective(jnp.log(jnp.array([0.5, 0.5])), jnp.array([1., 0.]), jnp.array([0.25, 0.5])))
+    1.0
+  """
+  return jnp.mean(jnp.asarray(rewards) * policy_weights(log_probs, logging_probs))
+
+
+def snips_objective(log_probs: ArrayLike, rewards: ArrayLike, logging_probs: ArrayLike) -> jax.Array:
+  """sum_i r_i w_i(theta) / sum_i w_i(theta) (0, with no NaN gradient, when all weights vanish)."""
+  weights = policy_weights(log_probs, logging_probs)
+  total = jnp.sum(weights)
+  safe_total = jnp.where(total > 0, total, 1.0)
+  return jnp.where(total > 0, jnp.sum(jnp.asarray(rewards) * weights) / safe_total, 0.0)
+
+
+def baseline_corrected_objective(log_probs: ArrayLike, rewards: ArrayLike, logging_probs: ArrayLike,
+                                 baseline: ArrayLike) -> jax.Array:
+  """mean_i (r_i - beta) w_i(theta); beta is held fixed (no gradient flows into it)."""
+  baseline = jax.lax.stop_gradient(jnp.asarray(baseline))
+  return jnp.mean((jnp.asarray(rewards) - baseline) * policy_weights(log_probs, logging_probs))
+
+
+def value_optimal_baseline(log_probs: ArrayLike, rewards: ArrayLike, logging_probs: ArrayLike) -> jax.Array:
+  """beta* = Cov(r w, w) / Var(w) at the current theta: the evaluation-variance-optimal baseline."""
+  weights = jax.lax.stop_gradient(policy_weights(log_probs, logging_probs))
+  return optimal_baseline(jnp.asarray(rewards), weights)
+
+
+def per_example_weight_gradients(apply_fn: Callable, params, batch: LoggedBatch):
+  """grad_theta w_i(theta) for every example: a pytree like params with a leading [n] axis."""
+  def weight(p, context, action, logging_prob):
+    log_prob = logged_log_probs(apply_fn, p, context[None], action[None])[0]
+    return policy_weights(log_prob, logging_prob)
+  return jax.vmap(jax.grad(weight), in_axes=(None, 0, 0, 0))(
+      params, batch.contexts, batch.actions, batch.logging_probs)
+
+
+def _squared_norms(per_example_grads) -> jax.Array:
+  leaves = jax.tree_util.tree_leaves(per_example_grads)
+  return sum(jnp.sum(leaf.reshape(leaf.shape[0], -1) ** 2, axis=1) for leaf in leaves)
+
+
+def gradient_optimal_baseline(rewards: ArrayLike, per_example_grads) -> jax.Array:
+  """beta*_grad = sum_i r_i ||g_i||^2 / sum_i ||g_i||^2 from per-example gradients g_i of w_i.
+
+  Returns 0 (and no NaN) when every gradient is zero.
+  """
+  norms = _squared_norms(per_example_grads)
+  total = jnp.sum(norms)
+  safe_total = jnp.where(total > 0, total, 1.0)
+  return jnp.where(total > 0, jnp.sum(jnp.asarray(rewards) * norms) / safe_total, 0.0)
+
+
+def corrected_gradient(rewards: ArrayLike, per_example_grads, baseline: ArrayLike):
+  """mean_i (r_i - beta) g_i: the baseline-corrected policy gradient (ascent direction)."""
+  coefficients = jnp.asarray(rewards) - baseline
+  return jax.tree_util.tree_map(
+      lambda g: jnp.tensordot(coefficients, g, axes=1) / g.shape[0], per_example_grads)
+
+
+def gradient_variance(rewards: ArrayLike, per_example_grads, baseline: ArrayLike) -> jax.Array:
+  """Variance of the corrected gradient estimator: trace Cov_i((r_i - beta) g_i) / n.
+
+  The sum over parameters of the per-example terms' sample variance, divided by the batch
+  size: the expected squared distance of the mini-batch gradient from its mean.
+  """
+  coefficients = jnp.asarray(rewards) - baseline
+  total = 0.0
+  for leaf in jax.tree_util.tree_leaves(per_example_grads):
+    terms = coefficients[:, None] * leaf.reshape(leaf.shape[0], -1)
+    total = total + jnp.sum(jnp.var(terms, axis=0, ddof=1))
+  return total / coefficients.shape[0]

@@ -1,0 +1,48 @@
+"""Softmax policies over actions given a context, as Flax NNX modules (floor 2).
+
+pi_theta(a|x) = softmax(f_theta(x)), with f_theta linear or an MLP returning logits [n, A].
+The floor-1 objectives take an `apply_fn(params, contexts)`; `as_functional` splits a module
+into that pair, so parameters can be vmapped over seeds and optimised with optax.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+from flax import nnx
+
+
+class LinearPolicy(nnx.Module):
+  """Logits x W + b: one linear score per action."""
+
+  def __init__(self, dim_context: int, n_actions: int, *, rngs: nnx.Rngs):
+    self.linear = nnx.Linear(dim_context, n_actions, rngs=rngs)
+
+  def __call__(self, contexts: jax.Array) -> jax.Array:
+    return self.linear(contexts)
+
+
+class MLPPolicy(nnx.Module):
+  """Logits from an MLP with ReLU hidden layers."""
+
+  def __init__(self, dim_context: int, n_actions: int, *, hidden: Sequence[int] = (64,),
+               rngs: nnx.Rngs):
+    sizes = [dim_context, *hidden]
+    self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+    self.out = nnx.Linear(sizes[-1], n_actions, rngs=rngs)
+
+  def __call__(self, contexts: jax.Array) -> jax.Array:
+    x = contexts
+    for layer in self.hidden:
+      x = jax.nn.relu(layer(x))
+    return self.out(x)
+
+
+def as_functional(model: nnx.Module) -> tuple[Callable, nnx.State]:
+  """(apply_fn, params) with apply_fn(params, contexts) -> logits, a pure function of params."""
+  graphdef, params = nnx.split(model)
+
+  def apply_fn(params, contexts):
+    return nnx.merge(graphdef, params)(contexts)
+  return apply_fn, params
