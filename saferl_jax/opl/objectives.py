@@ -123,7 +123,9 @@ def gradient_variance(rewards: ArrayLike, per_example_grads, baseline: ArrayLike
   """Variance of the corrected gradient estimator: trace Cov_i((r_i - beta) g_i) / n.
 
   The sum over parameters of the per-example terms' sample variance, divided by the batch
-  size: the expected squared distance of the mini-batch gradient from its mean.
+  size: the expected squared distance of the mini-batch gradient from its mean. On a finite
+  batch the beta minimising this centred variance differs slightly from beta*_grad, which
+  minimises the uncentred second moment; the two agree in expectation since E[grad w] = 0.
   """
   coefficients = jnp.asarray(rewards) - baseline
   total = 0.0

@@ -21,6 +21,7 @@ References:
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -95,12 +96,15 @@ def method_gradient(method: str, apply_fn: Callable, params, batch: obj.LoggedBa
   return grads, jnp.asarray(baseline)
 
 
-def _epoch(state: TrainState, data: obj.LoggedBatch, key: jax.Array, *, apply_fn, optimizer,
-           method: str, batch_size: int, banditnet_lambda: float):
-  """One pass over a seed's data in shuffled mini-batches (lax.scan over batches)."""
+def _epoch(state: TrainState, data: obj.LoggedBatch, key: jax.Array, epoch: jax.Array, *, apply_fn,
+           optimizer, method: str, batch_size: int, banditnet_lambda: float):
+  """One pass over a seed's data in shuffled mini-batches (lax.scan over batches).
+
+  The shuffle depends only on (key, epoch), so a resumed run repeats an uninterrupted one.
+  """
   n = data.rewards.shape[0]
   num_batches = n // batch_size
-  order = jax.random.permutation(key, n)[: num_batches * batch_size].reshape(num_batches, batch_size)
+  order = jax.random.permutation(jax.random.fold_in(key, epoch), n)[: num_batches * batch_size].reshape(num_batches, batch_size)
 
   def step(state, indices):
     batch = jax.tree_util.tree_map(lambda x: x[indices], data)
@@ -142,8 +146,12 @@ def train(
     banditnet_lambda: the baseline for "banditnet".
     evaluate: optional jittable evaluate(params) -> {name: scalar} for one seed, recorded before
       training and after every epoch (e.g. the true policy value in a simulator).
+    (Compilation is cached across calls that pass the same apply_fn and optimizer objects and
+    options, so create the optimizer once when calling `train` repeatedly.)
     checkpoint_path: a .npz file; written after every epoch and resumed from when it exists
-      and was written by the same run configuration.
+      and was written by the same run configuration (same method, options, data shape and
+      parameter structure, the same data and initial parameters, and no more epochs than asked
+      for now). The optimizer's settings are not recorded: use one path per run.
 
   Returns:
     A `TrainResult`. history["baseline"] is [epochs, S] (mean baseline per epoch); each of
@@ -153,6 +161,9 @@ def train(
     raise ValueError(f"method: must be one of {METHODS}, got {method!r}")
   if epochs < 1:
     raise ValueError(f"epochs: must be >= 1, got {epochs}")
+  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    raise ValueError("key: expected typed PRNG keys from jax.random.key (one per seed), got an "
+                     f"array of dtype {key.dtype}; wrap legacy keys with jax.random.wrap_key_data")
   single_seed = key.ndim == 0
   if single_seed:
     key, params, data = key[None], _add_seed_axis(params), _add_seed_axis(data)
@@ -161,29 +172,35 @@ def train(
   if not 1 <= batch_size <= n:
     raise ValueError(f"batch_size: must be in [1, n={n}], got {batch_size}")
   optimizer = optax.adam(0.05) if optimizer is None else optimizer
-  evaluate = evaluate or (lambda p: {})
+  one_seed_params = jax.tree_util.tree_map(lambda x: x[0], params)
+  n_actions = jax.eval_shape(apply_fn, one_seed_params, data.contexts[0, :1]).shape[-1]
+  if checks.is_concrete(data.actions) and int(jnp.max(data.actions)) >= n_actions:
+    raise ValueError(f"actions: the policy scores {n_actions} actions, but the data has action "
+                     f"{int(jnp.max(data.actions))}")
+  evaluate_names = (sorted(jax.eval_shape(evaluate, one_seed_params)) if evaluate is not None else [])
 
   sharding = seed_sharding(num_seeds)
+  # Inputs and outputs share one sharding, so the second epoch reuses the first's compilation.
   params, data, key = jax.device_put((params, data, key), sharding)
-  state = TrainState(params, jax.vmap(optimizer.init)(params))
-  epoch_fn = jax.jit(jax.vmap(functools.partial(
-      _epoch, apply_fn=apply_fn, optimizer=optimizer, method=method, batch_size=batch_size,
-      banditnet_lambda=banditnet_lambda)))
-  evaluate_fn = jax.jit(jax.vmap(evaluate))
+  state = jax.device_put(TrainState(params, jax.vmap(optimizer.init)(params)), sharding)
+  epoch_fn = _compiled_epoch(apply_fn, optimizer, method, batch_size, banditnet_lambda, sharding)
+  evaluate_fn = _compiled_evaluate(evaluate) if evaluate is not None else (lambda params: {})
 
-  fingerprint = json.dumps({"method": method, "epochs": epochs, "batch_size": batch_size,
+  # The run's identity, without `epochs`: a finished run can be extended by asking for more.
+  fingerprint = json.dumps({"method": method, "batch_size": batch_size,
                             "lambda": banditnet_lambda, "seeds": num_seeds, "n": n,
-                            "tree": str(jax.tree_util.tree_structure(state))})
+                            "tree": str(jax.tree_util.tree_structure(state)),
+                            "evaluate": evaluate_names,
+                            "data_and_init_sha256": _checksum((data, params, key))})
   start, history = 0, {"baseline": [], **{k: [v] for k, v in evaluate_fn(params).items()}}
   if checkpoint_path is not None and Path(checkpoint_path).exists():
     restored = _load_checkpoint(checkpoint_path, fingerprint, state)
-    if restored is not None:
+    if restored is not None and restored[1] <= epochs:
       state, start, history = restored
       state = jax.device_put(state, sharding)
 
   for epoch in range(start, epochs):
-    epoch_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, epoch)
-    state, baseline = epoch_fn(state, data, epoch_keys)
+    state, baseline = epoch_fn(state, data, key, epoch)
     if not bool(jnp.all(jnp.isfinite(baseline))):
       raise FloatingPointError(f"{method}: non-finite baseline at epoch {epoch + 1}; lower the learning rate")
     history["baseline"].append(baseline)
@@ -199,6 +216,29 @@ def train(
     params = jax.tree_util.tree_map(lambda x: x[0], params)
     history = {k: v[:, 0] for k, v in history.items()}
   return TrainResult(params, history)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_epoch(apply_fn, optimizer, method, batch_size, banditnet_lambda, sharding):
+  """The jitted, seed-vmapped epoch, kept across `train` calls so they do not recompile."""
+  return jax.jit(jax.vmap(functools.partial(
+      _epoch, apply_fn=apply_fn, optimizer=optimizer, method=method, batch_size=batch_size,
+      banditnet_lambda=banditnet_lambda), in_axes=(0, 0, 0, None)), out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_evaluate(evaluate):
+  return jax.jit(jax.vmap(evaluate))
+
+
+def _checksum(tree) -> str:
+  """SHA-256 of every leaf's bytes, so a checkpoint is never reused for other data or parameters."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree_util.tree_leaves(tree):
+    if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  return digest.hexdigest()
 
 
 def _add_seed_axis(tree):

@@ -1,0 +1,373 @@
+"""Tests for saferl_jax.opl.training: input checks, the seed axis, learning on a simulated problem,
+checkpoint/resume equal to an uninterrupted run bit for bit, and each method's gradient."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.flatten_util import ravel_pytree
+
+from saferl_jax.data import make_problem, policy_value, simulate_logs
+from saferl_jax.opl import (METHODS, LinearPolicy, as_functional, corrected_gradient,
+                            gradient_optimal_baseline, logged_batch, logged_log_probs,
+                            method_gradient, per_example_weight_gradients, snips_objective, train,
+                            value_optimal_baseline)
+from saferl_jax.opl import training
+
+D, NA = 3, 4
+PROBLEM = make_problem(jax.random.key(0), n_actions=NA, dim_context=D, n_contexts=50)
+APPLY_FN = as_functional(LinearPolicy(D, NA, rngs=nnx.Rngs(0)))[0]
+
+
+def init_params(seed):
+  return as_functional(LinearPolicy(D, NA, rngs=nnx.Rngs(seed)))[1]
+
+
+def stacked_params(seeds):
+  return jax.tree_util.tree_map(lambda *x: jnp.stack(x), *[init_params(s) for s in seeds])
+
+
+def simulated_data(seed, num_seeds, n):
+  """A LoggedBatch [num_seeds, n, ...] from PROBLEM's logging policy."""
+  log = simulate_logs(jax.random.split(jax.random.key(seed), num_seeds), PROBLEM, n)
+  return logged_batch(PROBLEM.contexts[log.context_ids], log.actions, log.rewards,
+                      log.logging_probs)
+
+
+def seed_slice(tree, s):
+  return jax.tree_util.tree_map(lambda x: x[s], tree)
+
+
+def evaluate(params):
+  return {"value": policy_value(jax.nn.softmax(APPLY_FN(params, PROBLEM.contexts), axis=-1),
+                                PROBLEM.expected_rewards)}
+
+
+def assert_same_result(got, expected, exact=True):
+  assert set(got.history) == set(expected.history)
+  compare = (np.testing.assert_array_equal if exact
+             else lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6))
+  for name in expected.history:
+    compare(got.history[name], expected.history[name])
+  assert jax.tree_util.tree_structure(got.params) == jax.tree_util.tree_structure(expected.params)
+  for x, y in zip(jax.tree_util.tree_leaves(got.params), jax.tree_util.tree_leaves(expected.params)):
+    compare(x, y)
+
+
+# One seed's data for the cheap tests.
+DATA = seed_slice(simulated_data(1, 1, 16), 0)
+
+
+# Input checks.
+
+GOOD = dict(contexts=np.asarray(DATA.contexts), actions=np.asarray(DATA.actions),
+            rewards=np.asarray(DATA.rewards), logging_probs=np.asarray(DATA.logging_probs))
+
+
+def changed(name, index, value):
+  x = GOOD[name].copy()
+  x[index] = value
+  return {name: x}
+
+
+BAD_BATCHES = [
+    ("logging_probs", changed("logging_probs", 2, 0.0)),
+    ("logging_probs", changed("logging_probs", 2, 1.5)),
+    ("logging_probs", changed("logging_probs", 2, np.nan)),
+    ("rewards", changed("rewards", 3, np.nan)),
+    ("rewards", changed("rewards", 3, np.inf)),
+    ("contexts", changed("contexts", (1, 0), np.nan)),
+    ("shapes", {"rewards": GOOD["rewards"][:-1]}),
+    ("shapes", {"actions": GOOD["actions"][:, None]}),
+    ("shapes", {"contexts": GOOD["contexts"][:-2]}),
+    ("actions", {"actions": GOOD["actions"].astype(float)}),
+    ("actions", changed("actions", 0, -1)),
+]
+
+
+@pytest.mark.parametrize("match,change", BAD_BATCHES,
+                         ids=[f"{m}-{i}" for i, (m, _) in enumerate(BAD_BATCHES)])
+def test_logged_batch_rejects_bad_inputs(match, change):
+  with pytest.raises(ValueError, match=match):
+    logged_batch(**(GOOD | change))
+
+
+def test_logged_batch_accepts_a_seed_axis():
+  batch = logged_batch(*(np.stack([x, x]) for x in GOOD.values()))
+  assert batch.contexts.shape == (2, 16, D) and batch.actions.shape == (2, 16)
+  assert jnp.issubdtype(batch.actions.dtype, jnp.integer)
+
+
+@pytest.mark.parametrize("option,match", [
+    (dict(method="dr"), "method"),
+    (dict(epochs=0), "epochs"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(batch_size=17), "batch_size"),
+])
+def test_train_rejects_bad_options(option, match):
+  kwargs = dict(key=jax.random.key(0), method="ips", epochs=1) | option
+  with pytest.raises(ValueError, match=match):
+    train(APPLY_FN, init_params(0), DATA, **kwargs)
+
+
+def test_method_gradient_rejects_an_unknown_method():
+  with pytest.raises(ValueError, match="method"):
+    method_gradient("dr", APPLY_FN, init_params(0), DATA)
+
+
+def test_train_rejects_an_action_beyond_the_policy():
+  data = DATA._replace(actions=DATA.actions.at[0].set(NA))
+  with pytest.raises(ValueError, match="actions"):
+    train(APPLY_FN, init_params(0), data, key=jax.random.key(0), method="ips", epochs=1)
+
+
+# The seed axis.
+
+
+def test_single_key_and_three_seeds_equal_separate_runs():
+  data = simulated_data(2, 3, 16)
+  params = stacked_params([0, 1, 2])
+  keys = jax.random.split(jax.random.key(3), 3)
+  options = dict(method="beta_grad", epochs=3, batch_size=8, evaluate=evaluate)
+  together = train(APPLY_FN, params, data, key=keys, **options)
+  for s in range(3):
+    single = train(APPLY_FN, seed_slice(params, s), seed_slice(data, s), key=keys[s], **options)
+    # No seed axis with a single key.
+    for x, y in zip(jax.tree_util.tree_leaves(single.params),
+                    jax.tree_util.tree_leaves(init_params(s))):
+      assert x.shape == y.shape
+    assert single.history["value"].shape == (4,)
+    assert single.history["baseline"].shape == (3,)
+    expected = training.TrainResult(seed_slice(together.params, s),
+                                    {k: v[:, s] for k, v in together.history.items()})
+    assert_same_result(single, expected, exact=False)
+  assert together.history["value"].shape == (4, 3)
+  assert together.history["baseline"].shape == (3, 3)
+  # The seeds differ (different data, initial parameters and keys).
+  assert not np.allclose(together.history["value"][-1, 0], together.history["value"][-1, 1])
+
+
+# Learning.
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_improves_the_true_value(method):
+  data = simulated_data(4, 2, 200)
+  result = train(APPLY_FN, stacked_params([5, 6]), data, key=jax.random.split(jax.random.key(7), 2),
+                 method=method, epochs=15, banditnet_lambda=0.5, evaluate=evaluate)
+  value = result.history["value"]
+  assert value.shape == (16, 2)
+  assert np.all(value[-1] > value[0] + 0.01), value[[0, -1]]
+  assert np.all(np.isfinite(result.history["baseline"]))
+
+
+# Checkpoint and resume.
+
+RESUME_DATA = simulated_data(8, 2, 24)
+RESUME_PARAMS = stacked_params([9, 10])
+RESUME_OPTIONS = dict(key=jax.random.split(jax.random.key(11), 2), method="beta_grad",
+                      batch_size=8, evaluate=evaluate)
+
+
+def resume_run(path, epochs=6, data=RESUME_DATA, **changes):
+  return train(APPLY_FN, RESUME_PARAMS, data, epochs=epochs, checkpoint_path=path,
+               **(RESUME_OPTIONS | changes))
+
+
+@pytest.fixture(scope="module")
+def six_epochs(tmp_path_factory):
+  """An uninterrupted 6-epoch run and its checkpoint."""
+  path = tmp_path_factory.mktemp("six") / "run.npz"
+  return resume_run(path), path
+
+
+@pytest.fixture
+def saved_epochs(monkeypatch):
+  """Records the epoch of every checkpoint written."""
+  epochs = []
+  real = training._save_checkpoint
+
+  def recording(path, fingerprint, state, epoch, history):
+    real(path, fingerprint, state, epoch, history)
+    epochs.append(epoch)
+  monkeypatch.setattr(training, "_save_checkpoint", recording)
+  return epochs
+
+
+def test_resume_after_an_interrupt_equals_the_uninterrupted_run(six_epochs, tmp_path, monkeypatch):
+  reference, _ = six_epochs
+  path = tmp_path / "interrupted.npz"
+  real = training._save_checkpoint
+  interrupted = []
+
+  def interrupt_after_epoch_3(path, fingerprint, state, epoch, history):
+    real(path, fingerprint, state, epoch, history)
+    if epoch == 3 and not interrupted:
+      interrupted.append(epoch)
+      raise KeyboardInterrupt
+  monkeypatch.setattr(training, "_save_checkpoint", interrupt_after_epoch_3)
+  with pytest.raises(KeyboardInterrupt):
+    resume_run(path)
+  with np.load(path) as saved:
+    assert int(saved["epoch"]) == 3
+  resumed = resume_run(path)
+  assert interrupted == [3]
+  assert_same_result(resumed, reference)
+  assert resumed.history["value"].shape == (7, 2)
+  assert resumed.history["baseline"].shape == (6, 2)
+
+
+def test_a_finished_run_extends_and_a_longer_checkpoint_is_not_used(six_epochs, tmp_path,
+                                                                     saved_epochs):
+  reference, six_path = six_epochs
+  path = tmp_path / "extended.npz"
+  three = resume_run(path, epochs=3)
+  assert saved_epochs == [1, 2, 3]
+  for name in three.history:
+    np.testing.assert_array_equal(three.history[name], reference.history[name][:len(three.history[name])])
+  extended = resume_run(path, epochs=6)
+  assert saved_epochs == [1, 2, 3, 4, 5, 6]
+  assert_same_result(extended, reference)
+  # Asking for 3 epochs from a 6-epoch checkpoint starts again from scratch.
+  shorter = tmp_path / "shorter.npz"
+  shutil.copy(six_path, shorter)
+  saved_epochs.clear()
+  again = resume_run(shorter, epochs=3)
+  assert saved_epochs == [1, 2, 3]
+  assert_same_result(again, three)
+
+
+def test_a_finished_checkpoint_is_returned_without_training(six_epochs, tmp_path, saved_epochs):
+  reference, six_path = six_epochs
+  path = tmp_path / "copy.npz"
+  shutil.copy(six_path, path)
+  assert_same_result(resume_run(path), reference)
+  assert saved_epochs == []
+
+
+@pytest.mark.parametrize("change", ["method", "data", "params", "lambda"])
+def test_a_checkpoint_of_another_run_is_not_used(six_epochs, tmp_path, saved_epochs, change):
+  _, six_path = six_epochs
+  path = tmp_path / "other.npz"
+  shutil.copy(six_path, path)
+  if change == "method":
+    resume_run(path, method="beta_value")
+  elif change == "data":
+    resume_run(path, data=RESUME_DATA._replace(rewards=RESUME_DATA.rewards.at[0, 0].add(0.5)))
+  elif change == "params":
+    train(APPLY_FN, stacked_params([9, 12]), RESUME_DATA, epochs=6, checkpoint_path=path,
+          **RESUME_OPTIONS)
+  else:
+    resume_run(path, method="banditnet", banditnet_lambda=0.25)
+  # Started from scratch: a checkpoint written after every one of the 6 epochs.
+  assert saved_epochs == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_checkpoint_of_permuted_data_is_not_used(six_epochs, tmp_path, saved_epochs):
+  _, six_path = six_epochs
+  path = tmp_path / "permuted.npz"
+  shutil.copy(six_path, path)
+  rewards = np.asarray(RESUME_DATA.rewards).copy()
+  i, j = np.argmax(rewards[0] == 1.0), np.argmax(rewards[0] == 0.0)
+  rewards[0, [i, j]] = rewards[0, [j, i]]
+  assert rewards.sum() == float(np.sum(RESUME_DATA.rewards)) and (rewards != RESUME_DATA.rewards).any()
+  resume_run(path, data=RESUME_DATA._replace(rewards=jnp.asarray(rewards)))
+  assert saved_epochs == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_with_an_evaluate_the_checkpoint_lacked(tmp_path):
+  path = tmp_path / "no_eval.npz"
+  train(APPLY_FN, init_params(0), DATA, key=jax.random.key(0), method="ips", epochs=1,
+        checkpoint_path=path)
+  result = train(APPLY_FN, init_params(0), DATA, key=jax.random.key(0), method="ips", epochs=2,
+                 checkpoint_path=path, evaluate=evaluate)
+  assert result.history["value"].shape == (3,)
+
+
+def test_resume_without_the_evaluate_the_checkpoint_had(tmp_path):
+  path = tmp_path / "eval.npz"
+  train(APPLY_FN, init_params(0), DATA, key=jax.random.key(0), method="ips", epochs=1,
+        checkpoint_path=path, evaluate=evaluate)
+  result = train(APPLY_FN, init_params(0), DATA, key=jax.random.key(0), method="ips", epochs=2,
+                 checkpoint_path=path)
+  assert set(result.history) == {"baseline"}
+
+
+# Each method's gradient.
+
+
+@pytest.fixture(scope="module")
+def batch_and_params():
+  return DATA, jax.tree_util.tree_map(lambda x: x + 0.3, init_params(1))
+
+
+def flat(tree):
+  return np.asarray(ravel_pytree(tree)[0])
+
+
+def test_method_gradient_beta_grad(batch_and_params):
+  batch, params = batch_and_params
+  grads, baseline = method_gradient("beta_grad", APPLY_FN, params, batch)
+  per_example = per_example_weight_gradients(APPLY_FN, params, batch)
+  beta = gradient_optimal_baseline(batch.rewards, per_example)
+  np.testing.assert_allclose(baseline, beta, rtol=1e-6)
+  np.testing.assert_allclose(flat(grads), -flat(corrected_gradient(batch.rewards, per_example, beta)),
+                             rtol=1e-5, atol=1e-7)
+  assert np.abs(flat(grads)).max() > 1e-3
+
+
+def test_method_gradient_banditnet(batch_and_params):
+  batch, params = batch_and_params
+  ips_grads, ips_baseline = method_gradient("ips", APPLY_FN, params, batch)
+  zero_grads, zero_baseline = method_gradient("banditnet", APPLY_FN, params, batch,
+                                              banditnet_lambda=0.0)
+  np.testing.assert_array_equal(flat(zero_grads), flat(ips_grads))
+  assert float(ips_baseline) == 0.0 and float(zero_baseline) == 0.0
+  # A non-zero lambda: the negated corrected gradient with that fixed baseline.
+  grads, baseline = method_gradient("banditnet", APPLY_FN, params, batch, banditnet_lambda=0.3)
+  per_example = per_example_weight_gradients(APPLY_FN, params, batch)
+  np.testing.assert_allclose(baseline, 0.3, rtol=1e-7)
+  np.testing.assert_allclose(flat(grads), -flat(corrected_gradient(batch.rewards, per_example, 0.3)),
+                             rtol=1e-5, atol=1e-7)
+  assert not np.allclose(flat(grads), flat(ips_grads))
+
+
+def test_method_gradient_beta_value_and_snips(batch_and_params):
+  batch, params = batch_and_params
+  log_probs = logged_log_probs(APPLY_FN, params, batch.contexts, batch.actions)
+  beta = value_optimal_baseline(log_probs, batch.rewards, batch.logging_probs)
+  grads, baseline = method_gradient("beta_value", APPLY_FN, params, batch)
+  np.testing.assert_allclose(baseline, beta, rtol=1e-6)
+  per_example = per_example_weight_gradients(APPLY_FN, params, batch)
+  np.testing.assert_allclose(flat(grads), -flat(corrected_gradient(batch.rewards, per_example, beta)),
+                             rtol=1e-5, atol=1e-7)
+
+  def snips(p):
+    lp = logged_log_probs(APPLY_FN, p, batch.contexts, batch.actions)
+    return snips_objective(lp, batch.rewards, batch.logging_probs)
+  grads, baseline = method_gradient("snips", APPLY_FN, params, batch)
+  np.testing.assert_allclose(flat(grads), -flat(jax.grad(snips)(params)), rtol=1e-6, atol=1e-8)
+  assert float(baseline) == 0.0
+
+
+# Mini-batches.
+
+
+@pytest.mark.parametrize("method", ["beta_grad", "snips"])
+def test_one_epoch_with_batch_size_n_is_one_full_batch_step(method):
+  params = init_params(2)
+  optimizer = optax.adam(0.05)
+  grads, baseline = method_gradient(method, APPLY_FN, params, DATA)
+  updates, _ = optimizer.update(grads, optimizer.init(params), params)
+  expected = optax.apply_updates(params, updates)
+  n = DATA.rewards.shape[0]
+  for batch_size in [n, None]:
+    result = train(APPLY_FN, params, DATA, key=jax.random.key(13), method=method, epochs=1,
+                   batch_size=batch_size, optimizer=optimizer)
+    np.testing.assert_allclose(flat(result.params), flat(expected), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.history["baseline"], [baseline], rtol=1e-5, atol=1e-7)
+    assert not np.allclose(flat(result.params), flat(params))
