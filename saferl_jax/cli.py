@@ -3,6 +3,7 @@
   saferl-jax demo [--out DIR] [--full]          every experiment, quick unless --full
   saferl-jax ope-variance [--quick] --out DIR   bias/variance/MSE study of the estimators
   saferl-jax obd --out DIR                      the uniform policy's value on the OBD sample
+  saferl-jax opl [--quick] --out DIR            off-policy learning with baseline corrections
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
-from saferl_jax.experiments import obd_evaluation, ope_variance
+from saferl_jax.experiments import obd_evaluation, ope_variance, opl_learning
 
 
 def _ope_variance(out: Path, quick: bool) -> str:
@@ -24,7 +25,11 @@ def _obd(out: Path, quick: bool) -> str:
   return obd_evaluation.summary(obd_evaluation.run(out))
 
 
-EXPERIMENTS = {"ope-variance": _ope_variance, "obd": _obd}
+def _opl(out: Path, quick: bool) -> str:
+  return opl_learning.summary(opl_learning.run(out, opl_learning.QUICK if quick else opl_learning.FULL))
+
+
+EXPERIMENTS = {"ope-variance": _ope_variance, "obd": _obd, "opl": _opl}
 
 
 def demo(out: Path, quick: bool = True) -> None:
@@ -53,6 +58,9 @@ def main(argv: list[str] | None = None) -> None:
   variance.add_argument("--out", type=Path, required=True)
   obd = commands.add_parser("obd", help="evaluate the uniform policy on the Open Bandit sample")
   obd.add_argument("--out", type=Path, required=True)
+  learning = commands.add_parser("opl", help="off-policy learning with baseline-corrected gradients")
+  learning.add_argument("--quick", action="store_true")
+  learning.add_argument("--out", type=Path, required=True)
   args = parser.parse_args(argv)
 
   if args.command == "demo":
@@ -61,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     print(_ope_variance(args.out, args.quick))
   elif args.command == "obd":
     print(_obd(args.out, True))
+  elif args.command == "opl":
+    print(_opl(args.out, args.quick))
 
 
 if __name__ == "__main__":
