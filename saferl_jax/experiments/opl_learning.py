@@ -207,7 +207,6 @@ def _plot(results: dict, out: Path) -> None:
   left.legend(fontsize=7)
   names = list(results["methods"])
   right.bar([LABELS[m] for m in names], [results["methods"][m]["grad_variance"] for m in names])
-  right.set_yscale("log")
   right.set_ylabel("gradient variance at initialisation")
   right.tick_params(axis="x", labelrotation=20, labelsize=7)
   fig.tight_layout()
