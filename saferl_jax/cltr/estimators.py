@@ -1,0 +1,136 @@
+"""Counterfactual LTR estimators from logged clicks, and the safe objectives (floor 1).
+
+All functions take per-document arrays for one query list of D documents (vmap over queries
+or sessions). The click model is affine: P(click on d at rank k) = alpha_k R_d + beta_k. With
+a stochastic logging policy pi0, the policy-aware propensities are
+
+  rho(d) = E_{y~pi0}[alpha_{rank(d|y)}],   betabar(d) = E_{y~pi0}[beta_{rank(d|y)}]
+
+(0 outside the displayed top K), i.e. exposures of d under pi0 with rank weights alpha and beta.
+Per logged session i with clicks c_i(d) (0 for documents not displayed):
+
+  IPS (affine correction):  Rhat_i(d) = (c_i(d) - betabar(d)) / rhoc(d)
+  DR [DR-LTR]:              Rhat_i(d) = Rhat(d) + (c_i(d) - betabar(d) - rho(d) Rhat(d)) / rhoc(d)
+
+where rhoc = max(rho, min_propensity) is the clipped propensity (10 / sqrt(N) in practice) and
+Rhat a regression model of relevance. The value of a policy pi is
+Uhat(pi) = mean_i sum_d omega(d|q_i, pi) Rhat_i(d), omega the expected rank weight (exposure) of d
+under pi. Without clipping the two coincide (the model term cancels); clipping bounds the
+variance but biases IPS by -(1 - rho/rhoc) R(d), while DR's bias is -(1 - rho/rhoc) (R(d) - Rhat(d)):
+small when the model is good. That is what DR buys in this setting.
+
+Safe deployment [SAFE]: with normalised exposures omegabar(d|pi) = omega(d|pi) / sum_d' omega(d'|pi),
+the exposure divergence d2(pi||pi0) = sum_d omegabar(d|pi)^2 / omegabar(d|pi0) (averaged over
+queries) gives the objective Uhat(pi) - lam sqrt(d2 / N), lam = sqrt((1 - delta) / delta).
+PRPO [PRPO]: mean_i sum_d omega0(d) min(r(d) Rhat_i(d), clip(r(d), eps-, eps+) Rhat_i(d)) with
+r(d) = omega(d|pi) / omega(d|pi0): the clipped surrogate shared with PPO and LOOP.
+
+References:
+  [DR-LTR] Oosterhuis. Doubly-Robust Estimation for Correcting Position-Bias in Click Feedback
+  for Unbiased Learning to Rank. TOIS 2023. https://arxiv.org/abs/2203.17118
+  [SAFE] Gupta, Oosterhuis, de Rijke. Safe Deployment for Counterfactual Learning to Rank with
+  Exposure-Based Risk Minimization. SIGIR 2023. https://arxiv.org/abs/2305.01522
+  [PRPO] Gupta, Oosterhuis, de Rijke. Practical and Robust Safety Guarantees for Advanced
+  Counterfactual Learning to Rank. CIKM 2024. https://arxiv.org/abs/2407.19943
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+
+def _safe_divide(numerator, denominator):
+  """numerator / denominator, 0 where the denominator is 0 (no NaN value or gradient)."""
+  positive = denominator > 0
+  return jnp.where(positive, numerator / jnp.where(positive, denominator, 1.0), 0.0)
+
+
+def propensity_floor(num_sessions: int, *, scale: float = 10.0) -> float:
+  """The usual clipping threshold for propensities: min(1, scale / sqrt(N))."""
+  return min(1.0, scale / float(num_sessions) ** 0.5)
+
+
+def _clipped(rho: jax.Array, min_propensity: float) -> jax.Array:
+  """max(rho, min_propensity) where rho > 0; documents never exposed keep rho = 0."""
+  return jnp.where(rho > 0, jnp.maximum(rho, min_propensity), 0.0)
+
+
+def ips_document_rewards(clicks: ArrayLike, rho: ArrayLike, betabar: ArrayLike, *,
+                         min_propensity: float = 0.0) -> jax.Array:
+  """Rhat_i(d) = (c_i(d) - betabar(d)) / max(rho(d), min_propensity) for one session.
+
+  Documents never exposed (rho = 0) get 0.
+
+  Args:
+    clicks: [D] clicks of the session per document (0 where not displayed).
+    rho: [D] policy-aware alpha propensities.
+    betabar: [D] policy-aware beta propensities.
+    min_propensity: the clipping threshold (see `propensity_floor`).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> rewards = ips_document_rewards(jnp.array([1., 0.]), jnp.array([0.5, 0.25]), jnp.array([0.1, 0.05]))
+    >>> [round(v, 4) for v in rewards.tolist()]
+    [1.8, -0.2]
+  """
+  clicks, rho, betabar = jnp.asarray(clicks), jnp.asarray(rho), jnp.asarray(betabar)
+  return _safe_divide(clicks - betabar, _clipped(rho, min_propensity))
+
+
+def dr_document_rewards(clicks: ArrayLike, rho: ArrayLike, betabar: ArrayLike,
+                        reward_hat: ArrayLike, *, min_propensity: float = 0.0) -> jax.Array:
+  """Rhat_i(d) = Rhat(d) + (c_i(d) - betabar(d) - rho(d) Rhat(d)) / max(rho(d), min_propensity).
+
+  Documents never exposed (rho = 0) keep the regression estimate Rhat(d). Args as
+  `ips_document_rewards`, plus reward_hat [D], the regression model's relevance estimates.
+  """
+  clicks, rho, betabar = jnp.asarray(clicks), jnp.asarray(rho), jnp.asarray(betabar)
+  reward_hat = jnp.asarray(reward_hat)
+  return reward_hat + _safe_divide(clicks - betabar - rho * reward_hat, _clipped(rho, min_propensity))
+
+
+def policy_value(exposure: ArrayLike, document_rewards: ArrayLike, *,
+                 where: ArrayLike | None = None) -> jax.Array:
+  """sum_d omega(d|pi) Rhat(d) for one query (mean this over sessions for Uhat(pi))."""
+  product = jnp.asarray(exposure) * jnp.asarray(document_rewards)
+  if where is not None:
+    product = jnp.where(where, product, 0.0)
+  return jnp.sum(product, axis=-1)
+
+
+def exposure_divergence(exposure: ArrayLike, logging_exposure: ArrayLike, *,
+                        where: ArrayLike | None = None) -> jax.Array:
+  """d2(pi||pi0) = sum_d omegabar(d|pi)^2 / omegabar(d|pi0) for one query (>= 1, = 1 iff equal).
+
+  Documents the logging policy never exposes contribute nothing (their ratio is undefined);
+  keep the target's exposure on exposed documents for the bound to hold.
+  """
+  exposure, logging_exposure = jnp.asarray(exposure), jnp.asarray(logging_exposure)
+  if where is not None:
+    exposure = jnp.where(where, exposure, 0.0)
+    logging_exposure = jnp.where(where, logging_exposure, 0.0)
+  normalised = _safe_divide(exposure, jnp.sum(exposure, axis=-1, keepdims=True))
+  logging_normalised = _safe_divide(logging_exposure, jnp.sum(logging_exposure, axis=-1, keepdims=True))
+  return jnp.sum(_safe_divide(normalised**2, logging_normalised), axis=-1)
+
+
+def safe_objective(value_estimate: ArrayLike, divergence: ArrayLike, num_sessions: int, *,
+                   delta: float = 0.05) -> jax.Array:
+  """[SAFE]: Uhat(pi) - lam sqrt(d2 / N), lam = sqrt((1 - delta) / delta).
+
+  Args:
+    value_estimate: Uhat(pi), the IPS or DR estimate.
+    divergence: d2(pi||pi0) averaged over queries.
+    num_sessions: N, the number of logged sessions.
+    delta: the allowed failure probability.
+
+  Example:
+    >>> round(float(safe_objective(0.5, 1.0, 100, delta=0.2)), 4)
+    0.3
+  """
+  if not 0 < delta < 1:
+    raise ValueError(f"delta: must be in (0, 1), got {delta}")
+  penalty = jnp.sqrt((1 - delta) / delta) * jnp.sqrt(jnp.asarray(divergence) / num_sessions)
+  return jnp.asarray(value_estimate) - penalty

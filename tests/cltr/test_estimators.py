@@ -1,0 +1,131 @@
+"""CLTR estimators: unbiasedness by Monte Carlo under an affine click model, the safe objective."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from saferl_jax.cltr import estimators as est
+
+LOGITS = np.array([1.0, 0.3, -0.5, 0.0])
+RELEVANCE = np.array([0.9, 0.5, 0.1, 0.25])
+ALPHA = np.array([0.6, 0.3])  # two displayed ranks
+BETA = np.array([0.2, 0.05])
+K = 2
+
+
+def exact_propensities():
+  """rho(d) and betabar(d) by enumerating every top-K prefix of the Plackett-Luce logger."""
+  weights = np.exp(LOGITS)
+  rho, betabar = np.zeros(4), np.zeros(4)
+  for prefix in itertools.permutations(range(4), K):
+    remaining, prob = list(range(4)), 1.0
+    for d in prefix:
+      prob *= weights[d] / weights[remaining].sum()
+      remaining.remove(d)
+    for rank, d in enumerate(prefix):
+      rho[d] += prob * ALPHA[rank]
+      betabar[d] += prob * BETA[rank]
+  return rho, betabar
+
+
+def simulate_session_clicks(key, num_sessions):
+  """Clicks per document [N, 4]: y ~ PL(LOGITS) by Gumbel top-K, then affine clicks on the top K."""
+  rank_key, click_key = jax.random.split(key)
+  gumbel = jax.random.gumbel(rank_key, (num_sessions, 4))
+  top = jnp.argsort(-(LOGITS + gumbel), axis=1)[:, :K]
+  click_prob = ALPHA * RELEVANCE[top] + BETA
+  clicked = jax.random.bernoulli(click_key, click_prob).astype(jnp.float32)
+  clicks = jnp.zeros((num_sessions, 4)).at[jnp.arange(num_sessions)[:, None], top].set(clicked)
+  return clicks
+
+
+def test_exact_propensities_are_exposures():
+  rho, betabar = exact_propensities()
+  assert rho.sum() == pytest.approx(ALPHA.sum()) and betabar.sum() == pytest.approx(BETA.sum())
+
+
+@pytest.mark.parametrize("estimator", ["ips", "dr"])
+def test_document_rewards_are_unbiased(estimator):
+  rho, betabar = exact_propensities()
+  reward_hat = np.array([0.5, 0.5, 0.5, 0.5])  # a poor regression model: DR must still be unbiased
+  clicks = simulate_session_clicks(jax.random.key(0), 400_000)
+  if estimator == "ips":
+    rewards = jax.vmap(lambda c: est.ips_document_rewards(c, rho, betabar))(clicks)
+  else:
+    rewards = jax.vmap(lambda c: est.dr_document_rewards(c, rho, betabar, reward_hat))(clicks)
+  mean = np.asarray(rewards.mean(0), np.float64)
+  stderr = np.asarray(rewards.std(0), np.float64) / np.sqrt(clicks.shape[0])
+  np.testing.assert_array_less(np.abs(mean - RELEVANCE), 4 * stderr)
+  # The value of any target exposure is then unbiased too: it is linear in the rewards.
+  exposure = np.array([0.7, 0.2, 0.4, 0.1])
+  values = jax.vmap(lambda r: est.policy_value(exposure, r))(rewards)
+  truth = float(exposure @ RELEVANCE)
+  assert abs(float(values.mean()) - truth) < 4 * float(values.std()) / np.sqrt(clicks.shape[0])
+
+
+def test_without_clipping_dr_equals_ips():
+  rho, betabar = exact_propensities()
+  clicks = simulate_session_clicks(jax.random.key(1), 1_000)
+  ips = jax.vmap(lambda c: est.ips_document_rewards(c, rho, betabar))(clicks)
+  dr = jax.vmap(lambda c: est.dr_document_rewards(c, rho, betabar, np.full(4, 0.3)))(clicks)
+  np.testing.assert_allclose(dr, ips, rtol=1e-5, atol=1e-6)
+
+
+def test_with_clipping_dr_has_less_bias_than_ips_when_the_model_is_good():
+  rho, betabar = exact_propensities()
+  floor = 0.3  # above the smallest propensities: IPS is biased low there
+  assert np.any(rho < floor)
+  clicks = simulate_session_clicks(jax.random.key(2), 200_000)
+  good_model = RELEVANCE + 0.05
+  ips = jax.vmap(lambda c: est.ips_document_rewards(c, rho, betabar, min_propensity=floor))(clicks)
+  dr = jax.vmap(lambda c: est.dr_document_rewards(c, rho, betabar, good_model,
+                                                  min_propensity=floor))(clicks)
+  clipped = np.maximum(rho, floor)
+  # The expected values follow from the formulas: E[c - betabar] = rho R.
+  np.testing.assert_allclose(rho / clipped * RELEVANCE, np.asarray(ips.mean(0)), atol=0.01)
+  dr_expected = good_model + rho * (RELEVANCE - good_model) / clipped
+  np.testing.assert_allclose(dr_expected, np.asarray(dr.mean(0)), atol=0.01)
+  assert np.all(np.abs(dr_expected - RELEVANCE) <= np.abs(rho / clipped * RELEVANCE - RELEVANCE))
+
+
+def test_unexposed_documents_give_no_nan():
+  rho = jnp.array([0.5, 0.0])
+  betabar = jnp.array([0.1, 0.0])
+  rewards = est.ips_document_rewards(jnp.array([1.0, 0.0]), rho, betabar)
+  assert rewards.tolist()[1] == 0.0
+  grad = jax.grad(lambda r: est.ips_document_rewards(jnp.array([1.0, 0.0]), r, betabar).sum())(rho)
+  assert np.all(np.isfinite(grad))
+  dr = est.dr_document_rewards(jnp.array([1.0, 0.0]), rho, betabar, jnp.array([0.3, 0.4]))
+  assert float(dr[1]) == pytest.approx(0.4)
+
+
+def test_propensity_floor_and_clipping():
+  assert est.propensity_floor(10_000) == pytest.approx(0.1)
+  assert est.propensity_floor(4) == 1.0
+  rewards = est.ips_document_rewards(jnp.array([1.0, 1.0, 0.0]), jnp.array([0.5, 0.01, 0.0]),
+                                     jnp.zeros(3), min_propensity=0.1)
+  np.testing.assert_allclose(rewards, [2.0, 10.0, 0.0])
+
+
+def test_exposure_divergence():
+  exposure = jnp.array([0.5, 0.3, 0.2])
+  assert float(est.exposure_divergence(exposure, exposure)) == pytest.approx(1.0)
+  assert float(est.exposure_divergence(exposure, 2 * exposure)) == pytest.approx(1.0)  # normalised
+  other = jnp.array([0.2, 0.3, 0.5])
+  expected = float(np.sum((np.array([0.5, 0.3, 0.2]) ** 2) / np.array([0.2, 0.3, 0.5])))
+  assert float(est.exposure_divergence(exposure, other)) == pytest.approx(expected, rel=1e-6)
+  masked = est.exposure_divergence(jnp.array([0.5, 0.5, 9.0]), jnp.array([0.5, 0.5, 0.0]),
+                                   where=jnp.array([True, True, False]))
+  assert float(masked) == pytest.approx(1.0)
+  assert float(est.exposure_divergence(jnp.zeros(3), jnp.zeros(3))) == 0.0
+
+
+def test_safe_objective_penalty_vanishes_with_data():
+  values = [float(est.safe_objective(0.5, 2.0, n)) for n in (10, 1_000, 100_000, 10_000_000)]
+  assert values == sorted(values) and values[-1] == pytest.approx(0.5, abs=3e-3)
+  assert float(est.safe_objective(0.5, 1.0, 100, delta=0.2)) == pytest.approx(0.3)
+  with pytest.raises(ValueError, match="delta"):
+    est.safe_objective(0.5, 1.0, 100, delta=1.5)
