@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from saferl_jax.policy_gradient import clipped_surrogate
+
 
 def _safe_divide(numerator, denominator):
   """numerator / denominator, 0 where the denominator is 0 (no NaN value or gradient)."""
@@ -134,3 +136,31 @@ def safe_objective(value_estimate: ArrayLike, divergence: ArrayLike, num_session
     raise ValueError(f"delta: must be in (0, 1), got {delta}")
   penalty = jnp.sqrt((1 - delta) / delta) * jnp.sqrt(jnp.asarray(divergence) / num_sessions)
   return jnp.asarray(value_estimate) - penalty
+
+
+def prpo_objective(exposure: ArrayLike, logging_exposure: ArrayLike, document_rewards: ArrayLike, *,
+                   clip_low: float = 0.8, clip_high: float = 1.2,
+                   where: ArrayLike | None = None) -> jax.Array:
+  """[PRPO]: sum_d omega0(d) min(r(d) Rhat(d), clip(r(d), clip_low, clip_high) Rhat(d)), one query.
+
+  r(d) = omega(d|pi) / omega(d|pi0). Beyond the clip range no gradient pushes a ratio further,
+  whatever the clicks say, so the learned policy stays near the logging policy without any
+  assumption on user behaviour. Documents the logger never exposes contribute nothing.
+
+  Args:
+    exposure: [D] omega(d|pi) of the policy being learned.
+    logging_exposure: [D] omega(d|pi0).
+    document_rewards: [D] estimated rewards Rhat(d) (e.g. IPS or DR, averaged over sessions).
+    clip_low, clip_high: the clip range of the exposure ratio.
+    where: optional [D] mask of real documents.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> round(float(prpo_objective(jnp.array([0.9, 0.1]), jnp.array([0.5, 0.5]), jnp.array([1., 0.]))), 4)
+    0.6
+  """
+  exposure, logging_exposure = jnp.asarray(exposure), jnp.asarray(logging_exposure)
+  ratio = _safe_divide(exposure, logging_exposure)
+  surrogate = clipped_surrogate(ratio, document_rewards, clip_low=clip_low, clip_high=clip_high)
+  valid = logging_exposure > 0 if where is None else (logging_exposure > 0) & jnp.asarray(where)
+  return jnp.sum(jnp.where(valid, logging_exposure * surrogate, 0.0), axis=-1)

@@ -129,3 +129,26 @@ def test_safe_objective_penalty_vanishes_with_data():
   assert float(est.safe_objective(0.5, 1.0, 100, delta=0.2)) == pytest.approx(0.3)
   with pytest.raises(ValueError, match="delta"):
     est.safe_objective(0.5, 1.0, 100, delta=1.5)
+
+
+def test_prpo_gradient_vanishes_outside_the_clip_range():
+  logging_exposure = jnp.array([0.5, 0.5, 0.4])
+  rewards = jnp.array([1.0, -1.0, 0.5])
+
+  def objective(exposure):
+    return est.prpo_objective(exposure, logging_exposure, rewards, clip_low=0.8, clip_high=1.2)
+  # Ratios 1.4 (positive reward, above the range) and 0.6 (negative reward, below it): clipped.
+  grad = jax.grad(objective)(jnp.array([0.7, 0.3, 0.4]))
+  np.testing.assert_allclose(grad[:2], [0.0, 0.0])
+  assert float(grad[2]) == pytest.approx(0.5)  # ratio 1 inside the range: d/d omega = Rhat
+  # Inside the range it is the plain importance-weighted objective sum_d omega(d) Rhat(d).
+  inside = jnp.array([0.55, 0.45, 0.4])
+  assert float(objective(inside)) == pytest.approx(float(inside @ rewards), rel=1e-6)
+
+
+def test_prpo_ignores_documents_the_logger_never_exposes():
+  value = est.prpo_objective(jnp.array([0.5, 0.5]), jnp.array([0.5, 0.0]), jnp.array([1.0, 5.0]))
+  assert float(value) == pytest.approx(0.5)
+  grad = jax.grad(lambda e: est.prpo_objective(e, jnp.array([0.5, 0.0]), jnp.array([1.0, 5.0])))(
+      jnp.array([0.5, 0.5]))
+  assert np.all(np.isfinite(grad)) and float(grad[1]) == 0.0
