@@ -5,7 +5,8 @@ Floor 2 (`policies`): Flax NNX softmax policies. Floor 3 (`training`): the optax
 """
 
 from saferl_jax.opl.objectives import (LoggedBatch, baseline_corrected_objective, corrected_gradient,
-                                       gradient_optimal_baseline, gradient_variance, ips_objective,
+                                       filtered_likelihood_objective, gradient_optimal_baseline,
+                                       gradient_variance, hard_filter, ips_objective,
                                        logged_log_probs, per_example_weight_gradients, policy_weights,
                                        snips_objective, value_optimal_baseline)
 from saferl_jax.opl.policies import LinearPolicy, MLPPolicy, as_functional
@@ -15,7 +16,7 @@ from saferl_jax.opl.training import (METHODS, TrainResult, TrainState, logged_ba
 __all__ = [
     "LinearPolicy", "LoggedBatch", "METHODS", "MLPPolicy", "TrainResult", "TrainState",
     "as_functional", "baseline_corrected_objective", "corrected_gradient",
-    "gradient_optimal_baseline", "gradient_variance", "ips_objective", "logged_batch",
+    "filtered_likelihood_objective", "gradient_optimal_baseline", "hard_filter", "gradient_variance", "ips_objective", "logged_batch",
     "logged_log_probs", "method_gradient", "per_example_weight_gradients", "policy_weights",
     "snips_objective", "train", "value_optimal_baseline",
 ]

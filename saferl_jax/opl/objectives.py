@@ -133,3 +133,39 @@ def gradient_variance(rewards: ArrayLike, per_example_grads, baseline: ArrayLike
     terms = coefficients[:, None] * leaf.reshape(leaf.shape[0], -1)
     total = total + jnp.sum(jnp.var(terms, axis=0, ddof=1))
   return total / coefficients.shape[0]
+
+
+def hard_filter(rewards: ArrayLike, *, quantile: float) -> jax.Array:
+  """[DRPO] The rounds worth learning from: reward >= its `quantile`-th quantile, shape [n] bool."""
+  if not 0 <= quantile < 1:
+    raise ValueError(f"quantile: must be in [0, 1), got {quantile}")
+  rewards = jnp.asarray(rewards)
+  return rewards >= jnp.quantile(rewards, quantile)
+
+
+def filtered_likelihood_objective(log_probs: ArrayLike, rewards: ArrayLike, *,
+                                  quantile: float) -> jax.Array:
+  """[DRPO] Mean log-likelihood of the logged actions whose reward passes `hard_filter`.
+
+  Optimistic distributionally robust policy optimisation reduces to this hard filtering: with
+  logs that mix good and bad behaviour, negative-advantage updates can blow up the logits
+  off-policy, so the rounds below the threshold are discarded and the rest are imitated.
+
+  Args:
+    log_probs: [n] log pi_theta(a_i|x_i) of the logged actions.
+    rewards: [n] (estimated) rewards of the logged rounds.
+    quantile: the fraction of rounds to discard, in [0, 1).
+
+  Reference:
+    [DRPO] Jiang et al. Optimistic Distributionally Robust Policy Optimization for Off-Policy
+    Generative Recommendation. https://arxiv.org/abs/2602.10430
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> float(filtered_likelihood_objective(jnp.log(jnp.array([0.5, 0.25, 1.0, 0.5])),
+    ...                                     jnp.array([1., 0., 1., 0.]), quantile=0.5))
+    -0.3465735912322998
+  """
+  kept = hard_filter(rewards, quantile=quantile)
+  log_probs = jnp.asarray(log_probs)
+  return jnp.sum(jnp.where(kept, log_probs, 0.0)) / jnp.maximum(jnp.sum(kept), 1)

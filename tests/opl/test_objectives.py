@@ -480,3 +480,17 @@ def test_tiny_propensities_and_huge_logits_stay_finite():
   assert np.all(np.isfinite(per_example))
   assert np.isfinite(float(gradient_optimal_baseline(batch.rewards, per_example)))
   assert np.isfinite(float(gradient_variance(batch.rewards, per_example, 0.5)))
+
+
+def test_drpo_hard_filter_keeps_the_top_rounds_and_imitates_them():
+  from saferl_jax.opl import filtered_likelihood_objective, hard_filter
+  rewards = jnp.array([0.1, 0.9, 0.5, 0.7])
+  np.testing.assert_array_equal(hard_filter(rewards, quantile=0.5), [False, True, False, True])
+  log_probs = jnp.log(jnp.array([0.2, 0.4, 0.3, 0.8]))
+  expected = (np.log(0.4) + np.log(0.8)) / 2
+  assert float(filtered_likelihood_objective(log_probs, rewards, quantile=0.5)) == pytest.approx(expected)
+  # Discarded rounds get no gradient, kept ones a likelihood gradient of 1 / (number kept).
+  grad = jax.grad(lambda lp: filtered_likelihood_objective(lp, rewards, quantile=0.5))(log_probs)
+  np.testing.assert_allclose(grad, [0.0, 0.5, 0.0, 0.5])
+  with pytest.raises(ValueError, match="quantile"):
+    hard_filter(rewards, quantile=1.0)
