@@ -1,16 +1,18 @@
 """Softmax policies over actions given a context, as Flax NNX modules (floor 2).
 
 pi_theta(a|x) = softmax(f_theta(x)), with f_theta linear or an MLP returning logits [n, A].
-The floor-1 objectives take an `apply_fn(params, contexts)`; `as_functional` splits a module
-into that pair, so parameters can be vmapped over seeds and optimised with optax.
+The floor-1 objectives take an `apply_fn(params, contexts)`; `saferl_jax.functional.as_functional`
+(re-exported here) splits a module into that pair, so parameters can be vmapped over seeds and optimised with optax.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 from flax import nnx
+
+from saferl_jax.functional import as_functional  # noqa: F401  (re-exported for opl users)
 
 
 class LinearPolicy(nnx.Module):
@@ -37,12 +39,3 @@ class MLPPolicy(nnx.Module):
     for layer in self.hidden:
       x = jax.nn.relu(layer(x))
     return self.out(x)
-
-
-def as_functional(model: nnx.Module) -> tuple[Callable, nnx.State]:
-  """(apply_fn, params) with apply_fn(params, contexts) -> logits, a pure function of params."""
-  graphdef, params = nnx.split(model)
-
-  def apply_fn(params, contexts):
-    return nnx.merge(graphdef, params)(contexts)
-  return apply_fn, params

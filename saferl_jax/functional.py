@@ -1,0 +1,21 @@
+"""Turning a Flax NNX module into a pure function of its parameters (floor 2, shared).
+
+Floor-1 code takes `apply_fn(params, inputs)`; `as_functional` splits any NNX module (a
+policy, a ranker, a denoiser) into that pair, so parameters can be vmapped over seeds,
+differentiated and optimised with optax.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from flax import nnx
+
+
+def as_functional(model: nnx.Module) -> tuple[Callable, nnx.State]:
+  """(apply_fn, params) with apply_fn(params, inputs) = model(inputs), a pure function of params."""
+  graphdef, params = nnx.split(model)
+
+  def apply_fn(params, inputs):
+    return nnx.merge(graphdef, params)(inputs)
+  return apply_fn, params
