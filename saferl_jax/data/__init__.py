@@ -1,10 +1,13 @@
-"""Simulators and loaders (floor 2): synthetic contextual bandits and the Open Bandit Dataset."""
+"""Simulators and loaders (floor 2): synthetic contextual bandits, the Open Bandit Dataset, and
+learning-to-rank data (a synthetic generator, a LETOR/SVMlight loader; split by query with ltr.split)."""
 
+from saferl_jax.data.ltr import LTRData, load_letor, make_ltr_dataset
 from saferl_jax.data.obd import OBDLog, load_obd, sample_path
 from saferl_jax.data.synthetic_bandit import (BanditLog, BanditProblem, estimator_inputs, make_problem,
                                               policy_value, simulate_log, simulate_logs, softmax_policy)
 
 __all__ = [
-    "BanditLog", "BanditProblem", "OBDLog", "estimator_inputs", "load_obd", "make_problem",
+    "BanditLog", "BanditProblem", "LTRData", "OBDLog", "estimator_inputs", "load_letor", "load_obd",
+    "make_ltr_dataset", "make_problem",
     "policy_value", "sample_path", "simulate_log", "simulate_logs", "softmax_policy",
 ]

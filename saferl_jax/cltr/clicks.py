@@ -1,0 +1,376 @@
+"""Click models for counterfactual learning to rank, and click simulation (floor 1).
+
+A click model is affine in the relevance probability R_d = y_d / 4 of the
+document shown at (0-based) rank k of the displayed top K:
+
+  P(click | d at rank k) = alpha_k R_d + beta_k,
+
+the position-based model (PBM) being beta = 0 and trust bias beta > 0. An
+adversarial user flips the click probability p to 1 - p with probability eps:
+P(click) = (1 - eps) p + eps (1 - p). A `ClickModel` holds alpha [K], beta [K]
+and eps; the simulator clicks with that probability, and an estimator is told
+alpha and beta (possibly wrong ones, `misspecified`, to test robustness).
+
+`click_probabilities` and `simulate_clicks` take the relevance of one displayed
+list, [K], or any leading batch, [..., K]; they are jittable and vmappable.
+`simulate_sessions` turns N logged sessions (a query id and a displayed ranking
+each) into clicks [N, K] in one jitted call whose session axis is sharded over
+all devices; the clicks of a session depend only on the key and the session's
+index, not on how many devices there are.
+
+References:
+  [SAFE] Gupta, Oosterhuis, de Rijke. Safe Deployment for Counterfactual Learning to Rank with
+  Exposure-Based Risk Minimization. SIGIR 2023. https://arxiv.org/abs/2305.01522
+  [PRPO] Gupta, Oosterhuis, de Rijke. Practical and Robust Safety Guarantees for Advanced
+  Counterfactual Learning to Rank. CIKM 2024. https://arxiv.org/abs/2407.19943
+  [DR-LTR] Oosterhuis. Doubly-Robust Estimation for Correcting Position-Bias in Click Feedback
+  for Unbiased Learning to Rank. TOIS 2023. https://arxiv.org/abs/2203.17118
+  Agarwal, Zaitsev, Wang, Li, Najork, Joachims. Estimating Position Bias without Intrusive
+  Interventions. WSDM 2019 (trust bias). https://arxiv.org/abs/1812.05161
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from jax.typing import ArrayLike
+
+from saferl_jax import checks
+from saferl_jax.parallel import seed_sharding
+
+
+class ClickModel(NamedTuple):
+  """An affine click model with an optional adversarial flip.
+
+  Attributes:
+    alpha: [K] slope of P(click) in the relevance probability, per rank.
+    beta: [K] click probability of a non-relevant document, per rank.
+    flip_probability: scalar eps in [0, 1]; with probability eps the click
+      probability p becomes 1 - p (0: an honest user, 1: maximally adversarial).
+  """
+  alpha: jax.Array
+  beta: jax.Array
+  flip_probability: jax.Array | float = 0.0
+
+
+def _check_k(k) -> None:
+  if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+    raise ValueError(f"k: must be a positive int (the number of displayed ranks), got {k!r}")
+
+
+def _check_unit_interval(name: str, value) -> None:
+  if value is None or not checks.is_concrete(value):
+    return
+  v = np.asarray(value, dtype=np.float64)
+  if v.ndim != 0 or not 0 <= float(v) <= 1:
+    raise ValueError(f"{name}: must be a scalar in [0, 1], got {value!r}")
+
+
+def check_click_model(model: ClickModel) -> None:
+  """Raises a ValueError unless alpha and beta are [K] and every click probability lies in [0, 1].
+
+  Shapes are always checked; values only when the model is concrete (not traced).
+  """
+  alpha, beta = jnp.asarray(model.alpha), jnp.asarray(model.beta)
+  if alpha.ndim != 1 or alpha.shape[0] == 0:
+    raise ValueError(f"model.alpha: expected a non-empty [K] array, got shape {tuple(alpha.shape)}")
+  if beta.shape != alpha.shape:
+    raise ValueError(f"model.beta: expected shape {tuple(alpha.shape)} like model.alpha, "
+                     f"got {tuple(beta.shape)}")
+  if jnp.ndim(model.flip_probability) != 0:
+    raise ValueError(f"model.flip_probability: must be a scalar, got shape "
+                     f"{tuple(jnp.shape(model.flip_probability))}")
+  _check_unit_interval("model.flip_probability", model.flip_probability)
+  if checks.is_concrete(alpha, beta):
+    a, b = np.asarray(alpha, np.float64), np.asarray(beta, np.float64)
+    # P(click) is affine in R in [0, 1]: it stays in [0, 1] iff it does at R = 0 and R = 1.
+    tolerance = 1e-6
+    bad = ~((b >= -tolerance) & (b <= 1 + tolerance) & (a + b >= -tolerance) & (a + b <= 1 + tolerance))
+    if np.any(bad):
+      k = int(np.argmax(bad))
+      raise ValueError(f"model: click probabilities must lie in [0, 1], but at rank {k} "
+                       f"beta = {b[k]:.6g} and alpha + beta = {a[k] + b[k]:.6g}")
+
+
+def click_model(alpha: ArrayLike, beta: ArrayLike, *, flip_probability: float = 0.0) -> ClickModel:
+  """A checked `ClickModel` from alpha [K] and beta [K].
+
+  Example:
+    >>> model = click_model([0.5, 0.25], [0.1, 0.1])
+    >>> model.alpha.shape
+    (2,)
+  """
+  model = ClickModel(checks.as_float("alpha", alpha), checks.as_float("beta", beta), flip_probability)
+  check_click_model(model)
+  return model
+
+
+def position_based(k: int = 5, *, eta: float = 1.0) -> ClickModel:
+  """The position-based model: alpha_k = (1 / (k + 1))^eta, beta_k = 0.
+
+  Args:
+    k: number of displayed ranks K.
+    eta: severity of the position bias (0: no bias).
+
+  Returns:
+    A `ClickModel` with alpha, beta of shape [K].
+
+  Example:
+    >>> model = position_based(3)
+    >>> [round(float(a), 4) for a in model.alpha]
+    [1.0, 0.5, 0.3333]
+  """
+  _check_k(k)
+  if not np.isfinite(eta) or eta < 0:
+    raise ValueError(f"eta: must be finite and >= 0, got {eta!r}")
+  ranks = jnp.arange(k, dtype=jnp.result_type(float))
+  alpha = (1.0 / (ranks + 1.0)) ** eta
+  return ClickModel(alpha, jnp.zeros_like(alpha), 0.0)
+
+
+def trust_bias(k: int = 5) -> ClickModel:
+  """The affine trust-bias model of [SAFE] and [DR-LTR].
+
+  pos_k = 0.35 / (k + 1) + 0.65 / (1 + 0.05 k), eps+_k = 1 / (1 + 0.005 k),
+  eps-_k = 0.65 / (k + 1); alpha_k = pos_k (eps+_k - eps-_k), beta_k = pos_k eps-_k.
+
+  Args:
+    k: number of displayed ranks K.
+
+  Returns:
+    A `ClickModel` with alpha, beta of shape [K].
+
+  Example:
+    >>> model = trust_bias(2)
+    >>> [round(float(a), 3) for a in model.alpha], [round(float(b), 3) for b in model.beta]
+    ([0.35, 0.532], [0.65, 0.258])
+  """
+  _check_k(k)
+  ranks = jnp.arange(k, dtype=jnp.result_type(float))
+  examination = 0.35 / (ranks + 1.0) + 0.65 / (1.0 + 0.05 * ranks)
+  eps_plus = 1.0 / (1.0 + 0.005 * ranks)
+  eps_minus = 0.65 / (ranks + 1.0)
+  return ClickModel(examination * (eps_plus - eps_minus), examination * eps_minus, 0.0)
+
+
+def adversarial(model: ClickModel, flip_probability: float = 1.0) -> ClickModel:
+  """The same model with an adversarial user: p becomes 1 - p with probability `flip_probability`.
+
+  P(click) = (1 - eps) p + eps (1 - p). An estimator should still be given the
+  honest alpha and beta (it does not know about the flip).
+
+  Example:
+    >>> model = adversarial(position_based(2), 1.0)
+    >>> [float(p) for p in click_probabilities(model, [1.0, 0.0])]
+    [0.0, 1.0]
+  """
+  _check_unit_interval("flip_probability", flip_probability)
+  return model._replace(flip_probability=flip_probability)
+
+
+def misspecified(model: ClickModel, amount: float) -> ClickModel:
+  """alpha and beta moved towards their means: (1 - amount) alpha + amount mean(alpha), likewise beta.
+
+  amount = 0 leaves the model unchanged, amount = 1 makes alpha and beta
+  constant over ranks (no position bias at all). Give the result to an
+  estimator while clicks come from `model`, to measure its robustness.
+
+  Example:
+    >>> [float(a) for a in misspecified(position_based(2), 1.0).alpha]
+    [0.75, 0.75]
+  """
+  _check_unit_interval("amount", amount)
+  check_click_model(model)
+  alpha, beta = jnp.asarray(model.alpha), jnp.asarray(model.beta)
+  return model._replace(alpha=(1 - amount) * alpha + amount * jnp.mean(alpha),
+                        beta=(1 - amount) * beta + amount * jnp.mean(beta))
+
+
+def click_probabilities(model: ClickModel, relevance_at_ranks: ArrayLike, *,
+                        where: ArrayLike | None = None) -> jax.Array:
+  """P(click) at each displayed rank: (1 - eps) p + eps (1 - p), p = alpha_k R + beta_k.
+
+  Args:
+    model: a `ClickModel` with K ranks.
+    relevance_at_ranks: [..., K] relevance probabilities R (label / 4) in [0, 1]
+      of the documents shown at ranks 0..K-1.
+    where: optional [..., K] bool, False where no document is shown (clicked with
+      probability 0).
+
+  Returns:
+    [..., K] click probabilities.
+
+  Example:
+    >>> model = trust_bias(2)
+    >>> [round(float(p), 3) for p in click_probabilities(model, [1.0, 0.0])]
+    [1.0, 0.258]
+  """
+  check_click_model(model)
+  relevance = checks.as_float("relevance_at_ranks", relevance_at_ranks)
+  num_ranks = jnp.shape(model.alpha)[0]
+  if relevance.ndim == 0 or relevance.shape[-1] != num_ranks:
+    raise ValueError(
+        f"relevance_at_ranks: expected shape [..., K] with K = {num_ranks} ranks of the model, "
+        f"got {tuple(relevance.shape)} (take the top K: relevance[..., :K])")
+  if checks.is_concrete(relevance):
+    values = np.asarray(relevance)
+    bad = ~((values >= 0) & (values <= 1))
+    if np.any(bad):
+      raise ValueError(f"relevance_at_ranks: relevance probabilities must be in [0, 1], found "
+                       f"{int(bad.sum())} outside (e.g. {values[bad].ravel()[0]})")
+  alpha = jnp.asarray(model.alpha, relevance.dtype)
+  beta = jnp.asarray(model.beta, relevance.dtype)
+  eps = jnp.asarray(model.flip_probability, relevance.dtype)
+  p = alpha * relevance + beta
+  p = (1 - eps) * p + eps * (1 - p)
+  p = jnp.clip(p, 0.0, 1.0)  # rounding only; the model check keeps p in [0, 1]
+  if where is not None:
+    where = jnp.asarray(where, bool)
+    if jnp.broadcast_shapes(where.shape, p.shape) != p.shape:
+      raise ValueError(f"where: shape {tuple(where.shape)} does not broadcast to {tuple(p.shape)}")
+    p = jnp.where(where, p, 0.0)
+  return p
+
+
+def simulate_clicks(key: jax.Array, model: ClickModel, relevance_at_ranks: ArrayLike, *,
+                    where: ArrayLike | None = None) -> jax.Array:
+  """Bernoulli clicks with `click_probabilities(model, relevance_at_ranks)`.
+
+  Args:
+    key: PRNG key.
+    model: a `ClickModel` with K ranks.
+    relevance_at_ranks: [..., K] relevance probabilities in [0, 1].
+    where: optional [..., K] bool, False where no document is shown (never clicked).
+
+  Returns:
+    [..., K] clicks as floats, 0 or 1.
+
+  Example:
+    >>> import jax
+    >>> clicks = simulate_clicks(jax.random.key(0), position_based(3), [1.0, 1.0, 0.0])
+    >>> clicks.shape, float(clicks[2])
+    ((3,), 0.0)
+  """
+  p = click_probabilities(model, relevance_at_ranks, where=where)
+  return jax.random.bernoulli(key, p).astype(p.dtype)
+
+
+def relevance_at_ranks(query_ids: ArrayLike, rankings: ArrayLike, labels: ArrayLike, *,
+                       max_label: int = 4) -> jax.Array:
+  """R = labels[q, ranking] / max_label, shape [N, K], for sessions (query id, displayed ranking)."""
+  labels = jnp.asarray(labels)
+  query_ids, rankings = jnp.asarray(query_ids), jnp.asarray(rankings)
+  return labels[query_ids[:, None], rankings].astype(jnp.result_type(float)) / max_label
+
+
+def simulate_sessions(key: jax.Array, model: ClickModel, query_ids: ArrayLike, rankings: ArrayLike,
+                      labels: ArrayLike, *, k: int | None = None, where: ArrayLike | None = None,
+                      max_label: int = 4) -> jax.Array:
+  """Clicks on the top K of N logged sessions, in one jitted call sharded over devices.
+
+  Session i shows query q_i's documents rankings[i, 0..K-1]; the document at rank
+  k is clicked with `click_probabilities` of its relevance labels[q_i, d] / max_label.
+  The session axis is split over all devices when they divide N (replicated
+  otherwise); the clicks equal `simulate_clicks(key, model, R)` on the gathered
+  relevance R [N, K], whatever the number of devices.
+
+  Args:
+    key: PRNG key.
+    model: a `ClickModel` with at least K ranks (its first K are used).
+    query_ids: [N] int query of each session, in [0, Q).
+    rankings: [N, L] int displayed rankings (document indices of the query, in
+      [0, D)), L >= K; only the first K are shown.
+    labels: [Q, D] int graded labels in 0..max_label.
+    k: number of displayed ranks K; defaults to the model's.
+    where: optional [Q, D] bool document mask (True = real document, e.g.
+      `LTRData.mask`); padded documents are never clicked.
+    max_label: the label with relevance probability 1.
+
+  Returns:
+    [N, K] clicks (floats, 0 or 1), sharded over devices along the session axis.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> labels = jnp.array([[4, 0, 0], [0, 0, 4]])
+    >>> clicks = simulate_sessions(jax.random.key(0), position_based(2), jnp.array([0, 1]),
+    ...                            jnp.array([[0, 1, 2], [1, 2, 0]]), labels)
+    >>> clicks.tolist()
+    [[1.0, 0.0], [0.0, 1.0]]
+  """
+  check_click_model(model)
+  num_model_ranks = jnp.shape(model.alpha)[0]
+  k = num_model_ranks if k is None else k
+  _check_k(k)
+  if k > num_model_ranks:
+    raise ValueError(f"k: {k} ranks asked for but the click model has only {num_model_ranks}")
+  if not isinstance(max_label, (int, np.integer)) or max_label < 1:
+    raise ValueError(f"max_label: must be a positive int, got {max_label!r}")
+  query_ids, rankings, labels = jnp.asarray(query_ids), jnp.asarray(rankings), jnp.asarray(labels)
+  for name, x, ndim in (("query_ids", query_ids, 1), ("rankings", rankings, 2), ("labels", labels, 2)):
+    if x.ndim != ndim:
+      raise ValueError(f"{name}: expected a {ndim}-d array, got shape {tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f"{name}: must be an integer array, got dtype {x.dtype}")
+  n = query_ids.shape[0]
+  if rankings.shape[0] != n:
+    raise ValueError(f"rankings: has {rankings.shape[0]} sessions but query_ids has {n}")
+  if rankings.shape[1] < k:
+    raise ValueError(f"k: {k} displayed ranks but rankings has only {rankings.shape[1]} per session")
+  num_queries, num_docs = labels.shape
+  if where is not None:
+    where = jnp.asarray(where, bool)
+    if where.shape != labels.shape:
+      raise ValueError(f"where: expected shape {tuple(labels.shape)} like labels, got {tuple(where.shape)}")
+  rankings = rankings[:, :k]
+  if n > 0 and labels.size == 0:
+    raise ValueError(f"labels: is empty (shape {tuple(labels.shape)}) but there are {n} sessions")
+  traced = not checks.is_concrete(key, query_ids, rankings, labels, where, *model)
+  if not traced and n > 0:
+    # Reduced on the device: one small transfer back, not the whole log.
+    lows, highs = jax.device_get(_extremes(labels, query_ids, rankings))
+    for name, low, high, lowest, highest in zip(
+        ("labels", "query_ids", "rankings"), (0, 0, 0), (max_label, num_queries - 1, num_docs - 1),
+        lows, highs):
+      if lowest < low or highest > high:
+        raise ValueError(f"{name}: values must be in [{low}, {high}], found "
+                         f"{lowest if lowest < low else highest}")
+  if n == 0:
+    return jnp.zeros((0, k), jnp.result_type(float))
+  model = ClickModel(jnp.asarray(model.alpha)[:k], jnp.asarray(model.beta)[:k],
+                     jnp.asarray(model.flip_probability, jnp.result_type(float)))
+  if traced:  # inside the caller's jit, which decides the sharding
+    return _session_clicks(key, model, query_ids, rankings, labels, where, max_label)
+  sharding = seed_sharding(n)
+  replicated = NamedSharding(sharding.mesh, PartitionSpec())
+  return _sharded_session_clicks(sharding, max_label)(
+      key, model, jax.device_put(query_ids, sharding), jax.device_put(rankings, sharding),
+      jax.device_put(labels, replicated), None if where is None else jax.device_put(where, replicated))
+
+
+@jax.jit
+def _extremes(*arrays):
+  """The minimum and maximum of each array, in one call (a single transfer back to the host)."""
+  return (jnp.stack([jnp.min(x).astype(jnp.int32) for x in arrays]),
+          jnp.stack([jnp.max(x).astype(jnp.int32) for x in arrays]))
+
+
+def _session_clicks(key, model, query_ids, rankings, labels, where, max_label):
+  relevance = relevance_at_ranks(query_ids, rankings, labels, max_label=max_label)
+  shown = None if where is None else where[query_ids[:, None], rankings]
+  return simulate_clicks(key, model, relevance, where=shown)
+
+
+@functools.lru_cache(maxsize=32)
+def _sharded_session_clicks(sharding: NamedSharding, max_label: int):
+  """One jitted simulator per sharding and label scale, so repeated calls do not recompile."""
+
+  def fn(key, model, query_ids, rankings, labels, where):
+    clicks = _session_clicks(key, model, query_ids, rankings, labels, where, max_label)
+    return jax.lax.with_sharding_constraint(clicks, sharding)
+
+  return jax.jit(fn, out_shardings=sharding)

@@ -1,0 +1,322 @@
+"""Learning-to-rank data: a synthetic generator and a LETOR/SVMlight loader (floor 2).
+
+Both give an `LTRData`: per query a padded list of D documents with feature
+vectors, graded labels 0..4 and a mask (True = real document), the layout that
+`saferl_jax.cltr` and the rankers consume. The relevance probability of a
+document is R = label / 4.
+
+`make_ltr_dataset` draws queries from a hidden nonlinear scorer (a random
+two-layer tanh network of the features) plus Gaussian noise, cut into graded
+labels at fixed thresholds of the standardised score so that, as in real LTR
+data (MSLR-WEB30K, Yahoo! LTR), label 0 is the most common and 4 the rarest.
+`load_letor` reads the text files that real LTR data comes in
+("label qid:Q 1:v 2:v ... # comment"); they cannot be downloaded here, so it
+reads a local path. `split` divides a dataset by query.
+
+References:
+  Qin, Liu. Introducing LETOR 4.0 Datasets. 2013. https://arxiv.org/abs/1306.2597
+  [SAFE] Gupta, Oosterhuis, de Rijke. Safe Deployment for Counterfactual Learning to Rank with
+  Exposure-Based Risk Minimization. SIGIR 2023. https://arxiv.org/abs/2305.01522
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Thresholds on the standardised noisy score (unit variance): labels 0..4 with
+# probabilities about 0.50, 0.30, 0.13, 0.05, 0.02 when the score is Gaussian.
+LABEL_THRESHOLDS = (0.0, 0.85, 1.5, 2.05)
+HIDDEN_UNITS = 32
+QUERY_FEATURE_SCALE = 0.5  # std of a per-query shift shared by its documents' features
+
+
+class LTRData(NamedTuple):
+  """Queries with padded candidate lists.
+
+  Attributes:
+    features: [Q, D, F] float32 document features (0 for padding).
+    labels: [Q, D] int32 graded relevance in 0..max_label (0 for padding).
+    mask: [Q, D] bool, True for a real document.
+    query_ids: [Q] numpy array of the original query ids (ints, or strings
+      when a file's ids are not integers).
+  """
+  features: jax.Array
+  labels: jax.Array
+  mask: jax.Array
+  query_ids: np.ndarray
+
+  @property
+  def num_queries(self) -> int:
+    return int(self.labels.shape[0])
+
+  @property
+  def num_docs(self) -> np.ndarray:
+    """[Q] number of real documents per query."""
+    return np.asarray(self.mask).sum(axis=1)
+
+
+def _normals(key: jax.Array, *shapes: tuple[int, ...]) -> list[jax.Array]:
+  """Standard normal arrays of the given shapes from one draw (one random kernel to compile)."""
+  sizes = [int(np.prod(shape)) for shape in shapes]
+  flat = jax.random.normal(key, (sum(sizes),))
+  offsets = np.cumsum([0] + sizes)
+  return [flat[offsets[i]:offsets[i + 1]].reshape(shape) for i, shape in enumerate(shapes)]
+
+
+def _features(docs: jax.Array, query_normals: jax.Array) -> jax.Array:
+  """x = z + s_q: per-document normals [Q, D, F] plus a per-query shift [Q, 1, F]."""
+  return docs + QUERY_FEATURE_SCALE * query_normals
+
+
+def _hidden_scorer(key: jax.Array, n_features: int):
+  """A random two-layer tanh network, standardised on a reference sample so scores have unit scale."""
+  w1, b1, w2, ref_docs, ref_queries = _normals(
+      key, (n_features, HIDDEN_UNITS), (HIDDEN_UNITS,), (HIDDEN_UNITS,), (512, 16, n_features),
+      (512, 1, n_features))
+  w1 = w1 * (1.5 / np.sqrt(n_features))
+  b1 = 0.5 * b1
+  w2 = w2 / np.sqrt(HIDDEN_UNITS)
+
+  def raw(x):
+    return jnp.tanh(x @ w1 + b1) @ w2
+
+  reference = raw(_features(ref_docs, ref_queries)).ravel()
+  mean, std = jnp.mean(reference), jnp.std(reference)
+  return lambda x: (raw(x) - mean) / std
+
+
+def make_ltr_dataset(
+    key: jax.Array,
+    *,
+    n_queries: int = 1000,
+    max_docs: int = 20,
+    min_docs: int = 5,
+    n_features: int = 16,
+    noise: float = 0.5,
+) -> LTRData:
+  """Draws a synthetic LTR dataset with a hidden nonlinear relevance function.
+
+  Features x = z + s_q (z ~ N(0, I) per document, s_q ~ N(0, 0.25 I) per query);
+  score = (f(x) + noise * n) / sqrt(1 + noise^2), f a random tanh network
+  standardised to unit variance, n ~ N(0, 1); label = number of thresholds in
+  `LABEL_THRESHOLDS` below the score. The hidden function depends only on `key`
+  and `n_features`, so datasets drawn with the same key share it.
+
+  Args:
+    key: PRNG key; same key, same dataset.
+    n_queries: Q.
+    max_docs: D, the padded list length.
+    min_docs: shortest list; lengths are uniform in [min_docs, max_docs].
+    n_features: F.
+    noise: standard deviation of the label noise relative to the hidden score.
+
+  Returns:
+    An `LTRData` with query_ids 0..Q-1.
+
+  Example:
+    >>> import jax
+    >>> data = make_ltr_dataset(jax.random.key(0), n_queries=8, max_docs=6, min_docs=3, n_features=4)
+    >>> data.features.shape, data.labels.shape, bool(data.mask[:, :3].all())
+    ((8, 6, 4), (8, 6), True)
+  """
+  for name, value in (("n_queries", n_queries), ("max_docs", max_docs), ("min_docs", min_docs),
+                      ("n_features", n_features)):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"{name}: must be a positive int, got {value!r}")
+  if min_docs > max_docs:
+    raise ValueError(f"min_docs: {min_docs} is larger than max_docs {max_docs}")
+  if not np.isfinite(noise) or noise < 0:
+    raise ValueError(f"noise: must be finite and >= 0, got {noise!r}")
+  features, labels, mask = _generate(key, n_queries, max_docs, min_docs, n_features, float(noise))
+  return LTRData(features, labels, mask, np.arange(n_queries))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _generate(key, n_queries, max_docs, min_docs, n_features, noise):
+  scorer_key, data_key, length_key = jax.random.split(key, 3)
+  scorer = _hidden_scorer(scorer_key, n_features)
+  docs, query_normals, label_noise = _normals(
+      data_key, (n_queries, max_docs, n_features), (n_queries, 1, n_features), (n_queries, max_docs))
+  features = _features(docs, query_normals)
+  lengths = jax.random.randint(length_key, (n_queries,), min_docs, max_docs + 1)
+  mask = jnp.arange(max_docs)[None, :] < lengths[:, None]
+  score = scorer(features) + noise * label_noise
+  score = score / jnp.sqrt(1.0 + noise**2)
+  labels = jnp.sum(score[..., None] > jnp.asarray(LABEL_THRESHOLDS), axis=-1)
+  return (jnp.where(mask[..., None], features, 0.0).astype(jnp.float32),
+          jnp.where(mask, labels, 0).astype(jnp.int32), mask)
+
+
+def _take(data: LTRData, index: np.ndarray) -> LTRData:
+  return LTRData(data.features[index], data.labels[index], data.mask[index], data.query_ids[index])
+
+
+def split(data: LTRData, fractions: Sequence[float] = (0.6, 0.2, 0.2), *,
+          key: jax.Array) -> tuple[LTRData, ...]:
+  """Splits the queries at random into parts of the given fractions (train, validation, test).
+
+  Part sizes are round(Q * cumulative fraction) differences, so every query
+  lands in exactly one part.
+
+  Args:
+    data: an `LTRData` of Q queries.
+    fractions: non-negative fractions summing to 1, one per part.
+    key: PRNG key for the permutation.
+
+  Returns:
+    One `LTRData` per fraction, queries in random order.
+
+  Example:
+    >>> import jax
+    >>> data = make_ltr_dataset(jax.random.key(0), n_queries=10, max_docs=5, n_features=3)
+    >>> [part.num_queries for part in split(data, key=jax.random.key(1))]
+    [6, 2, 2]
+  """
+  fractions = np.asarray(fractions, dtype=np.float64)
+  if fractions.ndim != 1 or fractions.size == 0:
+    raise ValueError(f"fractions: expected a non-empty sequence, got {fractions.tolist()!r}")
+  if np.any(~np.isfinite(fractions)) or np.any(fractions < 0) or abs(fractions.sum() - 1) > 1e-6:
+    raise ValueError(f"fractions: must be >= 0 and sum to 1, got {fractions.tolist()}")
+  num_queries = data.num_queries
+  order = np.asarray(jax.random.permutation(key, num_queries))
+  bounds = np.round(np.cumsum(fractions) * num_queries).astype(int)
+  bounds[-1] = num_queries
+  starts = np.concatenate([[0], bounds[:-1]])
+  return tuple(_take(data, order[start:stop]) for start, stop in zip(starts, bounds))
+
+
+def _read_lines(path: Path) -> list[str]:
+  if not path.is_file():
+    raise ValueError(f"path: {path} is not a file")
+  raw = path.read_bytes()
+  if path.suffix == ".gz":
+    raw = gzip.decompress(raw)
+  return raw.decode("utf-8", errors="replace").splitlines()
+
+
+def _parse_features(where: str, tokens: list[str]) -> tuple[np.ndarray, np.ndarray]:
+  """Feature indices (0-based) and values of one line's "i:v" tokens."""
+  try:
+    pairs = [token.split(":") for token in tokens]
+    if any(len(pair) != 2 for pair in pairs):
+      raise ValueError
+    indices = np.array([pair[0] for pair in pairs], dtype=np.int64)
+    values = np.array([pair[1] for pair in pairs], dtype=np.float64)
+  except ValueError:
+    for token in tokens:  # find the culprit to name it
+      parts = token.split(":")
+      try:
+        if len(parts) != 2:
+          raise ValueError
+        int(parts[0]), float(parts[1])
+      except ValueError:
+        raise ValueError(f"{where}: bad feature token {token!r}, expected index:value") from None
+    raise
+  if indices.size and indices.min() < 1:
+    raise ValueError(f"{where}: feature indices start at 1, found {int(indices.min())}")
+  if not np.all(np.isfinite(values)):
+    raise ValueError(f"{where}: feature values must be finite")
+  if np.unique(indices).size != indices.size:
+    raise ValueError(f"{where}: a feature index appears twice")
+  return indices - 1, values
+
+
+def load_letor(path: str | Path, *, max_docs: int | None = None, num_features: int | None = None,
+               max_label: int = 4) -> LTRData:
+  """Reads a LETOR/SVMlight ranking file ("label qid:Q 1:v 2:v ... # comment").
+
+  Features may be sparse (missing ones are 0) and in any order; indices are
+  1-based. Text after "#" and blank lines are ignored. A query's lines need not
+  be contiguous: queries keep the order of their first line, documents the
+  order of their lines. Files ending in .gz are decompressed.
+
+  Args:
+    path: the text file.
+    max_docs: if given, every list is padded or truncated (keeping its first
+      documents) to exactly this length, so several files share one shape;
+      otherwise lists are padded to the longest.
+    num_features: F; defaults to the largest feature index in the file. An
+      index above it is an error.
+    max_label: the largest allowed label (4 for MSLR-WEB30K and Yahoo! LTR).
+
+  Returns:
+    An `LTRData`; query_ids holds the file's ids (int64 when they are all
+    integers, strings otherwise).
+
+  Raises:
+    ValueError: naming the file and line of a malformed line (non-numeric or
+      out-of-range label, missing qid, bad feature token), or when the file has
+      no data.
+
+  Example:
+    >>> import pathlib, tempfile
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "train.txt"
+    >>> _ = path.write_text("2 qid:7 1:0.5 3:1 # doc a\\n0 qid:7 2:1\\n1 qid:9 1:0.2\\n")
+    >>> data = load_letor(path)
+    >>> data.features.shape, data.labels.tolist(), data.query_ids.tolist()
+    ((2, 2, 3), [[2, 0], [1, 0]], [7, 9])
+  """
+  path = Path(path)
+  if max_docs is not None and (not isinstance(max_docs, (int, np.integer)) or max_docs < 1):
+    raise ValueError(f"max_docs: must be a positive int or None, got {max_docs!r}")
+  if num_features is not None and (not isinstance(num_features, (int, np.integer)) or num_features < 1):
+    raise ValueError(f"num_features: must be a positive int or None, got {num_features!r}")
+  if not isinstance(max_label, (int, np.integer)) or max_label < 1:
+    raise ValueError(f"max_label: must be a positive int, got {max_label!r}")
+
+  docs_of_query: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+  largest_index = 0
+  for line_number, line in enumerate(_read_lines(path), start=1):
+    body = line.split("#", 1)[0].strip()
+    if not body:
+      continue
+    where = f"{path}: line {line_number}"
+    tokens = body.split()
+    try:
+      label_value = float(tokens[0])
+    except ValueError:
+      raise ValueError(f"{where}: the label {tokens[0]!r} is not a number") from None
+    if not np.isfinite(label_value) or label_value != int(label_value):
+      raise ValueError(f"{where}: the label {tokens[0]!r} is not an integer grade")
+    label = int(label_value)
+    if not 0 <= label <= max_label:
+      raise ValueError(f"{where}: label {label} is outside 0..{max_label} (see max_label)")
+    if len(tokens) < 2 or not tokens[1].startswith("qid:") or len(tokens[1]) == 4:
+      raise ValueError(f"{where}: missing qid (expected 'label qid:Q i:v ...')")
+    qid = tokens[1][4:]
+    indices, values = _parse_features(where, tokens[2:])
+    if indices.size:
+      largest_index = max(largest_index, int(indices.max()) + 1)
+      if num_features is not None and indices.max() >= num_features:
+        raise ValueError(f"{where}: feature index {int(indices.max()) + 1} exceeds "
+                         f"num_features={num_features}")
+    docs_of_query.setdefault(qid, []).append((label, indices, values))
+  if not docs_of_query:
+    raise ValueError(f"path: {path} holds no data lines")
+
+  num_features = largest_index if num_features is None else num_features
+  num_features = max(num_features, 1)
+  longest = max(len(docs) for docs in docs_of_query.values())
+  num_docs = longest if max_docs is None else max_docs
+  num_queries = len(docs_of_query)
+  features = np.zeros((num_queries, num_docs, num_features), np.float32)
+  labels = np.zeros((num_queries, num_docs), np.int32)
+  mask = np.zeros((num_queries, num_docs), bool)
+  for q, docs in enumerate(docs_of_query.values()):
+    for d, (label, indices, values) in enumerate(docs[:num_docs]):
+      features[q, d, indices] = values
+      labels[q, d] = label
+      mask[q, d] = True
+  ids = list(docs_of_query)
+  try:
+    query_ids = np.array([int(i) for i in ids], dtype=np.int64)
+  except ValueError:
+    query_ids = np.array(ids)
+  return LTRData(jnp.asarray(features), jnp.asarray(labels), jnp.asarray(mask), query_ids)

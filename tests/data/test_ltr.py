@@ -1,0 +1,219 @@
+"""LTR data: the synthetic generator (shapes, masks, labels, determinism), splits by query,
+and the LETOR/SVMlight loader on small files, including malformed lines."""
+
+import gzip
+
+import hypothesis.strategies as st
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+from saferl_jax.data import ltr
+
+
+@pytest.fixture(scope="module")
+def data():
+  return ltr.make_ltr_dataset(jax.random.key(0), n_queries=400, max_docs=12, min_docs=3, n_features=6)
+
+
+def test_shapes_and_dtypes(data):
+  assert data.features.shape == (400, 12, 6) and data.features.dtype == np.float32
+  assert data.labels.shape == (400, 12) and data.labels.dtype == np.int32
+  assert data.mask.shape == (400, 12) and data.mask.dtype == bool
+  np.testing.assert_array_equal(data.query_ids, np.arange(400))
+  assert data.num_queries == 400
+
+
+def test_masks_are_prefixes_with_lengths_in_range(data):
+  mask = np.asarray(data.mask)
+  lengths = mask.sum(1)
+  np.testing.assert_array_equal(mask, np.arange(12)[None, :] < lengths[:, None])
+  assert lengths.min() >= 3 and lengths.max() <= 12
+  assert len(np.unique(lengths)) == 10  # every length in [3, 12] occurs among 400 queries
+  # Padding carries no features and label 0.
+  assert np.all(np.asarray(data.features)[~mask] == 0)
+  assert np.all(np.asarray(data.labels)[~mask] == 0)
+
+
+def test_label_range_and_distribution(data):
+  labels = np.asarray(data.labels)[np.asarray(data.mask)]
+  assert labels.min() >= 0 and labels.max() <= 4
+  counts = np.bincount(labels, minlength=5)
+  assert np.all(counts > 0)
+  assert np.all(np.diff(counts) < 0)  # 0 most common, then 1, ..., 4 rarest
+  assert 0.35 < counts[0] / labels.size < 0.65
+
+
+def test_labels_follow_the_features():
+  # Without noise the labels are a function of the features: equal features, equal labels,
+  # and a regression on the features explains a good share of the label variance.
+  data = ltr.make_ltr_dataset(jax.random.key(1), n_queries=300, noise=0.0)
+  mask = np.asarray(data.mask)
+  x, y = np.asarray(data.features)[mask], np.asarray(data.labels)[mask]
+  design = np.c_[x, np.ones(len(x))]
+  residual = y - design @ np.linalg.lstsq(design, y, rcond=None)[0]
+  assert 1 - residual.var() / y.var() > 0.3
+  noisy = ltr.make_ltr_dataset(jax.random.key(1), n_queries=300, noise=2.0)
+  np.testing.assert_array_equal(noisy.features, data.features)  # same key: same documents
+  assert not np.array_equal(noisy.labels, data.labels)
+
+
+def test_same_key_same_data_other_key_other_data():
+  a = ltr.make_ltr_dataset(jax.random.key(5), n_queries=20)
+  b = ltr.make_ltr_dataset(jax.random.key(5), n_queries=20)
+  c = ltr.make_ltr_dataset(jax.random.key(6), n_queries=20)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  assert not np.array_equal(a.features, c.features)
+
+
+def test_bad_generator_arguments_raise():
+  key = jax.random.key(0)
+  with pytest.raises(ValueError, match="n_queries"):
+    ltr.make_ltr_dataset(key, n_queries=0)
+  with pytest.raises(ValueError, match="min_docs"):
+    ltr.make_ltr_dataset(key, min_docs=10, max_docs=5)
+  with pytest.raises(ValueError, match="noise"):
+    ltr.make_ltr_dataset(key, noise=-1.0)
+
+
+def test_split_is_disjoint_and_covering(data):
+  parts = ltr.split(data, key=jax.random.key(2))
+  assert [p.num_queries for p in parts] == [240, 80, 80]
+  ids = np.concatenate([p.query_ids for p in parts])
+  assert sorted(ids.tolist()) == list(range(400))
+  for part in parts:  # rows travel with their query
+    np.testing.assert_array_equal(part.labels, np.asarray(data.labels)[part.query_ids])
+    np.testing.assert_array_equal(part.features, np.asarray(data.features)[part.query_ids])
+  again = ltr.split(data, key=jax.random.key(2))
+  np.testing.assert_array_equal(again[0].query_ids, parts[0].query_ids)
+  other = ltr.split(data, key=jax.random.key(3))
+  assert not np.array_equal(other[0].query_ids, parts[0].query_ids)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 12), weights=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=4),
+       seed=st.integers(0, 1000))
+def test_split_covers_for_any_fractions(n, weights, seed):
+  weights = np.asarray(weights)
+  if weights.sum() == 0:
+    weights = np.ones_like(weights)
+  fractions = weights / weights.sum()
+  data = ltr.LTRData(np.zeros((n, 2, 1), np.float32), np.zeros((n, 2), np.int32),
+                     np.ones((n, 2), bool), np.arange(n) + 100)
+  parts = ltr.split(data, fractions, key=jax.random.key(seed))
+  assert len(parts) == len(fractions)
+  ids = np.concatenate([p.query_ids for p in parts])
+  assert sorted(ids.tolist()) == list(range(100, 100 + n))
+  for part, fraction in zip(parts, fractions):
+    assert abs(part.num_queries - fraction * n) <= 1 + 1e-9 * n
+
+
+def test_split_rejects_bad_fractions(data):
+  with pytest.raises(ValueError, match="fractions"):
+    ltr.split(data, (0.5, 0.6), key=jax.random.key(0))
+  with pytest.raises(ValueError, match="fractions"):
+    ltr.split(data, (1.5, -0.5), key=jax.random.key(0))
+
+
+# The loader.
+
+SAMPLE = """\
+# a header comment
+2 qid:10 3:0.5 1:1.5 # doc A, features out of order
+0 qid:10 2:-1
+
+1 qid:3 1:0.25 4:2 # query 3, first line
+4 qid:10 1:1e-1 2:2 3:3 4:4
+0 qid:3
+3 qid:7 2:0.75
+"""
+
+
+def write(tmp_path, text, name="data.txt"):
+  path = tmp_path / name
+  path.write_text(text)
+  return path
+
+
+def test_loader_reads_sparse_unordered_non_contiguous_queries(tmp_path):
+  data = ltr.load_letor(write(tmp_path, SAMPLE))
+  np.testing.assert_array_equal(data.query_ids, [10, 3, 7])  # order of first appearance
+  assert data.features.shape == (3, 3, 4)
+  np.testing.assert_array_equal(data.labels, [[2, 0, 4], [1, 0, 0], [3, 0, 0]])
+  np.testing.assert_array_equal(data.mask, [[True, True, True], [True, True, False],
+                                            [True, False, False]])
+  features = np.asarray(data.features)
+  np.testing.assert_allclose(features[0, 0], [1.5, 0.0, 0.5, 0.0])
+  np.testing.assert_allclose(features[0, 1], [0.0, -1.0, 0.0, 0.0])
+  np.testing.assert_allclose(features[0, 2], [0.1, 2.0, 3.0, 4.0])
+  np.testing.assert_allclose(features[1, 0], [0.25, 0.0, 0.0, 2.0])
+  np.testing.assert_allclose(features[1, 1], np.zeros(4))  # a document with no features
+  np.testing.assert_allclose(features[2, 0], [0.0, 0.75, 0.0, 0.0])
+  np.testing.assert_array_equal(features[1, 2], np.zeros(4))  # padding
+
+
+def test_loader_truncates_and_pads_to_max_docs(tmp_path):
+  path = write(tmp_path, SAMPLE)
+  short = ltr.load_letor(path, max_docs=2)
+  assert short.labels.shape == (3, 2)
+  np.testing.assert_array_equal(short.labels, [[2, 0], [1, 0], [3, 0]])  # first documents kept
+  long = ltr.load_letor(path, max_docs=5, num_features=6)
+  assert long.features.shape == (3, 5, 6)
+  assert int(np.asarray(long.mask).sum()) == 6
+
+
+def test_loader_string_query_ids_gzip_and_max_label(tmp_path):
+  path = tmp_path / "yahoo.txt.gz"
+  path.write_bytes(gzip.compress(b"7 qid:abc 1:1\n3 qid:def 2:1\n"))
+  with pytest.raises(ValueError, match="line 1"):
+    ltr.load_letor(path)  # 7 is above the default max_label 4
+  data = ltr.load_letor(path, max_label=7)
+  np.testing.assert_array_equal(data.query_ids, ["abc", "def"])
+  np.testing.assert_array_equal(data.labels, [[7], [3]])
+
+
+def test_loader_output_feeds_the_click_simulator(tmp_path):
+  from saferl_jax import cltr
+  data = ltr.load_letor(write(tmp_path, SAMPLE))
+  rankings = np.tile(np.arange(3), (4, 1)).astype(np.int32)
+  clicks = cltr.simulate_sessions(jax.random.key(0), cltr.position_based(3), np.array([0, 1, 2, 0]),
+                                  rankings, data.labels, where=data.mask)
+  assert clicks.shape == (4, 3)
+  assert float(clicks[2, 1]) == 0.0 and float(clicks[1, 2]) == 0.0  # padded slots
+
+
+@pytest.mark.parametrize("line, message", [
+    ("x qid:1 1:0.5", "not a number"),
+    ("2.5 qid:1 1:0.5", "not an integer"),
+    ("5 qid:1 1:0.5", "outside 0..4"),
+    ("-1 qid:1 1:0.5", "outside 0..4"),
+    ("2 1:0.5 2:0.1", "missing qid"),
+    ("2", "missing qid"),
+    ("2 qid: 1:0.5", "missing qid"),
+    ("2 qid:1 1:0.5 2", "bad feature token '2'"),
+    ("2 qid:1 1:0.5 a:1", "bad feature token 'a:1'"),
+    ("2 qid:1 1:x", "bad feature token '1:x'"),
+    ("2 qid:1 1:2:3", "bad feature token"),
+    ("2 qid:1 0:1.0", "start at 1"),
+    ("2 qid:1 1:1 1:2", "appears twice"),
+    ("2 qid:1 1:nan", "finite"),
+])
+def test_malformed_lines_name_the_line(tmp_path, line, message):
+  path = write(tmp_path, f"# comment\n1 qid:1 1:0.1\n\n{line} # trailing comment\n0 qid:1 2:1\n")
+  with pytest.raises(ValueError, match=f"line 4: .*{message}") as info:
+    ltr.load_letor(path)
+  assert str(path) in str(info.value)
+
+
+def test_loader_rejects_bad_files_and_options(tmp_path):
+  with pytest.raises(ValueError, match="no data"):
+    ltr.load_letor(write(tmp_path, "# only a comment\n\n"))
+  with pytest.raises(ValueError, match="not a file"):
+    ltr.load_letor(tmp_path / "missing.txt")
+  path = write(tmp_path, SAMPLE)
+  with pytest.raises(ValueError, match="line 5: .*num_features=3"):
+    ltr.load_letor(path, num_features=3)
+  with pytest.raises(ValueError, match="max_docs"):
+    ltr.load_letor(path, max_docs=0)
