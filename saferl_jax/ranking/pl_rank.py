@@ -63,6 +63,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from saferl_jax import checks
+from saferl_jax.fast_random import gumbel
 from saferl_jax.policy_gradient import leave_one_out_baseline
 
 MAX_EXACT_ITEMS = 8
@@ -124,8 +125,7 @@ def _check_num_samples(num_samples, minimum: int) -> int:
 
 def _sample_top_k(key, logits, valid, num_samples: int, cutoff: int) -> jax.Array:
   """[N, K] top-K prefixes of PL rankings, by Gumbel top-K; masked items come last."""
-  # TODO: use ranking.plackett_luce.sample_rankings once it lands.
-  noise = jax.random.gumbel(key, (num_samples, logits.shape[0]), logits.dtype)
+  noise = gumbel(key, (num_samples, logits.shape[0]), logits.dtype)  # the fast shared generator
   return jax.lax.top_k(jnp.where(valid, logits, -jnp.inf) + noise, cutoff)[1]
 
 

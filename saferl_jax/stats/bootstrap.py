@@ -16,25 +16,16 @@ s_b come from `jax.random.bits(key)`. Its modulo bias is at most n / 2^32.
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from saferl_jax import checks
+from saferl_jax.fast_random import Generator, check_generator, hash32
 from saferl_jax.stats.bounds import Interval
 
-Generator = Literal["hash", "threefry"]
-
-
-def _hash32(x: jax.Array) -> jax.Array:
-  """A bijective uint32 mixer with low bias (Wellons' lowbias32)."""
-  x = x ^ (x >> 16)
-  x = x * jnp.uint32(0x7FEB352D)
-  x = x ^ (x >> 15)
-  x = x * jnp.uint32(0x846CA68B)
-  return x ^ (x >> 16)
 
 
 def _index_sampler(key: jax.Array, num_resamples: int, n: int, generator: str):
@@ -45,11 +36,10 @@ def _index_sampler(key: jax.Array, num_resamples: int, n: int, generator: str):
     raise ValueError(f"data: needs at least one row to resample, got n={n}")
   if generator == "threefry":
     return jax.random.split(key, num_resamples), lambda k: jax.random.randint(k, (n,), 0, n)
-  if generator != "hash":
-    raise ValueError(f"generator: must be 'hash' or 'threefry', got {generator!r}")
+  check_generator(generator)
   seeds = jax.random.bits(key, (num_resamples,), jnp.uint32)
-  hashed_positions = _hash32(jnp.arange(n, dtype=jnp.uint32))
-  return seeds, lambda s: (_hash32(hashed_positions ^ s) % jnp.uint32(n)).astype(jnp.int32)
+  hashed_positions = hash32(jnp.arange(n, dtype=jnp.uint32))
+  return seeds, lambda s: (hash32(hashed_positions ^ s) % jnp.uint32(n)).astype(jnp.int32)
 
 
 def resample_indices(

@@ -1,0 +1,38 @@
+"""Plackett-Luce ranking policies: sampling, log-probabilities, metrics, exposure, PL-Rank
+gradients (floor 1), and NNX rankers that score padded lists (floor 2, rankers.py).
+
+Functions take one list of D items (logits [D], labels [D], a ranking [K]) with an
+optional bool mask `where` for padded items; leading batch axes broadcast, and
+`jax.vmap` batches any of them. Everything works under `jax.jit`.
+"""
+
+from saferl_jax.ranking.metrics import (MetricEstimate, dcg_at_k, dcg_rank_weights,
+                                        expected_metric_from_samples, exposure_from_samples,
+                                        ndcg_at_k)
+from saferl_jax.ranking.pl_rank import (exact_gradient, exact_objective, pl_rank_1_gradient,
+                                        pl_rank_gradient, reinforce_gradient)
+from saferl_jax.ranking.plackett_luce import PlackettLuce, ranking_log_prob, sample_rankings
+from saferl_jax.ranking.rankers import LinearRanker, MLPRanker
+
+__all__ = [
+    # Plackett-Luce sampling and log-probabilities (plackett_luce.py).
+    "PlackettLuce",
+    "ranking_log_prob",
+    "sample_rankings",
+    # Metrics and exposure (metrics.py).
+    "MetricEstimate",
+    "dcg_at_k",
+    "dcg_rank_weights",
+    "expected_metric_from_samples",
+    "exposure_from_samples",
+    "ndcg_at_k",
+    # PL-Rank gradient estimators and exact references (pl_rank.py).
+    "exact_gradient",
+    "exact_objective",
+    "pl_rank_1_gradient",
+    "pl_rank_gradient",
+    "reinforce_gradient",
+    # Rankers (rankers.py, Flax NNX).
+    "LinearRanker",
+    "MLPRanker",
+]
