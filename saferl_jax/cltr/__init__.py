@@ -12,12 +12,14 @@ from saferl_jax.cltr.clicks import (ClickModel, adversarial, check_click_model, 
                                     relevance_at_ranks, simulate_clicks, simulate_sessions,
                                     trust_bias)
 from saferl_jax.cltr.estimators import (dr_document_rewards, exposure_divergence,
-                                        ips_document_rewards, policy_value, propensity_floor,
-                                        prpo_objective, safe_objective)
+                                        ips_document_rewards, policy_aware_propensities,
+                                        policy_value, propensity_floor, prpo_objective,
+                                        safe_objective)
 
 __all__ = [
     "ClickModel", "adversarial", "check_click_model", "click_model", "click_probabilities",
     "dr_document_rewards", "exposure_divergence", "ips_document_rewards", "misspecified",
+    "policy_aware_propensities",
     "policy_value", "position_based", "propensity_floor", "prpo_objective", "relevance_at_ranks",
     "safe_objective", "simulate_clicks", "simulate_sessions", "trust_bias",
 ]

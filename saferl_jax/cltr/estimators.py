@@ -40,13 +40,41 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from saferl_jax.cltr.clicks import ClickModel
 from saferl_jax.policy_gradient import clipped_surrogate
+from saferl_jax.ranking.metrics import exposure_from_samples
+from saferl_jax.ranking.plackett_luce import sample_rankings
 
 
 def _safe_divide(numerator, denominator):
   """numerator / denominator, 0 where the denominator is 0 (no NaN value or gradient)."""
   positive = denominator > 0
   return jnp.where(positive, numerator / jnp.where(positive, denominator, 1.0), 0.0)
+
+
+def policy_aware_propensities(key: jax.Array, logging_logits: ArrayLike, click_model: ClickModel, *,
+                              num_samples: int = 1000,
+                              where: ArrayLike | None = None) -> tuple[jax.Array, jax.Array]:
+  """(rho, betabar) [D]: the expected alpha and beta of each document's rank under pi0.
+
+  Monte Carlo over `num_samples` top-K rankings of the Plackett-Luce logging policy, K the click
+  model's number of displayed ranks; documents ranked below K get 0 (they are never displayed).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from saferl_jax.cltr.clicks import position_based
+    >>> rho, _ = policy_aware_propensities(jax.random.key(0), jnp.zeros(3), position_based(2))
+    >>> [round(v, 1) for v in rho.tolist()]
+    [0.5, 0.5, 0.5]
+  """
+  displayed = click_model.alpha.shape[0]
+  logging_logits = jnp.asarray(logging_logits)
+  k = min(displayed, logging_logits.shape[-1])
+  rankings = sample_rankings(key, logging_logits, where=where, sample_shape=num_samples, k=k)
+  num_items = logging_logits.shape[-1]
+  rho = exposure_from_samples(rankings, click_model.alpha[:k], num_items, where=where)
+  betabar = exposure_from_samples(rankings, click_model.beta[:k], num_items, where=where)
+  return rho, betabar
 
 
 def propensity_floor(num_sessions: int, *, scale: float = 10.0) -> float:
