@@ -21,11 +21,9 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import jax
@@ -33,30 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from saferl_jax import ope
+from timing import median_time, memory_bandwidth
 
 N_ACTIONS = 20
 RESULTS = Path(__file__).parent / "results"
-
-
-def median_time(fn, repeats: int) -> float:
-  fn()  # warm-up: compilation and caches
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
-def memory_bandwidth() -> dict:
-  """Copy bandwidth (numpy, read + write) and read bandwidth (jitted JAX sum), in GB/s."""
-  src = np.ones(128 * 2**20, np.float32)  # 512 MB
-  dst = np.empty_like(src)
-  copy_s = median_time(lambda: np.copyto(dst, src), 5)
-  device_src = jnp.asarray(src)
-  read_sum = jax.jit(jnp.sum)
-  read_s = median_time(lambda: read_sum(device_src).block_until_ready(), 5)
-  return {"copy_GBps": 2 * src.nbytes / copy_s / 1e9, "read_GBps": src.nbytes / read_s / 1e9}
 
 
 def make_data(n: int, seed: int = 0) -> dict:

@@ -24,9 +24,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -34,22 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from saferl_jax.ranking.pl_rank import pl_rank_1_gradient, pl_rank_gradient, reinforce_gradient
+from timing import median_time
 
 RESULTS = Path(__file__).parent / "results"
 NUM_ITEMS, CUTOFF = 100, 10
 TARGET_N = 100
 ESTIMATORS = {"pl_rank_3": pl_rank_gradient, "pl_rank_1": pl_rank_1_gradient,
               "reinforce_loo": reinforce_gradient}
-
-
-def median_time(fn, repeats: int) -> float:
-  fn()  # warm-up: compilation and caches
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def make_query(seed: int = 0):

@@ -384,7 +384,7 @@ def exact_objective(logits: ArrayLike, relevance: ArrayLike, rank_weights: Array
     0.3333
   """
   logits, relevance, rank_weights, valid = _check_list(logits, relevance, rank_weights, where)
-  num_items, cutoff = logits.shape[0], rank_weights.shape[0]
+  num_items = logits.shape[0]
   if num_items > MAX_EXACT_ITEMS:
     raise ValueError(f"logits: exact enumeration is for D <= {MAX_EXACT_ITEMS} items, "
                      f"got D = {num_items}")
