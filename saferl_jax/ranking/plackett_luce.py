@@ -14,11 +14,10 @@ One example per call, vmap to batch.
 Sampling is Gumbel-max: adding independent Gumbel noise to the logits and
 sorting in descending order draws a full ranking from pi; `jax.lax.top_k` of the
 same noisy scores draws its top-K prefix without a full sort. Random-number
-generation dominates the cost on CPU, so, as in `saferl_jax.stats.bootstrap`,
-the default generator is a counter-based integer hash (Wellons' "lowbias32",
-applied twice to the element's counter and two seed words drawn from the key
-with `jax.random.bits`): about 3 times faster than threefry on CPU, with the same
-23-bit uniform resolution as `jax.random.uniform`. `generator="threefry"` uses
+generation dominates the cost on CPU, so the default generator is the shared
+counter-based integer hash of `saferl_jax.fast_random` (as in the bootstrap):
+about 3 times faster than threefry on CPU, with the same 23-bit uniform
+resolution as `jax.random.uniform`. `generator="threefry"` uses
 `jax.random.gumbel`.
 
 Log-probabilities need the log of every tail sum sum_{j >= k} exp(m(y_j)), a
@@ -50,7 +49,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from distrax._src.distributions.distribution import to_batch_shape_index
 
 from saferl_jax import checks
 from saferl_jax.fast_random import Generator, check_generator, gumbel
@@ -385,7 +383,10 @@ class PlackettLuce(distrax.Distribution):
     return ranking_log_prob(self._logits, prefix, where=self._where)
 
   def __getitem__(self, index) -> PlackettLuce:
-    """Indexes the batch axes."""
-    index = to_batch_shape_index(self.batch_shape, index)
+    """Indexes the batch axes (integers and slices; the item axis always stays whole)."""
+    index = index if isinstance(index, tuple) else (index,)
+    if any(i is Ellipsis or i is None for i in index) or len(index) > len(self.batch_shape):
+      raise ValueError(f"index: expected at most {len(self.batch_shape)} integers or slices over the "
+                       f"batch axes, got {index}")
     where = None if self._where is None else self._where[index]
     return PlackettLuce(self._logits[index], where)

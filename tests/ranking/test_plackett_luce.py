@@ -345,3 +345,15 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
   # Padding may hold anything, even NaN, when it is masked.
   assert np.isfinite(ranking_log_prob(np.array([0.0, np.nan]), np.array([0, 1]),
                                       where=np.array([True, False])))
+
+
+def test_indexing_selects_batch_lists():
+  logits = jnp.array([[0.0, 1.0, 2.0], [2.0, 1.0, 0.0]])
+  where = jnp.array([[True, True, False], [True, True, True]])
+  dist = PlackettLuce(logits, where=where)
+  ranking = jnp.array([1, 0, 2])
+  np.testing.assert_allclose(dist[0].log_prob(ranking),
+                             PlackettLuce(logits[0], where=where[0]).log_prob(ranking))
+  assert dist[1:].batch_shape == (1,)
+  with pytest.raises(ValueError, match="index"):
+    dist[..., 0]
