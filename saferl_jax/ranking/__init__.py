@@ -6,6 +6,7 @@ optional bool mask `where` for padded items; leading batch axes broadcast, and
 `jax.vmap` batches any of them. Everything works under `jax.jit`.
 """
 
+from saferl_jax.ranking.exposure_gradient import exposure_objective_gradient
 from saferl_jax.ranking.metrics import (MetricEstimate, dcg_at_k, dcg_rank_weights,
                                         expected_metric_from_samples, exposure_from_samples,
                                         ndcg_at_k)
@@ -26,6 +27,8 @@ __all__ = [
     "expected_metric_from_samples",
     "exposure_from_samples",
     "ndcg_at_k",
+    # Gradients of any objective of exposures: safe and PRPO objectives (exposure_gradient.py).
+    "exposure_objective_gradient",
     # PL-Rank gradient estimators and exact references (pl_rank.py).
     "exact_gradient",
     "exact_objective",
