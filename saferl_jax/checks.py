@@ -93,13 +93,14 @@ def check_distribution_rows(name: str, x: jax.Array) -> None:
           f"({int(bad.sum())} bad rows)")
 
 
-def check_actions(name: str, actions: jax.Array, n_actions: int) -> None:
-  if is_concrete(actions):
-    values = np.asarray(actions)
-    bad = (values < 0) | (values >= n_actions)
+def check_indices(name: str, indices: jax.Array, size: int, *, what: str = "index") -> None:
+  """Indices (actions, items) must lie in [0, size)."""
+  if is_concrete(indices):
+    values = np.asarray(indices)
+    bad = (values < 0) | (values >= size)
     if np.any(bad):
       raise ValueError(
-          f"{name}: every action must be in [0, {n_actions}), found "
+          f"{name}: every {what} must be in [0, {size}), found "
           f"{int(bad.sum())} outside (e.g. {values[bad].ravel()[0]})")
 
 

@@ -100,7 +100,7 @@ def logged_rounds(
   checks.check_same_length(**arrays)
   checks.check_finite("rewards", rewards)
   checks.check_probabilities("logging_probs", logging_probs)
-  checks.check_actions("actions", actions, target_dist.shape[1])
+  checks.check_indices("actions", actions, target_dist.shape[1], what="action")
   checks.check_distribution_rows("target_dist", target_dist)
 
   weights = _logged_action_values(target_dist, actions) / logging_probs

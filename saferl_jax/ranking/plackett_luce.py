@@ -103,13 +103,9 @@ def _check_rankings(rankings: ArrayLike, num_items: int) -> jax.Array:
     raise ValueError(
         f"rankings: a ranking of {num_items} items has at most {num_items} positions, "
         f"got {rankings.shape[-1]}")
+  checks.check_indices("rankings", rankings, num_items, what="item")
   if checks.is_concrete(rankings):
     values = np.asarray(rankings)
-    bad = (values < 0) | (values >= num_items)
-    if np.any(bad):
-      raise ValueError(
-          f"rankings: every item must be in [0, {num_items}), found {int(bad.sum())} outside "
-          f"(e.g. {values[bad].ravel()[0]})")
     ordered = np.sort(values.reshape(-1, values.shape[-1]), axis=-1)
     if np.any(ordered[:, 1:] == ordered[:, :-1]):
       raise ValueError("rankings: an item appears twice in one ranking")
