@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -31,10 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from saferl_jax import ope
-from timing import median_time, memory_bandwidth
+from timing import median_time, memory_bandwidth, platform_description, write_results
 
 N_ACTIONS = 20
-RESULTS = Path(__file__).parent / "results"
 
 
 def make_data(n: int, seed: int = 0) -> dict:
@@ -176,9 +174,7 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=7)
   args = parser.parse_args()
   repeats = 3 if args.quick else args.repeats
-  backend = jax.default_backend()
-  results = {"platform": f"{backend} ({jax.devices()[0].device_kind}), {os.cpu_count()} cores, "
-                         f"jax {jax.__version__}, python {platform.python_version()}",
+  results = {"platform": platform_description(),
              "bandwidth": memory_bandwidth(), "suite": []}
   for n in (1_000_000,) if args.quick else (1_000_000, 10_000_000):
     # OBP at 1e7 needs several 1.6 GB float64 copies; it is measured at 1e6 only.
@@ -187,11 +183,7 @@ def main() -> None:
     print(json.dumps(results["suite"][-1], indent=1), flush=True)
   results["bootstrap"] = bench_bootstrap(100_000, 1000, repeats, args.obp_python)
   print(json.dumps(results["bootstrap"], indent=1))
-  RESULTS.mkdir(exist_ok=True)
-  name = f"ope_{backend}"
-  (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2))
-  (RESULTS / f"{name}.md").write_text(markdown(results))
-  print(markdown(results))
+  write_results("ope", results, markdown(results))
 
 
 if __name__ == "__main__":

@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +29,9 @@ import optax
 from flax import nnx
 
 from saferl_jax import data, opl
+from timing import platform_description, write_results
 
 N, DIM, N_ACTIONS, BATCH, HIDDEN, LEARNING_RATE = 10_000, 5, 100, 250, 64, 0.05
-RESULTS = Path(__file__).parent / "results"
 
 
 def logged_data():
@@ -130,9 +128,7 @@ def main() -> None:
       rows.append(row)
       print(json.dumps(row), flush=True)
   import torch
-  backend = jax.default_backend()
-  results = {"platform": f"{backend} ({jax.devices()[0].device_kind}), {os.cpu_count()} cores, "
-                         f"jax {jax.__version__}, torch {torch.__version__}, python {platform.python_version()}",
+  results = {"platform": platform_description(f", torch {torch.__version__}"),
              "setup": {"n": N, "dim_context": DIM, "n_actions": N_ACTIONS, "batch_size": BATCH,
                        "hidden": HIDDEN},
              "rows": rows}
@@ -145,10 +141,7 @@ def main() -> None:
     lines.append(f"| {r['model']} | {r['method']} | {r['saferl_jax_s']:.4f} | {r['torch_s']:.4f} | "
                  f"{r['speedup_vs_torch']:.1f}x | {r['saferl_jax_8_seeds_s']:.4f} | "
                  f"{r['seeds_per_torch_epoch_time']:.1f}x |")
-  RESULTS.mkdir(exist_ok=True)
-  (RESULTS / f"opl_{backend}.json").write_text(json.dumps(results, indent=2))
-  (RESULTS / f"opl_{backend}.md").write_text("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  write_results("opl", results, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

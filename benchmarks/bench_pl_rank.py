@@ -21,20 +21,15 @@ top-K. Results go to benchmarks/results/pl_rank_<platform>.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from saferl_jax.ranking.pl_rank import pl_rank_1_gradient, pl_rank_gradient, reinforce_gradient
-from timing import median_time
+from timing import median_time, platform_description, write_results
 
-RESULTS = Path(__file__).parent / "results"
 NUM_ITEMS, CUTOFF = 100, 10
 TARGET_N = 100
 ESTIMATORS = {"pl_rank_3": pl_rank_gradient, "pl_rank_1": pl_rank_1_gradient,
@@ -171,16 +166,10 @@ def main() -> None:
   parser.add_argument("--time-repeats", type=int, default=21)
   args = parser.parse_args()
   repeats = args.repeats or (100 if args.quick else 400)
-  backend = jax.default_backend()
-  results = {"platform": f"{backend} ({jax.devices()[0].device_kind}), {os.cpu_count()} cores, "
-                         f"jax {jax.__version__}, python {platform.python_version()}",
+  results = {"platform": platform_description(),
              "run": run(args.quick, repeats, args.time_repeats),
              "scaling": scaling(args.time_repeats, args.quick)}
-  RESULTS.mkdir(exist_ok=True)
-  name = f"pl_rank_{backend}"
-  (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2))
-  (RESULTS / f"{name}.md").write_text(markdown(results))
-  print(markdown(results))
+  write_results("pl_rank", results, markdown(results))
   for k, e in results["run"]["equal_variance"].items():
     print(f"time ratio at equal gradient variance, {k} / pl_rank_3: "
           f"{e['time_ratio_to_pl_rank_3']:.2f}x (N = {e['num_samples']})")

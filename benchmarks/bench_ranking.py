@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +31,8 @@ import numpy as np
 from tensorflow_probability.substrates.jax import distributions as tfd
 
 from saferl_jax.ranking import ranking_log_prob, sample_rankings
-from timing import median_time, memory_bandwidth
+from timing import median_time, memory_bandwidth, platform_description, write_results
 
-RESULTS = Path(__file__).parent / "results"
 NUM_ITEMS = 100
 TOP_K = 5
 
@@ -152,17 +148,11 @@ def main() -> None:
   args = parser.parse_args()
   if args.quick:
     args.repeats, args.num_lists = 3, 10_000
-  backend = jax.default_backend()
-  results = {"platform": f"{backend} ({jax.devices()[0].device_kind}), {os.cpu_count()} cores, "
-                         f"jax {jax.__version__}, python {platform.python_version()}",
+  results = {"platform": platform_description(),
              "bandwidth": memory_bandwidth()}
   for name in args.sections:
     results[name] = SECTIONS[name](args, results)
-  RESULTS.mkdir(exist_ok=True)
-  name = f"ranking_{backend}"
-  (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2))
-  (RESULTS / f"{name}.md").write_text(markdown(results))
-  print(markdown(results))
+  write_results("ranking", results, markdown(results))
 
 
 if __name__ == "__main__":

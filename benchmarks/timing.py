@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import statistics
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -30,3 +34,21 @@ def memory_bandwidth() -> dict:
   read_sum = jax.jit(jnp.sum)
   read_s = median_time(lambda: read_sum(device_src).block_until_ready(), 5)
   return {"copy_GBps": 2 * src.nbytes / copy_s / 1e9, "read_GBps": src.nbytes / read_s / 1e9}
+
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def platform_description(extra: str = "") -> str:
+  """Backend, device, cores and versions, recorded with every result."""
+  return (f"{jax.default_backend()} ({jax.devices()[0].device_kind}), {os.cpu_count()} cores, "
+          f"jax {jax.__version__}{extra}, python {platform.python_version()}")
+
+
+def write_results(name: str, results: dict, markdown_text: str) -> None:
+  """Writes benchmarks/results/<name>_<backend>.json and .md, and prints the markdown."""
+  RESULTS.mkdir(exist_ok=True)
+  stem = f"{name}_{jax.default_backend()}"
+  (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))
+  (RESULTS / f"{stem}.md").write_text(markdown_text)
+  print(markdown_text)
