@@ -21,12 +21,14 @@ def exact_exposure(logits):
 
 
 def check_against_exact(objective, num_keys=1000, num_samples=20, num_exposure_samples=4000):
+  """Mean estimate within 4 standard errors of the exact gradient. For a nonlinear objective the
+  exposure estimate adds an O(1 / num_exposure_samples) bias; at 4000 samples it is below that."""
   exact = jax.grad(lambda m: objective(exact_exposure(m)))(LOGITS)
   estimate = jax.jit(jax.vmap(lambda k: exposure_objective_gradient(
       LOGITS, objective, RANK_WEIGHTS, key=k, num_samples=num_samples,
       num_exposure_samples=num_exposure_samples)[0]))(jax.random.split(jax.random.key(0), num_keys))
   stderr = np.asarray(estimate.std(0)) / np.sqrt(num_keys)
-  tolerance = 4 * stderr + 1e-3  # 1e-3 allows the O(1 / num_exposure_samples) bias of a nonlinear F
+  tolerance = 4 * stderr
   np.testing.assert_array_less(np.abs(np.asarray(estimate.mean(0)) - np.asarray(exact)), tolerance)
   return exact, tolerance
 
