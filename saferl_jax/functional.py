@@ -13,9 +13,9 @@ from flax import nnx
 
 
 def as_functional(model: nnx.Module) -> tuple[Callable, nnx.State]:
-  """(apply_fn, params) with apply_fn(params, inputs) = model(inputs), a pure function of params."""
+  """(apply_fn, params) with apply_fn(params, *inputs) = model(*inputs), a pure function of params."""
   graphdef, params = nnx.split(model)
 
-  def apply_fn(params, inputs):
-    return nnx.merge(graphdef, params)(inputs)
+  def apply_fn(params, *inputs):
+    return nnx.merge(graphdef, params)(*inputs)
   return apply_fn, params
