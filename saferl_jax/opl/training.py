@@ -21,9 +21,7 @@ References:
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -32,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from saferl_jax import checks
+from saferl_jax import checkpointing, checks
 from saferl_jax.opl import objectives as obj
 from saferl_jax.parallel import seed_sharding
 
@@ -193,10 +191,10 @@ def train(
                             "lambda": banditnet_lambda, "seeds": num_seeds, "n": n,
                             "tree": str(jax.tree_util.tree_structure(state)),
                             "evaluate": evaluate_names,
-                            "data_and_init_sha256": _checksum((data, params, key))})
+                            "data_and_init_sha256": checkpointing.checksum((data, params, key))})
   start, history = 0, {"baseline": [], **{k: [v] for k, v in evaluate_fn(params).items()}}
-  if checkpoint_path is not None and Path(checkpoint_path).exists():
-    restored = _load_checkpoint(checkpoint_path, fingerprint, state)
+  if checkpoint_path is not None:
+    restored = checkpointing.load(checkpoint_path, fingerprint, state)
     if restored is not None and restored[1] <= epochs:
       state, start, history = restored
       state = jax.device_put(state, sharding)
@@ -209,7 +207,7 @@ def train(
     for name, value in evaluate_fn(state.params).items():
       history[name].append(value)
     if checkpoint_path is not None:
-      _save_checkpoint(checkpoint_path, fingerprint, state, epoch + 1, history)
+      checkpointing.save(checkpoint_path, fingerprint, state, epoch + 1, history)
 
   history = {k: np.stack([np.asarray(v) for v in values]) if values else np.zeros((0, num_seeds))
              for k, values in history.items()}
@@ -233,40 +231,5 @@ def _compiled_evaluate(evaluate):
   return jax.jit(jax.vmap(evaluate))
 
 
-def _checksum(tree) -> str:
-  """SHA-256 of every leaf's bytes, so a checkpoint is never reused for other data or parameters."""
-  digest = hashlib.sha256()
-  for leaf in jax.tree_util.tree_leaves(tree):
-    if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-      leaf = jax.random.key_data(leaf)
-    digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-  return digest.hexdigest()
-
-
 def _add_seed_axis(tree):
   return jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], tree)
-
-
-def _save_checkpoint(path, fingerprint: str, state: TrainState, epoch: int, history: dict) -> None:
-  """Writes the training state atomically: leaves of the state, the epoch and the history."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  leaves = jax.tree_util.tree_leaves(state)
-  arrays = {f"state_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
-  for name, values in history.items():
-    arrays[f"history_{name}"] = np.stack([np.asarray(v) for v in values]) if values else np.zeros(0)
-  tmp = path.with_name(path.name + ".tmp.npz")
-  np.savez(tmp, fingerprint=np.array(fingerprint), epoch=np.array(epoch), **arrays)
-  os.replace(tmp, path)
-
-
-def _load_checkpoint(path, fingerprint: str, template: TrainState):
-  """(state, epoch, history) from a checkpoint of the same configuration, else None."""
-  with np.load(path) as saved:
-    if str(saved["fingerprint"]) != fingerprint:
-      return None
-    treedef = jax.tree_util.tree_structure(template)
-    leaves = [jnp.asarray(saved[f"state_{i}"]) for i in range(treedef.num_leaves)]
-    history = {key[len("history_"):]: list(saved[key]) for key in saved.files
-               if key.startswith("history_")}
-    return jax.tree_util.tree_unflatten(treedef, leaves), int(saved["epoch"]), history

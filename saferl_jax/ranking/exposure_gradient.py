@@ -23,6 +23,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from saferl_jax.ranking.metrics import exposure_from_samples
@@ -40,17 +41,21 @@ def exposure_objective_gradient(
     num_exposure_samples: int | None = None,
     where: ArrayLike | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """(dF/dm [D], the estimated exposures [D]) for an objective F of the exposures of one list.
+  """(dF/dm [..., D], the estimated exposures [..., D]) for an objective F of the exposures.
+
+  F may couple lists (the [SAFE] penalty is a square root of a mean over queries), so it takes
+  every list's exposure at once; PL-Rank then runs on each list with its own document weights
+  dF/domega and independent samples.
 
   Args:
-    logits: [D] the policy's logits m.
-    objective: F(exposure [D]) -> scalar, differentiable (e.g. a safe or PRPO objective).
+    logits: [..., D] the policy's logits m, one row per list.
+    objective: F(exposure [..., D]) -> scalar, differentiable (e.g. a safe or PRPO objective).
     rank_weights: [K] theta, the weights of the first K ranks defining the exposure.
     key: PRNG key.
-    num_samples: rankings for the PL-Rank estimate.
-    num_exposure_samples: rankings for the exposure estimate (default num_samples); more
-      reduces the bias for a nonlinear F.
-    where: optional [D] bool mask of real documents.
+    num_samples: rankings per list for the PL-Rank estimate.
+    num_exposure_samples: rankings per list for the exposure estimate (default num_samples);
+      more reduces the bias for a nonlinear F.
+    where: optional [..., D] bool mask of real documents.
 
   Returns:
     The gradient estimate and the exposure estimate it used.
@@ -66,13 +71,19 @@ def exposure_objective_gradient(
   logits = jnp.asarray(logits)
   rank_weights = jnp.asarray(rank_weights)
   exposure_key, gradient_key = jax.random.split(key)
-  k = min(rank_weights.shape[0], logits.shape[-1])
+  num_items = logits.shape[-1]
+  k = min(rank_weights.shape[0], num_items)
   rankings = sample_rankings(exposure_key, logits, where=where, k=k,
                              sample_shape=num_exposure_samples or num_samples)
-  exposure = exposure_from_samples(rankings, rank_weights[:k], logits.shape[-1], where=where)
+  exposure = exposure_from_samples(rankings, rank_weights[:k], num_items, where=where)
   document_weights = jax.grad(objective)(exposure)
-  if where is not None:
-    document_weights = jnp.where(jnp.asarray(where), document_weights, 0.0)
-  gradient = pl_rank_gradient(logits, document_weights, rank_weights, key=gradient_key,
-                              num_samples=num_samples, where=where)
-  return gradient, exposure
+  valid = jnp.ones(logits.shape, bool) if where is None else jnp.broadcast_to(where, logits.shape)
+  document_weights = jnp.where(valid, document_weights, 0.0)
+  batch_shape = logits.shape[:-1]
+  num_lists = int(np.prod(batch_shape, dtype=int))
+  keys = jax.random.split(gradient_key, num_lists)
+  gradient = jax.vmap(lambda m, rho, w, kk: pl_rank_gradient(
+      m, rho, rank_weights[:k], key=kk, num_samples=num_samples, where=w))(
+          logits.reshape(num_lists, num_items), document_weights.reshape(num_lists, num_items),
+          valid.reshape(num_lists, num_items), keys)
+  return gradient.reshape(logits.shape), exposure

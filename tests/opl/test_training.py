@@ -16,6 +16,7 @@ from saferl_jax.opl import (METHODS, LinearPolicy, as_functional, corrected_grad
                             gradient_optimal_baseline, logged_batch, logged_log_probs,
                             method_gradient, per_example_weight_gradients, snips_objective, train,
                             value_optimal_baseline)
+from saferl_jax import checkpointing
 from saferl_jax.opl import training
 
 D, NA = 3, 4
@@ -189,19 +190,19 @@ def six_epochs(tmp_path_factory):
 def saved_epochs(monkeypatch):
   """Records the epoch of every checkpoint written."""
   epochs = []
-  real = training._save_checkpoint
+  real = checkpointing.save
 
   def recording(path, fingerprint, state, epoch, history):
     real(path, fingerprint, state, epoch, history)
     epochs.append(epoch)
-  monkeypatch.setattr(training, "_save_checkpoint", recording)
+  monkeypatch.setattr(checkpointing, "save", recording)
   return epochs
 
 
 def test_resume_after_an_interrupt_equals_the_uninterrupted_run(six_epochs, tmp_path, monkeypatch):
   reference, _ = six_epochs
   path = tmp_path / "interrupted.npz"
-  real = training._save_checkpoint
+  real = checkpointing.save
   interrupted = []
 
   def interrupt_after_epoch_3(path, fingerprint, state, epoch, history):
@@ -209,11 +210,11 @@ def test_resume_after_an_interrupt_equals_the_uninterrupted_run(six_epochs, tmp_
     if epoch == 3 and not interrupted:
       interrupted.append(epoch)
       raise KeyboardInterrupt
-  monkeypatch.setattr(training, "_save_checkpoint", interrupt_after_epoch_3)
+  monkeypatch.setattr(checkpointing, "save", interrupt_after_epoch_3)
   with pytest.raises(KeyboardInterrupt):
     resume_run(path)
   with np.load(path) as saved:
-    assert int(saved["epoch"]) == 3
+    assert int(saved["progress"]) == 3
   resumed = resume_run(path)
   assert interrupted == [3]
   assert_same_result(resumed, reference)

@@ -68,3 +68,24 @@ def test_masked_documents_get_no_gradient():
                                                key=jax.random.key(1), num_samples=50, where=where)
   assert float(grad[3]) == 0.0 and float(exposure[3]) == 0.0
   assert np.all(np.isfinite(grad))
+
+
+def test_an_objective_coupling_two_lists_matches_the_exact_gradient():
+  """[SAFE]'s penalty is a square root of the mean divergence over queries: not separable."""
+  logits = jnp.stack([LOGITS, -LOGITS])
+  rewards = jnp.stack([REWARDS, REWARDS[::-1]])
+  logging_exposure = jnp.stack([exact_exposure(jnp.zeros(5))] * 2)
+
+  def objective(exposure):
+    value = jnp.sum(exposure * rewards)
+    divergence = jnp.mean(jax.vmap(cltr.exposure_divergence)(exposure, logging_exposure))
+    return cltr.safe_objective(value, divergence, num_sessions=10, delta=0.1)
+
+  exact = jax.grad(lambda m: objective(jax.vmap(exact_exposure)(m)))(logits)
+  num_keys = 1000
+  estimate = jax.jit(jax.vmap(lambda k: exposure_objective_gradient(
+      logits, objective, RANK_WEIGHTS, key=k, num_samples=20, num_exposure_samples=4000)[0]))(
+          jax.random.split(jax.random.key(1), num_keys))
+  tolerance = 4 * np.asarray(estimate.std(0)) / np.sqrt(num_keys)
+  np.testing.assert_array_less(np.abs(np.asarray(estimate.mean(0)) - np.asarray(exact)), tolerance)
+  assert np.abs(exact).max() > 2 * tolerance.max()

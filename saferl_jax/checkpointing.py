@@ -1,0 +1,60 @@
+"""Checkpoints for training loops (floor 3, shared by every domain's `train`).
+
+A checkpoint is one .npz file holding the leaves of a training state, the number of finished
+steps (or epochs), the history so far and a fingerprint of the run's configuration; a run
+resumes from it only when the fingerprint matches, so a checkpoint is never reused for other
+data, options or initial parameters. Files are written atomically (a temporary file, then
+os.replace), so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def checksum(tree) -> str:
+  """SHA-256 of every leaf's bytes (PRNG keys by their key data)."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree_util.tree_leaves(tree):
+    if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  return digest.hexdigest()
+
+
+def save(path, fingerprint: str, state: Any, progress: int, history: dict) -> None:
+  """Writes the state's leaves, the progress count and the history {name: [values]}."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  leaves = jax.tree_util.tree_leaves(state)
+  arrays = {f"state_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
+  for name, values in history.items():
+    arrays[f"history_{name}"] = np.stack([np.asarray(v) for v in values]) if values else np.zeros(0)
+  tmp = path.with_name(path.name + ".tmp.npz")
+  np.savez(tmp, fingerprint=np.array(fingerprint), progress=np.array(progress), **arrays)
+  os.replace(tmp, path)
+
+
+def load(path, fingerprint: str, template: Any):
+  """(state, progress, history) from a checkpoint with this fingerprint, else None.
+
+  `template` gives the state's tree structure (its leaves are not used).
+  """
+  path = Path(path)
+  if not path.exists():
+    return None
+  with np.load(path) as saved:
+    if str(saved["fingerprint"]) != fingerprint:
+      return None
+    treedef = jax.tree_util.tree_structure(template)
+    leaves = [jnp.asarray(saved[f"state_{i}"]) for i in range(treedef.num_leaves)]
+    history = {key[len("history_"):]: list(saved[key]) for key in saved.files
+               if key.startswith("history_")}
+    return jax.tree_util.tree_unflatten(treedef, leaves), int(saved["progress"]), history

@@ -1,0 +1,107 @@
+"""scikit-learn's bundled 8x8 handwritten digits, as images for the diffusion task (floor 2).
+
+The 1797 images (UCI optical digits, pixel values 0..16) ship inside scikit-learn, so
+nothing is downloaded. `load_digits` scales them to [-1, 1] (x = v / 8 - 1), the range a
+DDPM is trained on, with a trailing channel axis: images [1797, 8, 8, 1]. The class (0..9)
+is the "prompt" of class-conditional sampling. `split` divides the images at random,
+stratified by class so every part keeps the class balance.
+
+References:
+  Alpaydin, Kaynak. Optical Recognition of Handwritten Digits. UCI Machine Learning
+  Repository, 1998. https://doi.org/10.24432/C50P49
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NUM_CLASSES = 10
+IMAGE_SHAPE = (8, 8, 1)
+MAX_PIXEL = 16.0  # scikit-learn's digits take the values 0..16
+
+
+class Digits(NamedTuple):
+  """Images and their classes.
+
+  Attributes:
+    images: [N, 8, 8, 1] float32 in [-1, 1] (-1 is the background).
+    labels: [N] int32 classes 0..9.
+  """
+  images: jax.Array
+  labels: jax.Array
+
+  @property
+  def num_images(self) -> int:
+    return int(self.labels.shape[0])
+
+
+@functools.lru_cache(maxsize=1)
+def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
+  from sklearn import datasets
+  bunch = datasets.load_digits()
+  return np.asarray(bunch.images, np.float32), np.asarray(bunch.target, np.int32)
+
+
+def load_digits() -> Digits:
+  """The 1797 digits, scaled to [-1, 1] as x = v / 8 - 1 with a channel axis.
+
+  Returns:
+    A `Digits` with images [1797, 8, 8, 1] float32 and labels [1797] int32.
+
+  Example:
+    >>> data = load_digits()
+    >>> data.images.shape, data.labels.shape, float(data.images.min()), float(data.images.max())
+    ((1797, 8, 8, 1), (1797,), -1.0, 1.0)
+  """
+  pixels, labels = _raw_digits()
+  images = pixels[..., None] * (2.0 / MAX_PIXEL) - 1.0
+  return Digits(jnp.asarray(images, jnp.float32), jnp.asarray(labels, jnp.int32))
+
+
+def split(data: Digits, fractions: Sequence[float] = (0.8, 0.2), *, key: jax.Array) -> tuple[Digits, ...]:
+  """Splits the images at random into parts of the given fractions, stratified by class.
+
+  Within each class the images are permuted and cut at round(n_class * cumulative fraction),
+  so every image lands in exactly one part and each part keeps the class proportions.
+
+  Args:
+    data: a `Digits` of N images.
+    fractions: non-negative fractions summing to 1, one per part (e.g. train, test).
+    key: PRNG key for the permutations.
+
+  Returns:
+    One `Digits` per fraction, images in random order.
+
+  Example:
+    >>> import jax
+    >>> train, test = split(load_digits(), (0.8, 0.2), key=jax.random.key(0))
+    >>> train.num_images + test.num_images, test.num_images
+    (1797, 359)
+  """
+  fractions = np.asarray(fractions, dtype=np.float64)
+  if fractions.ndim != 1 or fractions.size == 0:
+    raise ValueError(f"fractions: expected a non-empty sequence, got {fractions.tolist()!r}")
+  if np.any(~np.isfinite(fractions)) or np.any(fractions < 0) or abs(fractions.sum() - 1) > 1e-6:
+    raise ValueError(f"fractions: must be >= 0 and sum to 1, got {fractions.tolist()}")
+  labels = np.asarray(data.labels)
+  cumulative = np.cumsum(fractions)
+  class_key, shuffle_key = jax.random.split(key)
+  parts: list[list[np.ndarray]] = [[] for _ in fractions]
+  for index, label in enumerate(np.unique(labels)):
+    members = np.flatnonzero(labels == label)
+    order = members[np.asarray(jax.random.permutation(jax.random.fold_in(class_key, index), members.size))]
+    bounds = np.round(cumulative * members.size).astype(int)
+    bounds[-1] = members.size
+    for part, (start, stop) in enumerate(zip(np.concatenate([[0], bounds[:-1]]), bounds)):
+      parts[part].append(order[start:stop])
+  result = []
+  for part, pieces in enumerate(parts):
+    indices = np.concatenate(pieces)
+    indices = indices[np.asarray(jax.random.permutation(jax.random.fold_in(shuffle_key, part), indices.size))]
+    result.append(Digits(data.images[indices], data.labels[indices]))
+  return tuple(result)
