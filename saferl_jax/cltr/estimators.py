@@ -192,3 +192,93 @@ def prpo_objective(exposure: ArrayLike, logging_exposure: ArrayLike, document_re
   surrogate = clipped_surrogate(ratio, document_rewards, clip_low=clip_low, clip_high=clip_high)
   valid = logging_exposure > 0 if where is None else (logging_exposure > 0) & jnp.asarray(where)
   return jnp.sum(jnp.where(valid, logging_exposure * surrogate, 0.0), axis=-1)
+
+
+# Whole click logs: per-query sums of the per-session estimates, and the objectives over queries.
+
+
+def query_rewards(session_count: ArrayLike, click_count: ArrayLike, rho: ArrayLike,
+                  betabar: ArrayLike, *, reward_hat: ArrayLike | None = None,
+                  min_propensity: float = 0.0) -> jax.Array:
+  """sum_{i: q_i = q} Rhat_i(d) [D] for one query: its sessions' IPS (or DR) rewards, summed.
+
+  Both estimates are affine in the clicks, so the sum over the query's n_q sessions is n_q times
+  the estimate at the mean clicks c_q(d) / n_q: the log need only keep click counts per document.
+  Divided by the total number of sessions N and summed over queries with the exposures, this is
+  Uhat(pi) = (1/N) sum_i sum_d omega(d|q_i, pi) Rhat_i(d) (see `logged_objective`).
+
+  Args:
+    session_count: n_q, the number of logged sessions of the query.
+    click_count: [D] clicks per document summed over those sessions.
+    rho, betabar: [D] the logger's policy-aware propensities.
+    reward_hat: optional [D] regression estimates; given, the DR estimate, else IPS.
+    min_propensity: the clipping threshold (see `propensity_floor`).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> rewards = query_rewards(2., jnp.array([1., 0.]), jnp.array([0.5, 0.25]), jnp.array([0.1, 0.05]))
+    >>> [round(v, 4) for v in rewards.tolist()]  # 2 sessions, 1 click: 2 (0.5 - 0.1) / 0.5, ...
+    [1.6, -0.4]
+  """
+  session_count, click_count = jnp.asarray(session_count), jnp.asarray(click_count)
+  mean_clicks = _safe_divide(click_count, session_count)
+  if reward_hat is None:
+    per_session = ips_document_rewards(mean_clicks, rho, betabar, min_propensity=min_propensity)
+  else:
+    per_session = dr_document_rewards(mean_clicks, rho, betabar, reward_hat,
+                                      min_propensity=min_propensity)
+  return session_count * per_session
+
+
+OBJECTIVES = ("value", "safe", "prpo")
+
+
+def logged_objective(exposure: ArrayLike, logging_exposure: ArrayLike, rewards: ArrayLike,
+                     session_counts: ArrayLike, *, objective: str, num_sessions: int,
+                     delta: float = 0.05, clip_low: float = 0.8, clip_high: float = 1.2,
+                     where: ArrayLike | None = None) -> jax.Array:
+  """The objective of a ranking policy over all logged queries, from per-query summed rewards.
+
+  With R_q(d) = sum_{i: q_i = q} Rhat_i(d) (`query_rewards`) and N sessions:
+    "value": Uhat(pi) = (1/N) sum_q sum_d omega(d|q, pi) R_q(d);
+    "safe":  [SAFE]'s Uhat(pi) - lam sqrt(d2 / N), d2 the exposure divergence averaged over
+             queries with weights n_q (the logged query distribution);
+    "prpo":  [PRPO]'s clipped surrogate, (1/N) sum_q `prpo_objective`(omega_q, omega0_q, R_q).
+
+  Args:
+    exposure: [Q, D] omega(d|q, pi) of the policy being learned.
+    logging_exposure: [Q, D] omega(d|q, pi0) of the logging policy (same rank weights).
+    rewards: [Q, D] R_q(d), the summed per-session reward estimates.
+    session_counts: [Q] n_q.
+    objective: one of OBJECTIVES.
+    num_sessions: N (static; queries may be a mini-batch, so it is not sum n_q).
+    delta: [SAFE]'s failure probability.
+    clip_low, clip_high: PRPO's clip range of the exposure ratio.
+    where: optional [Q, D] mask of real documents.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> exposure = jnp.array([[1., 0.5]])
+    >>> float(logged_objective(exposure, exposure, jnp.array([[4., 2.]]), jnp.array([4.]),
+    ...                        objective="value", num_sessions=4))
+    1.25
+  """
+  if objective not in OBJECTIVES:
+    raise ValueError(f"objective: must be one of {OBJECTIVES}, got {objective!r}")
+  exposure, logging_exposure = jnp.asarray(exposure), jnp.asarray(logging_exposure)
+  rewards, session_counts = jnp.asarray(rewards), jnp.asarray(session_counts)
+  if where is None:
+    where = jnp.ones(exposure.shape, bool)
+  if objective == "prpo":
+    per_query = jax.vmap(lambda e, e0, r, w: prpo_objective(
+        e, e0, r, clip_low=clip_low, clip_high=clip_high, where=w))(
+            exposure, logging_exposure, rewards, where)
+    return jnp.sum(per_query) / num_sessions
+  value = jnp.sum(jax.vmap(lambda e, r, w: policy_value(e, r, where=w))(exposure, rewards, where))
+  value = value / num_sessions
+  if objective == "value":
+    return value
+  divergences = jax.vmap(lambda e, e0, w: exposure_divergence(e, e0, where=w))(
+      exposure, logging_exposure, where)
+  divergence = _safe_divide(jnp.sum(session_counts * divergences), jnp.sum(session_counts))
+  return safe_objective(value, divergence, num_sessions, delta=delta)

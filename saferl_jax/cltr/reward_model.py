@@ -1,0 +1,72 @@
+"""The regression model of relevance that DR needs, fitted to clicks (floor 1).
+
+DR [DR-LTR] corrects a model Rhat(d) with clicks; any model works (the estimate stays unbiased
+without clipping), and the better it is the smaller the bias clipping leaves. Here it is ridge
+regression of the per-document IPS estimates on the documents' features, each document weighted
+by its number of logged sessions, predictions clipped to [0, 1] (relevance is a probability).
+
+References:
+  [DR-LTR] Oosterhuis. Doubly-Robust Estimation for Correcting Position-Bias in Click Feedback
+  for Unbiased Learning to Rank. TOIS 2023. https://arxiv.org/abs/2203.17118
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from saferl_jax import checks
+
+
+class RidgeModel(NamedTuple):
+  """Rhat(x) = clip(x . coef + intercept, 0, 1)."""
+  coef: jax.Array
+  intercept: jax.Array
+
+
+def fit_reward_regression(features: ArrayLike, targets: ArrayLike, weights: ArrayLike, *,
+                          l2: float = 1.0) -> RidgeModel:
+  """Weighted ridge regression: argmin sum_j w_j (x_j . b + c - t_j)^2 + l2 ||b||^2.
+
+  Args:
+    features: [..., F] document features (any leading axes, e.g. [Q, D, F]).
+    targets: [...] per-document targets (e.g. mean IPS rewards of each query's sessions).
+    weights: [...] non-negative weights (e.g. sessions per query; 0 for padding or documents
+      never displayed).
+    l2: the ridge penalty (the intercept is not penalised).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> x = jnp.array([[0.], [1.], [2.]])
+    >>> model = fit_reward_regression(x, jnp.array([0.1, 0.3, 0.5]), jnp.ones(3), l2=0.0)
+    >>> [round(v, 3) for v in (float(model.coef[0]), float(model.intercept))]
+    [0.2, 0.1]
+  """
+  features = checks.as_float("features", features)
+  targets, weights = checks.as_float("targets", targets), checks.as_float("weights", weights)
+  if features.shape[:-1] != targets.shape or targets.shape != weights.shape:
+    raise ValueError(f"features/targets/weights: shapes {features.shape}, {targets.shape}, "
+                     f"{weights.shape} do not match ([..., F], [...], [...])")
+  checks.check_nonnegative_option("l2", l2)
+  num_features = features.shape[-1]
+  design = jnp.concatenate([features.reshape(-1, num_features),
+                            jnp.ones((targets.size, 1), features.dtype)], axis=1)
+  w = weights.reshape(-1)
+  # Weighted least squares with zero targets where the weight is 0 (padding may hold NaN-free 0s).
+  t = jnp.where(w > 0, targets.reshape(-1), 0.0)
+  gram = design.T @ (w[:, None] * design)
+  penalty = l2 * jnp.diag(jnp.concatenate([jnp.ones(num_features), jnp.zeros(1)]))
+  # A tiny jitter keeps the solve finite when no document has weight (the model is then 0).
+  solution = jnp.linalg.solve(gram + penalty + 1e-6 * jnp.eye(num_features + 1), design.T @ (w * t))
+  return RidgeModel(solution[:-1], solution[-1])
+
+
+def predict_rewards(model: RidgeModel, features: ArrayLike, *,
+                    where: ArrayLike | None = None) -> jax.Array:
+  """Rhat [...] = clip(features . coef + intercept, 0, 1); 0 where `where` is False."""
+  features = jnp.asarray(features)
+  prediction = jnp.clip(features @ model.coef + model.intercept, 0.0, 1.0)
+  return prediction if where is None else jnp.where(where, prediction, 0.0)
