@@ -4,6 +4,8 @@
   saferl-jax ope-variance [--quick] --out DIR   bias/variance/MSE study of the estimators
   saferl-jax obd --out DIR                      the uniform policy's value on the OBD sample
   saferl-jax opl [--quick] --out DIR            off-policy learning with baseline corrections
+  saferl-jax cltr [--quick] --out DIR [--data PATH]
+                                                safe counterfactual LTR from simulated clicks
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
-from saferl_jax.experiments import obd_evaluation, ope_variance, opl_learning
+from saferl_jax.experiments import cltr_safety, obd_evaluation, ope_variance, opl_learning
 
 
 def _ope_variance(out: Path, quick: bool) -> str:
@@ -29,7 +31,12 @@ def _opl(out: Path, quick: bool) -> str:
   return opl_learning.summary(opl_learning.run(out, opl_learning.QUICK if quick else opl_learning.FULL))
 
 
-EXPERIMENTS = {"ope-variance": _ope_variance, "obd": _obd, "opl": _opl}
+def _cltr(out: Path, quick: bool, data: Path | None = None) -> str:
+  config = cltr_safety.QUICK if quick else cltr_safety.FULL
+  return cltr_safety.summary(cltr_safety.run(out, config, data_path=data))
+
+
+EXPERIMENTS = {"ope-variance": _ope_variance, "obd": _obd, "opl": _opl, "cltr": _cltr}
 
 
 def demo(out: Path, quick: bool = True) -> None:
@@ -61,6 +68,11 @@ def main(argv: list[str] | None = None) -> None:
   learning = commands.add_parser("opl", help="off-policy learning with baseline-corrected gradients")
   learning.add_argument("--quick", action="store_true")
   learning.add_argument("--out", type=Path, required=True)
+  ranking = commands.add_parser("cltr", help="safe counterfactual learning to rank from clicks")
+  ranking.add_argument("--quick", action="store_true")
+  ranking.add_argument("--out", type=Path, required=True)
+  ranking.add_argument("--data", type=Path, default=None,
+                       help="a LETOR/SVMlight file (label qid:Q f:v ...) instead of synthetic data")
   args = parser.parse_args(argv)
 
   if args.command == "demo":
@@ -71,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     print(_obd(args.out, True))
   elif args.command == "opl":
     print(_opl(args.out, args.quick))
+  elif args.command == "cltr":
+    print(_cltr(args.out, args.quick, args.data))
 
 
 if __name__ == "__main__":

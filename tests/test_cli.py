@@ -2,26 +2,33 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from saferl_jax import cli
-from saferl_jax.experiments import opl_learning, ope_variance
+from saferl_jax.experiments import cltr_safety, opl_learning, ope_variance
 
 TINY = ope_variance.Config(logger_inverse_temperatures=(-1.0,), n_actions=(5,), sample_sizes=(50, 100),
                            n_seeds=8, n_contexts=20)
 TINY_OPL = opl_learning.Config(n_actions=5, n_contexts=20, n_train=200, n_validation=100, epochs=2,
                                batch_size=100, banditnet_lambdas=(0.5,), n_seeds=2)
 
+TINY_CLTR = cltr_safety.Config(n_queries=40, max_docs=8, min_docs=4, n_features=4, logger_fraction=0.1,
+                               logger_steps=10, sessions=(100, 1000), n_seeds=2, steps=10,
+                               num_samples=4, eval_samples=8)
+
 
 def test_demo_runs_every_experiment(tmp_path, monkeypatch):
   monkeypatch.setattr(ope_variance, "QUICK", TINY)
   monkeypatch.setattr(opl_learning, "QUICK", TINY_OPL)
+  monkeypatch.setattr(cltr_safety, "QUICK", TINY_CLTR)
   cli.main(["demo", "--out", str(tmp_path)])
   for name in cli.EXPERIMENTS:
     assert json.loads((tmp_path / name / "results.json").read_text())
   summary = (tmp_path / "summary.md").read_text()
   assert "Off-policy evaluation" in summary and "Open Bandit" in summary
   assert "Off-policy learning" in summary
+  assert "Safe counterfactual LTR" in summary
 
 
 def test_ope_variance_command(tmp_path, monkeypatch, capsys):
@@ -36,6 +43,28 @@ def test_opl_command(tmp_path, monkeypatch, capsys):
   cli.main(["opl", "--quick", "--out", str(tmp_path)])
   assert "Off-policy learning" in capsys.readouterr().out
   assert json.loads((tmp_path / "results.json").read_text())["methods"]
+
+
+def test_cltr_command_on_a_letor_file(tmp_path, monkeypatch, capsys):
+  """--data reads an SVMlight file; results.json has the schema of issue 4."""
+  monkeypatch.setattr(cltr_safety, "QUICK", TINY_CLTR)
+  rng = np.random.default_rng(0)
+  lines = [f"{rng.integers(0, 5)} qid:{q} " + " ".join(f"{j + 1}:{rng.normal():.3f}" for j in range(4))
+           for q in range(30) for _ in range(rng.integers(3, 8))]
+  path = tmp_path / "train.txt"
+  path.write_text("\n".join(lines) + "\n")
+  cli.main(["cltr", "--quick", "--out", str(tmp_path / "out"), "--data", str(path)])
+  assert "Safe counterfactual LTR" in capsys.readouterr().out
+  results = json.loads((tmp_path / "out" / "results.json").read_text())
+  assert 0 < results["logging_ndcg"] <= 1
+  for model in ("trust_bias", "adversarial"):
+    cell = results["click_models"][model]
+    assert cell["n_sessions"] == [100, 1000]
+    assert set(cell["methods"]) == {"ips", "dr", "safe_ips", "safe_dr", "prpo"}
+    for curve in cell["methods"].values():
+      assert len(curve["ndcg_mean"]) == 2
+      assert all(lo <= mean <= hi for (lo, hi), mean in zip(curve["ndcg_ci"], curve["ndcg_mean"]))
+  assert (tmp_path / "out" / "cltr.png").exists()
 
 
 def test_unknown_command_exits_with_usage():

@@ -154,7 +154,8 @@ def _generate(key, n_queries, max_docs, min_docs, n_features, noise):
           jnp.where(mask, labels, 0).astype(jnp.int32), mask)
 
 
-def _take(data: LTRData, index: np.ndarray) -> LTRData:
+def take_queries(data: LTRData, index: np.ndarray) -> LTRData:
+  """The queries at `index` (an int array or a bool mask over queries)."""
   return LTRData(data.features[index], data.labels[index], data.mask[index], data.query_ids[index])
 
 
@@ -189,7 +190,7 @@ def split(data: LTRData, fractions: Sequence[float] = (0.6, 0.2, 0.2), *,
   bounds = np.round(np.cumsum(fractions) * num_queries).astype(int)
   bounds[-1] = num_queries
   starts = np.concatenate([[0], bounds[:-1]])
-  return tuple(_take(data, order[start:stop]) for start, stop in zip(starts, bounds))
+  return tuple(take_queries(data, order[start:stop]) for start, stop in zip(starts, bounds))
 
 
 def _read_lines(path: Path) -> list[str]:

@@ -1,0 +1,159 @@
+"""Learning rankers from click logs: the gradient against enumeration, learning, PRPO, resuming."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.flatten_util import ravel_pytree
+
+from saferl_jax import checkpointing
+from saferl_jax.cltr import training
+from saferl_jax.cltr.estimators import exposure_divergence
+from saferl_jax.data.ltr import make_ltr_dataset
+from saferl_jax.functional import as_functional
+from saferl_jax.ranking import LinearRanker, dcg_rank_weights, exact_objective
+
+RANK_WEIGHTS = dcg_rank_weights(3)
+DATA = make_ltr_dataset(jax.random.key(0), n_queries=12, max_docs=5, min_docs=3, n_features=3)
+APPLY_FN, PARAMS = as_functional(LinearRanker(3, rngs=nnx.Rngs(0)))
+OPTIMIZER = optax.adam(0.05)
+
+
+def exact_exposure(logits, where):
+  return jax.grad(lambda rho: exact_objective(logits, rho, RANK_WEIGHTS, where=where))(
+      jnp.zeros_like(logits))
+
+
+def supervised():
+  return training.relevance_data(DATA.features, DATA.labels, DATA.mask)
+
+
+def test_the_ascent_direction_matches_the_exact_gradient():
+  """Mean over keys of the sampled parameter gradient = the gradient by enumerating rankings."""
+  data, num_sessions = supervised()
+  data = data._replace(logging_exposure=jax.vmap(exact_exposure)(
+      jnp.zeros(DATA.mask.shape), DATA.mask))
+  for objective in ("value", "safe"):
+    def exact_fn(params):
+      exposure = jax.vmap(exact_exposure)(APPLY_FN(params, DATA.features), DATA.mask)
+      return training.logged_objective(exposure, data.logging_exposure, data.rewards,
+                                       data.session_counts, objective=objective,
+                                       num_sessions=num_sessions, where=DATA.mask)
+    exact = ravel_pytree(jax.grad(exact_fn)(PARAMS))[0]
+    estimates = jax.jit(jax.vmap(lambda k: ravel_pytree(training.ascent_direction(
+        APPLY_FN, PARAMS, data, key=k, objective=objective, num_sessions=num_sessions,
+        rank_weights=RANK_WEIGHTS, num_samples=16, delta=0.05, clip_low=0.8, clip_high=1.2)[0])[0]))(
+            jax.random.split(jax.random.key(1), 2000))
+    tolerance = 4 * np.asarray(estimates.std(0)) / np.sqrt(2000) + 1e-4
+    np.testing.assert_array_less(np.abs(np.asarray(estimates.mean(0)) - np.asarray(exact)), tolerance)
+    assert np.abs(np.asarray(exact)).max() > 5 * tolerance.max()
+
+
+def expected_value(params):
+  data, num_sessions = supervised()
+  exposure = jax.vmap(exact_exposure)(APPLY_FN(params, DATA.features), DATA.mask)
+  return float(jnp.sum(exposure * data.rewards) / num_sessions)
+
+
+def test_supervised_learning_raises_the_exact_value():
+  data, num_sessions = supervised()
+  result = training.train_ranker(APPLY_FN, PARAMS, data, key=jax.random.key(2), objective="value",
+                                 num_sessions=num_sessions, rank_weights=RANK_WEIGHTS, steps=60,
+                                 optimizer=OPTIMIZER, eval_every=20,
+                                 evaluate=lambda p: {"w": jnp.sum(p["linear"]["kernel"][...])})
+  before, after = expected_value(PARAMS), expected_value(result.params)
+  assert after > before + 0.1, (before, after)
+  assert result.history["objective"].shape == (3,) and result.history["w"].shape == (4,)
+
+
+def test_seeds_run_together_equal_seeds_run_alone():
+  data, num_sessions = supervised()
+  keys = jax.random.split(jax.random.key(3), 2)
+  stacked = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), (PARAMS, data))
+  options = dict(objective="value", num_sessions=num_sessions, rank_weights=RANK_WEIGHTS, steps=10,
+                 optimizer=OPTIMIZER, eval_every=10)
+  together = training.train_ranker(APPLY_FN, stacked[0], stacked[1], key=keys, **options)
+  for seed in range(2):
+    alone = training.train_ranker(APPLY_FN, PARAMS, data, key=keys[seed], **options)
+    np.testing.assert_allclose(ravel_pytree(jax.tree_util.tree_map(lambda x: x[seed], together.params))[0],
+                               ravel_pytree(alone.params)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_prpo_keeps_exposures_near_the_logging_policy():
+  """With rewards that favour reversing the logger, the plain objective moves exposures far.
+  PRPO's clipping stops each document's own push once its ratio leaves [0.8, 1.2], but the
+  ranker's shared parameters still move with the documents inside the range, so ratios do leave
+  it (measured: 0.45 to 4.6, against 0.003 to 10 for the plain objective)."""
+  logits = APPLY_FN(PARAMS, DATA.features)
+  logging_exposure = jax.vmap(exact_exposure)(logits, DATA.mask)
+  rewards = jnp.where(DATA.mask, -jax.nn.softmax(jnp.where(DATA.mask, logits, -1e9)), 0.0)
+  data = training.RankingData(DATA.features, DATA.mask, rewards, jnp.ones(12), logging_exposure)
+  divergence = {}
+  for objective in ("value", "prpo"):
+    result = training.train_ranker(APPLY_FN, PARAMS, data, key=jax.random.key(4), objective=objective,
+                                   num_sessions=12, rank_weights=RANK_WEIGHTS, steps=100,
+                                   optimizer=OPTIMIZER, num_samples=64, eval_every=50)
+    exposure = jax.vmap(exact_exposure)(APPLY_FN(result.params, DATA.features), DATA.mask)
+    ratio = np.asarray(exposure / jnp.where(logging_exposure > 0, logging_exposure, 1.0))[np.asarray(DATA.mask)]
+    divergence[objective] = (ratio.min(), ratio.max(), float(jnp.mean(jax.vmap(exposure_divergence)(
+        exposure, logging_exposure))))
+  assert divergence["value"][0] < 0.01 and divergence["prpo"][0] > 0.3, divergence
+  assert divergence["prpo"][1] < 0.6 * divergence["value"][1], divergence
+  assert divergence["prpo"][2] < 0.6 * divergence["value"][2], divergence
+
+
+def test_resume_after_an_interrupt_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+  data, num_sessions = supervised()
+  options = dict(key=jax.random.key(5), objective="safe", num_sessions=num_sessions,
+                 rank_weights=RANK_WEIGHTS, steps=30, optimizer=OPTIMIZER, eval_every=10,
+                 evaluate=lambda p: {"w": jnp.sum(p["linear"]["kernel"][...])})
+  reference = training.train_ranker(APPLY_FN, PARAMS, data, **options)
+  path = tmp_path / "run.npz"
+  real = checkpointing.save
+  calls = []
+
+  def interrupt_after_step_20(path, fingerprint, state, progress, history):
+    real(path, fingerprint, state, progress, history)
+    calls.append(progress)
+    if progress == 20 and calls.count(20) == 1:
+      raise KeyboardInterrupt
+  monkeypatch.setattr(checkpointing, "save", interrupt_after_step_20)
+  with pytest.raises(KeyboardInterrupt):
+    training.train_ranker(APPLY_FN, PARAMS, data, checkpoint_path=path, **options)
+  resumed = training.train_ranker(APPLY_FN, PARAMS, data, checkpoint_path=path, **options)
+  assert calls == [10, 20, 30]  # the resumed run did only the last chunk
+  np.testing.assert_array_equal(ravel_pytree(resumed.params)[0], ravel_pytree(reference.params)[0])
+  for name in reference.history:
+    np.testing.assert_array_equal(resumed.history[name], reference.history[name])
+  # Other data: the checkpoint is not used.
+  other = data._replace(rewards=data.rewards[::-1])
+  training.train_ranker(APPLY_FN, PARAMS, other, checkpoint_path=path, **options)
+  assert calls[-3:] == [10, 20, 30]
+
+
+def test_bad_input_is_named():
+  data, num_sessions = supervised()
+  options = dict(key=jax.random.key(0), num_sessions=num_sessions, rank_weights=RANK_WEIGHTS)
+  with pytest.raises(ValueError, match="objective"):
+    training.train_ranker(APPLY_FN, PARAMS, data, objective="ips", steps=10, **options)
+  with pytest.raises(ValueError, match="steps"):
+    training.train_ranker(APPLY_FN, PARAMS, data, objective="value", steps=15, eval_every=10, **options)
+  with pytest.raises(ValueError, match="data.rewards"):
+    training.train_ranker(APPLY_FN, PARAMS, data._replace(rewards=data.rewards[:, :2]),
+                          objective="value", steps=10, **options)
+  with pytest.raises(ValueError, match="data.rewards"):
+    training.train_ranker(APPLY_FN, PARAMS, data._replace(rewards=data.rewards.at[0, 0].set(jnp.nan)),
+                          objective="value", steps=10, **options)
+  with pytest.raises(ValueError, match="batch_queries"):
+    training.train_ranker(APPLY_FN, PARAMS, data, objective="value", steps=10, batch_queries=13,
+                          **options)
+
+
+def test_mini_batches_of_queries_also_learn():
+  data, num_sessions = supervised()
+  result = training.train_ranker(APPLY_FN, PARAMS, data, key=jax.random.key(6), objective="value",
+                                 num_sessions=num_sessions, rank_weights=RANK_WEIGHTS, steps=60,
+                                 optimizer=OPTIMIZER, batch_queries=4, eval_every=20)
+  assert expected_value(result.params) > expected_value(PARAMS) + 0.1
