@@ -1,6 +1,7 @@
-"""Benchmark: Plackett-Luce sampling and log-probabilities against TensorFlow Probability.
+"""Benchmark: Plackett-Luce sampling and log-probabilities against TensorFlow Probability,
+and click logging against numpy.
 
-    python benchmarks/bench_ranking.py [--quick] [--repeats 5] [--sections sampling]
+    python benchmarks/bench_ranking.py [--quick] [--repeats 5] [--sections sampling clicks]
 
 Measured in one process on the same arrays (1e5 lists of D = 100 items, float32 logits):
   - top-5 sampling: saferl_jax `sample_rankings(k=5)` (Gumbel noise + `lax.top_k`) with its
@@ -12,7 +13,9 @@ Measured in one process on the same arrays (1e5 lists of D = 100 items, float32 
     logits spread over more than ~60 nats) against tfp's `log_prob` (tail sums by a
     plain cumsum of exp(logits), no shift), and saferl_jax's exact path on its own
     (logits spread over 200 nats);
-  - the machine's memory bandwidth, and the fraction of it each log-prob reaches.
+  - the machine's memory bandwidth, and the fraction of it each log-prob reaches;
+  - click logging (1e6 sessions: query, logger's top-5, trust-bias clicks, counts per query)
+    in one jitted call, against the same simulation in vectorised numpy.
 Every function is jitted (tfp too: its sample and log_prob inside `jax.jit`); timings are
 medians of repeated calls after a warm-up (compilation excluded). Results go to
 benchmarks/results/ranking_<platform>.json and .md. `main()` runs a list of sections; add
@@ -105,7 +108,61 @@ def section_sampling(args, results) -> dict:
   return out
 
 
-SECTIONS = {"sampling": section_sampling}
+def _numpy_click_log(rng, logging_logits, labels, alpha, beta, num_sessions):
+  """The same simulation as `simulate_click_log`, written as a numpy user would (vectorised)."""
+  num_queries, num_docs = logging_logits.shape
+  k = alpha.shape[0]
+  query_ids = rng.integers(0, num_queries, num_sessions)
+  scores = logging_logits[query_ids] + rng.gumbel(size=(num_sessions, num_docs)).astype(np.float32)
+  top = np.argpartition(-scores, k, axis=1)[:, :k]
+  order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1)
+  rankings = np.take_along_axis(top, order, axis=1)
+  relevance = labels[query_ids[:, None], rankings] / 4.0
+  clicks = rng.random((num_sessions, k)) < alpha * relevance + beta
+  session_counts = np.bincount(query_ids, minlength=num_queries)
+  click_counts = np.zeros((num_queries, num_docs))
+  np.add.at(click_counts, (query_ids[:, None], rankings), clicks)
+  return session_counts, click_counts
+
+
+def section_clicks(args, results) -> dict:
+  """Logging sessions: sample the logger's top-5, click under trust bias, count per query."""
+  from saferl_jax.cltr import trust_bias
+  from saferl_jax.cltr.click_logs import aggregate_sessions
+  from saferl_jax.cltr.clicks import simulate_sessions
+  num_queries, num_docs, n = 1000, 20, args.num_sessions
+  logits = jax.random.normal(jax.random.key(5), (num_queries, num_docs))
+  labels = jax.random.randint(jax.random.key(6), (num_queries, num_docs), 0, 5)
+  model = trust_bias(TOP_K)
+
+  @jax.jit
+  def log_sessions(key):
+    query_key, ranking_key, click_key = jax.random.split(key, 3)
+    query_ids = jax.random.randint(query_key, (n,), 0, num_queries)
+    rankings = sample_rankings(ranking_key, logits[query_ids], k=TOP_K)
+    clicks = simulate_sessions(click_key, model, query_ids, rankings, labels)
+    return aggregate_sessions(query_ids, rankings, clicks, num_queries=num_queries,
+                              num_docs=num_docs)
+
+  keys = iter(jax.random.split(jax.random.key(7), args.repeats + 2))
+  ours = median_time(lambda: jax.block_until_ready(log_sessions(next(keys))), args.repeats)
+  rng = np.random.default_rng(0)
+  logits_np, labels_np = np.asarray(logits), np.asarray(labels)
+  alpha, beta = np.asarray(model.alpha), np.asarray(model.beta)
+  theirs = median_time(lambda: _numpy_click_log(rng, logits_np, labels_np, alpha, beta, n),
+                       max(1, args.repeats // 2))
+  # Same model, same counts in expectation: compare the click-through rates per rank.
+  ours_clicks = float(np.asarray(log_sessions(jax.random.key(8))[1]).sum()) / n
+  theirs_clicks = float(_numpy_click_log(rng, logits_np, labels_np, alpha, beta, n)[1].sum()) / n
+  out = {"num_sessions": n, "num_queries": num_queries, "num_docs": num_docs, "k": TOP_K,
+         "saferl_jax_s": ours, "numpy_s": theirs, "speedup_vs_numpy": theirs / ours,
+         "sessions_per_s": n / ours, "numpy_sessions_per_s": n / theirs,
+         "clicks_per_session": {"saferl_jax": ours_clicks, "numpy": theirs_clicks}}
+  print("click logging", json.dumps(out, indent=1), flush=True)
+  return out
+
+
+SECTIONS = {"sampling": section_sampling, "clicks": section_clicks}
 
 
 def markdown(results: dict) -> str:
@@ -136,6 +193,16 @@ def markdown(results: dict) -> str:
               f"{lp['saferl_jax_exact_path_s']:.4f} | {lp['tfp_s']:.4f} ({frac['tfp']:.0%}) | "
               f"{lp['speedup_vs_tfp']:.1f}x | {lp['max_abs_diff_vs_tfp']:.1e} | "
               f"{lp['tfp_nonfinite_on_spread_logits']} of {n} |"]
+  c = results.get("clicks")
+  if c:
+    lines += ["", f"Logging {c['num_sessions']:.0e} sessions (query drawn, top-{c['k']} of "
+              f"{c['num_docs']} sampled from a PL logger, trust-bias clicks, counts per query for "
+              f"{c['num_queries']} queries), jitted, against the same in vectorised numpy:", "",
+              "| saferl_jax | numpy | speed-up | sessions per second | clicks per session (ours, numpy) |",
+              "|---|---|---|---|---|",
+              f"| {c['saferl_jax_s']:.4f} s | {c['numpy_s']:.4f} s | {c['speedup_vs_numpy']:.1f}x | "
+              f"{c['sessions_per_s']:.3g} | {c['clicks_per_session']['saferl_jax']:.4f}, "
+              f"{c['clicks_per_session']['numpy']:.4f} |"]
   return "\n".join(lines) + "\n"
 
 
@@ -144,10 +211,11 @@ def main() -> None:
   parser.add_argument("--quick", action="store_true", help="1e4 lists, 3 repeats")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--num-lists", type=int, default=100_000)
+  parser.add_argument("--num-sessions", type=int, default=1_000_000)
   parser.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=list(SECTIONS))
   args = parser.parse_args()
   if args.quick:
-    args.repeats, args.num_lists = 3, 10_000
+    args.repeats, args.num_lists, args.num_sessions = 3, 10_000, 100_000
   results = {"platform": platform_description(),
              "bandwidth": memory_bandwidth()}
   for name in args.sections:
