@@ -33,7 +33,8 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from saferl_jax import checkpointing, checks
+from saferl_jax import checks, training_runs
+from saferl_jax.training_runs import TrainResult, TrainState
 from saferl_jax.cltr.estimators import OBJECTIVES, logged_objective
 from saferl_jax.parallel import seed_sharding
 from saferl_jax.ranking.exposure_gradient import exposure_objective_gradient
@@ -55,16 +56,6 @@ class RankingData(NamedTuple):
   session_counts: jax.Array
   logging_exposure: jax.Array
 
-
-class TrainState(NamedTuple):
-  params: Any
-  opt_state: Any
-
-
-class TrainResult(NamedTuple):
-  """Final parameters (leading seed axis) and history {name: [evaluations, S]}."""
-  params: Any
-  history: dict
 
 
 def relevance_data(features: ArrayLike, labels: ArrayLike, mask: ArrayLike, *,
@@ -197,14 +188,12 @@ def train_ranker(
   if steps % eval_every:
     raise ValueError(f"steps: must be a multiple of eval_every={eval_every}, got {steps}")
   checks.check_level_option("delta", delta)
-  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    raise ValueError("key: expected typed PRNG keys from jax.random.key (one per seed), got dtype "
-                     f"{key.dtype}")
+  training_runs.check_seed_keys(key)
   data = RankingData(*(jnp.asarray(x) for x in data))
   _check_data(data)
   single_seed = key.ndim == 0
   if single_seed:
-    key, params, data = key[None], _add_seed_axis(params), _add_seed_axis(data)
+    key, params, data = key[None], *training_runs.add_seed_axis((params, data))
   num_seeds, num_queries = data.session_counts.shape
   if batch_queries is not None and not 1 <= batch_queries <= num_queries:
     raise ValueError(f"batch_queries: must be in [1, {num_queries}], got {batch_queries}")
@@ -225,13 +214,10 @@ def train_ranker(
   fingerprint = json.dumps({**options, "eval_every": eval_every, "batch_queries": batch_queries,
                             "seeds": num_seeds, "tree": str(jax.tree_util.tree_structure(state)),
                             "evaluate": evaluate_names,
-                            "sha256": checkpointing.checksum((data, params, key, rank_weights))})
-  start, history = 0, {"objective": [], **{k: [v] for k, v in evaluate_fn(params).items()}}
-  if checkpoint_path is not None:
-    restored = checkpointing.load(checkpoint_path, fingerprint, state)
-    if restored is not None and restored[1] <= steps:
-      state, start, history = restored
-      state = jax.device_put(state, sharding)
+                            "sha256": training_runs.checksum((data, params, key, rank_weights))})
+  history = {"objective": [], **{k: [v] for k, v in evaluate_fn(params).items()}}
+  state, start, history = training_runs.resume(checkpoint_path, fingerprint, state, history, steps,
+                                               sharding)
 
   for first_step in range(start, steps, eval_every):
     state, value = chunk_fn(state, data, key, first_step, rank_weights)
@@ -242,19 +228,10 @@ def train_ranker(
     for name, result in evaluate_fn(state.params).items():
       history[name].append(result)
     if checkpoint_path is not None:
-      checkpointing.save(checkpoint_path, fingerprint, state, first_step + eval_every, history)
+      training_runs.save(checkpoint_path, fingerprint, state, first_step + eval_every, history)
 
-  history = {k: np.stack([np.asarray(v) for v in values]) if values else np.zeros((0, num_seeds))
-             for k, values in history.items()}
-  params = state.params
-  if single_seed:
-    params = jax.tree_util.tree_map(lambda x: x[0], params)
-    history = {k: v[:, 0] for k, v in history.items()}
-  return TrainResult(params, history)
+  return training_runs.finish(state.params, history, num_seeds, single_seed)
 
-
-def _add_seed_axis(tree):
-  return jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], tree)
 
 
 @functools.lru_cache(maxsize=32)

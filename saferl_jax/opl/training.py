@@ -23,29 +23,19 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from saferl_jax import checkpointing, checks
+from saferl_jax import checks, training_runs
+from saferl_jax.training_runs import TrainResult, TrainState
 from saferl_jax.opl import objectives as obj
 from saferl_jax.parallel import seed_sharding
 
 METHODS = ("ips", "snips", "banditnet", "beta_value", "beta_grad")
 
-
-class TrainState(NamedTuple):
-  params: Any
-  opt_state: Any
-
-
-class TrainResult(NamedTuple):
-  """Final parameters (leading seed axis) and per-epoch history {name: [epochs + 1, S]}."""
-  params: Any
-  history: dict
 
 
 def logged_batch(contexts, actions, rewards, logging_probs) -> obj.LoggedBatch:
@@ -161,12 +151,10 @@ def train(
     raise ValueError(f"method: must be one of {METHODS}, got {method!r}")
   if epochs < 1:
     raise ValueError(f"epochs: must be >= 1, got {epochs}")
-  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    raise ValueError("key: expected typed PRNG keys from jax.random.key (one per seed), got an "
-                     f"array of dtype {key.dtype}; wrap legacy keys with jax.random.wrap_key_data")
+  training_runs.check_seed_keys(key)
   single_seed = key.ndim == 0
   if single_seed:
-    key, params, data = key[None], _add_seed_axis(params), _add_seed_axis(data)
+    key, params, data = key[None], *training_runs.add_seed_axis((params, data))
   num_seeds, n = data.rewards.shape[:2]
   batch_size = n if batch_size is None else batch_size
   if not 1 <= batch_size <= n:
@@ -191,13 +179,10 @@ def train(
                             "lambda": banditnet_lambda, "seeds": num_seeds, "n": n,
                             "tree": str(jax.tree_util.tree_structure(state)),
                             "evaluate": evaluate_names,
-                            "data_and_init_sha256": checkpointing.checksum((data, params, key))})
-  start, history = 0, {"baseline": [], **{k: [v] for k, v in evaluate_fn(params).items()}}
-  if checkpoint_path is not None:
-    restored = checkpointing.load(checkpoint_path, fingerprint, state)
-    if restored is not None and restored[1] <= epochs:
-      state, start, history = restored
-      state = jax.device_put(state, sharding)
+                            "data_and_init_sha256": training_runs.checksum((data, params, key))})
+  history = {"baseline": [], **{k: [v] for k, v in evaluate_fn(params).items()}}
+  state, start, history = training_runs.resume(checkpoint_path, fingerprint, state, history, epochs,
+                                               sharding)
 
   for epoch in range(start, epochs):
     state, baseline = epoch_fn(state, data, key, epoch)
@@ -207,15 +192,9 @@ def train(
     for name, value in evaluate_fn(state.params).items():
       history[name].append(value)
     if checkpoint_path is not None:
-      checkpointing.save(checkpoint_path, fingerprint, state, epoch + 1, history)
+      training_runs.save(checkpoint_path, fingerprint, state, epoch + 1, history)
 
-  history = {k: np.stack([np.asarray(v) for v in values]) if values else np.zeros((0, num_seeds))
-             for k, values in history.items()}
-  params = state.params
-  if single_seed:
-    params = jax.tree_util.tree_map(lambda x: x[0], params)
-    history = {k: v[:, 0] for k, v in history.items()}
-  return TrainResult(params, history)
+  return training_runs.finish(state.params, history, num_seeds, single_seed)
 
 
 @functools.lru_cache(maxsize=32)
@@ -230,6 +209,3 @@ def _compiled_epoch(apply_fn, optimizer, method, batch_size, banditnet_lambda, s
 def _compiled_evaluate(evaluate):
   return jax.jit(jax.vmap(evaluate))
 
-
-def _add_seed_axis(tree):
-  return jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], tree)

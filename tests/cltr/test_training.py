@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from saferl_jax import checkpointing
+from saferl_jax import training_runs
 from saferl_jax.cltr import training
 from saferl_jax.cltr.estimators import exposure_divergence
 from saferl_jax.data.ltr import make_ltr_dataset
@@ -111,7 +111,7 @@ def test_resume_after_an_interrupt_equals_the_uninterrupted_run(tmp_path, monkey
                  evaluate=lambda p: {"w": jnp.sum(p["linear"]["kernel"][...])})
   reference = training.train_ranker(APPLY_FN, PARAMS, data, **options)
   path = tmp_path / "run.npz"
-  real = checkpointing.save
+  real = training_runs.save
   calls = []
 
   def interrupt_after_step_20(path, fingerprint, state, progress, history):
@@ -119,7 +119,7 @@ def test_resume_after_an_interrupt_equals_the_uninterrupted_run(tmp_path, monkey
     calls.append(progress)
     if progress == 20 and calls.count(20) == 1:
       raise KeyboardInterrupt
-  monkeypatch.setattr(checkpointing, "save", interrupt_after_step_20)
+  monkeypatch.setattr(training_runs, "save", interrupt_after_step_20)
   with pytest.raises(KeyboardInterrupt):
     training.train_ranker(APPLY_FN, PARAMS, data, checkpoint_path=path, **options)
   resumed = training.train_ranker(APPLY_FN, PARAMS, data, checkpoint_path=path, **options)

@@ -16,7 +16,7 @@ from saferl_jax.opl import (METHODS, LinearPolicy, as_functional, corrected_grad
                             gradient_optimal_baseline, logged_batch, logged_log_probs,
                             method_gradient, per_example_weight_gradients, snips_objective, train,
                             value_optimal_baseline)
-from saferl_jax import checkpointing
+from saferl_jax import training_runs
 from saferl_jax.opl import training
 
 D, NA = 3, 4
@@ -190,19 +190,19 @@ def six_epochs(tmp_path_factory):
 def saved_epochs(monkeypatch):
   """Records the epoch of every checkpoint written."""
   epochs = []
-  real = checkpointing.save
+  real = training_runs.save
 
   def recording(path, fingerprint, state, epoch, history):
     real(path, fingerprint, state, epoch, history)
     epochs.append(epoch)
-  monkeypatch.setattr(checkpointing, "save", recording)
+  monkeypatch.setattr(training_runs, "save", recording)
   return epochs
 
 
 def test_resume_after_an_interrupt_equals_the_uninterrupted_run(six_epochs, tmp_path, monkeypatch):
   reference, _ = six_epochs
   path = tmp_path / "interrupted.npz"
-  real = checkpointing.save
+  real = training_runs.save
   interrupted = []
 
   def interrupt_after_epoch_3(path, fingerprint, state, epoch, history):
@@ -210,7 +210,7 @@ def test_resume_after_an_interrupt_equals_the_uninterrupted_run(six_epochs, tmp_
     if epoch == 3 and not interrupted:
       interrupted.append(epoch)
       raise KeyboardInterrupt
-  monkeypatch.setattr(checkpointing, "save", interrupt_after_epoch_3)
+  monkeypatch.setattr(training_runs, "save", interrupt_after_epoch_3)
   with pytest.raises(KeyboardInterrupt):
     resume_run(path)
   with np.load(path) as saved:

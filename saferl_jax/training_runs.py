@@ -1,4 +1,8 @@
-"""Checkpoints for training loops (floor 3, shared by every domain's `train`).
+"""What every training loop over seeds shares (floor 3): the seed axis, results, checkpoints.
+
+The loops (`opl.train`, `cltr.train_ranker`, diffusion fine-tuning) take parameters and data
+with a leading seed axis and one PRNG key per seed, or a single key for one seed
+(`add_seed_axis` then adds the axis and `finish` removes it), and return a `TrainResult`.
 
 A checkpoint is one .npz file holding the leaves of a training state, the number of finished
 steps (or epochs), the history so far and a fingerprint of the run's configuration; a run
@@ -12,11 +16,53 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+class TrainState(NamedTuple):
+  params: Any
+  opt_state: Any
+
+
+class TrainResult(NamedTuple):
+  """Final parameters (leading seed axis unless one key was given) and history {name: [T, S]}."""
+  params: Any
+  history: dict
+
+
+def check_seed_keys(key: jax.Array) -> None:
+  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    raise ValueError("key: expected typed PRNG keys from jax.random.key (one per seed), got an "
+                     f"array of dtype {key.dtype}; wrap legacy keys with jax.random.wrap_key_data")
+
+
+def add_seed_axis(tree):
+  return jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], tree)
+
+
+def finish(params, history: dict, num_seeds: int, single_seed: bool) -> TrainResult:
+  """Stacks the history lists into [T, S] arrays and drops the seed axis for a single key."""
+  history = {k: np.stack([np.asarray(v) for v in values]) if values else np.zeros((0, num_seeds))
+             for k, values in history.items()}
+  if single_seed:
+    params = jax.tree_util.tree_map(lambda x: x[0], params)
+    history = {k: v[:, 0] for k, v in history.items()}
+  return TrainResult(params, history)
+
+
+def resume(checkpoint_path, fingerprint: str, state: Any, history: dict, total: int, sharding):
+  """(state, progress, history): from the checkpoint when it matches and has at most `total`
+  steps done, else the fresh (state, 0, history) given."""
+  if checkpoint_path is not None:
+    restored = load(checkpoint_path, fingerprint, state)
+    if restored is not None and restored[1] <= total:
+      restored_state, progress, restored_history = restored
+      return jax.device_put(restored_state, sharding), progress, restored_history
+  return state, 0, history
 
 
 def checksum(tree) -> str:
