@@ -191,23 +191,27 @@ def run(out: Path, config: Config = QUICK, *, data_path: Path | None = None) -> 
 
 
 def _claims(results: dict) -> dict:
-  """The papers' claims, judged on the means (and CIs) of the runs."""
+  """The papers' claims, judged per seed (the worst one: safety is about every deployment) and
+  on the means and CIs."""
   logging = results["logging_ndcg"]
   trust = results["click_models"]["trust_bias"]["methods"]
   adv = results["click_models"]["adversarial"]["methods"]
 
-  def mean(methods, method, index):
-    return methods[method]["ndcg_mean"][index]
+  def worst(methods, method, index):
+    return min(methods[method]["ndcg_per_seed"][index])
 
   few, many = 0, -1
   return {
+      "few_sessions_worst_seed": {m: worst(trust, m, few) for m in trust},
       "few_sessions_safe_dr_and_prpo_not_below_logging":
-          min(mean(trust, "safe_dr", few), mean(trust, "prpo", few)) >= logging - 0.005,
-      "few_sessions_ips_or_dr_below_logging": min(mean(trust, "ips", few), mean(trust, "dr", few)) < logging,
+          min(worst(trust, "safe_dr", few), worst(trust, "prpo", few)) >= logging,
+      "few_sessions_ips_or_dr_below_logging":
+          min(worst(trust, "ips", few), worst(trust, "dr", few)) < logging,
       "many_sessions_safe_dr_ci_above_logging": trust["safe_dr"]["ndcg_ci"][many][0] > logging,
-      "many_sessions_safe_dr_minus_dr": mean(trust, "safe_dr", many) - mean(trust, "dr", many),
-      "adversarial_prpo_worst_drop": logging - min(adv["prpo"]["ndcg_mean"]),
-      "adversarial_worst_drop": {m: logging - min(adv[m]["ndcg_mean"]) for m in adv},
+      "many_sessions_safe_dr_minus_dr":
+          trust["safe_dr"]["ndcg_mean"][many] - trust["dr"]["ndcg_mean"][many],
+      "adversarial_worst_drop": {m: logging - min(min(seeds) for seeds in adv[m]["ndcg_per_seed"])
+                                 for m in adv},
   }
 
 
@@ -244,13 +248,16 @@ def summary(results: dict) -> str:
     parts.append(f"NDCG@5 under {model_name.replace('_', ' ')} clicks:\n\n" +
                  markdown_table(headers, rows) + "\n")
   claims = results["claims"]
+  few = claims["few_sessions_worst_seed"]
+  drops = claims["adversarial_worst_drop"]
   parts.append(
-      "Claims: with few sessions safe DR and PRPO stay at or above the logging policy: "
-      f"{claims['few_sessions_safe_dr_and_prpo_not_below_logging']}; IPS or DR falls below it: "
-      f"{claims['few_sessions_ips_or_dr_below_logging']}. With the most sessions safe DR's CI lies "
-      f"above the logging policy: {claims['many_sessions_safe_dr_ci_above_logging']} (safe DR - DR = "
-      f"{claims['many_sessions_safe_dr_minus_dr']:+.4f}). Under adversarial clicks PRPO's largest "
-      f"drop below the logging policy is {claims['adversarial_prpo_worst_drop']:.4f}, against "
-      + ", ".join(f"{LABELS[m]} {v:.4f}" for m, v in claims["adversarial_worst_drop"].items()
-                  if m != "prpo") + ".\n")
+      f"Claims. With the fewest sessions, the worst seed of each method scores "
+      + ", ".join(f"{LABELS[m]} {v:.4f}" for m, v in few.items())
+      + f": safe DR and PRPO stay at or above the logging policy in every seed: "
+      f"{claims['few_sessions_safe_dr_and_prpo_not_below_logging']}; IPS or DR falls below it in "
+      f"some seed: {claims['few_sessions_ips_or_dr_below_logging']}. With the most sessions safe "
+      f"DR's CI lies above the logging policy: {claims['many_sessions_safe_dr_ci_above_logging']} "
+      f"(safe DR - DR = {claims['many_sessions_safe_dr_minus_dr']:+.4f}). Under adversarial "
+      f"clicks the largest drop below the logging policy (worst seed, any N) is "
+      + ", ".join(f"{LABELS[m]} {v:.4f}" for m, v in drops.items()) + ".\n")
   return "\n".join(parts)
