@@ -1,0 +1,355 @@
+"""Policy-gradient losses for reward fine-tuning of diffusion models: REINFORCE, PPO and LOOP (floor 1).
+
+Sampling is an S-step decision process whose actions are the denoising steps x_t -> x_t', with
+per-step log-probabilities log p_theta(x_t' | x_t, c) [S, B] (`saferl_jax.diffusion.sampler`), and a
+reward r(x_0, c) at the end. With advantages A [B]:
+
+- REINFORCE (DDPO-SF): minimise -(1/B) sum_b A_b sum_t log p_theta(x^b_t' | x^b_t, c_b).
+- PPO (DDPO-IS): A = (r - mean_c) / (std_c + 1e-6) with per-prompt running statistics
+  (`RewardStats`), clipped to [-5, 5]; with rho = exp(log p_theta - log p_old) per step,
+  minimise mean_{t, b} max(-A rho, -A clip(rho, 1 - e, 1 + e)); several minibatch updates per
+  sampling round.
+- LOOP: K >= 2 samples per prompt, A_i = r_i - (1/(K-1)) sum_{j != i} r_j (`loop_advantages`),
+  optionally divided by the group's std, fed to the same clipped objective (`ppo_loss`): REINFORCE's
+  variance reduction inside PPO's clipping and importance sampling. There is no separate LOOP loss.
+
+The clipped surrogate and the leave-one-out baseline are the shared ones of
+`saferl_jax.policy_gradient`. What the clip range e means depends on how log-probabilities were
+reduced over the d dimensions of x: with DDPO's per-dimension mean, e bounds the exact log-ratio at
+about +-d e (DDPO: e = 1e-4 with d = 16384, about +-1.6); with the exact (summed) log-density, e
+bounds the exact ratio, and PPO's usual 0.1 to 0.3 applies (see `saferl_jax.diffusion.step`).
+
+Advantages and old log-probabilities are data: the losses stop their gradients.
+
+References:
+  Williams. Simple Statistical Gradient-Following Algorithms for Connectionist Reinforcement Learning. Machine Learning 1992.
+  Schulman et al. Proximal Policy Optimization Algorithms. 2017. https://arxiv.org/abs/1707.06347
+  [DDPO] Black, Janner, Du, Kostrikov, Levine. Training Diffusion Models with Reinforcement Learning. ICLR 2024. https://arxiv.org/abs/2305.13301
+  [LOOP] Gupta et al. A Simple and Effective Reinforcement Learning Method for Text-to-Image Diffusion Models. 2025. https://arxiv.org/abs/2503.00897
+  Chan, Golub, LeVeque. Updating Formulae and a Pairwise Algorithm for Computing Sample Variances. 1979 (the batched Welford merge).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from saferl_jax import checks
+from saferl_jax.policy_gradient import clipped_surrogate, leave_one_out_baseline
+
+# exp(60) ~ 1e26 is finite in float32; a larger log-ratio would overflow to inf, and the clipped branch's
+# zero gradient times inf is NaN. Log-ratios above it are capped (their gradient is then 0).
+_MAX_LOG_RATIO = 60.0
+_STD_EPS = 1e-6
+
+
+# Per-prompt running reward statistics (optax-style: pure init/update and an explicit state).
+
+
+class RewardStatsState(NamedTuple):
+  """Running reward statistics of P prompts (Welford).
+
+  Attributes:
+    count: int [P] rewards seen per prompt.
+    mean: [P] their mean.
+    m2: [P] the sum of squared deviations from the mean; the variance is m2 / count.
+  """
+  count: jax.Array
+  mean: jax.Array
+  m2: jax.Array
+
+
+class RewardStats(NamedTuple):
+  """Pure functions that keep per-prompt reward statistics, as optax keeps optimiser state.
+
+  Attributes:
+    init: init(num_prompts) -> RewardStatsState of zeros.
+    update: update(state, prompts [B] int, rewards [B]) -> RewardStatsState with the batch added.
+  """
+  init: Callable[[int], RewardStatsState]
+  update: Callable[[RewardStatsState, ArrayLike, ArrayLike], RewardStatsState]
+
+
+def _check_prompts_rewards(prompts: ArrayLike, rewards: ArrayLike,
+                           num_prompts: int) -> tuple[jax.Array, jax.Array]:
+  prompts, rewards = checks.as_int("prompts", prompts), checks.as_float("rewards", rewards)
+  if prompts.ndim != 1 or rewards.ndim != 1:
+    raise ValueError(f"prompts/rewards: expected 1-d arrays [B], got shapes {tuple(prompts.shape)} "
+                     f"and {tuple(rewards.shape)}")
+  checks.check_same_length(prompts=prompts, rewards=rewards)
+  checks.check_indices("prompts", prompts, num_prompts, what="prompt id")
+  checks.check_finite("rewards", rewards)
+  return prompts, rewards
+
+
+def _check_state(state: RewardStatsState) -> int:
+  if not isinstance(state, RewardStatsState):
+    raise ValueError(f"state: must be a RewardStatsState, got {type(state).__name__}")
+  if jnp.ndim(state.mean) != 1 or jnp.shape(state.count) != jnp.shape(state.mean) \
+      or jnp.shape(state.m2) != jnp.shape(state.mean):
+    raise ValueError("state: count, mean and m2 must be 1-d arrays [P] of the same shape")
+  return jnp.shape(state.mean)[0]
+
+
+@jax.jit
+def _update_kernel(state, prompts, rewards):
+  num_prompts = state.mean.shape[0]
+  segment_sum = lambda v: jax.ops.segment_sum(v, prompts, num_segments=num_prompts)
+  count_b = segment_sum(jnp.ones_like(rewards))
+  mean_b = segment_sum(rewards) / jnp.maximum(count_b, 1)
+  m2_b = segment_sum(jnp.square(rewards - mean_b[prompts]))
+  count_a = state.count.astype(rewards.dtype)
+  count = count_a + count_b
+  delta = mean_b - state.mean
+  share_b = count_b / jnp.maximum(count, 1)
+  mean = state.mean + delta * share_b
+  m2 = state.m2 + m2_b + jnp.square(delta) * count_a * share_b
+  return RewardStatsState(state.count + count_b.astype(state.count.dtype), mean, m2)
+
+
+def reward_stats() -> RewardStats:
+  """Per-prompt running mean and variance of rewards (DDPO's per-prompt stat tracking), as init/update.
+
+  update merges a batch into each prompt's statistics exactly (Chan et al.'s pairwise form of
+  Welford): with n_a, mean_a, M2_a before and n_b, mean_b, M2_b of the batch's rewards of that prompt,
+  n = n_a + n_b, delta = mean_b - mean_a, mean = mean_a + delta n_b / n,
+  M2 = M2_a + M2_b + delta^2 n_a n_b / n. The history is never forgotten (DDPO's code keeps the last
+  16 to 32 rewards per prompt instead).
+
+  Returns:
+    A `RewardStats` (init, update).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> stats = reward_stats()
+    >>> state = stats.init(2)
+    >>> state = stats.update(state, jnp.array([0, 0, 1]), jnp.array([1.0, 3.0, 5.0]))
+    >>> state.count.tolist(), state.mean.tolist(), state.m2.tolist()
+    ([2, 1], [2.0, 5.0], [2.0, 0.0])
+  """
+
+  def init(num_prompts: int) -> RewardStatsState:
+    if not isinstance(num_prompts, (int, np.integer)) or isinstance(num_prompts, bool) \
+        or num_prompts < 1:
+      raise ValueError(f"num_prompts: must be an int >= 1, got {num_prompts!r}")
+    zeros = jnp.zeros((int(num_prompts),), jnp.result_type(float))
+    return RewardStatsState(jnp.zeros((int(num_prompts),), jnp.int32), zeros, zeros)
+
+  def update(state: RewardStatsState, prompts: ArrayLike, rewards: ArrayLike) -> RewardStatsState:
+    num_prompts = _check_state(state)
+    prompts, rewards = _check_prompts_rewards(prompts, rewards, num_prompts)
+    return _update_kernel(state, prompts, rewards)
+
+  return RewardStats(init, update)
+
+
+def ppo_advantages(stats_state: RewardStatsState, prompts: ArrayLike, rewards: ArrayLike, *,
+                   clip: float = 5.0) -> jax.Array:
+  """DDPO's advantages: A_i = clip((r_i - mean_{c_i}) / (std_{c_i} + 1e-6), -clip, clip).
+
+  std is the population standard deviation sqrt(M2 / count) of each prompt's rewards so far (as
+  numpy's default, and DDPO's tracker). Update the statistics with this batch first, as DDPO does;
+  a prompt seen once has std 0 and advantage 0.
+
+  Args:
+    stats_state: a `RewardStatsState` [P] (after `update` with this batch).
+    prompts: int [B] prompt ids in [0, P).
+    rewards: [B] rewards.
+    clip: the advantage bound, > 0.
+
+  Returns:
+    [B] advantages.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> stats = reward_stats()
+    >>> prompts, rewards = jnp.array([0, 0, 1, 1]), jnp.array([1.0, 3.0, 5.0, 5.0])
+    >>> state = stats.update(stats.init(2), prompts, rewards)
+    >>> [round(a, 4) for a in ppo_advantages(state, prompts, rewards).tolist()]
+    [-1.0, 1.0, 0.0, 0.0]
+
+  References:
+    Black et al. Training Diffusion Models with Reinforcement Learning. ICLR 2024. https://arxiv.org/abs/2305.13301
+  """
+  num_prompts = _check_state(stats_state)
+  prompts, rewards = _check_prompts_rewards(prompts, rewards, num_prompts)
+  checks.check_nonnegative_option("clip", clip, strictly_positive=True)
+  return _ppo_advantages_kernel(stats_state, prompts, rewards, clip)
+
+
+@jax.jit
+def _ppo_advantages_kernel(stats_state, prompts, rewards, clip):
+  count = jnp.maximum(stats_state.count, 1).astype(rewards.dtype)
+  std = jnp.sqrt(jnp.maximum(stats_state.m2, 0.0) / count)
+  advantages = (rewards - stats_state.mean[prompts]) / (std[prompts] + _STD_EPS)
+  return jnp.clip(advantages, -clip, clip)
+
+
+def loop_advantages(rewards: ArrayLike, *, samples_per_condition: int | None = None,
+                    normalize: bool = False) -> jax.Array:
+  """LOOP's advantages: A_i = r_i - (1/(K-1)) sum_{j != i} r_j within each prompt's group of K.
+
+  The leave-one-out baseline does not depend on sample i, so the REINFORCE / PPO gradient stays
+  unbiased; A_i = K / (K - 1) (r_i - mean of the group). With `normalize=True` A is divided by the
+  group's (population) std + 1e-6, which rescales each prompt's gradient and is no longer exactly
+  unbiased (the std depends on r_i).
+
+  Args:
+    rewards: [P, K] rewards, or [P * K] with the K samples of a prompt contiguous (as `sample`
+      returns them) and `samples_per_condition=K`.
+    samples_per_condition: K >= 2; needed for 1-d rewards, checked against [P, K] ones.
+    normalize: divide by the group std.
+
+  Returns:
+    Advantages with the shape of rewards.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> loop_advantages(jnp.array([1.0, 2.0, 3.0, 5.0, 5.0, 8.0]), samples_per_condition=3).tolist()
+    [-1.5, 0.0, 1.5, -1.5, -1.5, 3.0]
+
+  References:
+    Gupta et al. A Simple and Effective Reinforcement Learning Method for Text-to-Image Diffusion Models. 2025. https://arxiv.org/abs/2503.00897
+  """
+  rewards = checks.as_float("rewards", rewards)
+  checks.check_finite("rewards", rewards)
+  k = samples_per_condition
+  if k is not None and (not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 2):
+    raise ValueError(f"samples_per_condition: must be an int >= 2 for a leave-one-out baseline, "
+                     f"got {k!r}")
+  if rewards.ndim == 1:
+    if k is None:
+      raise ValueError("samples_per_condition: needed for 1-d rewards [P * K] (the group size K)")
+    if rewards.shape[0] == 0 or rewards.shape[0] % k:
+      raise ValueError(f"rewards: length {rewards.shape[0]} is not a positive multiple of "
+                       f"samples_per_condition = {k}")
+    groups = rewards.reshape(-1, k)
+  elif rewards.ndim == 2:
+    if k is not None and rewards.shape[1] != k:
+      raise ValueError(f"samples_per_condition: is {k} but rewards [P, K] has K = {rewards.shape[1]}")
+    groups = rewards
+  else:
+    raise ValueError(f"rewards: expected [P, K] or [P * K], got shape {tuple(rewards.shape)}")
+  if groups.shape[1] < 2:
+    raise ValueError(f"rewards: a leave-one-out baseline needs K >= 2 samples per prompt, got "
+                     f"K = {groups.shape[1]}")
+  advantages = groups - leave_one_out_baseline(groups, axis=1)
+  if normalize:
+    advantages = advantages / (jnp.std(groups, axis=1, keepdims=True) + _STD_EPS)
+  return advantages.reshape(rewards.shape)
+
+
+def _check_log_probs(log_probs: ArrayLike, advantages: ArrayLike,
+                     old_log_probs: ArrayLike | None = None):
+  log_probs = checks.as_float("log_probs", log_probs)
+  advantages = checks.as_float("advantages", advantages)
+  if log_probs.ndim != 2:
+    raise ValueError(f"log_probs: expected [S, B] (steps, samples), got shape {tuple(log_probs.shape)}")
+  if advantages.shape != log_probs.shape[1:]:
+    raise ValueError(f"advantages: expected [B] = {log_probs.shape[1:]} like log_probs [S, B], got "
+                     f"{tuple(advantages.shape)}")
+  checks.check_finite("advantages", advantages)
+  if old_log_probs is None:
+    return log_probs, advantages
+  old_log_probs = checks.as_float("old_log_probs", old_log_probs)
+  if old_log_probs.shape != log_probs.shape:
+    raise ValueError(f"old_log_probs: expected the shape of log_probs {tuple(log_probs.shape)}, got "
+                     f"{tuple(old_log_probs.shape)}")
+  checks.check_finite("old_log_probs", old_log_probs)
+  return log_probs, advantages, old_log_probs
+
+
+def reinforce_loss(log_probs: ArrayLike, advantages: ArrayLike) -> jax.Array:
+  """REINFORCE (DDPO-SF): -(1/B) sum_b A_b sum_t log p_theta(x^b_t' | x^b_t, c_b).
+
+  Its gradient is minus the score-function estimate of grad E[r]; unbiased with a baseline that
+  does not depend on the sample (e.g. `loop_advantages`).
+
+  Args:
+    log_probs: [S, B] per-step log-probabilities under the current parameters (differentiable).
+    advantages: [B] advantages (gradient stopped).
+
+  Returns:
+    Scalar loss.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> reinforce_loss(jnp.array([[-1.0, -2.0], [-1.0, 0.0]]), jnp.array([2.0, 0.0])).item()
+    2.0
+
+  References:
+    Black et al. Training Diffusion Models with Reinforcement Learning. ICLR 2024. https://arxiv.org/abs/2305.13301
+  """
+  log_probs, advantages = _check_log_probs(log_probs, advantages)
+  return _reinforce_kernel(log_probs, advantages)
+
+
+@jax.jit
+def _reinforce_kernel(log_probs, advantages):
+  return -jnp.mean(jnp.sum(log_probs, axis=0) * jax.lax.stop_gradient(advantages))
+
+
+class PPOLoss(NamedTuple):
+  """A PPO loss and its diagnostics.
+
+  Attributes:
+    loss: scalar mean_{t, b} -min(rho A, clip(rho, 1 - e, 1 + e) A).
+    approx_kl: scalar mean of (log rho)^2 / 2, DDPO's estimate of the KL between old and new policy.
+    clip_fraction: scalar fraction of (t, b) with |rho - 1| > e.
+  """
+  loss: jax.Array
+  approx_kl: jax.Array
+  clip_fraction: jax.Array
+
+
+def ppo_loss(log_probs: ArrayLike, old_log_probs: ArrayLike, advantages: ArrayLike, *,
+             clip_range: float) -> PPOLoss:
+  """PPO's clipped loss per denoising step (DDPO-IS; LOOP with `loop_advantages`).
+
+  rho_{t,b} = exp(log p_theta - log p_old); loss = mean_{t,b} -min(rho A_b, clip(rho, 1-e, 1+e) A_b),
+  via `saferl_jax.policy_gradient.clipped_surrogate`. Once rho leaves [1 - e, 1 + e] in the
+  direction A favours, that term has zero gradient. Log-ratios above 60 are capped so rho stays
+  finite in float32. With `reduce="sum"` log-probabilities e bounds the exact ratio (PPO's usual
+  0.1 to 0.3); with DDPO's `reduce="mean"` it bounds the exact log-ratio at about +-d e for d
+  dimensions (DDPO's e = 1e-4; see `saferl_jax.diffusion.step`).
+
+  Args:
+    log_probs: [S, B] per-step log-probabilities under the current parameters (differentiable).
+    old_log_probs: [S, B] those recorded when sampling (`Trajectory.log_probs`; gradient stopped).
+    advantages: [B] advantages: `ppo_advantages` for DDPO, `loop_advantages` for LOOP (gradient
+      stopped).
+    clip_range: e > 0, a Python float.
+
+  Returns:
+    A `PPOLoss` (loss, approx_kl, clip_fraction); only loss carries a gradient.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> out = ppo_loss(jnp.log(jnp.array([[1.0, 2.0]])), jnp.zeros((1, 2)), jnp.array([1.0, 1.0]),
+    ...                clip_range=0.2)
+    >>> round(out.loss.item(), 4), out.clip_fraction.item()
+    (-1.1, 0.5)
+
+  References:
+    Schulman et al. Proximal Policy Optimization Algorithms. 2017. https://arxiv.org/abs/1707.06347
+    Gupta et al. A Simple and Effective Reinforcement Learning Method for Text-to-Image Diffusion Models. 2025. https://arxiv.org/abs/2503.00897
+  """
+  log_probs, advantages, old_log_probs = _check_log_probs(log_probs, advantages, old_log_probs)
+  checks.check_nonnegative_option("clip_range", clip_range, strictly_positive=True)
+  return _ppo_kernel(log_probs, old_log_probs, advantages, float(clip_range))
+
+
+@functools.partial(jax.jit, static_argnames=("clip_range",))
+def _ppo_kernel(log_probs, old_log_probs, advantages, clip_range):
+  log_ratio = log_probs - jax.lax.stop_gradient(old_log_probs)
+  ratio = jnp.exp(jnp.minimum(log_ratio, _MAX_LOG_RATIO))
+  surrogate = clipped_surrogate(ratio, jax.lax.stop_gradient(advantages)[None, :],
+                                clip_low=1 - clip_range, clip_high=1 + clip_range)
+  log_ratio, ratio = jax.lax.stop_gradient(log_ratio), jax.lax.stop_gradient(ratio)
+  return PPOLoss(loss=-jnp.mean(surrogate), approx_kl=jnp.mean(0.5 * jnp.square(log_ratio)),
+                 clip_fraction=jnp.mean((jnp.abs(ratio - 1) > clip_range).astype(ratio.dtype)))

@@ -1,0 +1,391 @@
+"""DDIM sampling with per-step log-probabilities, and their recomputation under new parameters (floor 1).
+
+The denoiser arrives as a pure function (for a Flax NNX module, `saferl_jax.functional.as_functional`):
+
+    apply_fn(params, x_t [B, *shape], t [B] int32, condition [B] int32) -> eps [B, *shape].
+
+`sample` draws x_T ~ N(0, I) and runs the S stochastic DDIM steps of `sampling_timesteps` in one
+`lax.scan`, each step the Gaussian of `saferl_jax.diffusion.step`:
+
+    x_t' = mu_theta(x_t, t, c) + sigma_t z,   log p_theta(x_t' | x_t, c) = log N(x_t'; mu_theta, sigma_t^2 I),
+
+for P conditions ("prompts") with K samples each, the K samples of one condition contiguous
+(conditions are `jnp.repeat`-ed, so sample b has prompt b // K). With classifier-free guidance the
+network runs once on a doubled batch (null condition, then the prompt) and
+eps = eps_u + w (eps_c - eps_u). It returns the `Trajectory`: every state x_T, ..., x_0, every
+step's log-probability, the timesteps and the conditions. Randomness comes only from `key`.
+
+`trajectory_transitions` recomputes, for stored trajectories, every step's mean and log-probability
+under other parameters (the policy being trained, or a frozen reference for a KL term): the same
+Gaussians with the new mu, one `lax.scan` over steps, differentiable with respect to params. It runs
+on any subset of the samples: take one with `select_samples` (the sample axis is axis 1 of `states`
+and `log_probs`, axis 0 of `x0` and `conditions`, and the timesteps are shared). With the parameters
+that sampled, it reproduces `Trajectory.log_probs` up to float rounding.
+
+The final state is at the lowest training noise level alphabar_0 < 1, not at clean data, so every
+step has a density (see `saferl_jax.diffusion.schedules`). The reduction over dimensions ("sum":
+exact log-density, "mean": DDPO's average, whose log-ratios are d times smaller, so the PPO clip
+range means something else) must be the same for sampling, recomputation and the loss (see
+`saferl_jax.diffusion.step`).
+
+References:
+  [DDIM] Song, Meng, Ermon. Denoising Diffusion Implicit Models. ICLR 2021. https://arxiv.org/abs/2010.02502
+  [DDPO] Black, Janner, Du, Kostrikov, Levine. Training Diffusion Models with Reinforcement Learning. ICLR 2024. https://arxiv.org/abs/2305.13301
+  [CFG] Ho, Salimans. Classifier-Free Diffusion Guidance. 2022. https://arxiv.org/abs/2207.12598
+  [LOOP] Gupta et al. A Simple and Effective Reinforcement Learning Method for Text-to-Image Diffusion Models. 2025. https://arxiv.org/abs/2503.00897
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from saferl_jax import checks
+from saferl_jax.diffusion.schedules import NoiseSchedule, check_schedule, sampling_timesteps
+from saferl_jax.diffusion.step import (Reduce, _check_eta, _check_reduce, _gaussian_log_prob,
+                                       _mean_std)
+
+ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+class Trajectory(NamedTuple):
+  """Sampled DDIM trajectories of B = P * K samples (K per condition, contiguous).
+
+  Attributes:
+    x0: [B, *shape] the final samples (states[-1]).
+    states: [S + 1, B, *shape] x_T first, ..., x_0 last.
+    log_probs: [S, B] log p(states[i + 1] | states[i], c) of step i.
+    timesteps: int32 [S] the training step t_i each step starts from.
+    conditions: int32 [B] each sample's condition.
+    previous_timesteps: int32 [S] the training step t'_i each step goes to.
+  """
+  x0: jax.Array
+  states: jax.Array
+  log_probs: jax.Array
+  timesteps: jax.Array
+  conditions: jax.Array
+  previous_timesteps: jax.Array
+
+
+class Transitions(NamedTuple):
+  """Each stored step's Gaussian recomputed under some parameters.
+
+  Attributes:
+    log_probs: [S, B] log p_theta(states[i + 1] | states[i], c).
+    means: [S, B, *shape] mu_theta of each step.
+    stds: [S] sigma_t of each step (the same for every sample and every theta).
+  """
+  log_probs: jax.Array
+  means: jax.Array
+  stds: jax.Array
+
+
+# Checks.
+
+
+def _check_guidance(guidance_scale, null_condition) -> bool:
+  if guidance_scale is None:
+    return False
+  if jnp.ndim(guidance_scale) != 0:
+    raise ValueError(f"guidance_scale: must be a scalar, got shape {jnp.shape(guidance_scale)}")
+  if null_condition is None:
+    raise ValueError("null_condition: classifier-free guidance (guidance_scale is set) needs the "
+                     "integer condition that stands for 'no condition'")
+  null = jnp.asarray(null_condition)
+  if null.ndim != 0 or not jnp.issubdtype(null.dtype, jnp.integer):
+    raise ValueError(f"null_condition: must be an integer scalar, got {null_condition!r}")
+  return True
+
+
+def _check_conditions(conditions: ArrayLike) -> jax.Array:
+  conditions = checks.as_int("conditions", conditions)
+  if conditions.ndim != 1 or conditions.shape[0] == 0:
+    raise ValueError(f"conditions: expected a non-empty 1-d array [P] of condition ids, got shape "
+                     f"{tuple(conditions.shape)}")
+  return conditions.astype(jnp.int32)
+
+
+def _check_shape(shape) -> tuple[int, ...]:
+  if isinstance(shape, (int, np.integer)):
+    shape = (shape,)
+  try:
+    shape = tuple(shape)
+  except TypeError:
+    raise ValueError(f"shape: must be a tuple of ints (one sample's shape), got {shape!r}") from None
+  if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in shape):
+    raise ValueError(f"shape: must be a tuple of positive ints (one sample's shape), got {shape!r}")
+  return tuple(int(d) for d in shape)
+
+
+def _check_trajectory(trajectory: Trajectory) -> None:
+  if not isinstance(trajectory, Trajectory):
+    raise ValueError(f"trajectory: must be a Trajectory, got {type(trajectory).__name__}")
+  states, log_probs = trajectory.states, trajectory.log_probs
+  if states.ndim < 2 or log_probs.ndim != 2:
+    raise ValueError(f"trajectory: expected states [S + 1, B, *shape] and log_probs [S, B], got "
+                     f"shapes {tuple(states.shape)} and {tuple(log_probs.shape)}")
+  num_steps, batch = log_probs.shape
+  expected = {"states": (num_steps + 1, batch) + tuple(states.shape[2:]),
+              "x0": (batch,) + tuple(states.shape[2:]), "timesteps": (num_steps,),
+              "previous_timesteps": (num_steps,), "conditions": (batch,)}
+  for name, want in expected.items():
+    got = tuple(jnp.shape(getattr(trajectory, name)))
+    if got != want:
+      raise ValueError(f"trajectory: {name} has shape {got}, expected {want} for {num_steps} steps "
+                       f"of {batch} samples (slice samples with select_samples)")
+
+
+# Noise prediction.
+
+
+def _predict_eps(apply_fn, params, x, t, conditions, guidance_scale, null_condition, guided):
+  batch = x.shape[0]
+  steps = jnp.full((batch,), t, jnp.int32)
+  if guided:
+    nulls = jnp.full((batch,), null_condition, jnp.int32)
+    both = apply_fn(params, jnp.concatenate([x, x]), jnp.concatenate([steps, steps]),
+                    jnp.concatenate([nulls, conditions]))
+    _check_eps(both, (2 * batch,) + x.shape[1:])
+    eps_uncond, eps_cond = both[:batch], both[batch:]
+    eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+  else:
+    eps = apply_fn(params, x, steps, conditions)
+    _check_eps(eps, x.shape)
+  return eps.astype(x.dtype)
+
+
+def _check_eps(eps, want) -> None:
+  if tuple(jnp.shape(eps)) != tuple(want):
+    raise ValueError(f"apply_fn: must return eps with the shape of x_t {tuple(want)}, got "
+                     f"{tuple(jnp.shape(eps))}")
+
+
+# Sampling.
+
+
+def sample(apply_fn: ApplyFn, params: Any, conditions: ArrayLike, *, key: jax.Array,
+           schedule: NoiseSchedule, num_steps: int, eta: ArrayLike, samples_per_condition: int = 1,
+           shape: Sequence[int], guidance_scale: ArrayLike | None = None,
+           null_condition: int | None = None, reduce: Reduce = "sum") -> Trajectory:
+  """Samples K trajectories per condition with S stochastic DDIM steps and records each step's log-prob.
+
+  x_T ~ N(0, I); for i = 0..S-1: eps = eps_theta(x_{t_i}, t_i, c) (guided: eps_u + w (eps_c - eps_u)),
+  x_{t'_i} = mu + sigma_{t_i} z, log_probs[i] = log N(x_{t'_i}; mu, sigma_{t_i}^2 I). The noise of
+  all steps is drawn from `key` up front, an array the size of `states`.
+
+  Args:
+    apply_fn: apply_fn(params, x_t [B, *shape], t [B] int32, condition [B] int32) -> eps [B, *shape].
+    params: the denoiser's parameters (any pytree).
+    conditions: int [P] condition ("prompt") ids.
+    key: a PRNG key, the only source of randomness.
+    schedule: the `NoiseSchedule` the denoiser was trained with (T steps).
+    num_steps: S, the number of sampling steps, in [1, T - 1] (static).
+    eta: scalar in (0, 1]; 1 is DDPM's ancestral sampler, as in DDPO and LOOP.
+    samples_per_condition: K >= 1 (static).
+    shape: one sample's shape, a tuple of ints (static).
+    guidance_scale: None for no guidance, else the classifier-free guidance weight w.
+    null_condition: the condition id of "no condition"; needed with guidance_scale, ignored without.
+    reduce: "sum" (exact log-density) or "mean" (DDPO's); see `saferl_jax.diffusion.step`.
+
+  Returns:
+    A `Trajectory` with x0 [P*K, *shape], states [S+1, P*K, *shape], log_probs [S, P*K],
+    timesteps [S], conditions [P*K], previous_timesteps [S].
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from saferl_jax.diffusion.schedules import linear_schedule
+    >>> apply_fn = lambda params, x, t, c: params * x  # a toy noise predictor
+    >>> traj = sample(apply_fn, 0.5, jnp.array([0, 1]), key=jax.random.key(0),
+    ...               schedule=linear_schedule(100), num_steps=10, eta=1.0,
+    ...               samples_per_condition=3, shape=(2,))
+    >>> traj.states.shape, traj.log_probs.shape, traj.conditions.tolist()
+    ((11, 6, 2), (10, 6), [0, 0, 0, 1, 1, 1])
+
+  References:
+    Song, Meng, Ermon. Denoising Diffusion Implicit Models. ICLR 2021. https://arxiv.org/abs/2010.02502
+    Black et al. Training Diffusion Models with Reinforcement Learning. ICLR 2024. https://arxiv.org/abs/2305.13301
+  """
+  conditions = _check_conditions(conditions)
+  check_schedule(schedule)
+  num_train_steps = schedule.alphas_cumprod.shape[0]
+  if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) \
+      or not 1 <= num_steps < num_train_steps:
+    raise ValueError(f"num_steps: must be an int in [1, {num_train_steps - 1}] for a schedule of "
+                     f"{num_train_steps} steps, got {num_steps!r}")
+  if not isinstance(samples_per_condition, (int, np.integer)) or isinstance(samples_per_condition, bool) \
+      or samples_per_condition < 1:
+    raise ValueError(f"samples_per_condition: must be an int >= 1, got {samples_per_condition!r}")
+  shape = _check_shape(shape)
+  _check_eta(eta)
+  _check_reduce(reduce)
+  guided = _check_guidance(guidance_scale, null_condition)
+  dtype = schedule.alphas_cumprod.dtype
+  return _sample(apply_fn, params, conditions, key, schedule.alphas_cumprod,
+                 jnp.asarray(eta, dtype), jnp.asarray(0.0 if not guided else guidance_scale, dtype),
+                 jnp.asarray(0 if not guided else null_condition, jnp.int32),
+                 num_steps=int(num_steps), samples_per_condition=int(samples_per_condition),
+                 shape=shape, guided=guided, reduce=reduce)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "num_steps", "samples_per_condition",
+                                               "shape", "guided", "reduce"))
+def _sample(apply_fn, params, conditions, key, alphas_cumprod, eta, guidance_scale, null_condition, *,
+            num_steps, samples_per_condition, shape, guided, reduce):
+  conditions = jnp.repeat(conditions, samples_per_condition)
+  batch = conditions.shape[0]
+  steps = sampling_timesteps(alphas_cumprod.shape[0], num_steps)
+  # All the noise at once, x_T first: one generator call compiles and runs faster than one per
+  # step, for a transient array the size of `states`.
+  noise = jax.random.normal(key, (num_steps + 1, batch) + shape, alphas_cumprod.dtype)
+  log_prob = jax.vmap(_gaussian_log_prob, in_axes=(0, 0, None, None))
+
+  def one_step(x, inputs):
+    t, t_prev, z = inputs
+    eps = _predict_eps(apply_fn, params, x, t, conditions, guidance_scale, null_condition, guided)
+    mean, std = _mean_std(x, eps, t, t_prev, alphas_cumprod, eta)
+    x_prev = mean + std * z
+    return x_prev, (x_prev, log_prob(x_prev, mean, std, reduce))
+
+  x0, (xs, log_probs) = jax.lax.scan(one_step, noise[0], (steps.timesteps, steps.previous, noise[1:]))
+  states = jnp.concatenate([noise[:1], xs])
+  return Trajectory(x0, states, log_probs, steps.timesteps, conditions, steps.previous)
+
+
+# Recomputation under new parameters.
+
+
+def trajectory_transitions(apply_fn: ApplyFn, params: Any, trajectory: Trajectory, *,
+                           schedule: NoiseSchedule, eta: ArrayLike,
+                           guidance_scale: ArrayLike | None = None, null_condition: int | None = None,
+                           reduce: Reduce = "sum") -> Transitions:
+  """Every stored step's mean mu_theta and log p_theta(x_t' | x_t, c) under `params`.
+
+  For step i: eps = eps_theta(states[i], t_i, c) (guided as when sampling), mu = mu(states[i], eps),
+  log_probs[i] = log N(states[i + 1]; mu, sigma_{t_i}^2 I). Differentiable with respect to params.
+  Use the same eta, guidance and reduction as when sampling. For a KL penalty to a reference model,
+  call it twice (params, reference params) and apply `step_kl` per step and sample.
+
+  Args:
+    apply_fn: apply_fn(params, x_t [B, *shape], t [B] int32, condition [B] int32) -> eps [B, *shape].
+    params: the parameters to evaluate.
+    trajectory: a `Trajectory` from `sample`, or a subset of its samples from `select_samples`.
+    schedule: the `NoiseSchedule` used to sample.
+    eta: scalar in (0, 1], as used to sample.
+    guidance_scale: as used to sample (None for no guidance).
+    null_condition: as used to sample.
+    reduce: "sum" or "mean", as used to sample.
+
+  Returns:
+    A `Transitions` with log_probs [S, B], means [S, B, *shape] and stds [S].
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from saferl_jax.diffusion.schedules import linear_schedule
+    >>> from saferl_jax.diffusion.step import step_kl
+    >>> apply_fn, s = (lambda params, x, t, c: params * x), linear_schedule(100)
+    >>> traj = sample(apply_fn, 0.5, jnp.array([0]), key=jax.random.key(0), schedule=s,
+    ...               num_steps=10, eta=1.0, samples_per_condition=4, shape=(2,))
+    >>> new = trajectory_transitions(apply_fn, 0.6, traj, schedule=s, eta=1.0)
+    >>> ref = trajectory_transitions(apply_fn, 0.5, traj, schedule=s, eta=1.0)
+    >>> kl = jax.vmap(jax.vmap(step_kl, (0, 0, None)))(new.means, ref.means, new.stds)
+    >>> new.log_probs.shape, kl.shape, bool(jnp.allclose(ref.log_probs, traj.log_probs, atol=1e-4))
+    ((10, 4), (10, 4), True)
+  """
+  _check_trajectory(trajectory)
+  check_schedule(schedule)
+  _check_eta(eta)
+  _check_reduce(reduce)
+  guided = _check_guidance(guidance_scale, null_condition)
+  if checks.is_concrete(trajectory.timesteps, trajectory.previous_timesteps):
+    t, t_prev = np.asarray(trajectory.timesteps), np.asarray(trajectory.previous_timesteps)
+    if np.any(t >= schedule.alphas_cumprod.shape[0]) or np.any(t_prev < 0) or np.any(t_prev >= t):
+      raise ValueError("trajectory: timesteps must satisfy 0 <= previous_timesteps < timesteps < T = "
+                       f"{schedule.alphas_cumprod.shape[0]}")
+  dtype = schedule.alphas_cumprod.dtype
+  return _transitions(apply_fn, params, trajectory, schedule.alphas_cumprod, jnp.asarray(eta, dtype),
+                      jnp.asarray(0.0 if not guided else guidance_scale, dtype),
+                      jnp.asarray(0 if not guided else null_condition, jnp.int32),
+                      guided=guided, reduce=reduce)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "guided", "reduce"))
+def _transitions(apply_fn, params, trajectory, alphas_cumprod, eta, guidance_scale, null_condition, *,
+                 guided, reduce):
+  conditions = trajectory.conditions.astype(jnp.int32)
+  log_prob = jax.vmap(_gaussian_log_prob, in_axes=(0, 0, None, None))
+
+  def one_step(carry, inputs):
+    x, x_prev, t, t_prev = inputs
+    eps = _predict_eps(apply_fn, params, x, t, conditions, guidance_scale, null_condition, guided)
+    mean, std = _mean_std(x, eps, t, t_prev, alphas_cumprod, eta)
+    return carry, (log_prob(x_prev, mean, std, reduce), mean, std)
+
+  states = trajectory.states.astype(alphas_cumprod.dtype)
+  _, (log_probs, means, stds) = jax.lax.scan(
+      one_step, None, (states[:-1], states[1:], trajectory.timesteps, trajectory.previous_timesteps))
+  return Transitions(log_probs, means, stds)
+
+
+def trajectory_log_probs(apply_fn: ApplyFn, params: Any, trajectory: Trajectory, *,
+                         schedule: NoiseSchedule, eta: ArrayLike,
+                         guidance_scale: ArrayLike | None = None, null_condition: int | None = None,
+                         reduce: Reduce = "sum") -> jax.Array:
+  """log p_theta(x_t' | x_t, c) of every stored step under `params`: `trajectory_transitions(...).log_probs`.
+
+  The new log-probabilities of PPO's ratio rho_t = exp(log p_theta - log p_theta_old), with
+  `Trajectory.log_probs` as the old ones; differentiable with respect to params. Under `jax.jit` the
+  unused means are never materialised.
+
+  Args:
+    apply_fn, params, trajectory, schedule, eta, guidance_scale, null_condition, reduce: as for
+      `trajectory_transitions`.
+
+  Returns:
+    [S, B] log-probabilities.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from saferl_jax.diffusion.schedules import linear_schedule
+    >>> apply_fn, s = (lambda params, x, t, c: params * x), linear_schedule(100)
+    >>> traj = sample(apply_fn, 0.5, jnp.array([0, 1]), key=jax.random.key(0), schedule=s,
+    ...               num_steps=10, eta=1.0, samples_per_condition=4, shape=(2,))
+    >>> half = select_samples(traj, jnp.arange(4))  # a minibatch: the samples of condition 0
+    >>> lp = trajectory_log_probs(apply_fn, 0.5, half, schedule=s, eta=1.0)
+    >>> lp.shape, bool(jnp.allclose(lp, traj.log_probs[:, :4], atol=1e-4))
+    ((10, 4), True)
+  """
+  return trajectory_transitions(apply_fn, params, trajectory, schedule=schedule, eta=eta,
+                                guidance_scale=guidance_scale, null_condition=null_condition,
+                                reduce=reduce).log_probs
+
+
+def select_samples(trajectory: Trajectory, index: ArrayLike | slice) -> Trajectory:
+  """The trajectories of some samples (a minibatch), indexing each field along its sample axis.
+
+  Args:
+    trajectory: a `Trajectory` of B samples.
+    index: int indices [M] into the B samples, a bool mask [B], or a slice.
+
+  Returns:
+    A `Trajectory` of the selected samples; timesteps are shared and kept whole.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from saferl_jax.diffusion.schedules import linear_schedule
+    >>> traj = sample(lambda p, x, t, c: 0 * x, None, jnp.array([7, 8]), key=jax.random.key(0),
+    ...               schedule=linear_schedule(100), num_steps=5, eta=1.0, samples_per_condition=2,
+    ...               shape=(3,))
+    >>> sub = select_samples(traj, jnp.array([3, 0]))
+    >>> sub.states.shape, sub.conditions.tolist()
+    ((6, 2, 3), [8, 7])
+  """
+  _check_trajectory(trajectory)
+  return Trajectory(x0=trajectory.x0[index], states=trajectory.states[:, index],
+                    log_probs=trajectory.log_probs[:, index], timesteps=trajectory.timesteps,
+                    conditions=trajectory.conditions[index],
+                    previous_timesteps=trajectory.previous_timesteps)
