@@ -104,6 +104,12 @@ def check_indices(name: str, indices: jax.Array, size: int, *, what: str = "inde
           f"{int(bad.sum())} outside (e.g. {values[bad].ravel()[0]})")
 
 
+def check_positive_int(name: str, value) -> None:
+  """Checks a count that sets a shape or a loop length: a Python (or numpy) int >= 1."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name}: must be a positive int, got {value!r}")
+
+
 def check_level_option(name: str, value) -> None:
   """Checks a miss probability such as delta or alpha: it must lie in (0, 1)."""
   if value is None or not is_concrete(value):

@@ -66,12 +66,21 @@ def resume(checkpoint_path, fingerprint: str, state: Any, history: dict, total: 
 
 
 def checksum(tree) -> str:
-  """SHA-256 of every leaf's bytes (PRNG keys by their key data)."""
+  """SHA-256 over every leaf's dtype, shape and bytes (typed PRNG keys through their key data).
+
+  Fingerprints checkpoints here and cached pretrained parameters (`diffusion.cache`).
+
+  Example:
+    >>> checksum(np.zeros(2)) == checksum(np.zeros(2)) != checksum(np.zeros(3))
+    True
+  """
   digest = hashlib.sha256()
   for leaf in jax.tree_util.tree_leaves(tree):
-    if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
       leaf = jax.random.key_data(leaf)
-    digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    leaf = np.ascontiguousarray(np.asarray(leaf))
+    digest.update(f"{leaf.dtype.str}{leaf.shape}".encode())
+    digest.update(leaf.tobytes())
   return digest.hexdigest()
 
 

@@ -91,8 +91,7 @@ def simulate_click_log(key: jax.Array, logging_logits: ArrayLike, labels: ArrayL
                      f"got {tuple(labels.shape)}")
   for name, value in (("num_sessions", num_sessions), ("propensity_samples", propensity_samples),
                       ("chunk_size", chunk_size)):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-      raise ValueError(f"{name}: must be a positive int, got {value!r}")
+    checks.check_positive_int(name, value)
   num_queries, num_docs = logging_logits.shape
   k = min(int(jnp.shape(click_model.alpha)[0]), num_docs)
   mask = jnp.ones(labels.shape, bool) if where is None else jnp.asarray(where, bool)

@@ -29,7 +29,6 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.typing import ArrayLike
 
@@ -183,8 +182,7 @@ def train_ranker(
     raise ValueError(f"objective: must be one of {OBJECTIVES}, got {objective!r}")
   for name, value in (("steps", steps), ("eval_every", eval_every), ("num_samples", num_samples),
                       ("num_sessions", num_sessions)):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-      raise ValueError(f"{name}: must be a positive int, got {value!r}")
+    checks.check_positive_int(name, value)
   if steps % eval_every:
     raise ValueError(f"steps: must be a multiple of eval_every={eval_every}, got {steps}")
   checks.check_level_option("delta", delta)

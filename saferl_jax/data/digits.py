@@ -89,19 +89,23 @@ def split(data: Digits, fractions: Sequence[float] = (0.8, 0.2), *, key: jax.Arr
   if np.any(~np.isfinite(fractions)) or np.any(fractions < 0) or abs(fractions.sum() - 1) > 1e-6:
     raise ValueError(f"fractions: must be >= 0 and sum to 1, got {fractions.tolist()}")
   labels = np.asarray(data.labels)
+  n = labels.size
   cumulative = np.cumsum(fractions)
-  class_key, shuffle_key = jax.random.split(key)
+  # Two permutations of all N images (one compilation): the first orders each class's members,
+  # the second gives every image a random rank that orders the parts.
+  order_key, rank_key = jax.random.split(key)
+  order = np.asarray(jax.random.permutation(order_key, n))
+  rank = np.asarray(jax.random.permutation(rank_key, n))
   parts: list[list[np.ndarray]] = [[] for _ in fractions]
-  for index, label in enumerate(np.unique(labels)):
-    members = np.flatnonzero(labels == label)
-    order = members[np.asarray(jax.random.permutation(jax.random.fold_in(class_key, index), members.size))]
+  for label in np.unique(labels):
+    members = order[labels[order] == label]
     bounds = np.round(cumulative * members.size).astype(int)
     bounds[-1] = members.size
     for part, (start, stop) in enumerate(zip(np.concatenate([[0], bounds[:-1]]), bounds)):
-      parts[part].append(order[start:stop])
+      parts[part].append(members[start:stop])
   result = []
-  for part, pieces in enumerate(parts):
+  for pieces in parts:
     indices = np.concatenate(pieces)
-    indices = indices[np.asarray(jax.random.permutation(jax.random.fold_in(shuffle_key, part), indices.size))]
+    indices = indices[np.argsort(rank[indices], kind="stable")]
     result.append(Digits(data.images[indices], data.labels[indices]))
   return tuple(result)

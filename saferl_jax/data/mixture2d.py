@@ -41,6 +41,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -156,6 +157,11 @@ def sample_mixture(key: jax.Array, mixture: GaussianMixture, n: int) -> jax.Arra
   """
   if n < 1:
     raise ValueError(f"n: must be >= 1, got {n}")
+  return _sample(key, mixture, n)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _sample(key: jax.Array, mixture: GaussianMixture, n: int) -> jax.Array:
   component_key, noise_key = jax.random.split(key)
   log_weights = jnp.log(mixture.weights)
   components = jax.random.categorical(component_key, log_weights, shape=(n,))
@@ -193,6 +199,11 @@ def mixture_log_density(mixture: GaussianMixture, x: ArrayLike) -> jax.Array:
   x = checks.as_float("x", x)
   if x.ndim < 1 or x.shape[-1] != mixture.dim:
     raise ValueError(f"x: expected shape [..., D={mixture.dim}], got {tuple(x.shape)}")
+  return _log_density(mixture, x)
+
+
+@jax.jit
+def _log_density(mixture: GaussianMixture, x: jax.Array) -> jax.Array:
   per_component = jax.vmap(_gaussian_log_density, in_axes=(None, 0, 0), out_axes=-1)(
       x, mixture.means, mixture.covariances)
   return jax.nn.logsumexp(per_component + jnp.log(mixture.weights), axis=-1)
@@ -281,6 +292,12 @@ def mixture_mmd(samples: ArrayLike, mixture: GaussianMixture, *, bandwidth: floa
     raise ValueError(f"samples: need at least 2 samples, got {n}")
   checks.check_nonnegative_option("bandwidth", bandwidth, strictly_positive=True)
   checks.check_finite("samples", samples)
+  return _mmd(samples, mixture, bandwidth, unbiased)
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _mmd(samples: jax.Array, mixture: GaussianMixture, bandwidth: jax.Array, unbiased: bool) -> jax.Array:
+  n = samples.shape[0]
   squared_norms = jnp.sum(samples ** 2, axis=-1)
   squared_distances = jnp.maximum(
       squared_norms[:, None] + squared_norms[None, :] - 2 * samples @ samples.T, 0.0)

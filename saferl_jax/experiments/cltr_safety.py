@@ -41,8 +41,8 @@ from saferl_jax.cltr import adversarial, trust_bias
 from saferl_jax.cltr.click_logs import estimated_rewards, simulate_click_log
 from saferl_jax.cltr.training import RankingData, relevance_data, train_ranker
 from saferl_jax.data import ltr
-from saferl_jax.experiments.common import (Checkpoint, markdown_table, progress, pyplot,
-                                           write_json)
+from saferl_jax.experiments.common import (Checkpoint, finish, markdown_table, plot_curve,
+                                           progress, pyplot)
 from saferl_jax.functional import as_functional
 from saferl_jax.ranking import (LinearRanker, dcg_rank_weights, expected_metric_from_samples,
                                 exposure_from_samples, sample_rankings)
@@ -184,10 +184,7 @@ def run(out: Path, config: Config = QUICK, *, data_path: Path | None = None) -> 
       "click_models": click_models,
   }
   results["claims"] = _claims(results)
-  write_json(out / "results.json", results)
-  _plot(results, out)
-  (out / "summary.md").write_text(summary(results))
-  return results
+  return finish(out, results, _plot, summary)
 
 
 def _claims(results: dict) -> dict:
@@ -222,9 +219,8 @@ def _plot(results: dict, out: Path) -> None:
     cell = results["click_models"][model_name]
     sessions = cell["n_sessions"]
     for method, curve in cell["methods"].items():
-      ci = np.asarray(curve["ndcg_ci"], float)
-      axis.plot(sessions, curve["ndcg_mean"], marker="o", markersize=3, label=LABELS[method])
-      axis.fill_between(sessions, ci[:, 0], ci[:, 1], alpha=0.15)
+      plot_curve(axis, sessions, curve["ndcg_mean"], curve["ndcg_ci"], LABELS[method], marker="o",
+                 markersize=3)
     axis.axhline(results["logging_ndcg"], color="gray", linestyle="--", label="logging policy")
     axis.set_xscale("log")
     axis.set_xlabel("logged sessions N")
@@ -251,7 +247,7 @@ def summary(results: dict) -> str:
   few = claims["few_sessions_worst_seed"]
   drops = claims["adversarial_worst_drop"]
   parts.append(
-      f"Claims. With the fewest sessions, the worst seed of each method scores "
+      "Claims. With the fewest sessions, the worst seed of each method scores "
       + ", ".join(f"{LABELS[m]} {v:.4f}" for m, v in few.items())
       + f": safe DR and PRPO stay at or above the logging policy in every seed: "
       f"{claims['few_sessions_safe_dr_and_prpo_not_below_logging']}; IPS or DR falls below it in "

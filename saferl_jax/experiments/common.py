@@ -74,6 +74,21 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
   return "\n".join(lines)
 
 
+def finish(out: Path, results: dict, plot, summary) -> dict:
+  """Writes out/results.json, the plots (plot(results, out)) and out/summary.md; returns results."""
+  write_json(Path(out) / "results.json", results)
+  plot(results, Path(out))
+  (Path(out) / "summary.md").write_text(summary(results))
+  return results
+
+
+def plot_curve(axis, x, mean, ci, label: str, **style) -> None:
+  """A mean curve with its confidence band ([len(x), 2] lower/upper) shaded."""
+  ci = np.asarray(ci, float)
+  axis.plot(x, mean, label=label, **style)
+  axis.fill_between(x, ci[:, 0], ci[:, 1], alpha=0.15)
+
+
 def pyplot():
   """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
   import matplotlib

@@ -8,7 +8,6 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from saferl_jax import training_runs
 from saferl_jax.cltr import training
 from saferl_jax.cltr.estimators import exposure_divergence
 from saferl_jax.data.ltr import make_ltr_dataset
@@ -104,22 +103,15 @@ def test_prpo_keeps_exposures_near_the_logging_policy():
   assert divergence["prpo"][2] < 0.6 * divergence["value"][2], divergence
 
 
-def test_resume_after_an_interrupt_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_after_an_interrupt_equals_the_uninterrupted_run(tmp_path, interrupt_checkpoints):
   data, num_sessions = supervised()
   options = dict(key=jax.random.key(5), objective="safe", num_sessions=num_sessions,
                  rank_weights=RANK_WEIGHTS, steps=30, optimizer=OPTIMIZER, eval_every=10,
                  evaluate=lambda p: {"w": jnp.sum(p["linear"]["kernel"][...])})
   reference = training.train_ranker(APPLY_FN, PARAMS, data, **options)
   path = tmp_path / "run.npz"
-  real = training_runs.save
-  calls = []
-
-  def interrupt_after_step_20(path, fingerprint, state, progress, history):
-    real(path, fingerprint, state, progress, history)
-    calls.append(progress)
-    if progress == 20 and calls.count(20) == 1:
-      raise KeyboardInterrupt
-  monkeypatch.setattr(training_runs, "save", interrupt_after_step_20)
+  interrupt_checkpoints.at = 20
+  calls = interrupt_checkpoints.saved
   with pytest.raises(KeyboardInterrupt):
     training.train_ranker(APPLY_FN, PARAMS, data, checkpoint_path=path, **options)
   resumed = training.train_ranker(APPLY_FN, PARAMS, data, checkpoint_path=path, **options)

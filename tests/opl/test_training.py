@@ -16,7 +16,6 @@ from saferl_jax.opl import (METHODS, LinearPolicy, as_functional, corrected_grad
                             gradient_optimal_baseline, logged_batch, logged_log_probs,
                             method_gradient, per_example_weight_gradients, snips_objective, train,
                             value_optimal_baseline)
-from saferl_jax import training_runs
 from saferl_jax.opl import training
 
 D, NA = 3, 4
@@ -187,36 +186,22 @@ def six_epochs(tmp_path_factory):
 
 
 @pytest.fixture
-def saved_epochs(monkeypatch):
-  """Records the epoch of every checkpoint written."""
-  epochs = []
-  real = training_runs.save
-
-  def recording(path, fingerprint, state, epoch, history):
-    real(path, fingerprint, state, epoch, history)
-    epochs.append(epoch)
-  monkeypatch.setattr(training_runs, "save", recording)
-  return epochs
+def saved_epochs(interrupt_checkpoints):
+  """The epoch of every checkpoint written."""
+  return interrupt_checkpoints.saved
 
 
-def test_resume_after_an_interrupt_equals_the_uninterrupted_run(six_epochs, tmp_path, monkeypatch):
+def test_resume_after_an_interrupt_equals_the_uninterrupted_run(six_epochs, tmp_path,
+                                                                interrupt_checkpoints):
   reference, _ = six_epochs
   path = tmp_path / "interrupted.npz"
-  real = training_runs.save
-  interrupted = []
-
-  def interrupt_after_epoch_3(path, fingerprint, state, epoch, history):
-    real(path, fingerprint, state, epoch, history)
-    if epoch == 3 and not interrupted:
-      interrupted.append(epoch)
-      raise KeyboardInterrupt
-  monkeypatch.setattr(training_runs, "save", interrupt_after_epoch_3)
+  interrupt_checkpoints.at = 3
   with pytest.raises(KeyboardInterrupt):
     resume_run(path)
   with np.load(path) as saved:
     assert int(saved["progress"]) == 3
   resumed = resume_run(path)
-  assert interrupted == [3]
+  assert interrupt_checkpoints.saved == [1, 2, 3, 4, 5, 6]  # resumed after epoch 3
   assert_same_result(resumed, reference)
   assert resumed.history["value"].shape == (7, 2)
   assert resumed.history["baseline"].shape == (6, 2)

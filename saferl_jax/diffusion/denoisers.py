@@ -1,0 +1,296 @@
+"""Noise-prediction networks eps_theta(x_t, t, c) as Flax NNX modules (floor 2).
+
+Every denoiser is called as `model(x_t [B, *shape], t [B] int, condition [B] int)` and returns
+eps [B, *shape], the noise that x_t = sqrt(alphabar_t) x_0 + sqrt(1 - alphabar_t) eps carries
+(DDPM's epsilon parameterisation). `t` is the training timestep in [0, T); `condition` is a class
+in [0, num_classes) or the null token `num_classes`, so the condition embedding has
+num_classes + 1 rows. Training with label dropout (the condition replaced by the null token with
+some probability) makes one network both conditional and unconditional, which classifier-free
+guidance combines: eps = eps_u + w (eps_c - eps_u).
+
+The timestep enters through the sinusoidal embedding of the Transformer (`sinusoidal_embedding`)
+followed by a small MLP; the class through a learned embedding; their sum conditions every block
+(added to the hidden units of the MLP, a per-channel bias in the conv net). There is no batch
+normalisation: each example's output depends on that example only.
+
+- `MLPDenoiser`: vectors [B, D] (the 2-D mixture task).
+- `ConvDenoiser`: 8x8x1 images (the digits task): a small U-Net, 8x8 -> 4x4 -> 8x8 with a skip
+  connection, residual blocks of GroupNorm, SiLU and 3x3 convolutions.
+
+The convolutions are `PatchConv`: the k x k neighbourhoods gathered by k^2 shifted slices, then one
+matrix product (im2col). On XLA:CPU a convolution's gradient inside a while loop (lax.scan: the
+pretraining loop, a sampler differentiated for policy gradients) runs about 50 times slower than
+outside one (jax-ml/jax#12868); the matrix-product form runs at full speed in both, and on an
+accelerator it costs little.
+
+References:
+  [DDPM] Ho, Jain, Abbeel. Denoising Diffusion Probabilistic Models. NeurIPS 2020.
+  https://arxiv.org/abs/2006.11239
+  [CFG] Ho, Salimans. Classifier-Free Diffusion Guidance. 2022. https://arxiv.org/abs/2207.12598
+  Vaswani et al. Attention Is All You Need. NeurIPS 2017 (sinusoidal embedding).
+  https://arxiv.org/abs/1706.03762
+  Convolution is significantly slower inside a loop body (CPU). https://github.com/jax-ml/jax/issues/12868
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.typing import ArrayLike
+
+
+def sinusoidal_embedding(t: ArrayLike, dim: int, *, max_period: float = 10_000.0) -> jax.Array:
+  """[sin(t f_i), cos(t f_i)] with frequencies f_i = max_period^(-i / (dim / 2)), i < dim / 2.
+
+  Args:
+    t: [...] timesteps (integers or floats).
+    dim: embedding size, even and >= 2.
+    max_period: the longest period, 2 pi max_period.
+
+  Returns:
+    [..., dim] embeddings: the sines, then the cosines.
+
+  Example:
+    >>> sinusoidal_embedding(jnp.array([0]), 4).tolist()
+    [[0.0, 0.0, 1.0, 1.0]]
+  """
+  if dim < 2 or dim % 2:
+    raise ValueError(f"dim: must be even and >= 2, got {dim}")
+  half = dim // 2
+  frequencies = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  angles = jnp.asarray(t, jnp.float32)[..., None] * frequencies
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def _check_inputs(x: jax.Array, t: jax.Array, condition: jax.Array, sample_ndim: int) -> None:
+  """Shapes and dtypes are static, so these checks run while tracing."""
+  if x.ndim != 1 + sample_ndim:
+    raise ValueError(f"x: expected a batch [B, ...] with {sample_ndim} sample axes, got shape {x.shape}")
+  batch = x.shape[0]
+  for name, value in (("t", t), ("condition", condition)):
+    if value.shape != (batch,):
+      raise ValueError(f"{name}: expected shape [B={batch}], got {value.shape}")
+    if not jnp.issubdtype(value.dtype, jnp.integer):
+      raise ValueError(f"{name}: must be an integer array, got dtype {value.dtype}")
+
+
+class ConditionEmbedding(nnx.Module):
+  """e(t, c) = MLP(sinusoidal(t)) + E[c], E with num_classes + 1 rows (the last is the null token)."""
+
+  def __init__(self, *, num_classes: int, time_embedding_dim: int, features: int, rngs: nnx.Rngs):
+    if num_classes < 1:
+      raise ValueError(f"num_classes: must be >= 1, got {num_classes}")
+    self.time_embedding_dim = time_embedding_dim
+    self.time_in = nnx.Linear(time_embedding_dim, features, rngs=rngs)
+    self.time_out = nnx.Linear(features, features, rngs=rngs)
+    self.classes = nnx.Embed(num_classes + 1, features, rngs=rngs)
+
+  def __call__(self, t: jax.Array, condition: jax.Array) -> jax.Array:
+    time = self.time_out(nnx.silu(self.time_in(sinusoidal_embedding(t, self.time_embedding_dim))))
+    return time + self.classes(condition)
+
+
+class MLPDenoiser(nnx.Module):
+  """eps_theta for vectors: h <- silu(W_i h + U_i e(t, c)) per hidden layer, then a linear output.
+
+  Args:
+    data_dim: D, the size of a sample.
+    num_classes: number of real conditions; `num_classes` itself is the null token (use 1 and
+      condition 0 or the null token for an unconditional model).
+    hidden: hidden layer sizes.
+    time_embedding_dim: size of the sinusoidal timestep embedding.
+    rngs: `nnx.Rngs` for the initial parameters.
+
+  Example:
+    >>> model = MLPDenoiser(2, num_classes=4, hidden=(32, 32), rngs=nnx.Rngs(0))
+    >>> model(jnp.zeros((3, 2)), jnp.array([0, 5, 9]), jnp.array([0, 3, 4])).shape  # 4: the null token
+    (3, 2)
+  """
+
+  def __init__(self, data_dim: int, *, num_classes: int, hidden: Sequence[int] = (128, 128, 128),
+               time_embedding_dim: int = 32, rngs: nnx.Rngs):
+    if data_dim < 1:
+      raise ValueError(f"data_dim: must be >= 1, got {data_dim}")
+    if not hidden or min(hidden) < 1:
+      raise ValueError(f"hidden: expected at least one layer of size >= 1, got {tuple(hidden)}")
+    self.data_dim = data_dim
+    self.num_classes = num_classes
+    self.embedding = ConditionEmbedding(num_classes=num_classes, time_embedding_dim=time_embedding_dim,
+                                        features=hidden[0], rngs=rngs)
+    sizes = [data_dim, *hidden]
+    self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+    self.condition_projections = nnx.List([nnx.Linear(hidden[0], b, rngs=rngs) for b in hidden])
+    self.out = nnx.Linear(hidden[-1], data_dim, rngs=rngs)
+
+  def __call__(self, x: jax.Array, t: jax.Array, condition: jax.Array) -> jax.Array:
+    _check_inputs(x, t, condition, 1)
+    embedding = nnx.silu(self.embedding(t, condition))
+    h = x
+    for layer, projection in zip(self.layers, self.condition_projections):
+      h = nnx.silu(layer(h) + projection(embedding))
+    return self.out(h)
+
+
+def _patches(x: jax.Array, k: int, s: int) -> jax.Array:
+  """[B, H', W', k^2 C]: the zero-padded k x k neighbourhood of every output position (im2col)."""
+  pad = k // 2
+  out_height, out_width = (x.shape[1] - 1) // s + 1, (x.shape[2] - 1) // s + 1
+  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  return jnp.concatenate(
+      [padded[:, di:di + s * (out_height - 1) + 1:s, dj:dj + s * (out_width - 1) + 1:s, :]
+       for di in range(k) for dj in range(k)], axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x: jax.Array, kernel: jax.Array, k: int, s: int) -> jax.Array:
+  """_patches(x) @ kernel, computed forward by XLA's convolution; kernel [k^2 C, C']."""
+  pad = k // 2
+  return jax.lax.conv_general_dilated(
+      x, kernel.reshape(k, k, x.shape[-1], kernel.shape[-1]), (s, s), ((pad, pad), (pad, pad)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _conv_forward(x, kernel, k, s):
+  return _conv(x, kernel, k, s), (x, kernel)
+
+
+def _conv_backward(k, s, residuals, dy):
+  """Both gradients as matrix products: d kernel = patches^T dy, dx = col2im(dy kernel^T)."""
+  x, kernel = residuals
+  d_kernel = jnp.einsum("bhwp,bhwo->po", _patches(x, k, s), dy)
+  d_patches = dy @ kernel.T  # [B, H', W', k^2 C]
+  pad, (batch, height, width, channels) = k // 2, x.shape
+  out_height, out_width = dy.shape[1:3]
+  d_padded = jnp.zeros((batch, height + 2 * pad, width + 2 * pad, channels), x.dtype)
+  for n, (di, dj) in enumerate((di, dj) for di in range(k) for dj in range(k)):
+    d_padded = d_padded.at[:, di:di + s * (out_height - 1) + 1:s, dj:dj + s * (out_width - 1) + 1:s, :].add(
+        d_patches[..., n * channels:(n + 1) * channels])
+  return d_padded[:, pad:pad + height, pad:pad + width, :], d_kernel
+
+
+_conv.defvjp(_conv_forward, _conv_backward)
+
+
+class PatchConv(nnx.Module):
+  """A k x k convolution with SAME-style padding k // 2 and a stride, as im2col and one matmul.
+
+  y[b, i, j] = sum_{di, dj < k} x_pad[b, s i + di, s j + dj] W[di, dj] + bias, with x zero-padded by
+  k // 2 on every side (for stride 2 and an even size the output is half the input). The same
+  function as lax.conv_general_dilated with padding ((k // 2, k // 2),) * 2, written with slices and
+  a dot so that its gradient is fast inside lax.scan on CPU. The forward pass is XLA's convolution;
+  the backward pass (a custom VJP) is two matrix products, so it supports reverse-mode
+  differentiation (grad, vjp, vmap of grad) but not forward mode (jvp) or second derivatives.
+
+  Args:
+    in_features: input channels.
+    out_features: output channels.
+    kernel_size: k, odd.
+    stride: s.
+    rngs: `nnx.Rngs` for the kernel (LeCun normal, fan-in k^2 in_features); the bias starts at 0.
+
+  Example:
+    >>> conv = PatchConv(1, 4, stride=2, rngs=nnx.Rngs(0))
+    >>> conv(jnp.zeros((2, 8, 8, 1))).shape
+    (2, 4, 4, 4)
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, kernel_size: int = 3, stride: int = 1,
+               rngs: nnx.Rngs):
+    if kernel_size < 1 or kernel_size % 2 == 0:
+      raise ValueError(f"kernel_size: must be odd and >= 1, got {kernel_size}")
+    if stride < 1:
+      raise ValueError(f"stride: must be >= 1, got {stride}")
+    self.kernel_size = kernel_size
+    self.stride = stride
+    self.in_features = in_features
+    init = jax.nn.initializers.lecun_normal()
+    self.kernel = nnx.Param(init(rngs.params(), (kernel_size * kernel_size * in_features, out_features)))
+    self.bias = nnx.Param(jnp.zeros((out_features,)))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    batch_shape = x.shape[:-3]
+    y = _conv(x.reshape((-1,) + x.shape[-3:]), self.kernel[...], self.kernel_size, self.stride)
+    return y.reshape(batch_shape + y.shape[1:]) + self.bias[...]
+
+
+class ResidualBlock(nnx.Module):
+  """h + conv(silu(norm(conv(silu(norm(h))) + bias(e)))), the embedding as a per-channel bias."""
+
+  def __init__(self, in_channels: int, out_channels: int, *, embedding_features: int, groups: int,
+               rngs: nnx.Rngs):
+    self.norm1 = nnx.GroupNorm(in_channels, num_groups=groups, rngs=rngs)
+    self.conv1 = PatchConv(in_channels, out_channels, rngs=rngs)
+    self.bias = nnx.Linear(embedding_features, out_channels, rngs=rngs)
+    self.norm2 = nnx.GroupNorm(out_channels, num_groups=groups, rngs=rngs)
+    self.conv2 = PatchConv(out_channels, out_channels, rngs=rngs)
+    self.skip = (nnx.Linear(in_channels, out_channels, rngs=rngs)
+                 if in_channels != out_channels else None)
+
+  def __call__(self, h: jax.Array, embedding: jax.Array) -> jax.Array:
+    y = self.conv1(nnx.silu(self.norm1(h)))
+    y = y + self.bias(embedding)[:, None, None, :]
+    y = self.conv2(nnx.silu(self.norm2(y)))
+    return (h if self.skip is None else self.skip(h)) + y
+
+
+class ConvDenoiser(nnx.Module):
+  """eps_theta for 8x8x1 images: a two-level U-Net (8x8 with `channels`, 4x4 with 2 `channels`).
+
+  conv_in -> block(8x8) -> stride-2 conv -> block(4x4) -> nearest upsample + conv -> concat the
+  8x8 skip -> block(8x8) -> GroupNorm, SiLU, conv_out. The embedding e(t, c) is a per-channel
+  bias inside every block.
+
+  Args:
+    num_classes: number of real classes (10 digits); `num_classes` is the null token.
+    channels: channels at 8x8 (a multiple of 8, the GroupNorm group count).
+    time_embedding_dim: size of the sinusoidal timestep embedding.
+    image_shape: (H, W, C) of the images, H and W even.
+    rngs: `nnx.Rngs` for the initial parameters.
+
+  Example:
+    >>> model = ConvDenoiser(channels=16, rngs=nnx.Rngs(0))
+    >>> model(jnp.zeros((4, 8, 8, 1)), jnp.array([0, 10, 500, 999]), jnp.array([0, 3, 9, 10])).shape
+    (4, 8, 8, 1)
+  """
+
+  def __init__(self, *, num_classes: int = 10, channels: int = 32, time_embedding_dim: int = 32,
+               image_shape: tuple[int, int, int] = (8, 8, 1), rngs: nnx.Rngs):
+    groups = 8
+    if channels < groups or channels % groups:
+      raise ValueError(f"channels: must be a positive multiple of {groups}, got {channels}")
+    height, width, image_channels = image_shape
+    if height % 2 or width % 2:
+      raise ValueError(f"image_shape: height and width must be even, got {tuple(image_shape)}")
+    self.num_classes = num_classes
+    self.image_shape = tuple(image_shape)
+    features = 4 * channels
+    wide = 2 * channels
+    self.embedding = ConditionEmbedding(num_classes=num_classes, time_embedding_dim=time_embedding_dim,
+                                        features=features, rngs=rngs)
+    self.conv_in = PatchConv(image_channels, channels, rngs=rngs)
+    self.block_down = ResidualBlock(channels, channels, embedding_features=features, groups=groups,
+                                    rngs=rngs)
+    self.downsample = PatchConv(channels, wide, stride=2, rngs=rngs)
+    self.block_mid = ResidualBlock(wide, wide, embedding_features=features, groups=groups, rngs=rngs)
+    self.upsample = PatchConv(wide, channels, rngs=rngs)
+    self.block_up = ResidualBlock(2 * channels, channels, embedding_features=features, groups=groups,
+                                  rngs=rngs)
+    self.norm_out = nnx.GroupNorm(channels, num_groups=groups, rngs=rngs)
+    self.conv_out = PatchConv(channels, image_channels, rngs=rngs)
+
+  def __call__(self, x: jax.Array, t: jax.Array, condition: jax.Array) -> jax.Array:
+    _check_inputs(x, t, condition, 3)
+    if x.shape[1:] != self.image_shape:
+      raise ValueError(f"x: expected images [B, {', '.join(map(str, self.image_shape))}], got shape {x.shape}")
+    embedding = nnx.silu(self.embedding(t, condition))
+    h = self.conv_in(x)
+    skip = self.block_down(h, embedding)
+    h = self.block_mid(self.downsample(skip), embedding)
+    h = self.upsample(jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2))
+    h = self.block_up(jnp.concatenate([h, skip], axis=-1), embedding)
+    return self.conv_out(nnx.silu(self.norm_out(h)))

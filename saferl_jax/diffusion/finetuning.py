@@ -1,0 +1,261 @@
+"""Reward fine-tuning of a diffusion model with REINFORCE, PPO (DDPO) or LOOP, many seeds at once (floor 3).
+
+One round: draw P prompts, sample K trajectories per prompt with the current ("old") parameters,
+score the B = P K final samples (B reward queries), compute advantages, then update:
+
+  "reinforce"  one gradient step on -(1/B) sum_b A_b sum_t log p_theta, A the leave-one-out
+               advantage of the same K samples (REINFORCE with a baseline, on-policy);
+  "ppo"        DDPO-IS: A from per-prompt running reward statistics, clipped; `epochs` passes of
+               `minibatches` steps on PPO's clipped loss with the stored log-probs as the old ones;
+  "loop"       LOOP: the leave-one-out advantage inside the same clipped loss and updates.
+
+An optional KL term, beta times the per-step Gaussian KL ||mu_theta - mu_ref||^2 / (2 sigma_t^2)
+reduced over steps as the policy loss is (summed for REINFORCE, averaged for PPO's per-step
+loss), keeps the model near the reference (pretrained) parameters: the objective is then
+E[r] - beta KL(path), whose optimum tilts the reference by exp(r / beta) (with PPO's normalised
+advantages, by exp(r / (beta std r))). S seeds run in one vmapped, jitted call (seed axis sharded
+over devices); the run is checkpointed every `eval_every` rounds and resumes exactly (round r uses
+fold_in(seed key, r)). Sample efficiency is counted in reward queries: B per round.
+
+References:
+  [DDPO] Black, Janner, Du, Kostrikov, Levine. Training Diffusion Models with Reinforcement
+  Learning. ICLR 2024. https://arxiv.org/abs/2305.13301
+  [LOOP] Gupta et al. A Simple and Effective Reinforcement Learning Method for Text-to-Image
+  Diffusion Models. 2025. https://arxiv.org/abs/2503.00897
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from saferl_jax import checks, training_runs
+from saferl_jax.diffusion.losses import (RewardStatsState, loop_advantages, ppo_advantages, ppo_loss,
+                                         reinforce_loss, reward_stats)
+from saferl_jax.diffusion.sampler import sample, select_samples, trajectory_transitions
+from saferl_jax.diffusion.schedules import NoiseSchedule
+from saferl_jax.diffusion.step import step_kl
+from saferl_jax.parallel import seed_sharding
+
+METHODS = ("reinforce", "ppo", "loop")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How trajectories are sampled and scored (static: it shapes the compiled round)."""
+  shape: tuple[int, ...]           # one sample's shape, e.g. (8, 8, 1)
+  num_classes: int                 # prompts are drawn uniformly from 0..num_classes-1
+  prompts_per_round: int           # P
+  samples_per_prompt: int          # K
+  num_steps: int = 20              # S, DDIM steps
+  eta: float = 1.0
+  reduce: str = "sum"              # how step log-probs are reduced (see diffusion.step)
+  guidance_scale: float | None = None
+  null_condition: int | None = None
+
+
+class FinetuneState(NamedTuple):
+  params: Any
+  opt_state: Any
+  reward_stats: RewardStatsState
+
+
+def _transitions(apply_fn, params, trajectory, schedule, sampling: Sampling):
+  return trajectory_transitions(apply_fn, params, trajectory, schedule=schedule, eta=sampling.eta,
+                                guidance_scale=sampling.guidance_scale,
+                                null_condition=sampling.null_condition, reduce=sampling.reduce)
+
+
+def _round(state: FinetuneState, key: jax.Array, round_index: jax.Array, reference_params, schedule,
+           *, apply_fn, reward_fn, optimizer, method: str, sampling: Sampling, epochs: int,
+           minibatches: int, clip_range: float, kl_weight: float):
+  """One sampling round and its updates; returns the new state and the round's diagnostics."""
+  round_key = jax.random.fold_in(key, round_index)
+  prompt_key, sample_key, shuffle_key = jax.random.split(round_key, 3)
+  prompts = jax.random.randint(prompt_key, (sampling.prompts_per_round,), 0, sampling.num_classes)
+  trajectory = sample(apply_fn, jax.lax.stop_gradient(state.params), prompts, key=sample_key,
+                      schedule=schedule, num_steps=sampling.num_steps, eta=sampling.eta,
+                      samples_per_condition=sampling.samples_per_prompt, shape=sampling.shape,
+                      guidance_scale=sampling.guidance_scale, null_condition=sampling.null_condition,
+                      reduce=sampling.reduce)
+  rewards = reward_fn(trajectory.x0, trajectory.conditions)
+  stats = state.reward_stats
+  if method == "ppo":
+    stats = reward_stats().update(stats, trajectory.conditions, rewards)
+    advantages = ppo_advantages(stats, trajectory.conditions, rewards)
+  else:
+    advantages = loop_advantages(rewards, samples_per_condition=sampling.samples_per_prompt)
+
+  def loss_fn(params, index):
+    batch = select_samples(trajectory, index)
+    new = _transitions(apply_fn, params, batch, schedule, sampling)
+    if method == "reinforce":
+      loss, approx_kl, clip_fraction = reinforce_loss(new.log_probs, advantages[index]), 0.0, 0.0
+    else:
+      loss, approx_kl, clip_fraction = ppo_loss(new.log_probs, batch.log_probs, advantages[index],
+                                                clip_range=clip_range)
+    if kl_weight:
+      reference = _transitions(apply_fn, reference_params, batch, schedule, sampling)
+      kl = jax.vmap(jax.vmap(lambda m, r, s: step_kl(m, r, s, reduce=sampling.reduce),
+                             (0, 0, None)))(new.means, jax.lax.stop_gradient(reference.means),
+                                            new.stds)
+      # Reduced over steps as the policy loss is (REINFORCE sums over t, PPO averages), so that
+      # kl_weight is the beta of E[r] - beta KL(path) for both.
+      per_sample = jnp.sum(kl, axis=0) if method == "reinforce" else jnp.mean(kl, axis=0)
+      loss = loss + kl_weight * jnp.mean(per_sample)
+    return loss, (jnp.asarray(approx_kl), jnp.asarray(clip_fraction))
+
+  batch_size = trajectory.conditions.shape[0]
+  if method == "reinforce":  # on-policy: one step on the whole batch
+    orders = jnp.arange(batch_size)[None, None]
+  else:
+    orders = jax.vmap(lambda k: jax.random.permutation(k, batch_size))(
+        jax.random.split(shuffle_key, epochs)).reshape(epochs, minibatches, -1)
+
+  def update(carry, index):
+    params, opt_state = carry
+    grads, diagnostics = jax.grad(loss_fn, has_aux=True)(params, index)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), diagnostics
+
+  (params, opt_state), (approx_kl, clip_fraction) = jax.lax.scan(
+      update, (state.params, state.opt_state), orders.reshape(-1, orders.shape[-1]))
+  diagnostics = {"reward": jnp.mean(rewards), "approx_kl": jnp.mean(approx_kl),
+                 "clip_fraction": jnp.mean(clip_fraction)}
+  return FinetuneState(params, opt_state, stats), diagnostics
+
+
+def finetune(
+    apply_fn: Callable,
+    params,
+    reward_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    *,
+    key: jax.Array,
+    method: str,
+    rounds: int,
+    schedule: NoiseSchedule,
+    sampling: Sampling,
+    optimizer: optax.GradientTransformation | None = None,
+    epochs: int = 2,
+    minibatches: int = 2,
+    clip_range: float = 0.2,
+    kl_weight: float = 0.0,
+    evaluate: Callable[[Any], dict] | None = None,
+    eval_every: int = 5,
+    checkpoint_path: str | Path | None = None,
+) -> training_runs.TrainResult:
+  """Fine-tunes a denoiser on a reward with REINFORCE, PPO or LOOP, for S seeds at once.
+
+  Args:
+    apply_fn: apply_fn(params, x_t [B, *shape], t [B], condition [B]) -> eps [B, *shape].
+    params: the pretrained parameters with a leading seed axis [S, ...] (also the KL reference).
+    reward_fn: jittable reward_fn(x0 [B, *shape], conditions [B]) -> rewards [B].
+    key: [S] PRNG keys; a single key means S = 1 and no seed axis on params.
+    method: one of METHODS.
+    rounds: sampling rounds; each makes P K reward queries. A multiple of eval_every.
+    schedule: the pretraining noise schedule.
+    sampling: a `Sampling` (shape, prompts, K, steps, eta, reduction, guidance).
+    optimizer: optax optimizer (default adam(1e-4)); pass the same object to reuse compilation.
+    epochs, minibatches: PPO/LOOP passes over each round's samples, and steps per pass
+      (B must divide into minibatches); ignored by REINFORCE (one step per round).
+    clip_range: PPO's e (0.1 to 0.3 goes with reduce="sum"; DDPO's 1e-4 with "mean").
+    kl_weight: weight of the KL to the initial parameters (0: none).
+    evaluate: optional jittable evaluate(params) -> {name: scalar} for one seed, recorded before
+      training and every `eval_every` rounds.
+    eval_every: rounds per chunk between evaluations and checkpoints.
+    checkpoint_path: a .npz file, written after every chunk, resumed from when it matches.
+
+  Returns:
+    A `TrainResult`; history["reward"], ["approx_kl"], ["clip_fraction"] are [rounds, S] (the
+    sampled batch's mean reward before each round's update, and that round's diagnostics);
+    history["reward_queries"] is [rounds] (cumulative queries after each round); evaluate's
+    names are [rounds / eval_every + 1, S].
+  """
+  if method not in METHODS:
+    raise ValueError(f"method: must be one of {METHODS}, got {method!r}")
+  for name, value in (("rounds", rounds), ("eval_every", eval_every), ("epochs", epochs),
+                      ("minibatches", minibatches)):
+    checks.check_positive_int(name, value)
+  if rounds % eval_every:
+    raise ValueError(f"rounds: must be a multiple of eval_every={eval_every}, got {rounds}")
+  if sampling.samples_per_prompt < 2 and method != "ppo":
+    raise ValueError(f"sampling.samples_per_prompt: {method} needs K >= 2 for its leave-one-out "
+                     f"baseline, got {sampling.samples_per_prompt}")
+  batch_size = sampling.prompts_per_round * sampling.samples_per_prompt
+  if method != "reinforce" and batch_size % minibatches:
+    raise ValueError(f"minibatches: {minibatches} does not divide the {batch_size} samples of a round")
+  if not clip_range > 0:
+    raise ValueError(f"clip_range: must be > 0, got {clip_range}")
+  if not kl_weight >= 0:
+    raise ValueError(f"kl_weight: must be >= 0, got {kl_weight}")
+  training_runs.check_seed_keys(key)
+  single_seed = key.ndim == 0
+  if single_seed:
+    key, params = key[None], training_runs.add_seed_axis(params)
+  num_seeds = key.shape[0]
+  optimizer = optax.adam(1e-4) if optimizer is None else optimizer
+  one_seed_params = jax.tree_util.tree_map(lambda x: x[0], params)
+  evaluate_names = sorted(jax.eval_shape(evaluate, one_seed_params)) if evaluate else []
+
+  sharding = seed_sharding(num_seeds)
+  params, key = jax.device_put((params, key), sharding)
+  stats = jax.vmap(lambda _: reward_stats().init(sampling.num_classes))(jnp.arange(num_seeds))
+  state = jax.device_put(FinetuneState(params, jax.vmap(optimizer.init)(params), stats), sharding)
+  reference = params
+  options = dict(method=method, epochs=int(epochs), minibatches=int(minibatches),
+                 clip_range=float(clip_range), kl_weight=float(kl_weight))
+  chunk_fn = _compiled_chunk(apply_fn, reward_fn, optimizer, sampling, int(eval_every),
+                             tuple(sorted(options.items())), sharding)
+  evaluate_fn = _compiled_evaluate(evaluate) if evaluate else (lambda params: {})
+
+  fingerprint = json.dumps({**options, "sampling": dataclasses.asdict(sampling),
+                            "eval_every": eval_every, "seeds": num_seeds,
+                            "tree": str(jax.tree_util.tree_structure(state)),
+                            "evaluate": evaluate_names,
+                            "sha256": training_runs.checksum((params, key, schedule))})
+  history = {"reward": [], "approx_kl": [], "clip_fraction": [],
+             **{k: [v] for k, v in evaluate_fn(params).items()}}
+  state, start, history = training_runs.resume(checkpoint_path, fingerprint, state, history, rounds,
+                                               sharding)
+  for first_round in range(start, rounds, eval_every):
+    state, diagnostics = chunk_fn(state, key, first_round, reference, schedule)
+    if not bool(jnp.all(jnp.isfinite(diagnostics["reward"]))):
+      raise FloatingPointError(f"{method}: non-finite reward by round {first_round + eval_every}; "
+                               "lower the learning rate or check reward_fn")
+    for name in ("reward", "approx_kl", "clip_fraction"):
+      history[name].extend(np.asarray(diagnostics[name]).T)  # [chunk, S] rows
+    for name, value in evaluate_fn(state.params).items():
+      history[name].append(value)
+    if checkpoint_path is not None:
+      training_runs.save(checkpoint_path, fingerprint, state, first_round + eval_every, history)
+  result = training_runs.finish(state.params, history, num_seeds, single_seed)
+  result.history["reward_queries"] = batch_size * np.arange(1, rounds + 1)
+  return result
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_chunk(apply_fn, reward_fn, optimizer, sampling, num_rounds, options, sharding):
+  """The jitted, seed-vmapped chunk of rounds (lax.scan), kept across calls."""
+  options = dict(options)
+
+  def chunk(state, key, first_round, reference, schedule):
+    def one_round(state, round_index):
+      return _round(state, key, round_index, reference, schedule, apply_fn=apply_fn,
+                    reward_fn=reward_fn, optimizer=optimizer, sampling=sampling, **options)
+    return jax.lax.scan(one_round, state, first_round + jnp.arange(num_rounds))
+
+  # Diagnostics come out [S, chunk]; the caller transposes them into per-round rows.
+  return jax.jit(jax.vmap(chunk, in_axes=(0, 0, None, 0, None)), out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_evaluate(evaluate):
+  return jax.jit(jax.vmap(evaluate))

@@ -1,0 +1,254 @@
+"""Pretraining a denoiser with DDPM's epsilon loss and label dropout, cached on disk (floor 3).
+
+The loss of one minibatch (x_0, c) [DDPM, Algorithm 1] with classifier-free label dropout [CFG]:
+
+  t ~ Uniform{0, ..., T-1},  eps ~ N(0, I),  x_t = sqrt(alphabar_t) x_0 + sqrt(1 - alphabar_t) eps,
+  c' = null_condition with probability label_dropout, else c,
+  L = mean over the batch and every dimension of (eps_theta(x_t, t, c') - eps)^2.
+
+`pretrain` minimises it with Adam (gradients clipped to global norm 1, the learning rate decayed
+by a cosine to a tenth over the run), minibatches drawn with replacement; the steps run inside
+jit-compiled `lax.scan` chunks of CHUNK_STEPS, compiled once per model structure and batch size
+(the run length, learning rate and dropout are traced, so changing them does not recompile). Step s uses the key fold_in(key, s), so a run is a deterministic
+function of its configuration. With `cache_path`, the trained parameters are stored in an .npz
+file under a SHA-256 fingerprint of everything that determines them (model class, parameter
+shapes and initial values, data, schedule, key, steps, batch size, learning rate, label dropout,
+optimizer), and a later call with the same fingerprint loads them instead of training.
+
+References:
+  [DDPM] Ho, Jain, Abbeel. Denoising Diffusion Probabilistic Models. NeurIPS 2020.
+  https://arxiv.org/abs/2006.11239
+  [CFG] Ho, Salimans. Classifier-Free Diffusion Guidance. 2022. https://arxiv.org/abs/2207.12598
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.typing import ArrayLike
+
+from saferl_jax import checks
+from saferl_jax.diffusion import cache
+from saferl_jax.experiments.common import progress
+
+CHUNK_STEPS = 100  # optimisation steps per compiled lax.scan call (one progress-bar tick)
+# Part of the cache fingerprint: change it whenever the optimiser or the loss changes.
+OPTIMIZER = "adam, clip_by_global_norm(1), cosine decay to 0.1 lr; batches with replacement; v1"
+
+
+class PretrainResult(NamedTuple):
+  """Pretrained parameters and how they were obtained.
+
+  Attributes:
+    params: the trained `nnx.State` (the model passed to `pretrain` holds it too).
+    losses: [steps] float32 minibatch losses, one per optimisation step.
+    from_cache: True when the parameters were loaded from `cache_path` without training.
+  """
+  params: Any
+  losses: np.ndarray
+  from_cache: bool
+
+
+def _check_schedule(alphas_cumprod: jax.Array) -> None:
+  if alphas_cumprod.ndim != 1 or alphas_cumprod.shape[0] == 0:
+    raise ValueError(f"alphas_cumprod: expected a non-empty [T] array, got shape {alphas_cumprod.shape}")
+  if checks.is_concrete(alphas_cumprod):
+    values = np.asarray(alphas_cumprod)
+    if not np.all((values > 0) & (values <= 1)):
+      raise ValueError("alphas_cumprod: every alphabar_t must be in (0, 1]")
+
+
+def _check_probability(name: str, value: float) -> None:
+  if checks.is_concrete(value) and not 0 <= float(value) <= 1:
+    raise ValueError(f"{name}: must be in [0, 1], got {value}")
+
+
+def epsilon_loss(apply_fn: Callable, params: Any, x0: ArrayLike, condition: ArrayLike, *,
+                 key: jax.Array, alphas_cumprod: ArrayLike, label_dropout: float,
+                 null_condition: int) -> jax.Array:
+  """DDPM's simple loss mean (eps_theta(x_t, t, c') - eps)^2 with t, eps and label dropout drawn from `key`.
+
+  Args:
+    apply_fn: apply_fn(params, x_t [B, *shape], t [B] int32, condition [B] int32) -> eps [B, *shape].
+    params: the denoiser's parameters.
+    x0: [B, *shape] clean samples.
+    condition: [B] int classes.
+    key: PRNG key for t, eps and the dropout mask.
+    alphas_cumprod: [T] alphabar_t of the training schedule (the caller passes the schedule's array).
+    label_dropout: probability in [0, 1] of replacing a condition by `null_condition`.
+    null_condition: the null (unconditional) token, the denoiser's `num_classes`.
+
+  Returns:
+    The scalar loss, averaged over the batch and every dimension.
+
+  Example:
+    >>> zero = lambda params, x, t, c: jnp.zeros_like(x)  # loss = mean eps^2, about 1
+    >>> loss = epsilon_loss(zero, None, jnp.ones((1000, 2)), jnp.zeros(1000, jnp.int32),
+    ...                     key=jax.random.key(0), alphas_cumprod=jnp.linspace(0.99, 0.01, 50),
+    ...                     label_dropout=0.1, null_condition=1)
+    >>> bool(abs(loss - 1) < 0.1)
+    True
+  """
+  x0 = checks.as_float("x0", x0)
+  condition = checks.as_int("condition", condition)
+  alphas_cumprod = checks.as_float("alphas_cumprod", alphas_cumprod)
+  if x0.ndim < 2:
+    raise ValueError(f"x0: expected a batch [B, *shape], got shape {x0.shape}")
+  if condition.shape != x0.shape[:1]:
+    raise ValueError(f"condition: expected shape [B={x0.shape[0]}], got {condition.shape}")
+  _check_schedule(alphas_cumprod)
+  _check_probability("label_dropout", label_dropout)
+  batch = x0.shape[0]
+  t_key, noise_key, dropout_key = jax.random.split(key, 3)
+  t = jax.random.randint(t_key, (batch,), 0, alphas_cumprod.shape[0])
+  noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+  alphabar = alphas_cumprod[t].reshape((batch,) + (1,) * (x0.ndim - 1))
+  x_t = jnp.sqrt(alphabar) * x0 + jnp.sqrt(1 - alphabar) * noise
+  dropped = jax.random.bernoulli(dropout_key, label_dropout, (batch,))
+  condition = jnp.where(dropped, null_condition, condition).astype(jnp.int32)
+  predicted = apply_fn(params, x_t, t.astype(jnp.int32), condition)
+  return jnp.mean((predicted - noise) ** 2)
+
+
+def _optimizer(learning_rate, steps) -> optax.GradientTransformation:
+  """Adam after clipping to global norm 1; lr(s) = lr (0.1 + 0.9 (1 + cos(pi min(s, steps) / steps)) / 2).
+
+  The schedule is written out (not optax.cosine_decay_schedule) so that `learning_rate` and
+  `steps` may be traced values: one compilation serves every run length and learning rate.
+  """
+  def schedule(count):
+    progress = jnp.minimum(count, steps) / steps
+    return learning_rate * (0.1 + 0.9 * 0.5 * (1 + jnp.cos(jnp.pi * progress)))
+  return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "length", "batch_size", "null_condition"))
+def _train_chunk(state, first_step, images, conditions, alphas_cumprod, key, steps, learning_rate,
+                 label_dropout, *, graphdef, length, batch_size, null_condition):
+  """`length` optimisation steps from `first_step`, a lax.scan; returns (state, losses [length])."""
+  optimizer = _optimizer(learning_rate, steps)
+
+  def apply_fn(params, *inputs):
+    return nnx.merge(graphdef, params)(*inputs)
+
+  def train_step(state, step):
+    params, opt_state = state
+    batch_key, loss_key = jax.random.split(jax.random.fold_in(key, step))
+    indices = jax.random.randint(batch_key, (batch_size,), 0, images.shape[0])
+    loss, grads = jax.value_and_grad(
+        lambda p: epsilon_loss(apply_fn, p, images[indices], conditions[indices], key=loss_key,
+                               alphas_cumprod=alphas_cumprod, label_dropout=label_dropout,
+                               null_condition=null_condition))(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
+  return jax.lax.scan(train_step, state, first_step + jnp.arange(length))
+
+
+def _parameter_shapes(params) -> list:
+  return [[jax.tree_util.keystr(path), list(np.shape(leaf)), str(np.asarray(leaf).dtype)]
+          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def pretrain(model: nnx.Module, images: ArrayLike, labels: ArrayLike | None = None, *,
+             key: jax.Array, alphas_cumprod: ArrayLike, steps: int, batch_size: int,
+             learning_rate: float, label_dropout: float = 0.1,
+             cache_path: str | Path | None = None) -> PretrainResult:
+  """Trains a denoiser on (images, labels) with `epsilon_loss`, or loads it from `cache_path`.
+
+  The model is updated in place (nnx.update) and its parameters returned. Its class, parameter
+  shapes and initial values are part of the cache fingerprint, so build it from a fixed seed.
+
+  Args:
+    model: a denoiser (`MLPDenoiser`, `ConvDenoiser`) with a `num_classes` attribute; its null
+      token is `num_classes`.
+    images: [N, *shape] training samples (images or 2-D points).
+    labels: [N] int classes in [0, num_classes); None trains an unconditional model (every
+      condition is the null token, label dropout is moot).
+    key: PRNG key for the minibatches, timesteps, noise and dropout.
+    alphas_cumprod: [T] alphabar_t of the training schedule.
+    steps: optimisation steps, >= 1.
+    batch_size: minibatch size, in [1, N].
+    learning_rate: Adam's initial learning rate (cosine-decayed to a tenth).
+    label_dropout: probability of the null condition for each example, in [0, 1].
+    cache_path: an .npz file; loaded when it holds the same configuration's result, else
+      written (atomically) after training.
+
+  Returns:
+    A `PretrainResult` (params, per-step losses, from_cache).
+  """
+  if steps < 1:
+    raise ValueError(f"steps: must be >= 1, got {steps}")
+  if not learning_rate > 0:
+    raise ValueError(f"learning_rate: must be > 0, got {learning_rate}")
+  _check_probability("label_dropout", label_dropout)
+  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    raise ValueError("key: expected a typed PRNG key from jax.random.key, got an array of dtype "
+                     f"{key.dtype}; wrap legacy keys with jax.random.wrap_key_data")
+  num_classes = getattr(model, "num_classes", None)
+  if not isinstance(num_classes, int):
+    raise ValueError("model: must have an integer num_classes attribute (its null token)")
+  images = checks.as_float("images", images)
+  if images.ndim < 2:
+    raise ValueError(f"images: expected [N, *shape], got shape {images.shape}")
+  n = images.shape[0]
+  checks.check_finite("images", images)
+  if labels is None:
+    conditions = jnp.full((n,), num_classes, jnp.int32)
+  else:
+    conditions = checks.as_int("labels", labels).astype(jnp.int32)
+    if conditions.shape != (n,):
+      raise ValueError(f"labels: expected shape [N={n}], got {conditions.shape}")
+    checks.check_indices("labels", conditions, num_classes, what="class")
+  if not 1 <= batch_size <= n:
+    raise ValueError(f"batch_size: must be in [1, N={n}], got {batch_size}")
+  alphas_cumprod = checks.as_float("alphas_cumprod", alphas_cumprod)
+  _check_schedule(alphas_cumprod)
+
+  graphdef, params = nnx.split(model)
+  config = {
+      "task": "diffusion.pretrain", "optimizer": OPTIMIZER,
+      "model": f"{type(model).__module__}.{type(model).__qualname__}",
+      "parameters": _parameter_shapes(params), "init_sha256": cache.tree_checksum(params),
+      "num_classes": num_classes, "steps": int(steps), "batch_size": int(batch_size),
+      "learning_rate": float(learning_rate), "label_dropout": float(label_dropout),
+      "data_sha256": cache.tree_checksum((images, conditions)),
+      "alphas_cumprod_sha256": cache.tree_checksum(alphas_cumprod),
+      "key_sha256": cache.tree_checksum(key),
+  }
+  fingerprint = cache.fingerprint(config)
+  if cache_path is not None:
+    cached = cache.load(cache_path, fingerprint, params)
+    if cached is not None:
+      params, extras = cached
+      nnx.update(model, params)
+      return PretrainResult(params, extras["losses"], True)
+
+  optimizer = _optimizer(float(learning_rate), int(steps))
+  state = (params, optimizer.init(params))
+  chunk = functools.partial(_train_chunk, graphdef=graphdef, batch_size=int(batch_size),
+                            null_condition=num_classes)
+  dynamic = (alphas_cumprod, key, jnp.int32(steps), jnp.float32(learning_rate), jnp.float32(label_dropout))
+  losses = []
+  # Full chunks, then one shorter chunk for the remainder (a second compilation only then).
+  starts = range(0, steps, CHUNK_STEPS)
+  for start in progress(starts, f"pretraining {type(model).__name__}", total=len(starts)):
+    length = min(CHUNK_STEPS, steps - start)
+    state, chunk_losses = chunk(state, jnp.int32(start), images, conditions, *dynamic, length=length)
+    losses.append(np.asarray(chunk_losses))
+  losses = np.concatenate(losses)[:steps].astype(np.float32)
+  if not np.all(np.isfinite(losses)):
+    raise FloatingPointError(f"learning_rate: the loss became non-finite at step "
+                             f"{int(np.argmin(np.isfinite(losses)))}; lower the learning rate")
+  params = state[0]
+  nnx.update(model, params)
+  if cache_path is not None:
+    cache.save(cache_path, fingerprint, params, losses=losses)
+  return PretrainResult(params, losses, False)

@@ -1,0 +1,120 @@
+"""Denoisers: the sinusoidal embedding, shapes, the null condition, jit, per-example independence,
+and the im2col convolution against XLA's convolution (values and gradients)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from saferl_jax.diffusion import denoisers as dn
+from saferl_jax.functional import as_functional
+
+
+def test_sinusoidal_embedding_closed_form():
+  t = jnp.array([0, 3, 250])
+  emb = dn.sinusoidal_embedding(t, 6)
+  frequencies = 10_000.0 ** (-np.arange(3) / 3)
+  angles = np.asarray(t)[:, None] * frequencies
+  np.testing.assert_allclose(emb, np.concatenate([np.sin(angles), np.cos(angles)], -1), atol=1e-4)
+  assert dn.sinusoidal_embedding(jnp.zeros((2, 5)), 8).shape == (2, 5, 8)
+  with pytest.raises(ValueError, match="dim:"):
+    dn.sinusoidal_embedding(t, 5)
+
+
+def _inputs(shape, batch=4, num_classes=10):
+  x = jax.random.normal(jax.random.key(0), (batch, *shape))
+  t = jnp.arange(batch, dtype=jnp.int32) * 37
+  condition = jnp.arange(batch, dtype=jnp.int32) % (num_classes + 1)
+  return x, t, condition
+
+
+@pytest.fixture(scope="module")
+def models():
+  """(model, sample shape, num_classes, jitted model call) for each denoiser."""
+  built = {
+      "mlp": (dn.MLPDenoiser(2, num_classes=4, hidden=(32, 32), rngs=nnx.Rngs(0)), (2,), 4),
+      "conv": (dn.ConvDenoiser(channels=16, rngs=nnx.Rngs(0)), (8, 8, 1), 10),
+  }
+  return {name: (model, shape, num_classes, nnx.jit(lambda m, *inputs: m(*inputs)))
+          for name, (model, shape, num_classes) in built.items()}
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv"])
+def test_shapes_and_null_token_row(models, name):
+  model, shape, num_classes, call = models[name]
+  x, t, condition = _inputs(shape, num_classes=num_classes)
+  eps = call(model, x, t, condition)
+  assert eps.shape == x.shape and eps.dtype == jnp.float32 and np.isfinite(eps).all()
+  assert model.embedding.classes.embedding.shape[0] == num_classes + 1
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv"])
+def test_condition_and_time_change_the_output(models, name):
+  model, shape, num_classes, call = models[name]
+  x, t, _ = _inputs(shape, num_classes=num_classes)
+  real = call(model, x, t, jnp.zeros_like(t))
+  null = call(model, x, t, jnp.full_like(t, num_classes))
+  later = call(model, x, t + 100, jnp.zeros_like(t))
+  for other in (null, later):
+    # Per example, the outputs differ by much more than float32 rounding.
+    assert np.all(np.abs(np.asarray(real - other)).reshape(len(t), -1).max(-1) > 1e-3)
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv"])
+def test_jit_equals_eager_and_examples_are_independent(models, name):
+  model, shape, num_classes, _ = models[name]
+  x, t, condition = _inputs(shape, num_classes=num_classes)
+  apply_fn, params = as_functional(model)
+  eager = model(x, t, condition)
+  np.testing.assert_allclose(jax.jit(apply_fn)(params, x, t, condition), eager, rtol=1e-5, atol=1e-5)
+  # No batch statistics: example i alone gives the same eps (vmap over single examples = the batch).
+  single = jax.jit(jax.vmap(lambda xi, ti, ci: apply_fn(params, xi[None], ti[None], ci[None])[0]))(
+      x, t, condition)
+  np.testing.assert_allclose(single, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_input_checks(models):
+  model, shape, _, _ = models["conv"]
+  x, t, condition = _inputs(shape)
+  with pytest.raises(ValueError, match="t:"):
+    model(x, t[:-1], condition)
+  with pytest.raises(ValueError, match="condition:"):
+    model(x, t, condition.astype(jnp.float32))
+  with pytest.raises(ValueError, match="x:"):
+    model(jnp.zeros((4, 4, 4, 1)), t, condition)
+  with pytest.raises(ValueError, match="channels:"):
+    dn.ConvDenoiser(channels=12, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="x:"):
+    models["mlp"][0](jnp.zeros((4, 2, 1)), t, condition)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_patch_conv_equals_xla_convolution(stride):
+  conv = dn.PatchConv(3, 5, stride=stride, rngs=nnx.Rngs(1))
+  conv.bias[...] = jnp.arange(5.0)
+  x = jax.random.normal(jax.random.key(2), (4, 8, 8, 3))
+
+  def reference(kernel, bias, x):
+    return jax.lax.conv_general_dilated(x, kernel.reshape(3, 3, 3, 5), (stride, stride), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+
+  kernel, bias = conv.kernel[...], conv.bias[...]
+  apply_fn, params = as_functional(conv)
+  y = jax.jit(apply_fn)(params, x)
+  np.testing.assert_allclose(y, jax.jit(reference)(kernel, bias, x), rtol=1e-5, atol=1e-5)
+  assert y.shape == (4, 8 // stride, 8 // stride, 5)
+  # The hand-written backward pass (matrix products) against XLA's autodiff of its convolution.
+  weights = jax.random.normal(jax.random.key(3), y.shape)
+  ours = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(apply_fn(p, x)) * weights), argnums=(0, 1)))(
+      params, x)
+  theirs = jax.jit(jax.grad(lambda k, b, x: jnp.sum(jnp.sin(reference(k, b, x)) * weights),
+                            argnums=(0, 1, 2)))(kernel, bias, x)
+  np.testing.assert_allclose(ours[0]["kernel"][...], theirs[0], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(ours[0]["bias"][...], theirs[1], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(ours[1], theirs[2], rtol=1e-4, atol=1e-4)
+
+
+def test_patch_conv_rejects_even_kernels():
+  with pytest.raises(ValueError, match="kernel_size:"):
+    dn.PatchConv(1, 1, kernel_size=2, rngs=nnx.Rngs(0))
