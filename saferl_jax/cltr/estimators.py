@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from saferl_jax.cltr.clicks import ClickModel
-from saferl_jax.policy_gradient import clipped_surrogate
+from saferl_jax.policy_gradient import clipped_surrogate, hard_filter
 from saferl_jax.ranking.metrics import exposure_from_samples
 from saferl_jax.ranking.plackett_luce import sample_rankings
 
@@ -230,20 +230,24 @@ def query_rewards(session_count: ArrayLike, click_count: ArrayLike, rho: ArrayLi
   return session_count * per_session
 
 
-OBJECTIVES = ("value", "safe", "prpo")
+OBJECTIVES = ("value", "safe", "prpo", "drpo")
 
 
 def logged_objective(exposure: ArrayLike, logging_exposure: ArrayLike, rewards: ArrayLike,
                      session_counts: ArrayLike, *, objective: str, num_sessions: int,
                      delta: float = 0.05, clip_low: float = 0.8, clip_high: float = 1.2,
-                     where: ArrayLike | None = None) -> jax.Array:
+                     quantile: float = 0.5, where: ArrayLike | None = None) -> jax.Array:
   """The objective of a ranking policy over all logged queries, from per-query summed rewards.
 
   With R_q(d) = sum_{i: q_i = q} Rhat_i(d) (`query_rewards`) and N sessions:
     "value": Uhat(pi) = (1/N) sum_q sum_d omega(d|q, pi) R_q(d);
     "safe":  [SAFE]'s Uhat(pi) - lam sqrt(d2 / N), d2 the exposure divergence averaged over
              queries with weights n_q (the logged query distribution);
-    "prpo":  [PRPO]'s clipped surrogate, (1/N) sum_q `prpo_objective`(omega_q, omega0_q, R_q).
+    "prpo":  [PRPO]'s clipped surrogate, (1/N) sum_q `prpo_objective`(omega_q, omega0_q, R_q);
+    "drpo":  [DRPO]'s hard filtering for mixed-quality logs: (1/N) sum_q n_q sum_d omega(d|q, pi)
+             1[R_q(d) / n_q passes `hard_filter`], imitating the displayed documents whose mean
+             estimated reward is in the top (1 - quantile) and ignoring the rest (no negative
+             rewards to push exposures away with).
 
   Args:
     exposure: [Q, D] omega(d|q, pi) of the policy being learned.
@@ -254,6 +258,7 @@ def logged_objective(exposure: ArrayLike, logging_exposure: ArrayLike, rewards: 
     num_sessions: N (static; queries may be a mini-batch, so it is not sum n_q).
     delta: [SAFE]'s failure probability.
     clip_low, clip_high: PRPO's clip range of the exposure ratio.
+    quantile: DRPO's fraction of (query, document) pairs to discard.
     where: optional [Q, D] mask of real documents.
 
   Example:
@@ -274,6 +279,12 @@ def logged_objective(exposure: ArrayLike, logging_exposure: ArrayLike, rewards: 
         e, e0, r, clip_low=clip_low, clip_high=clip_high, where=w))(
             exposure, logging_exposure, rewards, where)
     return jnp.sum(per_query) / num_sessions
+  if objective == "drpo":
+    # Pairs the log says something about: displayed to some session of the query.
+    logged = where & (session_counts[:, None] > 0) & (logging_exposure > 0)
+    kept = hard_filter(_safe_divide(rewards, session_counts[:, None]), quantile=quantile,
+                       where=logged)
+    return jnp.sum(jnp.where(kept, exposure * session_counts[:, None], 0.0)) / num_sessions
   value = jnp.sum(jax.vmap(lambda e, r, w: policy_value(e, r, where=w))(exposure, rewards, where))
   value = value / num_sessions
   if objective == "value":

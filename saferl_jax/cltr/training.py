@@ -1,7 +1,7 @@
 """Learning Plackett-Luce rankers from click logs, many seeds at once (floor 3).
 
 `train_ranker` maximises one of `estimators.OBJECTIVES` (the plain value estimate, [SAFE]'s
-risk-penalised one, or [PRPO]'s clipped one) over a ranker's parameters. Each step samples
+risk-penalised one, [PRPO]'s clipped one, or [DRPO]'s hard-filtered imitation) over a ranker's parameters. Each step samples
 rankings from the current policy to estimate every query's exposures, takes the objective's
 gradient with respect to them, turns it into a gradient of the logits with PL-Rank
 (`exposure_objective_gradient`) and back-propagates it through the ranker (one vjp), then takes
@@ -91,14 +91,15 @@ def _check_data(data: RankingData) -> None:
 
 def ascent_direction(apply_fn: Callable, params, data: RankingData, *, key: jax.Array,
                      objective: str, num_sessions: int, rank_weights: jax.Array, num_samples: int,
-                     delta: float, clip_low: float, clip_high: float):
+                     delta: float, clip_low: float, clip_high: float, quantile: float = 0.5):
   """(gradient of the objective w.r.t. params, the objective at the estimated exposures)."""
   logits, pullback = jax.vjp(lambda p: apply_fn(p, data.features), params)
 
   def objective_fn(exposure):
     return logged_objective(exposure, data.logging_exposure, data.rewards, data.session_counts,
                             objective=objective, num_sessions=num_sessions, delta=delta,
-                            clip_low=clip_low, clip_high=clip_high, where=data.mask)
+                            clip_low=clip_low, clip_high=clip_high, quantile=quantile,
+                            where=data.mask)
 
   logit_gradient, exposure = exposure_objective_gradient(
       logits, objective_fn, rank_weights, key=key, num_samples=num_samples, where=data.mask)
@@ -145,6 +146,7 @@ def train_ranker(
     delta: float = 0.05,
     clip_low: float = 0.8,
     clip_high: float = 1.2,
+    quantile: float = 0.5,
     evaluate: Callable[[Any], dict] | None = None,
     eval_every: int = 10,
     checkpoint_path: str | Path | None = None,
@@ -168,6 +170,7 @@ def train_ranker(
     batch_queries: queries per step (None: all of them).
     delta: [SAFE]'s failure probability.
     clip_low, clip_high: PRPO's clip range.
+    quantile: DRPO's fraction of (query, document) pairs discarded by its hard filter.
     evaluate: optional jittable evaluate(params) -> {name: scalar} for one seed, recorded before
       training and every `eval_every` steps.
     eval_every: steps per chunk between evaluations and checkpoints.
@@ -204,7 +207,8 @@ def train_ranker(
   params, data, key = jax.device_put((params, data, key), sharding)
   state = jax.device_put(TrainState(params, jax.vmap(optimizer.init)(params)), sharding)
   options = dict(objective=objective, num_sessions=int(num_sessions), num_samples=int(num_samples),
-                 delta=float(delta), clip_low=float(clip_low), clip_high=float(clip_high))
+                 delta=float(delta), clip_low=float(clip_low), clip_high=float(clip_high),
+                 quantile=float(quantile))
   chunk_fn = _compiled_chunk(apply_fn, optimizer, int(eval_every), batch_queries,
                              tuple(sorted(options.items())), sharding)
   evaluate_fn = _compiled_evaluate(evaluate) if evaluate else (lambda params: {})

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from saferl_jax.ope.baseline import optimal_baseline
+from saferl_jax.policy_gradient import hard_filter  # re-exported: DRPO for bandit rounds
 
 
 class LoggedBatch(NamedTuple):
@@ -133,14 +134,6 @@ def gradient_variance(rewards: ArrayLike, per_example_grads, baseline: ArrayLike
     terms = coefficients[:, None] * leaf.reshape(leaf.shape[0], -1)
     total = total + jnp.sum(jnp.var(terms, axis=0, ddof=1))
   return total / coefficients.shape[0]
-
-
-def hard_filter(rewards: ArrayLike, *, quantile: float) -> jax.Array:
-  """[DRPO] The rounds worth learning from: reward >= its `quantile`-th quantile, shape [n] bool."""
-  if not 0 <= quantile < 1:
-    raise ValueError(f"quantile: must be in [0, 1), got {quantile}")
-  rewards = jnp.asarray(rewards)
-  return rewards >= jnp.quantile(rewards, quantile)
 
 
 def filtered_likelihood_objective(log_probs: ArrayLike, rewards: ArrayLike, *,

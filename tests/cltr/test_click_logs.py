@@ -154,3 +154,15 @@ def test_the_safe_objective_tends_to_the_value_as_sessions_grow():
     gaps.append(float(value - safe))
   assert gaps[0] > gaps[1] > gaps[2] > 0
   np.testing.assert_allclose(gaps[0] / gaps[2], 100, rtol=1e-3)  # the penalty falls as 1 / sqrt(N)
+
+
+def test_drpo_imitates_only_the_documents_above_the_quantile():
+  """Its gradient pushes exposure towards the kept documents and ignores the rest entirely."""
+  exposure = jnp.array([[0.5, 0.3, 0.2, 0.0]])
+  logging_exposure = jnp.array([[0.4, 0.3, 0.3, 0.0]])  # the last document was never shown
+  counts = jnp.array([10.0])
+  rewards = jnp.array([[-30.0, 8.0, 1.0, 50.0]])  # summed over 10 sessions: means -3, 0.8, 0.1, 5
+  grad = jax.grad(lambda e: estimators.logged_objective(
+      e, logging_exposure, rewards, counts, objective="drpo", num_sessions=10, quantile=0.5))(exposure)
+  # Of the three logged documents, the quantile keeps 0.8 and 0.1 (median 0.1); never-shown 5 is ignored.
+  np.testing.assert_allclose(grad, [[0.0, 1.0, 1.0, 0.0]])
