@@ -6,6 +6,7 @@
   saferl-jax opl [--quick] --out DIR            off-policy learning with baseline corrections
   saferl-jax cltr [--quick] --out DIR [--data PATH]
                                                 safe counterfactual LTR from simulated clicks
+  saferl-jax loop [--quick] --out DIR           diffusion fine-tuning: REINFORCE, PPO and LOOP
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import argparse
 import time
 from pathlib import Path
 
-from saferl_jax.experiments import cltr_safety, obd_evaluation, ope_variance, opl_learning
+from saferl_jax.experiments import (cltr_safety, loop_finetuning, obd_evaluation, ope_variance,
+                                    opl_learning)
 
 
 def _ope_variance(out: Path, quick: bool) -> str:
@@ -36,7 +38,13 @@ def _cltr(out: Path, quick: bool, data: Path | None = None) -> str:
   return cltr_safety.summary(cltr_safety.run(out, config, data_path=data))
 
 
-EXPERIMENTS = {"ope-variance": _ope_variance, "obd": _obd, "opl": _opl, "cltr": _cltr}
+def _loop(out: Path, quick: bool) -> str:
+  config = loop_finetuning.QUICK if quick else loop_finetuning.FULL
+  return loop_finetuning.summary(loop_finetuning.run(out, config))
+
+
+EXPERIMENTS = {"ope-variance": _ope_variance, "obd": _obd, "opl": _opl, "cltr": _cltr,
+               "loop": _loop}
 
 
 def demo(out: Path, quick: bool = True) -> None:
@@ -73,6 +81,9 @@ def main(argv: list[str] | None = None) -> None:
   ranking.add_argument("--out", type=Path, required=True)
   ranking.add_argument("--data", type=Path, default=None,
                        help="a LETOR/SVMlight file (label qid:Q f:v ...) instead of synthetic data")
+  finetuning = commands.add_parser("loop", help="diffusion fine-tuning with REINFORCE, PPO and LOOP")
+  finetuning.add_argument("--quick", action="store_true")
+  finetuning.add_argument("--out", type=Path, required=True)
   args = parser.parse_args(argv)
 
   if args.command == "demo":
@@ -85,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     print(_opl(args.out, args.quick))
   elif args.command == "cltr":
     print(_cltr(args.out, args.quick, args.data))
+  elif args.command == "loop":
+    print(_loop(args.out, args.quick))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from saferl_jax import cli
-from saferl_jax.experiments import cltr_safety, opl_learning, ope_variance
+from saferl_jax.experiments import cltr_safety, loop_finetuning, opl_learning, ope_variance
 
 TINY = ope_variance.Config(logger_inverse_temperatures=(-1.0,), n_actions=(5,), sample_sizes=(50, 100),
                            n_seeds=8, n_contexts=20)
@@ -16,12 +16,17 @@ TINY_OPL = opl_learning.Config(n_actions=5, n_contexts=20, n_train=200, n_valida
 TINY_CLTR = cltr_safety.Config(n_queries=40, max_docs=8, min_docs=4, n_features=4, logger_fraction=0.1,
                                logger_steps=10, sessions=(100, 1000), n_seeds=2, steps=10,
                                num_samples=4, eval_samples=8)
+TINY_LOOP = loop_finetuning.Config(train_steps=100, sampling_steps=4, channels=8, pretrain_steps=20,
+                                   pretrain_batch=32, classifier_steps=20, prompts_per_round=2,
+                                   samples_per_prompt=2, rounds=2, eval_every=2, minibatches=1,
+                                   n_seeds=2, mixture_pretrain_steps=20, mixture_rounds=2)
 
 
 def test_demo_runs_every_experiment(tmp_path, monkeypatch):
   monkeypatch.setattr(ope_variance, "QUICK", TINY)
   monkeypatch.setattr(opl_learning, "QUICK", TINY_OPL)
   monkeypatch.setattr(cltr_safety, "QUICK", TINY_CLTR)
+  monkeypatch.setattr(loop_finetuning, "QUICK", TINY_LOOP)
   cli.main(["demo", "--out", str(tmp_path)])
   for name in cli.EXPERIMENTS:
     assert json.loads((tmp_path / name / "results.json").read_text())
@@ -29,6 +34,17 @@ def test_demo_runs_every_experiment(tmp_path, monkeypatch):
   assert "Off-policy evaluation" in summary and "Open Bandit" in summary
   assert "Off-policy learning" in summary
   assert "Safe counterfactual LTR" in summary
+  assert "Diffusion fine-tuning" in summary
+  # The loop experiment's results follow issue 5's schema (checked here: it is slow to run twice).
+  loop = json.loads((tmp_path / "loop" / "results.json").read_text())
+  assert loop["task"] == "digits" and np.isfinite(loop["initial_reward"])
+  for method in ("reinforce", "ppo", "loop"):
+    curve = loop["methods"][method]
+    assert curve["reward_queries"] == [4, 8]
+    assert len(curve["reward_mean"]) == len(curve["reward_ci"]) == 2
+  assert set(loop["mixture2d"]["methods"]) == {"reinforce", "ppo", "loop"}
+  for name in ("loop.png", "digits_samples.png"):
+    assert (tmp_path / "loop" / name).exists()
 
 
 def test_ope_variance_command(tmp_path, monkeypatch, capsys):
