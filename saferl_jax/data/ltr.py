@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from saferl_jax import checks
+
 # Thresholds on the standardised noisy score (unit variance): labels 0..4 with
 # probabilities about 0.50, 0.30, 0.13, 0.05, 0.02 when the score is Gaussian.
 LABEL_THRESHOLDS = (0.0, 0.85, 1.5, 2.05)
@@ -128,8 +130,7 @@ def make_ltr_dataset(
   """
   for name, value in (("n_queries", n_queries), ("max_docs", max_docs), ("min_docs", min_docs),
                       ("n_features", n_features)):
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-      raise ValueError(f"{name}: must be a positive int, got {value!r}")
+    checks.check_positive_int(name, value)
   if min_docs > max_docs:
     raise ValueError(f"min_docs: {min_docs} is larger than max_docs {max_docs}")
   if not np.isfinite(noise) or noise < 0:

@@ -253,8 +253,7 @@ def expected_metric_from_samples(
   """
   if metric not in ("ndcg", "dcg"):
     raise ValueError(f"metric: must be 'ndcg' or 'dcg', got {metric!r}")
-  if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
-    raise ValueError(f"num_samples: must be a positive integer, got {num_samples!r}")
+  checks.check_positive_int("num_samples", num_samples)
   labels, valid = _check_labels(labels, where)
   logits = checks.as_float("logits", logits)
   if logits.shape[-1:] != labels.shape[-1:]:
