@@ -40,7 +40,8 @@ import optax
 from saferl_jax import checks, training_runs
 from saferl_jax.diffusion.losses import (RewardStatsState, loop_advantages, ppo_advantages, ppo_loss,
                                          reinforce_loss, reward_stats)
-from saferl_jax.diffusion.sampler import sample, select_samples, trajectory_transitions
+from saferl_jax.diffusion.sampler import (sample, select_samples, stepwise_value_and_grad,
+                                          trajectory_transitions)
 from saferl_jax.diffusion.schedules import NoiseSchedule
 from saferl_jax.diffusion.step import step_kl
 from saferl_jax.parallel import seed_sharding
@@ -94,24 +95,23 @@ def _round(state: FinetuneState, key: jax.Array, round_index: jax.Array, referen
   else:
     advantages = loop_advantages(rewards, samples_per_condition=sampling.samples_per_prompt)
 
-  def loss_fn(params, index):
-    batch = select_samples(trajectory, index)
-    new = _transitions(apply_fn, params, batch, schedule, sampling)
+  # Every loss below is a sum over denoising steps, so its gradient is taken one step at a time
+  # (`stepwise_value_and_grad`): REINFORCE sums its per-step terms, PPO averages them.
+  step_weight = 1.0 if method == "reinforce" else 1.0 / sampling.num_steps
+
+  def step_loss(params, step, step_advantages):
+    new = _transitions(apply_fn, params, step, schedule, sampling)
     if method == "reinforce":
-      loss, approx_kl, clip_fraction = reinforce_loss(new.log_probs, advantages[index]), 0.0, 0.0
+      loss, approx_kl, clip_fraction = reinforce_loss(new.log_probs, step_advantages), 0.0, 0.0
     else:
-      loss, approx_kl, clip_fraction = ppo_loss(new.log_probs, batch.log_probs, advantages[index],
+      loss, approx_kl, clip_fraction = ppo_loss(new.log_probs, step.log_probs, step_advantages,
                                                 clip_range=clip_range)
     if kl_weight:
-      reference = _transitions(apply_fn, reference_params, batch, schedule, sampling)
-      kl = jax.vmap(jax.vmap(lambda m, r, s: step_kl(m, r, s, reduce=sampling.reduce),
-                             (0, 0, None)))(new.means, jax.lax.stop_gradient(reference.means),
-                                            new.stds)
-      # Reduced over steps as the policy loss is (REINFORCE sums over t, PPO averages), so that
-      # kl_weight is the beta of E[r] - beta KL(path) for both.
-      per_sample = jnp.sum(kl, axis=0) if method == "reinforce" else jnp.mean(kl, axis=0)
-      loss = loss + kl_weight * jnp.mean(per_sample)
-    return loss, (jnp.asarray(approx_kl), jnp.asarray(clip_fraction))
+      reference = _transitions(apply_fn, reference_params, step, schedule, sampling)
+      kl = jax.vmap(lambda m, r: step_kl(m, r, new.stds[0], reduce=sampling.reduce))(
+          new.means[0], jax.lax.stop_gradient(reference.means[0]))
+      loss = loss + kl_weight * jnp.mean(kl)
+    return step_weight * loss, (jnp.asarray(approx_kl), jnp.asarray(clip_fraction))
 
   batch_size = trajectory.conditions.shape[0]
   if method == "reinforce":  # on-policy: one step on the whole batch
@@ -122,7 +122,10 @@ def _round(state: FinetuneState, key: jax.Array, round_index: jax.Array, referen
 
   def update(carry, index):
     params, opt_state = carry
-    grads, diagnostics = jax.grad(loss_fn, has_aux=True)(params, index)
+    batch = select_samples(trajectory, index)
+    (_, diagnostics), grads = stepwise_value_and_grad(
+        lambda p, step: step_loss(p, step, advantages[index]), params, batch)
+    diagnostics = jax.tree_util.tree_map(jnp.mean, diagnostics)  # averaged over steps
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), diagnostics
 

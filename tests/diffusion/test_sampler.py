@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saferl_jax.diffusion.losses import loop_advantages, reinforce_loss
-from saferl_jax.diffusion.sampler import (Trajectory, sample, select_samples, trajectory_log_probs,
+from saferl_jax.diffusion.losses import loop_advantages, ppo_loss, reinforce_loss
+from saferl_jax.diffusion.sampler import (Trajectory, sample, select_samples, select_step,
+                                          stepwise_value_and_grad, trajectory_log_probs,
                                           trajectory_transitions)
 from saferl_jax.diffusion.schedules import linear_schedule, sampling_timesteps
 from saferl_jax.diffusion.step import step_kl
@@ -277,6 +278,48 @@ def test_score_function_gradient_through_recomputed_log_probs():
     stderr = g.std(0, ddof=1) / np.sqrt(k)
     assert np.all(stderr < 0.1 * exact)  # enough samples to tell a wrong gradient
     np.testing.assert_array_less(np.abs(g.mean(0) - exact), 4 * stderr)
+
+
+def test_stepwise_gradient_equals_the_whole_trajectory_gradient():
+  # PPO's clipped loss (averaged over steps) plus a KL to the sampling parameters: the sum of
+  # per-step gradients must equal the gradient of the loss over all steps at once, with the
+  # diagnostics stacked per step. Parameters moved off the sampling ones so that some ratios clip.
+  num_steps = 8
+  traj = sample(gaussian_apply_fn, PARAMS, jnp.array([0, 1]), key=jax.random.key(3),
+                schedule=SCHEDULE, num_steps=num_steps, eta=1.0, samples_per_condition=6, shape=(D,))
+  advantages = loop_advantages(traj.x0[:, 0], samples_per_condition=6)
+  moved = (PARAMS[0] + 0.3, PARAMS[1] * 1.2)
+
+  def loss(params, trajectory):
+    new = trajectory_transitions(gaussian_apply_fn, params, trajectory, schedule=SCHEDULE, eta=1.0)
+    old = trajectory_transitions(gaussian_apply_fn, PARAMS, trajectory, schedule=SCHEDULE, eta=1.0)
+    kl = jax.vmap(jax.vmap(step_kl, (0, 0, None)))(new.means, old.means, new.stds)
+    out = ppo_loss(new.log_probs, trajectory.log_probs, advantages, clip_range=0.2)
+    return out.loss + 0.5 * jnp.mean(kl), out.clip_fraction
+
+  whole_loss, whole_grads = jax.value_and_grad(lambda p: loss(p, traj)[0])(moved)
+  (step_sum, clip_fractions), grads = stepwise_value_and_grad(
+      lambda p, step: jax.tree_util.tree_map(lambda v: v / num_steps, loss(p, step)), moved, traj)
+  assert clip_fractions.shape == (num_steps,)
+  np.testing.assert_allclose(float(jnp.mean(clip_fractions)) * num_steps, float(loss(moved, traj)[1]),
+                             rtol=1e-5)
+  assert 0 < float(loss(moved, traj)[1]) < 1
+  np.testing.assert_allclose(float(step_sum), float(whole_loss), rtol=1e-4)
+  for got, want in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(whole_grads)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
+  assert np.abs(np.asarray(whole_grads[0])).max() > 1e-3  # a gradient to compare
+
+
+def test_select_step():
+  traj = sample(gaussian_apply_fn, PARAMS, jnp.array([0]), key=jax.random.key(1), schedule=SCHEDULE,
+                num_steps=5, eta=1.0, samples_per_condition=3, shape=(D,))
+  one = jax.jit(select_step)(traj, 2)
+  np.testing.assert_array_equal(one.states, traj.states[2:4])
+  np.testing.assert_array_equal(one.log_probs, traj.log_probs[2:3])
+  assert one.timesteps.tolist() == traj.timesteps[2:3].tolist()
+  assert one.previous_timesteps.tolist() == traj.previous_timesteps[2:3].tolist()
+  with pytest.raises(ValueError, match="^index: must be in"):
+    select_step(traj, 5)
 
 
 def test_bad_arguments():
