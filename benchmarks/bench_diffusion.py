@@ -18,7 +18,8 @@ the 64 dimensions (saferl_jax's reduce="sum").
 2. One LOOP update on the stored trajectory of all B samples and S steps: log-probs recomputed
    under the parameters, LOOP (leave-one-out) advantages of fixed rewards, PPO's clipped loss
    (clip 0.2), backward, one Adam step. saferl_jax: one jitted function (`trajectory_log_probs`,
-   `loop_advantages`, `ppo_loss`, jax.value_and_grad, optax.adam). PyTorch: autograd and
+   `loop_advantages`, `ppo_loss`, `stepwise_value_and_grad`, optax.adam), and for comparison
+   jax.value_and_grad of the whole S-step recomputation. PyTorch: autograd and
    torch.optim.Adam, two ways: DDPO's loop (forward and backward per timestep, gradients
    accumulated) and all S steps stacked into one forward of S*B images.
 3. Memory: the stored trajectory's bytes; XLA's memory analysis of each compiled JAX function
@@ -26,6 +27,10 @@ the 64 dimensions (saferl_jax's reduce="sum").
    saved-tensors hook, distinct storages); and, unless --quick, the peak resident memory
    (VmHWM, Linux) of a fresh process per side: after its imports, after setup (for JAX including
    the compilation), and while running both cases once (the peak reset first).
+
+4. Arithmetic rate: XLA's FLOP count of one forward pass, divided into the timings (an update
+   counted as three forward passes per step), beside a 1024 x 1024 matmul's rate in each framework:
+   how close each side runs to what the machine can do.
 
 Agreement checks: eps of the two networks on random inputs; torch's DDPO formula re-evaluating
 the log-probs saferl_jax recorded while sampling (same states and timesteps), both also against
@@ -64,7 +69,7 @@ from flax import nnx
 
 from saferl_jax.diffusion.denoisers import ConvDenoiser
 from saferl_jax.diffusion.losses import loop_advantages, ppo_loss
-from saferl_jax.diffusion.sampler import sample, trajectory_log_probs
+from saferl_jax.diffusion.sampler import sample, stepwise_value_and_grad, trajectory_log_probs
 from saferl_jax.diffusion.schedules import linear_schedule, sampling_timesteps
 from saferl_jax.functional import as_functional
 from timing import platform_description, write_results
@@ -110,19 +115,63 @@ def jax_sampler(apply_fn, schedule):
   return run
 
 
-def jax_updater(apply_fn, schedule, optimizer):
+def jax_updater(apply_fn, schedule, optimizer, *, stepwise: bool = True):
+  """(loss_fn, update): the LOOP loss over all steps, and one jitted Adam step on it.
+
+  With stepwise=True (as `finetune` does) the gradient is summed step by step
+  (`stepwise_value_and_grad`, DDPO's backward per step); otherwise it is the gradient of the whole
+  S-step recomputation, which keeps every step's activations.
+  """
   def loss_fn(params, trajectory, rewards):
     log_probs = trajectory_log_probs(apply_fn, params, trajectory, schedule=schedule, eta=ETA)
     advantages = loop_advantages(rewards, samples_per_condition=K)
     return ppo_loss(log_probs, trajectory.log_probs, advantages, clip_range=CLIP).loss
 
+  def value_and_grad(params, trajectory, rewards):
+    if not stepwise:
+      return jax.value_and_grad(loss_fn)(params, trajectory, rewards)
+    advantages = loop_advantages(rewards, samples_per_condition=K)
+
+    def step_loss(params, step):  # PPO's loss averages the steps
+      log_probs = trajectory_log_probs(apply_fn, params, step, schedule=schedule, eta=ETA)
+      return ppo_loss(log_probs, step.log_probs, advantages, clip_range=CLIP).loss / STEPS, None
+
+    (loss, _), grads = stepwise_value_and_grad(step_loss, params, trajectory)
+    return loss, grads
+
   @jax.jit
   def update(params, opt_state, trajectory, rewards):
-    loss, grads = jax.value_and_grad(loss_fn)(params, trajectory, rewards)
+    loss, grads = value_and_grad(params, trajectory, rewards)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   return loss_fn, update
+
+
+def forward_flops(apply_fn, params, batch: int) -> float | None:
+  """XLA's count of floating-point operations in one forward pass of the denoiser on B samples."""
+  x = jnp.zeros((batch,) + SHAPE)
+  t = c = jnp.zeros((batch,), jnp.int32)
+  analysis = jax.jit(apply_fn).lower(params, x, t, c).compile().cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, list) else analysis
+  return float(analysis["flops"]) if analysis and "flops" in analysis else None
+
+
+def matmul_gflops(repeats: int, n: int = 1024) -> dict:
+  """The machine's reference rate: an n x n float32 matrix product, in XLA and in torch (best threads)."""
+  import torch
+  a = jax.random.normal(jax.random.key(0), (n, n))
+  product = jax.jit(lambda a: a @ a)
+  jax.block_until_ready(product(a))
+  rates = {"jax": 2 * n**3 / median_seconds(lambda: jax.block_until_ready(product(a)), repeats) / 1e9}
+  b = torch.randn(n, n, device=torch_device())
+  torch_rates = []
+  for threads in torch_thread_counts():
+    torch.set_num_threads(threads)
+    torch_rates.append(2 * n**3 / median_seconds(lambda: b @ b, repeats, torch_sync) / 1e9)
+  torch.set_num_threads(os.cpu_count() or 1)
+  rates["torch"] = max(torch_rates)
+  return rates
 
 
 def rewards_of(x0) -> jax.Array:
@@ -495,6 +544,11 @@ def run_batch(model: ConvDenoiser, batch: int, repeats: int) -> dict:
   row["jax_update_compile_s"] = time.perf_counter() - start
   row["jax_update_s"] = median_seconds(
       lambda: jax.block_until_ready(update(params, opt_state, trajectory, rewards)), repeats)
+  _, update_whole = jax_updater(apply_fn, schedule, optimizer, stepwise=False)
+  jax.block_until_ready(update_whole(params, opt_state, trajectory, rewards))
+  row["jax_update_whole_s"] = median_seconds(
+      lambda: jax.block_until_ready(update_whole(params, opt_state, trajectory, rewards)), repeats)
+  row["forward_flops"] = forward_flops(apply_fn, params, batch)
   old_log_probs, rewards_torch = to_torch(trajectory.log_probs), to_torch(rewards)
   args = (scheduler, states, old_log_probs, conditions, rewards_torch)
 
@@ -555,6 +609,8 @@ def run_batch(model: ConvDenoiser, batch: int, repeats: int) -> dict:
       jax.jit(run_sample).lower(params, prompts, key).compile())
   row["jax_update_memory"] = memory_analysis(
       update.lower(params, opt_state, trajectory, rewards).compile())
+  row["jax_update_whole_memory"] = memory_analysis(
+      update_whole.lower(params, opt_state, trajectory, rewards).compile())
   row["torch_saved_for_backward_bytes"] = saved_tensor_bytes(
       lambda: torch_stacked_loss(net, *args))
   row["torch_saved_for_backward_per_step_bytes"] = saved_tensor_bytes(
@@ -705,7 +761,7 @@ def main() -> None:
                 "learning_rate": LEARNING_RATE, "repeats_at_32": repeats,
                 "denoiser_parameters": int(sum(np.size(p) for p in jax.tree_util.tree_leaves(
                     nnx.state(model, nnx.Param))))},
-      "rows": rows}
+      "rows": rows, "matmul_gflops": matmul_gflops(repeats)}
   write_results("diffusion", results, markdown(results))
 
 
@@ -728,12 +784,29 @@ def markdown(results: dict) -> str:
            ("the same, `sample` inside jax.jit", "jax_sample_in_jit_s", "sample_s"),
            ("LOOP update: saferl_jax / DDPO's loop (backward per step)", "jax_update_s", "update_s"),
            ("LOOP update: saferl_jax / torch with the S steps stacked in one forward",
-            "jax_update_s", "stacked_update_s"))
+            "jax_update_s", "stacked_update_s"),
+           ("LOOP update, gradient of the whole S-step recomputation / DDPO's loop",
+            "jax_update_whole_s", "update_s"))
   for r in rows:
     for name, ours, theirs in cases:
       best = min(v[theirs] for v in r["torch"].values())
       lines.append(f"| {name} | {r['batch']} | {r['repeats']} | {r[ours]:.4f} | " + " | ".join(
           f"{v[theirs]:.4f}" for v in r["torch"].values()) + f" | {best / r[ours]:.2f}x |")
+  rates = results["matmul_gflops"]
+  lines += ["", "saferl_jax's LOOP update sums per-step gradients in a lax.scan "
+            "(`stepwise_value_and_grad`, as `finetune` does); the last case differentiates the "
+            "whole S-step recomputation instead.", "",
+            f"Arithmetic rate (XLA's FLOP count of one forward pass; an update counted as 3 forward "
+            f"passes per step). Reference: a 1024 x 1024 float32 matmul runs at "
+            f"{rates['jax']:.0f} GFLOP/s in XLA and {rates['torch']:.0f} GFLOP/s in torch on this "
+            "machine.", "", "| B | MFLOP per forward pass | GFLOP/s: saferl_jax sample, PyTorch "
+            "sample | saferl_jax update, PyTorch update (DDPO's loop) |", "|---|---|---|---|"]
+  for r in rows:
+    if r.get("forward_flops"):
+      work = STEPS * r["forward_flops"] / 1e9
+      lines.append(f"| {r['batch']} | {r['forward_flops'] / 1e6:.0f} | "
+                   f"{work / r['jax_sample_s']:.0f}, {work / r['torch_best_sample_s']:.0f} | "
+                   f"{3 * work / r['jax_update_s']:.0f}, {3 * work / r['torch_best_update_s']:.0f} |")
   lines += ["", "saferl_jax compilation (first call), seconds: " + ", ".join(
       f"B = {r['batch']}: sample {r['jax_sample_compile_s']:.1f}, update "
       f"{r['jax_update_compile_s']:.1f}" for r in rows) + ".", "",
@@ -761,7 +834,8 @@ def markdown(results: dict) -> str:
             "torch: the distinct storages autograd saves for backward (the whole stacked graph; "
             "one timestep's graph for DDPO's loop, which frees it before building the next).", "",
             "| B | trajectory | XLA sample: args + out + temp | XLA update: args + out + temp | "
-            "torch saved for backward: stacked / per step |", "|---|---|---|---|---|"]
+            "XLA update, whole-trajectory gradient | torch saved for backward: stacked / per step |",
+            "|---|---|---|---|---|---|"]
 
   def xla(m):
     if not m:
@@ -772,7 +846,8 @@ def markdown(results: dict) -> str:
   for r in rows:
     lines.append(
         f"| {r['batch']} | {mb(r['trajectory_bytes']):.2f} | {xla(r['jax_sample_memory'])} | "
-        f"{xla(r['jax_update_memory'])} | {mb(r['torch_saved_for_backward_bytes']):.2f} / "
+        f"{xla(r['jax_update_memory'])} | {xla(r.get('jax_update_whole_memory'))} | "
+        f"{mb(r['torch_saved_for_backward_bytes']):.2f} / "
         f"{mb(r['torch_saved_for_backward_per_step_bytes']):.2f} |")
   if any("peak_rss_jax" in r for r in rows):
     lines += ["", "Peak resident memory (VmHWM), MB, of a fresh process per side: after its imports "
