@@ -77,7 +77,7 @@ def _transitions(apply_fn, params, trajectory, schedule, sampling: Sampling):
 
 def _round(state: FinetuneState, key: jax.Array, round_index: jax.Array, reference_params, schedule,
            *, apply_fn, reward_fn, optimizer, method: str, sampling: Sampling, epochs: int,
-           minibatches: int, clip_range: float, kl_weight: float):
+           minibatches: int, clip_range: float, kl_weight: float, normalize_advantages: bool):
   """One sampling round and its updates; returns the new state and the round's diagnostics."""
   round_key = jax.random.fold_in(key, round_index)
   prompt_key, sample_key, shuffle_key = jax.random.split(round_key, 3)
@@ -93,7 +93,8 @@ def _round(state: FinetuneState, key: jax.Array, round_index: jax.Array, referen
     stats = reward_stats().update(stats, trajectory.conditions, rewards)
     advantages = ppo_advantages(stats, trajectory.conditions, rewards)
   else:
-    advantages = loop_advantages(rewards, samples_per_condition=sampling.samples_per_prompt)
+    advantages = loop_advantages(rewards, samples_per_condition=sampling.samples_per_prompt,
+                                 normalize=normalize_advantages)
 
   # Every loss below is a sum over denoising steps, so its gradient is taken one step at a time
   # (`stepwise_value_and_grad`): REINFORCE sums its per-step terms, PPO averages them.
@@ -151,6 +152,7 @@ def finetune(
     minibatches: int = 2,
     clip_range: float = 0.2,
     kl_weight: float = 0.0,
+    normalize_advantages: bool = False,
     evaluate: Callable[[Any], dict] | None = None,
     eval_every: int = 5,
     checkpoint_path: str | Path | None = None,
@@ -171,6 +173,9 @@ def finetune(
       (B must divide into minibatches); ignored by REINFORCE (one step per round).
     clip_range: PPO's e (0.1 to 0.3 goes with reduce="sum"; DDPO's 1e-4 with "mean").
     kl_weight: weight of the KL to the initial parameters (0: none).
+    normalize_advantages: REINFORCE and LOOP divide each prompt's leave-one-out advantages by the
+      std of its K rewards (`loop_advantages(normalize=True)`); PPO always normalises by its
+      running statistics, so it must stay False for "ppo".
     evaluate: optional jittable evaluate(params) -> {name: scalar} for one seed, recorded before
       training and every `eval_every` rounds.
     eval_every: rounds per chunk between evaluations and checkpoints.
@@ -197,6 +202,11 @@ def finetune(
     raise ValueError(f"minibatches: {minibatches} does not divide the {batch_size} samples of a round")
   if not clip_range > 0:
     raise ValueError(f"clip_range: must be > 0, got {clip_range}")
+  if normalize_advantages not in (True, False):
+    raise ValueError(f"normalize_advantages: must be True or False, got {normalize_advantages!r}")
+  if normalize_advantages and method == "ppo":
+    raise ValueError("normalize_advantages: PPO normalises by its running per-prompt statistics; "
+                     "only reinforce and loop take this option")
   if not kl_weight >= 0:
     raise ValueError(f"kl_weight: must be >= 0, got {kl_weight}")
   training_runs.check_seed_keys(key)
@@ -214,7 +224,8 @@ def finetune(
   state = jax.device_put(FinetuneState(params, jax.vmap(optimizer.init)(params), stats), sharding)
   reference = params
   options = dict(method=method, epochs=int(epochs), minibatches=int(minibatches),
-                 clip_range=float(clip_range), kl_weight=float(kl_weight))
+                 clip_range=float(clip_range), kl_weight=float(kl_weight),
+                 normalize_advantages=bool(normalize_advantages))
   chunk_fn = _compiled_chunk(apply_fn, reward_fn, optimizer, sampling, int(eval_every),
                              tuple(sorted(options.items())), sharding)
   evaluate_fn = _compiled_evaluate(evaluate) if evaluate else (lambda params: {})

@@ -46,6 +46,20 @@ def distance_moved(kl_weight):
   return float(jnp.linalg.norm(ravel_pytree(result.params)[0] - ravel_pytree(PARAMS)[0]))
 
 
+@pytest.mark.parametrize("method", ["reinforce", "loop"])
+def test_normalized_advantages_make_the_update_invariant_to_the_reward_scale(method):
+  # Under plain SGD the step is proportional to the advantages, so only normalised advantages
+  # give the same run for rewards scaled by 10.
+  def run(scale, normalize):
+    result = finetune(APPLY_FN, PARAMS, lambda x, c: scale * tilt(x, c), key=jax.random.key(2),
+                      method=method, rounds=2, schedule=SCHEDULE, sampling=SAMPLING,
+                      optimizer=optax.sgd(1e-3), normalize_advantages=normalize, eval_every=2)
+    return ravel_pytree(result.params)[0]
+
+  np.testing.assert_allclose(run(10.0, True), run(1.0, True), rtol=1e-4, atol=1e-6)
+  assert not np.allclose(run(10.0, False), run(1.0, False), rtol=1e-4, atol=1e-6)
+
+
 def test_the_kl_term_keeps_the_model_near_the_reference():
   assert distance_moved(10.0) < 0.5 * distance_moved(0.0)
 
@@ -83,3 +97,5 @@ def test_bad_options_are_named():
                                                 samples_per_prompt=1)})
   with pytest.raises(ValueError, match="clip_range"):
     finetune(APPLY_FN, PARAMS, tilt, method="ppo", clip_range=0.0, **options)
+  with pytest.raises(ValueError, match="^normalize_advantages: PPO"):
+    finetune(APPLY_FN, PARAMS, tilt, method="ppo", normalize_advantages=True, **options)
