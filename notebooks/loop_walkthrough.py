@@ -92,7 +92,7 @@ sampling = Sampling(shape=(8, 8, 1), num_classes=10, prompts_per_round=8, sample
 result = finetune(apply_fn, params, reward_fn, key=jax.random.key(4), method="loop",
                   rounds=4 if QUICK else 30, eval_every=2 if QUICK else 10, schedule=schedule,
                   sampling=sampling, optimizer=optax.chain(optax.clip_by_global_norm(1.0),
-                                                           optax.adam(1e-4)))
+                                                           optax.adam(2e-4)))
 curve = result.history["reward"]
 print(f"reward of the first round {curve[0]:.3f}, of the last {curve[-1]:.3f} "
       f"after {result.history['reward_queries'][-1]} reward queries")

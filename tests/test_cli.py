@@ -42,6 +42,11 @@ def test_demo_runs_every_experiment(tmp_path, monkeypatch):
     curve = loop["methods"][method]
     assert curve["reward_queries"] == [4, 8]
     assert len(curve["reward_mean"]) == len(curve["reward_ci"]) == 2
+  margin = loop["claims"]["loop_minus_other_last_rounds"]["ppo"]
+  per_seed = {m: np.array(loop["methods"][m]["last_rounds_reward_per_seed"]) for m in ("ppo", "loop")}
+  assert per_seed["loop"].shape == (2,)
+  np.testing.assert_allclose(margin["mean"], np.mean(per_seed["loop"] - per_seed["ppo"]), rtol=1e-6)
+  assert margin["ci"][0] <= margin["mean"] <= margin["ci"][1]
   assert set(loop["mixture2d"]["methods"]) == {"reinforce", "ppo", "loop"}
   for name in ("loop.png", "digits_samples.png"):
     assert (tmp_path / "loop" / name).exists()

@@ -58,13 +58,13 @@ class Config:
   classifier_steps: int = 600
   prompts_per_round: int = 8       # P
   samples_per_prompt: int = 4      # K
-  rounds: int = 30
+  rounds: int = 40
   eval_every: int = 10
-  learning_rate: float = 5e-5      # Adam after clipping the gradient norm to 1, as DDPO
+  learning_rate: float = 2e-4      # Adam after clipping the gradient norm to 1, as DDPO
   epochs: int = 2                  # PPO/LOOP passes over a round's samples
   minibatches: int = 2
   clip_range: float = 0.2          # with the exact (summed) log-density
-  n_seeds: int = 2
+  n_seeds: int = 3
   # The 2-D task.
   mixture_pretrain_steps: int = 3000
   mixture_rounds: int = 30
@@ -138,7 +138,9 @@ def _digits(out: Path, config: Config, checkpoint: Checkpoint) -> dict:
   methods = {}
   for method in METHODS:
     saved = checkpoint[f"digits/{method}"]
-    methods[method] = {**_curves(np.asarray(saved["reward"]), np.asarray(saved["queries"])),
+    rewards = np.asarray(saved["reward"])
+    methods[method] = {**_curves(rewards, np.asarray(saved["queries"])),
+                       "last_rounds_reward_per_seed": rewards[-config.eval_every:].mean(0).tolist(),
                        "mean_approx_kl": saved["approx_kl"],
                        "mean_clip_fraction": saved["clip_fraction"]}
   _image_grid(out, apply_fn, {"pretrained": params, **finals}, schedule, sampling)
@@ -252,7 +254,17 @@ def _claims(results: dict) -> dict:
   last = {m: _last_rounds(results["methods"][m], results["config"]) for m in METHODS}
   area = {m: float(np.mean(results["methods"][m]["reward_mean"])) for m in METHODS}
   mixture = {m: results["mixture2d"]["methods"][m]["mmd_to_optimum"] for m in METHODS}
+  # Seeds share their keys across methods (the same prompts in round 0 and the same pretrained
+  # model), so LOOP's margin over each method is compared seed by seed.
+  per_seed = {m: np.asarray(results["methods"][m]["last_rounds_reward_per_seed"]) for m in METHODS}
+  margins = {}
+  for other in ("reinforce", "ppo"):
+    difference = per_seed["loop"] - per_seed[other]
+    interval = _ci(difference)
+    margins[other] = {"mean": float(difference.mean()), "ci": interval,
+                      "loop_higher": bool(interval[0] > 0) if len(difference) > 1 else None}
   return {"last_rounds_reward": last, "mean_reward_over_rounds": area,
+          "loop_minus_other_last_rounds": margins,
           "loop_highest_last_rounds_reward": max(last, key=last.get) == "loop",
           "loop_highest_mean_reward": max(area, key=area.get) == "loop",
           "any_method_above_pretrained": any(v > results["initial_reward"] for v in last.values()),
@@ -303,6 +315,9 @@ def summary(results: dict) -> str:
           f"{claims['loop_highest_last_rounds_reward']}; the highest mean over rounds: "
           f"{claims['loop_highest_mean_reward']}. Some method ends above the pretrained model: "
           f"{claims['any_method_above_pretrained']}.\n\n"
+          + "".join(f"LOOP minus {LABELS[other]}, per seed: {m['mean']:+.3f} (95% CI "
+                    f"[{m['ci'][0]:+.3f}, {m['ci'][1]:+.3f}]).\n"
+                    for other, m in claims["loop_minus_other_last_rounds"].items()) + "\n"
           f"2-D mixture, reward a . x with a = {tuple(mixture['tilt'])}, KL weight "
           f"{mixture['kl_weight']:g}: pretrained reward {mixture['initial_reward']:.3f}, optimum "
           f"{mixture['optimal_reward']:.3f}; squared MMD to the optimum, pretrained "
