@@ -31,7 +31,8 @@ from saferl_jax.diffusion.denoisers import ConvDenoiser
 from saferl_jax.diffusion.finetuning import Sampling, finetune
 from saferl_jax.diffusion.losses import loop_advantages
 from saferl_jax.diffusion.pretraining import pretrain
-from saferl_jax.diffusion.rewards import prompt_alignment_reward, train_classifier
+from saferl_jax.diffusion.rewards import (compressibility_reward, prompt_alignment_reward,
+                                         train_classifier)
 from saferl_jax.diffusion.sampler import sample
 from saferl_jax.diffusion.schedules import linear_schedule
 from saferl_jax.experiments.common import pyplot
@@ -118,6 +119,26 @@ for row, (name, p) in enumerate((("pretrained", params), ("LOOP", result.params)
 fig.tight_layout()
 fig.savefig("loop_samples.png", dpi=100)
 print("saved loop_samples.png")
+
+# %% [markdown]
+# ## 5. A black-box reward
+#
+# Policy gradients need only the reward's values. `compressibility_reward` runs zlib on the host
+# (through `jax.pure_callback`, so it has no gradient at all) and returns minus the compressed
+# bytes per pixel: the same loop raises it.
+
+# %%
+def compressibility(x0, prompts):
+  del prompts
+  return compressibility_reward(x0)
+
+
+compressed = finetune(apply_fn, params, compressibility, key=jax.random.key(6), method="loop",
+                      rounds=2 if QUICK else 20, eval_every=2 if QUICK else 10, schedule=schedule,
+                      sampling=sampling, optimizer=optax.chain(optax.clip_by_global_norm(1.0),
+                                                               optax.adam(2e-4)))
+curve = compressed.history["reward"]
+print(f"compressibility of the first round {curve[0]:.3f}, of the last {curve[-1]:.3f}")
 
 # %% [markdown]
 # `saferl-jax loop --quick --out DIR` compares LOOP with REINFORCE and PPO (DDPO-IS) at equal

@@ -39,6 +39,25 @@ def test_every_method_raises_the_reward(method):
     assert np.all(result.history["approx_kl"] >= 0) and np.all(result.history["clip_fraction"] <= 1)
 
 
+def test_a_black_box_reward_on_the_host_is_raised_for_every_seed():
+  # The reward runs in numpy through jax.pure_callback: no gradient exists, only its values (as
+  # compressibility_reward). Two seeds exercise the callback under the seed vmap.
+  def host_tilt(x0):
+    return (np.asarray(x0) @ np.array([1.0, 0.5])).astype(np.float32)
+
+  def black_box(x0, conditions):
+    del conditions
+    shape = jax.ShapeDtypeStruct(x0.shape[:-1], jnp.float32)
+    return jax.pure_callback(host_tilt, shape, x0, vmap_method="expand_dims")
+
+  params = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), PARAMS)
+  result = finetune(APPLY_FN, params, black_box, key=jax.random.split(jax.random.key(3), 2),
+                    method="loop", rounds=30, schedule=SCHEDULE, sampling=SAMPLING,
+                    optimizer=OPTIMIZER, eval_every=10)
+  rewards = result.history["reward"]  # [rounds, seeds]
+  assert np.all(rewards[-5:].mean(0) - rewards[:5].mean(0) > 1.0), rewards
+
+
 def distance_moved(kl_weight):
   result = finetune(APPLY_FN, PARAMS, tilt, key=jax.random.key(1), method="loop", rounds=10,
                     schedule=SCHEDULE, sampling=SAMPLING, optimizer=OPTIMIZER, kl_weight=kl_weight,
