@@ -97,7 +97,8 @@ def _round(state: FinetuneState, key: jax.Array, round_index: jax.Array, referen
                                  normalize=normalize_advantages)
 
   # Every loss below is a sum over denoising steps, so its gradient is taken one step at a time
-  # (`stepwise_value_and_grad`): REINFORCE sums its per-step terms, PPO averages them.
+  # (`stepwise_value_and_grad`): REINFORCE sums its per-step terms, PPO averages them, and the KL
+  # is weighted as the policy loss is, so that kl_weight is the beta of E[r] - beta KL(path).
   step_weight = 1.0 if method == "reinforce" else 1.0 / sampling.num_steps
 
   def step_loss(params, step, step_advantages):

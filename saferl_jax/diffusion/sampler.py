@@ -440,8 +440,8 @@ def stepwise_value_and_grad(step_loss: Callable[[Any, Trajectory], tuple[jax.Arr
   ratio, a per-step KL) is a sum over steps, so its gradient is the sum of the steps' gradients.
   A `lax.scan` computes each step's gradient and adds it up, as DDPO's loop calls backward per step:
   only one step's activations are alive, where differentiating the whole S-step recomputation keeps
-  all S (on CPU this is also 1.6x to 2.3x faster for the digits U-Net, measured in
-  benchmarks/bench_diffusion.py's development).
+  all S. For the digits U-Net on CPU it is also faster: 1.8x at B = 32 and 1.5x at B = 256 in
+  benchmarks/bench_diffusion.py.
 
   Args:
     step_loss: step_loss(params, one_step_trajectory) -> (scalar loss, aux pytree); build the step's
