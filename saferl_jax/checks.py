@@ -110,6 +110,12 @@ def check_positive_int(name: str, value) -> None:
     raise ValueError(f"{name}: must be a positive int, got {value!r}")
 
 
+def check_choice(name: str, value, choices) -> None:
+  """Checks a string option against the names it may take."""
+  if value not in choices:
+    raise ValueError(f"{name}: must be one of {tuple(choices)}, got {value!r}")
+
+
 def check_level_option(name: str, value) -> None:
   """Checks a miss probability such as delta or alpha: it must lie in (0, 1)."""
   if value is None or not is_concrete(value):

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from saferl_jax import checks
+
 
 class TrainState(NamedTuple):
   params: Any
@@ -38,6 +40,14 @@ def check_seed_keys(key: jax.Array) -> None:
   if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     raise ValueError("key: expected typed PRNG keys from jax.random.key (one per seed), got an "
                      f"array of dtype {key.dtype}; wrap legacy keys with jax.random.wrap_key_data")
+
+
+def check_chunks(name: str, total: int, eval_every: int) -> None:
+  """Checks a run's length: positive ints, `total` a multiple of the chunk `eval_every`."""
+  checks.check_positive_int(name, total)
+  checks.check_positive_int("eval_every", eval_every)
+  if total % eval_every:
+    raise ValueError(f"{name}: must be a multiple of eval_every={eval_every}, got {total}")
 
 
 def add_seed_axis(tree):

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from saferl_jax import checks
 from saferl_jax.cltr.clicks import ClickModel
 from saferl_jax.policy_gradient import clipped_surrogate, hard_filter
 from saferl_jax.ranking.metrics import exposure_from_samples
@@ -268,8 +269,7 @@ def logged_objective(exposure: ArrayLike, logging_exposure: ArrayLike, rewards: 
     ...                        objective="value", num_sessions=4))
     1.25
   """
-  if objective not in OBJECTIVES:
-    raise ValueError(f"objective: must be one of {OBJECTIVES}, got {objective!r}")
+  checks.check_choice("objective", objective, OBJECTIVES)
   exposure, logging_exposure = jnp.asarray(exposure), jnp.asarray(logging_exposure)
   rewards, session_counts = jnp.asarray(rewards), jnp.asarray(session_counts)
   if where is None:

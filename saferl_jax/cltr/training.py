@@ -181,13 +181,10 @@ def train_ranker(
     A `TrainResult`; history["objective"] is [steps / eval_every, S] (the objective's mean over
     each chunk) and each of evaluate's names is [steps / eval_every + 1, S].
   """
-  if objective not in OBJECTIVES:
-    raise ValueError(f"objective: must be one of {OBJECTIVES}, got {objective!r}")
-  for name, value in (("steps", steps), ("eval_every", eval_every), ("num_samples", num_samples),
-                      ("num_sessions", num_sessions)):
+  checks.check_choice("objective", objective, OBJECTIVES)
+  training_runs.check_chunks("steps", steps, eval_every)
+  for name, value in (("num_samples", num_samples), ("num_sessions", num_sessions)):
     checks.check_positive_int(name, value)
-  if steps % eval_every:
-    raise ValueError(f"steps: must be a multiple of eval_every={eval_every}, got {steps}")
   checks.check_level_option("delta", delta)
   training_runs.check_seed_keys(key)
   data = RankingData(*(jnp.asarray(x) for x in data))

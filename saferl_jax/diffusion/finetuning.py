@@ -188,13 +188,10 @@ def finetune(
     history["reward_queries"] is [rounds] (cumulative queries after each round); evaluate's
     names are [rounds / eval_every + 1, S].
   """
-  if method not in METHODS:
-    raise ValueError(f"method: must be one of {METHODS}, got {method!r}")
-  for name, value in (("rounds", rounds), ("eval_every", eval_every), ("epochs", epochs),
-                      ("minibatches", minibatches)):
+  checks.check_choice("method", method, METHODS)
+  training_runs.check_chunks("rounds", rounds, eval_every)
+  for name, value in (("epochs", epochs), ("minibatches", minibatches)):
     checks.check_positive_int(name, value)
-  if rounds % eval_every:
-    raise ValueError(f"rounds: must be a multiple of eval_every={eval_every}, got {rounds}")
   if sampling.samples_per_prompt < 2 and method != "ppo":
     raise ValueError(f"sampling.samples_per_prompt: {method} needs K >= 2 for its leave-one-out "
                      f"baseline, got {sampling.samples_per_prompt}")

@@ -89,8 +89,7 @@ def _check_eta(eta) -> None:
 
 
 def _check_reduce(reduce) -> None:
-  if reduce not in REDUCTIONS:
-    raise ValueError(f"reduce: must be one of {REDUCTIONS}, got {reduce!r}")
+  checks.check_choice("reduce", reduce, REDUCTIONS)
 
 
 def _check_steps(t: jax.Array, t_prev: jax.Array, num_train_steps: int) -> tuple[jax.Array, jax.Array]:

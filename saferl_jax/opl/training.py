@@ -147,8 +147,7 @@ def train(
     A `TrainResult`. history["baseline"] is [epochs, S] (mean baseline per epoch); each of
     evaluate's names is [epochs + 1, S] (before training, then after each epoch).
   """
-  if method not in METHODS:
-    raise ValueError(f"method: must be one of {METHODS}, got {method!r}")
+  checks.check_choice("method", method, METHODS)
   if epochs < 1:
     raise ValueError(f"epochs: must be >= 1, got {epochs}")
   training_runs.check_seed_keys(key)

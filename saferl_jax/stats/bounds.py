@@ -45,8 +45,7 @@ class ImprovementTest(NamedTuple):
 def _prepare(samples: ArrayLike, method: str, max_value, truncate: bool) -> jax.Array:
   samples = checks.as_float("samples", samples)
   checks.check_ndim("samples", samples, 1)
-  if method not in METHODS:
-    raise ValueError(f"method: must be one of {METHODS}, got {method!r}")
+  checks.check_choice("method", method, METHODS)
   if samples.shape[0] < 2:
     raise ValueError(f"samples: a confidence bound needs at least 2 samples, got {samples.shape[0]}")
   checks.check_finite("samples", samples)
