@@ -67,11 +67,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from saferl_jax.diffusion.denoisers import ConvDenoiser
+from saferl_jax.models.denoisers import ConvDenoiser
 from saferl_jax.diffusion.losses import loop_advantages, ppo_loss
 from saferl_jax.diffusion.sampler import sample, stepwise_value_and_grad, trajectory_log_probs
 from saferl_jax.diffusion.schedules import linear_schedule, sampling_timesteps
-from saferl_jax.functional import as_functional
+from saferl_jax.models.functional import as_functional
 from timing import platform_description, write_results
 
 T, STEPS, ETA, K, CLIP, LEARNING_RATE = 1000, 20, 1.0, 4, 0.2, 1e-4

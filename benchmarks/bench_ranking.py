@@ -128,7 +128,7 @@ def _numpy_click_log(rng, logging_logits, labels, alpha, beta, num_sessions):
 def section_clicks(args, results) -> dict:
   """Logging sessions: sample the logger's top-5, click under trust bias, count per query."""
   from saferl_jax.cltr import trust_bias
-  from saferl_jax.cltr.click_logs import aggregate_sessions
+  from saferl_jax.data.click_logs import aggregate_sessions
   from saferl_jax.cltr.clicks import simulate_sessions
   num_queries, num_docs, n = 1000, 20, args.num_sessions
   logits = jax.random.normal(jax.random.key(5), (num_queries, num_docs))

@@ -27,10 +27,10 @@ import optax
 from flax import nnx
 
 from saferl_jax import cltr
-from saferl_jax.cltr.click_logs import estimated_rewards, simulate_click_log
-from saferl_jax.cltr.training import RankingData, relevance_data, train_ranker
+from saferl_jax.data.click_logs import estimated_rewards, simulate_click_log
+from saferl_jax.training.ranker import RankingData, relevance_data, train_ranker
 from saferl_jax.data import ltr
-from saferl_jax.functional import as_functional
+from saferl_jax.models.functional import as_functional
 from saferl_jax.ranking import (LinearRanker, dcg_rank_weights, expected_metric_from_samples,
                                 exposure_from_samples, sample_rankings)
 

@@ -27,16 +27,16 @@ import optax
 from flax import nnx
 
 from saferl_jax.data.digits import load_digits
-from saferl_jax.diffusion.denoisers import ConvDenoiser
-from saferl_jax.diffusion.finetuning import Sampling, finetune
+from saferl_jax.models.denoisers import ConvDenoiser
+from saferl_jax.training.finetuning import Sampling, finetune
 from saferl_jax.diffusion.losses import loop_advantages
-from saferl_jax.diffusion.pretraining import pretrain
-from saferl_jax.diffusion.rewards import (compressibility_reward, prompt_alignment_reward,
-                                         train_classifier)
+from saferl_jax.training.pretraining import pretrain
+from saferl_jax.diffusion.rewards import compressibility_reward, prompt_alignment_reward
+from saferl_jax.training.classifier import train_classifier
 from saferl_jax.diffusion.sampler import sample
 from saferl_jax.diffusion.schedules import linear_schedule
 from saferl_jax.experiments.common import pyplot
-from saferl_jax.functional import as_functional
+from saferl_jax.models.functional import as_functional
 
 QUICK = bool(os.environ.get("SAFERL_JAX_NOTEBOOK_QUICK"))
 

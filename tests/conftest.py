@@ -3,7 +3,7 @@
 import jax
 import pytest
 
-from saferl_jax import training_runs
+from saferl_jax.training import driver as training_runs
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -7,12 +7,12 @@ The estimators correct clicks for position and trust bias (affine IPS, DR with a
 and the safe objectives ([SAFE]'s exposure penalty, PRPO's clipping) keep a learned ranker close
 to the logging policy; `train_ranker` optimises any of them over an NNX ranker with PL-Rank.
 
-Floors: clicks.py, estimators.py and reward_model.py are pure maths (1); click_logs.py simulates
-logs (2); training.py is the learning loop (3).
+Floors: clicks.py, estimators.py, reward_model.py and learning.py are pure maths (1); click logs
+(`saferl_jax.data.click_logs`, floor 2) and `train_ranker` (`saferl_jax.training.ranker`, floor 3)
+are re-exported here lazily.
 """
 
-from saferl_jax.cltr.click_logs import (ClickLog, aggregate_sessions, estimated_rewards,
-                                        simulate_click_log)
+from saferl_jax._lazy import lazy_exports
 from saferl_jax.cltr.clicks import (ClickModel, adversarial, check_click_model, click_model,
                                     click_probabilities, misspecified, position_based,
                                     relevance_at_ranks, simulate_clicks, simulate_sessions,
@@ -22,18 +22,30 @@ from saferl_jax.cltr.estimators import (OBJECTIVES, dr_document_rewards, exposur
                                         policy_aware_propensities, policy_value, propensity_floor,
                                         prpo_objective, query_rewards, safe_objective)
 from saferl_jax.cltr.reward_model import RidgeModel, fit_reward_regression, predict_rewards
-from saferl_jax.cltr.training import RankingData, relevance_data, train_ranker
+from saferl_jax.cltr.learning import RankingData, ascent_direction, relevance_data
 
 __all__ = [
     # Click models and simulation (clicks.py, click_logs.py).
     "ClickModel", "adversarial", "check_click_model", "click_model", "click_probabilities",
     "misspecified", "position_based", "relevance_at_ranks", "simulate_clicks", "simulate_sessions",
-    "trust_bias", "ClickLog", "aggregate_sessions", "simulate_click_log",
+    "trust_bias",
     # Estimators and objectives (estimators.py, reward_model.py).
     "OBJECTIVES", "dr_document_rewards", "exposure_divergence", "ips_document_rewards",
     "logged_objective", "policy_aware_propensities", "policy_value", "propensity_floor",
-    "prpo_objective", "query_rewards", "safe_objective", "estimated_rewards",
+    "prpo_objective", "query_rewards", "safe_objective",
     "RidgeModel", "fit_reward_regression", "predict_rewards",
-    # Learning (training.py).
-    "RankingData", "relevance_data", "train_ranker",
+    # The gradient through a ranker (learning.py).
+    "RankingData", "ascent_direction", "relevance_data",
 ]
+
+# Floors 2 and 3: click-log simulation and the training loop, loaded on first use.
+_LAZY = {
+    "ClickLog": "saferl_jax.data.click_logs",
+    "aggregate_sessions": "saferl_jax.data.click_logs",
+    "simulate_click_log": "saferl_jax.data.click_logs",
+    "estimated_rewards": "saferl_jax.data.click_logs",
+    "train_ranker": "saferl_jax.training.ranker",
+    "TrainResult": "saferl_jax.training.driver",
+}
+__all__ += list(_LAZY)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

@@ -1,6 +1,6 @@
 """DDIM sampling with per-step log-probabilities, and their recomputation under new parameters (floor 1).
 
-The denoiser arrives as a pure function (for a Flax NNX module, `saferl_jax.functional.as_functional`):
+The denoiser arrives as a pure function (for a Flax NNX module, `saferl_jax.models.functional.as_functional`):
 
     apply_fn(params, x_t [B, *shape], t [B] int32, condition [B] int32) -> eps [B, *shape].
 

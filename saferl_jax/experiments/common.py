@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-from tqdm.auto import tqdm
+
+from saferl_jax.training.driver import progress  # noqa: F401 (re-exported for the experiments)
 
 
 def to_jsonable(value: Any) -> Any:
@@ -58,12 +59,6 @@ class Checkpoint:
   def save(self, cell: str, result: Any) -> None:
     self.cells[cell] = to_jsonable(result)
     write_json(self.path, {"config": self.config, "cells": self.cells})
-
-
-def progress(items: Iterable, description: str, total: int | None = None):
-  """A console progress bar (disabled when SAFERL_JAX_QUIET is set, as in the tests)."""
-  return tqdm(items, desc=description, total=total, disable=bool(os.environ.get("SAFERL_JAX_QUIET")),
-              dynamic_ncols=True)
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:

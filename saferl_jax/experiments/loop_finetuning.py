@@ -35,15 +35,16 @@ from flax import nnx
 from saferl_jax import stats
 from saferl_jax.data import digits as digits_data
 from saferl_jax.data import mixture2d
-from saferl_jax.diffusion.denoisers import ConvDenoiser, MLPDenoiser
-from saferl_jax.diffusion.finetuning import METHODS, Sampling, finetune
-from saferl_jax.diffusion.pretraining import pretrain
-from saferl_jax.diffusion.rewards import prompt_alignment_reward, train_classifier
+from saferl_jax.models.denoisers import ConvDenoiser, MLPDenoiser
+from saferl_jax.training.finetuning import METHODS, Sampling, finetune
+from saferl_jax.training.pretraining import pretrain
+from saferl_jax.diffusion.rewards import prompt_alignment_reward
+from saferl_jax.training.classifier import train_classifier
 from saferl_jax.diffusion.sampler import sample
 from saferl_jax.diffusion.schedules import linear_schedule
 from saferl_jax.experiments.common import (Checkpoint, finish, markdown_table, plot_curve,
                                            progress, pyplot)
-from saferl_jax.functional import as_functional
+from saferl_jax.models.functional import as_functional
 
 LABELS = {"reinforce": "REINFORCE (LOO baseline)", "ppo": "PPO (DDPO-IS)", "loop": "LOOP"}
 

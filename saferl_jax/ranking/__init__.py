@@ -1,11 +1,12 @@
 """Plackett-Luce ranking policies: sampling, log-probabilities, metrics, exposure, PL-Rank
-gradients (floor 1), and NNX rankers that score padded lists (floor 2, rankers.py).
+gradients (floor 1); the NNX rankers of `saferl_jax.models` are re-exported lazily.
 
 Functions take one list of D items (logits [D], labels [D], a ranking [K]) with an
 optional bool mask `where` for padded items; leading batch axes broadcast, and
 `jax.vmap` batches any of them. Everything works under `jax.jit`.
 """
 
+from saferl_jax._lazy import lazy_exports
 from saferl_jax.ranking.exposure_gradient import exposure_objective_gradient
 from saferl_jax.ranking.metrics import (MetricEstimate, dcg_at_k, dcg_rank_weights,
                                         expected_metric_from_samples, exposure_from_samples,
@@ -13,7 +14,6 @@ from saferl_jax.ranking.metrics import (MetricEstimate, dcg_at_k, dcg_rank_weigh
 from saferl_jax.ranking.pl_rank import (exact_gradient, exact_objective, pl_rank_1_gradient,
                                         pl_rank_gradient, reinforce_gradient)
 from saferl_jax.ranking.plackett_luce import PlackettLuce, ranking_log_prob, sample_rankings
-from saferl_jax.ranking.rankers import LinearRanker, MLPRanker
 
 __all__ = [
     # Plackett-Luce sampling and log-probabilities (plackett_luce.py).
@@ -35,7 +35,12 @@ __all__ = [
     "pl_rank_1_gradient",
     "pl_rank_gradient",
     "reinforce_gradient",
-    # Rankers (rankers.py, Flax NNX).
-    "LinearRanker",
-    "MLPRanker",
 ]
+
+# Floor 2: NNX rankers, loaded on first use.
+_LAZY = {
+    "LinearRanker": "saferl_jax.models.rankers",
+    "MLPRanker": "saferl_jax.models.rankers",
+}
+__all__ += list(_LAZY)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

@@ -10,6 +10,7 @@ import pytest
 
 from saferl_jax.data import digits
 from saferl_jax.diffusion import rewards
+from saferl_jax.training import classifier as classifier_training
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def data():
 def classifier(data, tmp_path_factory):
   train, _ = data
   path = tmp_path_factory.mktemp("classifier") / "classifier.npz"
-  trained = rewards.train_classifier(train.images, train.labels, key=jax.random.key(1), steps=500,
+  trained = classifier_training.train_classifier(train.images, train.labels, key=jax.random.key(1), steps=500,
                                      cache_path=path)
   return trained, path
 
@@ -39,13 +40,13 @@ def test_classifier_cache(data, classifier, monkeypatch):
   train, _ = data
   trained, path = classifier
   with monkeypatch.context() as patch:
-    patch.setattr(rewards, "_train_classifier", lambda *a, **k: pytest.fail("trained again"))
-    again = rewards.train_classifier(train.images, train.labels, key=jax.random.key(1), steps=500,
+    patch.setattr(classifier_training, "_train_classifier", lambda *a, **k: pytest.fail("trained again"))
+    again = classifier_training.train_classifier(train.images, train.labels, key=jax.random.key(1), steps=500,
                                      cache_path=path)
   assert again.from_cache
   for a, b in zip(jax.tree_util.tree_leaves(trained.params), jax.tree_util.tree_leaves(again.params)):
     np.testing.assert_array_equal(a, b)
-  other = rewards.train_classifier(train.images, train.labels, key=jax.random.key(1), steps=20,
+  other = classifier_training.train_classifier(train.images, train.labels, key=jax.random.key(1), steps=20,
                                    cache_path=path)
   assert not other.from_cache
 
@@ -53,11 +54,11 @@ def test_classifier_cache(data, classifier, monkeypatch):
 def test_train_classifier_checks(data):
   train, _ = data
   with pytest.raises(ValueError, match="steps:"):
-    rewards.train_classifier(train.images, train.labels, key=jax.random.key(0), steps=0)
+    classifier_training.train_classifier(train.images, train.labels, key=jax.random.key(0), steps=0)
   with pytest.raises(ValueError, match="labels:"):
-    rewards.train_classifier(train.images, train.labels + 1, key=jax.random.key(0), steps=5)
+    classifier_training.train_classifier(train.images, train.labels + 1, key=jax.random.key(0), steps=5)
   with pytest.raises(ValueError, match="batch_size:"):
-    rewards.train_classifier(train.images[:10], train.labels[:10], key=jax.random.key(0), steps=5)
+    classifier_training.train_classifier(train.images[:10], train.labels[:10], key=jax.random.key(0), steps=5)
 
 
 def test_prompt_alignment_is_the_log_softmax(data, classifier):

@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from saferl_jax import checks, training_runs
+from saferl_jax import checks
+from saferl_jax.training import driver as training_runs
 from saferl_jax.diffusion.losses import (RewardStatsState, loop_advantages, ppo_advantages, ppo_loss,
                                          reinforce_loss, reward_stats)
 from saferl_jax.diffusion.sampler import (sample, select_samples, stepwise_value_and_grad,

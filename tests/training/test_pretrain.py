@@ -8,9 +8,10 @@ import pytest
 from flax import nnx
 
 from saferl_jax.data import mixture2d as mx
-from saferl_jax.diffusion import cache, pretraining
-from saferl_jax.diffusion.denoisers import MLPDenoiser
-from saferl_jax.functional import as_functional
+from saferl_jax.training import cache
+from saferl_jax.training import pretraining
+from saferl_jax.models.denoisers import MLPDenoiser
+from saferl_jax.models.functional import as_functional
 
 T = 100
 # A linear beta schedule written out here (the schedule module is tested on its own).

@@ -1,4 +1,4 @@
-"""Tests for saferl_jax.opl.training: input checks, the seed axis, learning on a simulated problem,
+"""Tests for saferl_jax.training.opl: input checks, the seed axis, learning on a simulated problem,
 checkpoint/resume equal to an uninterrupted run bit for bit, and each method's gradient."""
 
 import shutil
@@ -16,7 +16,7 @@ from saferl_jax.opl import (METHODS, LinearPolicy, as_functional, corrected_grad
                             gradient_optimal_baseline, logged_batch, logged_log_probs,
                             method_gradient, per_example_weight_gradients, snips_objective, train,
                             value_optimal_baseline)
-from saferl_jax.opl import training
+from saferl_jax.training import opl as training
 
 D, NA = 3, 4
 PROBLEM = make_problem(jax.random.key(0), n_actions=NA, dim_context=D, n_contexts=50)

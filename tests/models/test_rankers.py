@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from saferl_jax.functional import as_functional
-from saferl_jax.ranking.rankers import LinearRanker, MLPRanker
+from saferl_jax.models.functional import as_functional
+from saferl_jax.models.rankers import LinearRanker, MLPRanker
 
 
 def test_rankers_score_each_document_independently_of_padding():

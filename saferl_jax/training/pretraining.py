@@ -35,8 +35,8 @@ from flax import nnx
 from jax.typing import ArrayLike
 
 from saferl_jax import checks
-from saferl_jax.diffusion import cache
-from saferl_jax.experiments.common import progress
+from saferl_jax.training import cache
+from saferl_jax.training.driver import progress
 
 CHUNK_STEPS = 100  # optimisation steps per compiled lax.scan call (one progress-bar tick)
 # Part of the cache fingerprint: change it whenever the optimiser or the loss changes.

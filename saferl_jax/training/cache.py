@@ -1,6 +1,6 @@
 """An on-disk cache of trained parameters, keyed by a fingerprint of the run (floor 2, I/O only).
 
-Pretraining a denoiser (`saferl_jax.diffusion.pretraining`) and training the reward classifier
+Pretraining a denoiser (`saferl_jax.training.pretraining`) and training the reward classifier
 (`saferl_jax.diffusion.rewards`) are deterministic functions of their configuration, data and
 key, so their results are cached in one .npz file each: `fingerprint` hashes a JSON config with
 SHA-256 (`tree_checksum` turns arrays, data and PRNG keys into a digest first), `save` writes the
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saferl_jax.training_runs import checksum as tree_checksum  # noqa: F401 (re-exported)
+from saferl_jax.training.driver import checksum as tree_checksum  # noqa: F401 (re-exported)
 
 
 def fingerprint(config: dict) -> str:

@@ -29,61 +29,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from saferl_jax import checks, training_runs
-from saferl_jax.training_runs import TrainResult, TrainState
+from saferl_jax import checks
+from saferl_jax.training import driver as training_runs
+from saferl_jax.training.driver import TrainResult, TrainState
 from saferl_jax.opl import objectives as obj
 from saferl_jax.parallel import seed_sharding
 
-METHODS = ("ips", "snips", "banditnet", "beta_value", "beta_grad")
+from saferl_jax.opl.objectives import METHODS, logged_batch, method_gradient
 
-
-
-def logged_batch(contexts, actions, rewards, logging_probs) -> obj.LoggedBatch:
-  """Validates logged feedback (any leading seed axes) and packs it into a `LoggedBatch`."""
-  contexts = checks.as_float("contexts", contexts)
-  actions = checks.as_int("actions", actions)
-  rewards = checks.as_float("rewards", rewards)
-  logging_probs = checks.as_float("logging_probs", logging_probs)
-  if contexts.shape[:-1] != actions.shape or actions.shape != rewards.shape or \
-     rewards.shape != logging_probs.shape:
-    raise ValueError(
-        f"contexts/actions/rewards/logging_probs: shapes {contexts.shape}, {actions.shape}, "
-        f"{rewards.shape}, {logging_probs.shape} do not match ([..., n, d] and [..., n])")
-  checks.check_finite("contexts", contexts)
-  checks.check_finite("rewards", rewards)
-  checks.check_probabilities("logging_probs", logging_probs)
-  if checks.is_concrete(actions) and int(jnp.min(actions)) < 0:
-    raise ValueError("actions: must be >= 0")
-  return obj.LoggedBatch(contexts, actions, rewards, logging_probs)
-
-
-def method_gradient(method: str, apply_fn: Callable, params, batch: obj.LoggedBatch, *,
-                    banditnet_lambda: float = 0.0):
-  """The descent direction (negated policy gradient) of `method` on one batch, and its baseline."""
-  if method == "beta_grad":
-    # Per-example gradients serve only beta*_grad's norms; the corrected gradient itself comes
-    # from one backward pass (3 times faster for an MLP than summing per-example gradients).
-    per_example = obj.per_example_weight_gradients(apply_fn, params, batch)
-    gradient_baseline = obj.gradient_optimal_baseline(batch.rewards, per_example)
-
-  def loss(p):
-    log_probs = obj.logged_log_probs(apply_fn, p, batch.contexts, batch.actions)
-    if method == "ips":
-      return -obj.ips_objective(log_probs, batch.rewards, batch.logging_probs), 0.0
-    if method == "snips":
-      return -obj.snips_objective(log_probs, batch.rewards, batch.logging_probs), 0.0
-    if method == "banditnet":
-      baseline = jnp.asarray(banditnet_lambda, log_probs.dtype)
-    elif method == "beta_value":
-      baseline = obj.value_optimal_baseline(log_probs, batch.rewards, batch.logging_probs)
-    elif method == "beta_grad":
-      baseline = gradient_baseline
-    else:
-      raise ValueError(f"method: must be one of {METHODS}, got {method!r}")
-    return -obj.baseline_corrected_objective(log_probs, batch.rewards, batch.logging_probs,
-                                             baseline), baseline
-  grads, baseline = jax.grad(loss, has_aux=True)(params)
-  return grads, jnp.asarray(baseline)
 
 
 def _epoch(state: TrainState, data: obj.LoggedBatch, key: jax.Array, epoch: jax.Array, *, apply_fn,

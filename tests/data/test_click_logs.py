@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saferl_jax.cltr import click_logs, estimators, reward_model
+from saferl_jax.cltr import estimators, reward_model
+from saferl_jax.data import click_logs
 from saferl_jax.cltr.clicks import click_model, trust_bias
 from saferl_jax.data.ltr import make_ltr_dataset
 

@@ -8,10 +8,10 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from saferl_jax.diffusion.denoisers import MLPDenoiser
-from saferl_jax.diffusion.finetuning import METHODS, Sampling, finetune
+from saferl_jax.models.denoisers import MLPDenoiser
+from saferl_jax.training.finetuning import METHODS, Sampling, finetune
 from saferl_jax.diffusion.schedules import linear_schedule
-from saferl_jax.functional import as_functional
+from saferl_jax.models.functional import as_functional
 
 APPLY_FN, PARAMS = as_functional(MLPDenoiser(2, num_classes=2, hidden=(16, 16), rngs=nnx.Rngs(0)))
 SCHEDULE = linear_schedule(100)

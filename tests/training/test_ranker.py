@@ -8,10 +8,10 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from saferl_jax.cltr import training
+from saferl_jax.training import ranker as training
 from saferl_jax.cltr.estimators import exposure_divergence
 from saferl_jax.data.ltr import make_ltr_dataset
-from saferl_jax.functional import as_functional
+from saferl_jax.models.functional import as_functional
 from saferl_jax.ranking import LinearRanker, dcg_rank_weights, exact_objective
 
 RANK_WEIGHTS = dcg_rank_weights(3)

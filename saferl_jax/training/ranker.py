@@ -32,79 +32,12 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from saferl_jax import checks, training_runs
-from saferl_jax.training_runs import TrainResult, TrainState
+from saferl_jax import checks
+from saferl_jax.training import driver as training_runs
+from saferl_jax.training.driver import TrainResult, TrainState
 from saferl_jax.cltr.estimators import OBJECTIVES, logged_objective
 from saferl_jax.parallel import seed_sharding
-from saferl_jax.ranking.exposure_gradient import exposure_objective_gradient
-
-
-class RankingData(NamedTuple):
-  """What a ranker learns from, per query (add a leading seed axis to train several seeds).
-
-  Attributes:
-    features: [Q, D, F] document features.
-    mask: [Q, D] bool, True for real documents.
-    rewards: [Q, D] R_q(d): the summed per-session reward estimates (`click_logs.estimated_rewards`).
-    session_counts: [Q] n_q, sessions per query.
-    logging_exposure: [Q, D] the logging policy's exposures (same rank weights as training).
-  """
-  features: jax.Array
-  mask: jax.Array
-  rewards: jax.Array
-  session_counts: jax.Array
-  logging_exposure: jax.Array
-
-
-
-def relevance_data(features: ArrayLike, labels: ArrayLike, mask: ArrayLike, *,
-                   max_label: int = 4) -> tuple[RankingData, int]:
-  """(data, num_sessions) for supervised learning: one session per query with rewards label / max_label.
-
-  With the "value" objective this maximises the mean over queries of sum_d omega(d) R(d), the
-  expected DCG-like metric of the rank weights.
-  """
-  features, mask = jnp.asarray(features), jnp.asarray(mask, bool)
-  relevance = jnp.where(mask, jnp.asarray(labels) / max_label, 0.0)
-  num_queries = relevance.shape[0]
-  data = RankingData(features, mask, relevance, jnp.ones(num_queries), jnp.zeros_like(relevance))
-  return data, num_queries
-
-
-def _check_data(data: RankingData) -> None:
-  features, mask = data.features, data.mask
-  if features.ndim < 3:
-    raise ValueError(f"data.features: expected [..., Q, D, F], got shape {tuple(features.shape)}")
-  lists = features.shape[:-1]
-  for name in ("mask", "rewards", "logging_exposure"):
-    if getattr(data, name).shape != lists:
-      raise ValueError(f"data.{name}: expected shape {lists} like the features' lists, "
-                       f"got {tuple(getattr(data, name).shape)}")
-  if data.session_counts.shape != lists[:-1]:
-    raise ValueError(f"data.session_counts: expected shape {lists[:-1]}, got "
-                     f"{tuple(data.session_counts.shape)}")
-  if mask.dtype != jnp.bool_:
-    raise ValueError(f"data.mask: must be bool, got {mask.dtype}")
-  for name in ("features", "rewards", "session_counts", "logging_exposure"):
-    checks.check_finite(f"data.{name}", getattr(data, name))
-
-
-def ascent_direction(apply_fn: Callable, params, data: RankingData, *, key: jax.Array,
-                     objective: str, num_sessions: int, rank_weights: jax.Array, num_samples: int,
-                     delta: float, clip_low: float, clip_high: float, quantile: float = 0.5):
-  """(gradient of the objective w.r.t. params, the objective at the estimated exposures)."""
-  logits, pullback = jax.vjp(lambda p: apply_fn(p, data.features), params)
-
-  def objective_fn(exposure):
-    return logged_objective(exposure, data.logging_exposure, data.rewards, data.session_counts,
-                            objective=objective, num_sessions=num_sessions, delta=delta,
-                            clip_low=clip_low, clip_high=clip_high, quantile=quantile,
-                            where=data.mask)
-
-  logit_gradient, exposure = exposure_objective_gradient(
-      logits, objective_fn, rank_weights, key=key, num_samples=num_samples, where=data.mask)
-  (gradient,) = pullback(logit_gradient)
-  return gradient, objective_fn(exposure)
+from saferl_jax.cltr.learning import RankingData, _check_data, ascent_direction, relevance_data
 
 
 def _chunk(state: TrainState, data: RankingData, key: jax.Array, first_step: jax.Array, *,

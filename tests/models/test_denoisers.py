@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from saferl_jax.diffusion import denoisers as dn
-from saferl_jax.functional import as_functional
+from saferl_jax.models import denoisers as dn
+from saferl_jax.models.functional import as_functional
 
 
 def test_sinusoidal_embedding_closed_form():

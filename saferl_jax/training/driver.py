@@ -25,6 +25,13 @@ import numpy as np
 from saferl_jax import checks
 
 
+def progress(items, description: str, total: int | None = None, initial: int = 0):
+  """A console progress bar (disabled when SAFERL_JAX_QUIET is set, as in the tests)."""
+  from tqdm.auto import tqdm
+  return tqdm(items, desc=description, total=total, initial=initial,
+              disable=bool(os.environ.get("SAFERL_JAX_QUIET")), dynamic_ncols=True)
+
+
 class TrainState(NamedTuple):
   params: Any
   opt_state: Any

@@ -1,7 +1,7 @@
 """Softmax policies over actions given a context, as Flax NNX modules (floor 2).
 
 pi_theta(a|x) = softmax(f_theta(x)), with f_theta linear or an MLP returning logits [n, A].
-The floor-1 objectives take an `apply_fn(params, contexts)`; `saferl_jax.functional.as_functional`
+The floor-1 objectives take an `apply_fn(params, contexts)`; `saferl_jax.models.functional.as_functional`
 (re-exported here) splits a module into that pair, so parameters can be vmapped over seeds and optimised with optax.
 """
 
@@ -12,7 +12,7 @@ from typing import Sequence
 import jax
 from flax import nnx
 
-from saferl_jax.functional import as_functional  # noqa: F401  (re-exported for opl users)
+from saferl_jax.models.functional import as_functional  # noqa: F401  (re-exported for opl users)
 
 
 class LinearPolicy(nnx.Module):
