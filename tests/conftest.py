@@ -1,5 +1,9 @@
 """Fixtures shared across the test folders."""
 
+from hypothesis import settings
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.load_profile("ci")
+
 import jax
 import pytest
 

@@ -220,7 +220,7 @@ def test_bad_inputs_raise():
     cltr.position_based(5, eta=-1.0)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=15)
 @given(k=st.integers(1, 6), eta=st.floats(0.0, 3.0), eps=st.floats(0.0, 1.0),
        amount=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
 def test_probabilities_stay_in_the_unit_interval(k, eta, eps, amount, seed):

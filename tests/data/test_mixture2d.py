@@ -131,15 +131,18 @@ def test_tilted_mixture_limits():
     mx.tilted_mixture(prior, jnp.array([1.0, 1.0, 0.0]), kl_weight=1.0)
 
 
+def _cross(a, b, bandwidth):
+  """E k(x, y), x ~ a, y ~ b, for mixtures (weights, means, covariances), from Gaussian integrals."""
+  total = 0.0
+  for wa, ma, ca in zip(*(np.asarray(v, np.float64) for v in a)):
+    for wb, mb, cb in zip(*(np.asarray(v, np.float64) for v in b)):
+      total += wa * wb * stats.multivariate_normal(mb, ca + cb + bandwidth ** 2 * np.eye(2)).pdf(ma)
+  return 2 * np.pi * bandwidth ** 2 * total
+
+
 def _exact_mmd(p, q, bandwidth):
   """MMD^2 between two mixtures from Gaussian integrals, written with scipy (an independent check)."""
-  def cross(a, b):
-    total = 0.0
-    for wa, ma, ca in zip(*(np.asarray(v, np.float64) for v in a)):
-      for wb, mb, cb in zip(*(np.asarray(v, np.float64) for v in b)):
-        total += wa * wb * stats.multivariate_normal(mb, ca + cb + bandwidth ** 2 * np.eye(2)).pdf(ma)
-    return 2 * np.pi * bandwidth ** 2 * total
-  return cross(p, p) - 2 * cross(p, q) + cross(q, q)
+  return _cross(p, p, bandwidth) - 2 * _cross(p, q, bandwidth) + _cross(q, q, bandwidth)
 
 
 def test_mmd_cross_term_against_monte_carlo(anisotropic):
@@ -173,11 +176,15 @@ def test_mmd_v_statistic_relation_and_checks():
   x = mx.sample_mixture(jax.random.key(0), prior, n)
   u = float(mx.mixture_mmd(x, prior))
   v = float(mx.mixture_mmd(x, prior, unbiased=False))
-  # V = U + (1 - mean off-diagonal kernel) / n, and the V-statistic is >= 0.
+  # V = U + (1 - mean off-diagonal kernel) / n.
   gram = np.exp(-np.sum((np.asarray(x)[:, None] - np.asarray(x)[None]) ** 2, -1) / (2 * 0.25))
   off_diagonal = (gram.sum() - n) / (n * (n - 1))
   np.testing.assert_allclose(v, u + (1 - off_diagonal) / n, rtol=1e-4, atol=1e-6)
-  assert v >= 0
+  # V is the exact MMD^2 between the samples' empirical measure and the prior (float64, scipy).
+  # Tolerance: float32 sums of n^2 = 1e4 kernel values <= 1, relative error ~ sqrt(1e4) * 6e-8.
+  points = (np.full(n, 1 / n), np.asarray(x, np.float64), np.zeros((n, 2, 2)))
+  exact_v = gram.mean() - 2 * _cross(points, prior, 0.5) + _cross(prior, prior, 0.5)
+  np.testing.assert_allclose(v, exact_v, atol=1e-5)
   np.testing.assert_allclose(jax.jit(mx.mixture_mmd)(x, prior), u, atol=1e-6)  # float32 cancellation
   with pytest.raises(ValueError, match="samples:"):
     mx.mixture_mmd(x[:1], prior)

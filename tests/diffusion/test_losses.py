@@ -87,12 +87,14 @@ def test_loop_advantages_against_the_definition():
                              expected, rtol=1e-5, atol=1e-5)
 
 
-@settings(max_examples=15, deadline=None, derandomize=True)
+@settings(max_examples=15)
 @given(st.integers(1, 4), st.integers(2, 5), st.integers(0, 2**31 - 1), st.floats(-1e3, 1e3))
 def test_loop_advantages_properties(num_prompts, k, seed, offset):
   rewards = offset + np.random.default_rng(seed).normal(size=(num_prompts, k)).astype(np.float32)
   adv = np.asarray(loop_advantages(rewards), np.float64)
   # Each group's advantages sum to 0, equal K / (K - 1) (r - group mean), and ignore a shared offset.
+  # Tolerance: float32 near |offset| <= 1e3 has an ulp of 6.1e-5; the group mean and the K <= 5
+  # differences lose a few ulps each, times K / (K - 1) <= 2: under 1e-3.
   np.testing.assert_allclose(adv.sum(1), 0.0, atol=1e-3)
   centred = rewards - rewards.mean(1, keepdims=True)
   np.testing.assert_allclose(adv, k / (k - 1) * centred, atol=1e-3)

@@ -180,6 +180,8 @@ def test_log_probs_are_the_step_densities(reduce):
     mu = np.sqrt(a_prev) * x0hat + np.sqrt(1 - a_prev - sigma**2) * eps
     density = -0.5 * ((states[i + 1] - mu) / sigma) ** 2 - np.log(sigma) - 0.5 * np.log(2 * np.pi)
     expected = density.sum(1) if reduce == "sum" else density.mean(1)
+    # float32 cancellation in 1 - abar_t / abar_t' at the last, small-sigma steps moves a log-density
+    # by ~1e-2 (measured against float64 in docs/benchmarks.md); the other steps agree to ~1e-4.
     np.testing.assert_allclose(traj.log_probs[i], expected, rtol=1e-3, atol=2e-2)
 
 

@@ -352,7 +352,7 @@ def datasets(draw):
   return r, a, p, mass / mass.sum(1, keepdims=True), q
 
 
-@settings(max_examples=20, deadline=None, derandomize=True)
+@settings(max_examples=20)
 @given(datasets())
 def test_property_valid_data_never_nan(data):
   r, a, p, t, q = data
@@ -365,7 +365,7 @@ def test_property_valid_data_never_nan(data):
                                atol=1e-5 * scale)
 
 
-@settings(max_examples=30, deadline=None, derandomize=True)
+@settings(max_examples=30)
 @given(datasets(), st.data())
 def test_property_invalid_propensity_raises(data, draw):
   r, a, p, t, _ = data

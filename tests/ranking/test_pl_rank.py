@@ -238,7 +238,7 @@ def test_exact_gradient_vmaps_and_jits():
                                rtol=1e-5, atol=1e-6)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=15)
 @given(data=st.data())
 def test_property_masks_and_finiteness(data):
   # The list shape is fixed (D = 5, K = 3) so that every example reuses one compilation; the

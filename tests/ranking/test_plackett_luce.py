@@ -250,7 +250,7 @@ def test_vmap_over_lists_equals_a_loop():
     np.testing.assert_array_equal(s, sample_rankings(key, m, where=w, k=3))
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=12)
 @given(num_items=st.integers(1, 6), batch=st.integers(1, 2), data=st.data())
 def test_shapes_permutations_and_bounds(num_items, batch, data):
   k = data.draw(st.one_of(st.none(), st.integers(1, num_items)))
