@@ -35,6 +35,19 @@ def as_int(name: str, x: ArrayLike) -> jax.Array:
   return x.astype(jnp.result_type(int))
 
 
+def check_key(name: str, key) -> None:
+  """Refuses legacy uint32 keys: every public function takes typed keys from `jax.random.key`.
+
+  A raw uint32 [2] array would be split and folded like a typed key but its batch shape would be
+  off by one axis, and a typed key carries its implementation (threefry, rbg) with it.
+  """
+  dtype = getattr(key, "dtype", None)
+  if dtype is None or not jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    got = dtype if dtype is not None else type(key).__name__
+    raise ValueError(f"{name}: expected a typed PRNG key from jax.random.key, got an array of "
+                     f"dtype {got}; wrap legacy keys with jax.random.wrap_key_data")
+
+
 def check_ndim(name: str, x: jax.Array, ndim: int) -> None:
   if x.ndim != ndim:
     shape = "[n]" if ndim == 1 else "[n, A]"

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from saferl_jax import checks
+
 Generator = Literal["hash", "threefry"]
 GENERATORS = ("hash", "threefry")
 
@@ -43,6 +45,7 @@ def gumbel(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32,
     >>> gumbel(jax.random.key(0), (2, 3)).shape
     (2, 3)
   """
+  checks.check_key("key", key)
   check_generator(generator)
   if generator == "threefry":
     return jax.random.gumbel(key, shape, dtype)

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from saferl_jax import checks
+
 
 def seed_sharding(num_seeds: int) -> NamedSharding:
   """A sharding of a leading seed axis over all devices (replicated if they do not divide it)."""
@@ -43,6 +45,7 @@ def map_over_seeds(fn: Callable, keys: jax.Array, *args, **kwargs):
     >>> out.shape
     (4,)
   """
+  checks.check_key("keys", keys)
   sharding = seed_sharding(keys.shape[0])
   batched = _compiled(fn, tuple(sorted(kwargs.items())), len(args), sharding)
   return batched(jax.device_put(keys, sharding), *args)

@@ -18,11 +18,12 @@ from saferl_jax.cltr.clicks import (ClickModel, adversarial, check_click_model, 
                                     relevance_at_ranks, simulate_clicks, simulate_sessions,
                                     trust_bias)
 from saferl_jax.cltr.estimators import (OBJECTIVES, dr_document_rewards, exposure_divergence,
-                                        ips_document_rewards, logged_objective,
+                                        Propensities, ips_document_rewards, logged_objective,
                                         policy_aware_propensities, policy_value, propensity_floor,
                                         prpo_objective, query_rewards, safe_objective)
 from saferl_jax.cltr.reward_model import RidgeModel, fit_reward_regression, predict_rewards
-from saferl_jax.cltr.learning import RankingData, ascent_direction, relevance_data
+from saferl_jax.cltr.learning import (AscentDirection, RankingData, SupervisedData, ascent_direction,
+                                      relevance_data)
 
 __all__ = [
     # Click models and simulation (clicks.py, click_logs.py).
@@ -32,15 +33,16 @@ __all__ = [
     # Estimators and objectives (estimators.py, reward_model.py).
     "OBJECTIVES", "dr_document_rewards", "exposure_divergence", "ips_document_rewards",
     "logged_objective", "policy_aware_propensities", "policy_value", "propensity_floor",
-    "prpo_objective", "query_rewards", "safe_objective",
+    "Propensities", "prpo_objective", "query_rewards", "safe_objective",
     "RidgeModel", "fit_reward_regression", "predict_rewards",
     # The gradient through a ranker (learning.py).
-    "RankingData", "ascent_direction", "relevance_data",
+    "AscentDirection", "RankingData", "SupervisedData", "ascent_direction", "relevance_data",
 ]
 
 # Floors 2 and 3: click-log simulation and the training loop, loaded on first use.
 _LAZY = {
     "ClickLog": "saferl_jax.data.click_logs",
+    "SessionCounts": "saferl_jax.data.click_logs",
     "aggregate_sessions": "saferl_jax.data.click_logs",
     "simulate_click_log": "saferl_jax.data.click_logs",
     "estimated_rewards": "saferl_jax.data.click_logs",

@@ -237,14 +237,14 @@ def click_probabilities(model: ClickModel, relevance_at_ranks: ArrayLike, *,
   return p
 
 
-def simulate_clicks(key: jax.Array, model: ClickModel, relevance_at_ranks: ArrayLike, *,
+def simulate_clicks(model: ClickModel, relevance_at_ranks: ArrayLike, *, key: jax.Array,
                     where: ArrayLike | None = None) -> jax.Array:
   """Bernoulli clicks with `click_probabilities(model, relevance_at_ranks)`.
 
   Args:
-    key: PRNG key.
     model: a `ClickModel` with K ranks.
     relevance_at_ranks: [..., K] relevance probabilities in [0, 1].
+    key: PRNG key.
     where: optional [..., K] bool, False where no document is shown (never clicked).
 
   Returns:
@@ -252,10 +252,11 @@ def simulate_clicks(key: jax.Array, model: ClickModel, relevance_at_ranks: Array
 
   Example:
     >>> import jax
-    >>> clicks = simulate_clicks(jax.random.key(0), position_based(3), [1.0, 1.0, 0.0])
+    >>> clicks = simulate_clicks(position_based(3), [1.0, 1.0, 0.0], key=jax.random.key(0))
     >>> clicks.shape, float(clicks[2])
     ((3,), 0.0)
   """
+  checks.check_key("key", key)
   p = click_probabilities(model, relevance_at_ranks, where=where)
   return jax.random.bernoulli(key, p).astype(p.dtype)
 
@@ -268,27 +269,27 @@ def relevance_at_ranks(query_ids: ArrayLike, rankings: ArrayLike, labels: ArrayL
   return labels[query_ids[:, None], rankings].astype(jnp.result_type(float)) / max_label
 
 
-def simulate_sessions(key: jax.Array, model: ClickModel, query_ids: ArrayLike, rankings: ArrayLike,
-                      labels: ArrayLike, *, k: int | None = None, where: ArrayLike | None = None,
-                      max_label: int = 4) -> jax.Array:
+def simulate_sessions(model: ClickModel, query_ids: ArrayLike, rankings: ArrayLike,
+                      labels: ArrayLike, *, key: jax.Array, k: int | None = None,
+                      where: ArrayLike | None = None, max_label: int = 4) -> jax.Array:
   """Clicks on the top K of N logged sessions, in one jitted call sharded over devices.
 
   Session i shows query q_i's documents rankings[i, 0..K-1]; the document at rank
   k is clicked with `click_probabilities` of its relevance labels[q_i, d] / max_label.
   The session axis is split over all devices when they divide N (replicated
-  otherwise); the clicks equal `simulate_clicks(key, model, R)` on the gathered
+  otherwise); the clicks equal `simulate_clicks(model, R, key=key)` on the gathered
   relevance R [N, K], whatever the number of devices.
 
   Args:
-    key: PRNG key.
     model: a `ClickModel` with at least K ranks (its first K are used).
     query_ids: [N] int query of each session, in [0, Q).
     rankings: [N, L] int displayed rankings (document indices of the query, in
       [0, D)), L >= K; only the first K are shown.
     labels: [Q, D] int graded labels in 0..max_label.
+    key: PRNG key.
     k: number of displayed ranks K; defaults to the model's.
     where: optional [Q, D] bool document mask (True = real document, e.g.
-      `LTRData.mask`); padded documents are never clicked.
+      `LTRData.where`); padded documents are never clicked.
     max_label: the label with relevance probability 1.
 
   Returns:
@@ -297,11 +298,12 @@ def simulate_sessions(key: jax.Array, model: ClickModel, query_ids: ArrayLike, r
   Example:
     >>> import jax, jax.numpy as jnp
     >>> labels = jnp.array([[4, 0, 0], [0, 0, 4]])
-    >>> clicks = simulate_sessions(jax.random.key(0), position_based(2), jnp.array([0, 1]),
-    ...                            jnp.array([[0, 1, 2], [1, 2, 0]]), labels)
+    >>> clicks = simulate_sessions(position_based(2), jnp.array([0, 1]),
+    ...                            jnp.array([[0, 1, 2], [1, 2, 0]]), labels, key=jax.random.key(0))
     >>> clicks.tolist()
     [[1.0, 0.0], [0.0, 1.0]]
   """
+  checks.check_key("key", key)
   check_click_model(model)
   num_model_ranks = jnp.shape(model.alpha)[0]
   k = num_model_ranks if k is None else k
@@ -362,7 +364,7 @@ def _extremes(*arrays):
 def _session_clicks(key, model, query_ids, rankings, labels, where, max_label):
   relevance = relevance_at_ranks(query_ids, rankings, labels, max_label=max_label)
   shown = None if where is None else where[query_ids[:, None], rankings]
-  return simulate_clicks(key, model, relevance, where=shown)
+  return simulate_clicks(model, relevance, key=key, where=shown)
 
 
 @functools.lru_cache(maxsize=32)

@@ -36,6 +36,8 @@ References:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -53,9 +55,15 @@ def _safe_divide(numerator, denominator):
   return jnp.where(positive, numerator / jnp.where(positive, denominator, 1.0), 0.0)
 
 
-def policy_aware_propensities(key: jax.Array, logging_logits: ArrayLike, click_model: ClickModel, *,
-                              num_samples: int = 1000,
-                              where: ArrayLike | None = None) -> tuple[jax.Array, jax.Array]:
+class Propensities(NamedTuple):
+  """Policy-aware propensities of each document, [..., D]."""
+  rho: jax.Array
+  betabar: jax.Array
+
+
+def policy_aware_propensities(logging_logits: ArrayLike, click_model: ClickModel, *,
+                              key: jax.Array, num_samples: int = 1000,
+                              where: ArrayLike | None = None) -> Propensities:
   """(rho, betabar) [D]: the expected alpha and beta of each document's rank under pi0.
 
   Monte Carlo over `num_samples` top-K rankings of the Plackett-Luce logging policy, K the click
@@ -64,18 +72,19 @@ def policy_aware_propensities(key: jax.Array, logging_logits: ArrayLike, click_m
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from saferl_jax.cltr.clicks import position_based
-    >>> rho, _ = policy_aware_propensities(jax.random.key(0), jnp.zeros(3), position_based(2))
+    >>> rho, _ = policy_aware_propensities(jnp.zeros(3), position_based(2), key=jax.random.key(0))
     >>> [round(v, 1) for v in rho.tolist()]
     [0.5, 0.5, 0.5]
   """
+  checks.check_key("key", key)
   displayed = click_model.alpha.shape[0]
   logging_logits = jnp.asarray(logging_logits)
   k = min(displayed, logging_logits.shape[-1])
-  rankings = sample_rankings(key, logging_logits, where=where, sample_shape=num_samples, k=k)
+  rankings = sample_rankings(logging_logits, key=key, where=where, sample_shape=num_samples, k=k)
   num_items = logging_logits.shape[-1]
   rho = exposure_from_samples(rankings, click_model.alpha[:k], num_items, where=where)
   betabar = exposure_from_samples(rankings, click_model.beta[:k], num_items, where=where)
-  return rho, betabar
+  return Propensities(rho, betabar)
 
 
 def propensity_floor(num_sessions: int, *, scale: float = 10.0) -> float:

@@ -11,7 +11,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,64 +27,82 @@ class RankingData(NamedTuple):
 
   Attributes:
     features: [Q, D, F] document features.
-    mask: [Q, D] bool, True for real documents.
+    where: [Q, D] bool, True for real documents.
     rewards: [Q, D] R_q(d): the summed per-session reward estimates (`click_logs.estimated_rewards`).
     session_counts: [Q] n_q, sessions per query.
     logging_exposure: [Q, D] the logging policy's exposures (same rank weights as training).
   """
   features: jax.Array
-  mask: jax.Array
+  where: jax.Array
   rewards: jax.Array
   session_counts: jax.Array
   logging_exposure: jax.Array
 
+class SupervisedData(NamedTuple):
+  """`relevance_data`'s result: the `RankingData` and the number of sessions it stands for."""
+  data: RankingData
+  num_sessions: int
 
 
-def relevance_data(features: ArrayLike, labels: ArrayLike, mask: ArrayLike, *,
-                   max_label: int = 4) -> tuple[RankingData, int]:
+class AscentDirection(NamedTuple):
+  """`ascent_direction`'s result: the gradient w.r.t. params and the objective it ascends."""
+  gradient: Any
+  objective: jax.Array
+
+
+def relevance_data(features: ArrayLike, labels: ArrayLike, where: ArrayLike, *,
+                   max_label: int = 4) -> SupervisedData:
   """(data, num_sessions) for supervised learning: one session per query with rewards label / max_label.
 
   With the "value" objective this maximises the mean over queries of sum_d omega(d) R(d), the
   expected DCG-like metric of the rank weights.
+
+  Args:
+    features: [Q, D, F] document features.
+    labels: [Q, D] graded labels 0..max_label.
+    where: [Q, D] bool, True for real documents.
+    max_label: the label with relevance 1.
   """
-  features, mask = jnp.asarray(features), jnp.asarray(mask, bool)
-  relevance = jnp.where(mask, jnp.asarray(labels) / max_label, 0.0)
+  features, where = jnp.asarray(features), jnp.asarray(where, bool)
+  relevance = jnp.where(where, jnp.asarray(labels) / max_label, 0.0)
   num_queries = relevance.shape[0]
-  data = RankingData(features, mask, relevance, jnp.ones(num_queries), jnp.zeros_like(relevance))
-  return data, num_queries
+  data = RankingData(features, where, relevance, jnp.ones(num_queries), jnp.zeros_like(relevance))
+  return SupervisedData(data, num_queries)
 
 
-def _check_data(data: RankingData) -> None:
-  features, mask = data.features, data.mask
+def check_ranking_data(data: RankingData) -> None:
+  features, where = data.features, data.where
   if features.ndim < 3:
     raise ValueError(f"data.features: expected [..., Q, D, F], got shape {tuple(features.shape)}")
   lists = features.shape[:-1]
-  for name in ("mask", "rewards", "logging_exposure"):
+  for name in ("where", "rewards", "logging_exposure"):
     if getattr(data, name).shape != lists:
       raise ValueError(f"data.{name}: expected shape {lists} like the features' lists, "
                        f"got {tuple(getattr(data, name).shape)}")
   if data.session_counts.shape != lists[:-1]:
     raise ValueError(f"data.session_counts: expected shape {lists[:-1]}, got "
                      f"{tuple(data.session_counts.shape)}")
-  if mask.dtype != jnp.bool_:
-    raise ValueError(f"data.mask: must be bool, got {mask.dtype}")
+  if where.dtype != jnp.bool_:
+    raise ValueError(f"data.where: must be bool, got {where.dtype}")
   for name in ("features", "rewards", "session_counts", "logging_exposure"):
     checks.check_finite(f"data.{name}", getattr(data, name))
 
 
 def ascent_direction(apply_fn: Callable, params, data: RankingData, *, key: jax.Array,
                      objective: str, num_sessions: int, rank_weights: jax.Array, num_samples: int,
-                     delta: float, clip_low: float, clip_high: float, quantile: float = 0.5):
+                     delta: float, clip_low: float, clip_high: float,
+                     quantile: float = 0.5) -> AscentDirection:
   """(gradient of the objective w.r.t. params, the objective at the estimated exposures)."""
+  checks.check_key("key", key)
   logits, pullback = jax.vjp(lambda p: apply_fn(p, data.features), params)
 
   def objective_fn(exposure):
     return logged_objective(exposure, data.logging_exposure, data.rewards, data.session_counts,
                             objective=objective, num_sessions=num_sessions, delta=delta,
                             clip_low=clip_low, clip_high=clip_high, quantile=quantile,
-                            where=data.mask)
+                            where=data.where)
 
   logit_gradient, exposure = exposure_objective_gradient(
-      logits, objective_fn, rank_weights, key=key, num_samples=num_samples, where=data.mask)
+      logits, objective_fn, rank_weights, key=key, num_samples=num_samples, where=data.where)
   (gradient,) = pullback(logit_gradient)
-  return gradient, objective_fn(exposure)
+  return AscentDirection(gradient, objective_fn(exposure))

@@ -2,15 +2,16 @@
 learning-to-rank data (a synthetic generator, a LETOR/SVMlight loader; split by query with ltr.split),
 click logs simulated from a logging ranker (`click_logs`), the 2-D mixture and the 8x8 digits."""
 
-from saferl_jax.data.click_logs import ClickLog, aggregate_sessions, estimated_rewards, simulate_click_log
+from saferl_jax.data.click_logs import (ClickLog, SessionCounts, aggregate_sessions, estimated_rewards,
+                                        simulate_click_log)
 from saferl_jax.data.ltr import LTRData, load_letor, make_ltr_dataset
 from saferl_jax.data.obd import OBDLog, load_obd, sample_path
-from saferl_jax.data.synthetic_bandit import (BanditLog, BanditProblem, estimator_inputs, make_problem,
-                                              policy_value, simulate_log, simulate_logs, softmax_policy)
+from saferl_jax.data.synthetic_bandit import (BanditLog, BanditProblem, EstimatorInputs, estimator_inputs,
+                                              make_problem, policy_value, simulate_log, simulate_logs, softmax_policy)
 
 __all__ = [
-    "ClickLog", "aggregate_sessions", "estimated_rewards", "simulate_click_log",
-    "BanditLog", "BanditProblem", "LTRData", "OBDLog", "estimator_inputs", "load_letor", "load_obd",
+    "ClickLog", "SessionCounts", "aggregate_sessions", "estimated_rewards", "simulate_click_log",
+    "BanditLog", "BanditProblem", "EstimatorInputs", "LTRData", "OBDLog", "estimator_inputs", "load_letor", "load_obd",
     "make_ltr_dataset", "make_problem",
     "policy_value", "sample_path", "simulate_log", "simulate_logs", "softmax_policy",
 ]

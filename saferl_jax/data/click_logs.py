@@ -44,18 +44,24 @@ class ClickLog(NamedTuple):
     return int(np.asarray(self.session_counts).sum())
 
 
+class SessionCounts(NamedTuple):
+  """Sessions aggregated per query: session_counts [Q] and click_counts [Q, D]."""
+  session_counts: jax.Array
+  click_counts: jax.Array
+
+
 def aggregate_sessions(query_ids: ArrayLike, rankings: ArrayLike, clicks: ArrayLike, *,
-                       num_queries: int, num_docs: int) -> tuple[jax.Array, jax.Array]:
+                       num_queries: int, num_docs: int) -> SessionCounts:
   """(session_counts [Q], click_counts [Q, D]) from sessions (q_i [N], displayed [N, K], clicks [N, K])."""
   query_ids, rankings, clicks = jnp.asarray(query_ids), jnp.asarray(rankings), jnp.asarray(clicks)
   session_counts = jnp.zeros(num_queries, clicks.dtype).at[query_ids].add(1.0)
   click_counts = jnp.zeros((num_queries, num_docs), clicks.dtype).at[
       query_ids[:, None], rankings].add(clicks)
-  return session_counts, click_counts
+  return SessionCounts(session_counts, click_counts)
 
 
-def simulate_click_log(key: jax.Array, logging_logits: ArrayLike, labels: ArrayLike,
-                       click_model: ClickModel, *, num_sessions: int,
+def simulate_click_log(logging_logits: ArrayLike, labels: ArrayLike, click_model: ClickModel, *,
+                       key: jax.Array, num_sessions: int,
                        where: ArrayLike | None = None, propensity_samples: int = 10_000,
                        chunk_size: int = 1_000_000, max_label: int = 4) -> ClickLog:
   """Logs `num_sessions` sessions of the PL logging policy under `click_model`, aggregated.
@@ -64,24 +70,27 @@ def simulate_click_log(key: jax.Array, logging_logits: ArrayLike, labels: ArrayL
   what an honest estimator cannot know: adversarial clicks stay unexplained, as in [PRPO]).
 
   Args:
-    key: PRNG key; same key, same log (whatever `chunk_size`).
     logging_logits: [Q, D] the logger's logits per query.
     labels: [Q, D] graded labels 0..max_label (the simulated users' relevance).
     click_model: the users' click model; its number of ranks K is the displayed list length.
+    key: PRNG key; the same key and `chunk_size` give the same log. Each chunk draws from its
+      own key, so another `chunk_size` gives another log from the same distribution (the
+      propensities, drawn before chunking, do not change).
     num_sessions: N >= 1.
     where: optional [Q, D] document mask.
     propensity_samples: logger rankings per query for the propensities.
-    chunk_size: sessions simulated per call (bounds memory).
+    chunk_size: sessions simulated per call (bounds memory; part of what fixes the draw).
     max_label: the label with relevance probability 1.
 
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from saferl_jax.cltr.clicks import position_based
-    >>> log = simulate_click_log(jax.random.key(0), jnp.zeros((3, 4)), jnp.zeros((3, 4), int),
-    ...                          position_based(2), num_sessions=100)
+    >>> log = simulate_click_log(jnp.zeros((3, 4)), jnp.zeros((3, 4), int), position_based(2),
+    ...                          key=jax.random.key(0), num_sessions=100)
     >>> log.num_sessions, log.click_counts.shape, float(log.click_counts.sum())
     (100, (3, 4), 0.0)
   """
+  checks.check_key("key", key)
   check_click_model(click_model)
   logging_logits = checks.as_float("logging_logits", logging_logits)
   labels = checks.as_int("labels", labels)
@@ -94,9 +103,9 @@ def simulate_click_log(key: jax.Array, logging_logits: ArrayLike, labels: ArrayL
     checks.check_positive_int(name, value)
   num_queries, num_docs = logging_logits.shape
   k = min(int(jnp.shape(click_model.alpha)[0]), num_docs)
-  mask = jnp.ones(labels.shape, bool) if where is None else jnp.asarray(where, bool)
+  valid = jnp.ones(labels.shape, bool) if where is None else jnp.asarray(where, bool)
   propensity_key, session_key = jax.random.split(key)
-  rho, betabar = _propensities(propensity_key, logging_logits, click_model, mask,
+  rho, betabar = _propensities(propensity_key, logging_logits, click_model, valid,
                                int(propensity_samples))
   session_counts = jnp.zeros(num_queries)
   click_counts = jnp.zeros((num_queries, num_docs))
@@ -105,9 +114,10 @@ def simulate_click_log(key: jax.Array, logging_logits: ArrayLike, labels: ArrayL
     chunk_key = jax.random.fold_in(session_key, start // chunk_size)
     query_key, ranking_key, click_key = jax.random.split(chunk_key, 3)
     query_ids = jax.random.randint(query_key, (size,), 0, num_queries)
-    rankings = sample_rankings(ranking_key, logging_logits[query_ids], where=mask[query_ids], k=k)
-    clicks = simulate_sessions(click_key, click_model, query_ids, rankings, labels, k=k,
-                               where=mask, max_label=max_label)
+    rankings = sample_rankings(logging_logits[query_ids], key=ranking_key, where=valid[query_ids],
+                               k=k)
+    clicks = simulate_sessions(click_model, query_ids, rankings, labels, key=click_key, k=k,
+                               where=valid, max_label=max_label)
     counts, chunk_clicks = _aggregate(query_ids, rankings, clicks, num_queries, num_docs)
     session_counts, click_counts = session_counts + counts, click_counts + chunk_clicks
   return ClickLog(session_counts, click_counts, rho, betabar)
@@ -119,11 +129,11 @@ def _aggregate(query_ids, rankings, clicks, num_queries, num_docs):
 
 
 @functools.partial(jax.jit, static_argnums=(4,))
-def _propensities(key, logging_logits, click_model, mask, num_samples):
+def _propensities(key, logging_logits, click_model, valid, num_samples):
   keys = jax.random.split(key, logging_logits.shape[0])
   return jax.lax.map(lambda args: policy_aware_propensities(
-      args[0], args[1], click_model, num_samples=num_samples, where=args[2]),
-      (keys, logging_logits, mask), batch_size=16)
+      args[1], click_model, key=args[0], num_samples=num_samples, where=args[2]),
+      (keys, logging_logits, valid), batch_size=16)
 
 
 def estimated_rewards(log: ClickLog, *, estimator: str, features: ArrayLike | None = None,

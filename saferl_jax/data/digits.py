@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from saferl_jax import checks
+
 NUM_CLASSES = 10
 IMAGE_SHAPE = (8, 8, 1)
 MAX_PIXEL = 16.0  # scikit-learn's digits take the values 0..16
@@ -75,7 +77,8 @@ def split(data: Digits, fractions: Sequence[float] = (0.8, 0.2), *, key: jax.Arr
     key: PRNG key for the permutations.
 
   Returns:
-    One `Digits` per fraction, images in random order.
+    A tuple of `Digits`, one per fraction, images in random order (a plain tuple: its parts are
+    of one type and their number is the caller's).
 
   Example:
     >>> import jax
@@ -83,6 +86,7 @@ def split(data: Digits, fractions: Sequence[float] = (0.8, 0.2), *, key: jax.Arr
     >>> train.num_images + test.num_images, test.num_images
     (1797, 359)
   """
+  checks.check_key("key", key)
   fractions = np.asarray(fractions, dtype=np.float64)
   if fractions.ndim != 1 or fractions.size == 0:
     raise ValueError(f"fractions: expected a non-empty sequence, got {fractions.tolist()!r}")

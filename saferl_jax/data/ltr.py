@@ -1,7 +1,7 @@
 """Learning-to-rank data: a synthetic generator and a LETOR/SVMlight loader (floor 2).
 
 Both give an `LTRData`: per query a padded list of D documents with feature
-vectors, graded labels 0..4 and a mask (True = real document), the layout that
+vectors, graded labels 0..4 and a bool mask `where` (True = real document), the layout that
 `saferl_jax.cltr` and the rankers consume. The relevance probability of a
 document is R = label / 4.
 
@@ -45,13 +45,13 @@ class LTRData(NamedTuple):
   Attributes:
     features: [Q, D, F] float32 document features (0 for padding).
     labels: [Q, D] int32 graded relevance in 0..max_label (0 for padding).
-    mask: [Q, D] bool, True for a real document.
+    where: [Q, D] bool, True for a real document.
     query_ids: [Q] numpy array of the original query ids (ints, or strings
       when a file's ids are not integers).
   """
   features: jax.Array
   labels: jax.Array
-  mask: jax.Array
+  where: jax.Array
   query_ids: np.ndarray
 
   @property
@@ -61,7 +61,7 @@ class LTRData(NamedTuple):
   @property
   def num_docs(self) -> np.ndarray:
     """[Q] number of real documents per query."""
-    return np.asarray(self.mask).sum(axis=1)
+    return np.asarray(self.where).sum(axis=1)
 
 
 def _normals(key: jax.Array, *shapes: tuple[int, ...]) -> list[jax.Array]:
@@ -77,12 +77,12 @@ def _features(docs: jax.Array, query_normals: jax.Array) -> jax.Array:
   return docs + QUERY_FEATURE_SCALE * query_normals
 
 
-def _hidden_scorer(key: jax.Array, n_features: int):
+def _hidden_scorer(key: jax.Array, num_features: int):
   """A random two-layer tanh network, standardised on a reference sample so scores have unit scale."""
   w1, b1, w2, ref_docs, ref_queries = _normals(
-      key, (n_features, HIDDEN_UNITS), (HIDDEN_UNITS,), (HIDDEN_UNITS,), (512, 16, n_features),
-      (512, 1, n_features))
-  w1 = w1 * (1.5 / np.sqrt(n_features))
+      key, (num_features, HIDDEN_UNITS), (HIDDEN_UNITS,), (HIDDEN_UNITS,), (512, 16, num_features),
+      (512, 1, num_features))
+  w1 = w1 * (1.5 / np.sqrt(num_features))
   b1 = 0.5 * b1
   w2 = w2 / np.sqrt(HIDDEN_UNITS)
 
@@ -97,10 +97,10 @@ def _hidden_scorer(key: jax.Array, n_features: int):
 def make_ltr_dataset(
     key: jax.Array,
     *,
-    n_queries: int = 1000,
+    num_queries: int = 1000,
     max_docs: int = 20,
     min_docs: int = 5,
-    n_features: int = 16,
+    num_features: int = 16,
     noise: float = 0.5,
 ) -> LTRData:
   """Draws a synthetic LTR dataset with a hidden nonlinear relevance function.
@@ -109,14 +109,14 @@ def make_ltr_dataset(
   score = (f(x) + noise * n) / sqrt(1 + noise^2), f a random tanh network
   standardised to unit variance, n ~ N(0, 1); label = number of thresholds in
   `LABEL_THRESHOLDS` below the score. The hidden function depends only on `key`
-  and `n_features`, so datasets drawn with the same key share it.
+  and `num_features`, so datasets drawn with the same key share it.
 
   Args:
     key: PRNG key; same key, same dataset.
-    n_queries: Q.
+    num_queries: Q.
     max_docs: D, the padded list length.
     min_docs: shortest list; lengths are uniform in [min_docs, max_docs].
-    n_features: F.
+    num_features: F.
     noise: standard deviation of the label noise relative to the hidden score.
 
   Returns:
@@ -124,40 +124,41 @@ def make_ltr_dataset(
 
   Example:
     >>> import jax
-    >>> data = make_ltr_dataset(jax.random.key(0), n_queries=8, max_docs=6, min_docs=3, n_features=4)
-    >>> data.features.shape, data.labels.shape, bool(data.mask[:, :3].all())
+    >>> data = make_ltr_dataset(jax.random.key(0), num_queries=8, max_docs=6, min_docs=3, num_features=4)
+    >>> data.features.shape, data.labels.shape, bool(data.where[:, :3].all())
     ((8, 6, 4), (8, 6), True)
   """
-  for name, value in (("n_queries", n_queries), ("max_docs", max_docs), ("min_docs", min_docs),
-                      ("n_features", n_features)):
+  checks.check_key("key", key)
+  for name, value in (("num_queries", num_queries), ("max_docs", max_docs), ("min_docs", min_docs),
+                      ("num_features", num_features)):
     checks.check_positive_int(name, value)
   if min_docs > max_docs:
     raise ValueError(f"min_docs: {min_docs} is larger than max_docs {max_docs}")
   if not np.isfinite(noise) or noise < 0:
     raise ValueError(f"noise: must be finite and >= 0, got {noise!r}")
-  features, labels, mask = _generate(key, n_queries, max_docs, min_docs, n_features, float(noise))
-  return LTRData(features, labels, mask, np.arange(n_queries))
+  features, labels, where = _generate(key, num_queries, max_docs, min_docs, num_features, float(noise))
+  return LTRData(features, labels, where, np.arange(num_queries))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def _generate(key, n_queries, max_docs, min_docs, n_features, noise):
+def _generate(key, num_queries, max_docs, min_docs, num_features, noise):
   scorer_key, data_key, length_key = jax.random.split(key, 3)
-  scorer = _hidden_scorer(scorer_key, n_features)
+  scorer = _hidden_scorer(scorer_key, num_features)
   docs, query_normals, label_noise = _normals(
-      data_key, (n_queries, max_docs, n_features), (n_queries, 1, n_features), (n_queries, max_docs))
+      data_key, (num_queries, max_docs, num_features), (num_queries, 1, num_features), (num_queries, max_docs))
   features = _features(docs, query_normals)
-  lengths = jax.random.randint(length_key, (n_queries,), min_docs, max_docs + 1)
-  mask = jnp.arange(max_docs)[None, :] < lengths[:, None]
+  lengths = jax.random.randint(length_key, (num_queries,), min_docs, max_docs + 1)
+  valid = jnp.arange(max_docs)[None, :] < lengths[:, None]
   score = scorer(features) + noise * label_noise
   score = score / jnp.sqrt(1.0 + noise**2)
   labels = jnp.sum(score[..., None] > jnp.asarray(LABEL_THRESHOLDS), axis=-1)
-  return (jnp.where(mask[..., None], features, 0.0).astype(jnp.float32),
-          jnp.where(mask, labels, 0).astype(jnp.int32), mask)
+  return (jnp.where(valid[..., None], features, 0.0).astype(jnp.float32),
+          jnp.where(valid, labels, 0).astype(jnp.int32), valid)
 
 
 def take_queries(data: LTRData, index: np.ndarray) -> LTRData:
   """The queries at `index` (an int array or a bool mask over queries)."""
-  return LTRData(data.features[index], data.labels[index], data.mask[index], data.query_ids[index])
+  return LTRData(data.features[index], data.labels[index], data.where[index], data.query_ids[index])
 
 
 def split(data: LTRData, fractions: Sequence[float] = (0.6, 0.2, 0.2), *,
@@ -173,14 +174,16 @@ def split(data: LTRData, fractions: Sequence[float] = (0.6, 0.2, 0.2), *,
     key: PRNG key for the permutation.
 
   Returns:
-    One `LTRData` per fraction, queries in random order.
+    A tuple of `LTRData`, one per fraction, queries in random order (a plain tuple: its parts
+    are of one type and their number is the caller's).
 
   Example:
     >>> import jax
-    >>> data = make_ltr_dataset(jax.random.key(0), n_queries=10, max_docs=5, n_features=3)
+    >>> data = make_ltr_dataset(jax.random.key(0), num_queries=10, max_docs=5, num_features=3)
     >>> [part.num_queries for part in split(data, key=jax.random.key(1))]
     [6, 2, 2]
   """
+  checks.check_key("key", key)
   fractions = np.asarray(fractions, dtype=np.float64)
   if fractions.ndim != 1 or fractions.size == 0:
     raise ValueError(f"fractions: expected a non-empty sequence, got {fractions.tolist()!r}")
@@ -310,15 +313,15 @@ def load_letor(path: str | Path, *, max_docs: int | None = None, num_features: i
   num_queries = len(docs_of_query)
   features = np.zeros((num_queries, num_docs, num_features), np.float32)
   labels = np.zeros((num_queries, num_docs), np.int32)
-  mask = np.zeros((num_queries, num_docs), bool)
+  where = np.zeros((num_queries, num_docs), bool)
   for q, docs in enumerate(docs_of_query.values()):
     for d, (label, indices, values) in enumerate(docs[:num_docs]):
       features[q, d, indices] = values
       labels[q, d] = label
-      mask[q, d] = True
+      where[q, d] = True
   ids = list(docs_of_query)
   try:
     query_ids = np.array([int(i) for i in ids], dtype=np.int64)
   except ValueError:
     query_ids = np.array(ids)
-  return LTRData(jnp.asarray(features), jnp.asarray(labels), jnp.asarray(mask), query_ids)
+  return LTRData(jnp.asarray(features), jnp.asarray(labels), jnp.asarray(where), query_ids)

@@ -139,25 +139,25 @@ def default_mixture() -> GaussianMixture:
                       [[-1.5, -1.5], [-1.5, 1.5], [1.5, -1.5], [1.5, 1.5]], stds=0.4)
 
 
-def sample_mixture(key: jax.Array, mixture: GaussianMixture, n: int) -> jax.Array:
+def sample_mixture(mixture: GaussianMixture, *, key: jax.Array, num_samples: int) -> jax.Array:
   """n independent draws: a component k ~ weights, then x = mu_k + L_k z with L_k L_k^T = Sigma_k.
 
   Args:
-    key: PRNG key.
     mixture: a `GaussianMixture` with means [M, D].
-    n: number of samples (static).
+    key: PRNG key.
+    num_samples: n, the number of samples (static).
 
   Returns:
     [n, D] samples.
 
   Example:
     >>> import jax
-    >>> sample_mixture(jax.random.key(0), default_mixture(), 5).shape
+    >>> sample_mixture(default_mixture(), key=jax.random.key(0), num_samples=5).shape
     (5, 2)
   """
-  if n < 1:
-    raise ValueError(f"n: must be >= 1, got {n}")
-  return _sample(key, mixture, n)
+  checks.check_key("key", key)
+  checks.check_positive_int("num_samples", num_samples)
+  return _sample(key, mixture, num_samples)
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -279,8 +279,8 @@ def mixture_mmd(samples: ArrayLike, mixture: GaussianMixture, *, bandwidth: floa
   Example:
     >>> import jax
     >>> prior = default_mixture()
-    >>> near = mixture_mmd(sample_mixture(jax.random.key(0), prior, 500), prior)
-    >>> far = mixture_mmd(sample_mixture(jax.random.key(0), prior, 500) + 1.0, prior)
+    >>> near = mixture_mmd(sample_mixture(prior, key=jax.random.key(0), num_samples=500), prior)
+    >>> far = mixture_mmd(sample_mixture(prior, key=jax.random.key(0), num_samples=500) + 1.0, prior)
     >>> bool(abs(near) < 0.01 < far)
     True
   """

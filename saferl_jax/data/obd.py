@@ -31,14 +31,14 @@ class OBDLog(NamedTuple):
   """One OBD log as numpy arrays (host data; convert with jnp.asarray where needed).
 
   Attributes:
-    actions: [n] item ids in [0, n_actions).
+    actions: [n] item ids in [0, num_actions).
     positions: [n] 0-based slot of the displayed item.
     rewards: [n] clicks (0 or 1).
     logging_probs: [n] the logger's probability of the item at that slot.
     contexts: [n, d] one-hot encoded user features.
-    user_item_affinity: [n, n_actions].
-    n_actions: number of items.
-    n_positions: number of slots.
+    user_item_affinity: [n, num_actions].
+    num_actions: number of items.
+    num_positions: number of slots.
   """
   actions: np.ndarray
   positions: np.ndarray
@@ -46,8 +46,8 @@ class OBDLog(NamedTuple):
   logging_probs: np.ndarray
   contexts: np.ndarray
   user_item_affinity: np.ndarray
-  n_actions: int
-  n_positions: int
+  num_actions: int
+  num_positions: int
 
 
 def sample_path(behavior_policy: str = "bts", campaign: str = "all") -> Path:
@@ -103,7 +103,7 @@ def load_obd(path: str | Path | None = None, *, behavior_policy: str = "bts",
 
   Example:
     >>> log = load_obd(behavior_policy="random")
-    >>> log.n_actions, log.n_positions, log.rewards.shape
+    >>> log.num_actions, log.num_positions, log.rewards.shape
     (80, 3, (10000,))
   """
   path = sample_path(behavior_policy, campaign) if path is None else Path(path)
@@ -128,7 +128,7 @@ def load_obd(path: str | Path | None = None, *, behavior_policy: str = "bts",
   logging_probs = numeric("propensity_score", np.float64)
   affinity_columns = sorted((c for c in header if c.startswith("user-item_affinity_")),
                             key=lambda c: int(c.rsplit("_", 1)[1]))
-  n_actions = max(int(actions.max()) + 1, len(affinity_columns))
+  num_actions = max(int(actions.max()) + 1, len(affinity_columns))
   if positions.min() < 1:
     raise ValueError(f"{path}/all.csv: positions must start at 1, found {positions.min()}")
   bad = np.flatnonzero(~((logging_probs > 0) & (logging_probs <= 1)))
@@ -136,12 +136,12 @@ def load_obd(path: str | Path | None = None, *, behavior_policy: str = "bts",
     raise ValueError(f"{path}/all.csv: line {bad[0] + 2}, column propensity_score: "
                      f"{logging_probs[bad[0]]} is outside (0, 1]")
   affinity = (np.stack([column[c].astype(np.float64) for c in affinity_columns], axis=1)
-              if affinity_columns else np.zeros((len(rows), n_actions)))
+              if affinity_columns else np.zeros((len(rows), num_actions)))
   contexts = np.concatenate([_one_hot(column[c]) for c in USER_FEATURES], axis=1)
   return OBDLog(actions=actions, positions=positions - 1, rewards=rewards,
                 logging_probs=logging_probs, contexts=contexts,
-                user_item_affinity=affinity.astype(np.float32), n_actions=n_actions,
-                n_positions=int(positions.max()))
+                user_item_affinity=affinity.astype(np.float32), num_actions=num_actions,
+                num_positions=int(positions.max()))
 
 
 def _is_number(text: str) -> bool:

@@ -6,7 +6,7 @@ q(x, a) = sigmoid(x . theta_a + b_a), and a softmax logging policy
 pi0(a|x) = softmax(inverse_temperature * q(x, .)) (a negative inverse
 temperature gives an adversarial logger that prefers bad actions).
 
-Contexts are drawn uniformly from a fixed pool of `n_contexts` vectors, so the
+Contexts are drawn uniformly from a fixed pool of `num_contexts` vectors, so the
 value of any policy, V(pi) = mean_x sum_a pi(a|x) q(x, a), is exact rather than a
 Monte Carlo estimate. A problem is fixed by its key; logs are drawn from it with
 other keys, one seed per log, and `simulate_logs` runs thousands of seeds in one
@@ -25,11 +25,12 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from saferl_jax import checks
 from saferl_jax.parallel import map_over_seeds
 
 
 class BanditProblem(NamedTuple):
-  """One synthetic problem; every array is indexed by context id in [0, n_contexts).
+  """One synthetic problem; every array is indexed by context id in [0, num_contexts).
 
   Attributes:
     contexts: [m, d] the context pool, drawn uniformly per round.
@@ -46,7 +47,7 @@ class BanditProblem(NamedTuple):
 
 
 class BanditLog(NamedTuple):
-  """A log of n rounds (a leading seed axis when simulated for many seeds)."""
+  """A log of `num_rounds` rounds (a leading seed axis when simulated for many seeds)."""
   context_ids: jax.Array
   actions: jax.Array
   rewards: jax.Array
@@ -66,9 +67,9 @@ def policy_value(policy_dist: ArrayLike, expected_rewards: ArrayLike) -> jax.Arr
 def make_problem(
     key: jax.Array,
     *,
-    n_actions: int = 20,
+    num_actions: int = 20,
     dim_context: int = 5,
-    n_contexts: int = 1000,
+    num_contexts: int = 1000,
     logger_inverse_temperature: float = 1.0,
     target_inverse_temperature: float = 10.0,
     reward_model_noise: float = 0.1,
@@ -77,28 +78,29 @@ def make_problem(
 
   Args:
     key: PRNG key fixing the problem.
-    n_actions: A.
+    num_actions: A.
     dim_context: d.
-    n_contexts: size m of the context pool.
+    num_contexts: size m of the context pool.
     logger_inverse_temperature: beta0 of the softmax logger (negative = adversarial).
     target_inverse_temperature: beta of the softmax target policy.
     reward_model_noise: standard deviation of the reward model's error.
 
   Example:
     >>> import jax
-    >>> problem = make_problem(jax.random.key(0), n_actions=4, n_contexts=10)
+    >>> problem = make_problem(jax.random.key(0), num_actions=4, num_contexts=10)
     >>> problem.logging_dist.shape
     (10, 4)
   """
-  for name, value in (("n_actions", n_actions), ("dim_context", dim_context), ("n_contexts", n_contexts)):
-    if value < 1:
-      raise ValueError(f"{name}: must be >= 1, got {value}")
+  checks.check_key("key", key)
+  for name, value in (("num_actions", num_actions), ("dim_context", dim_context),
+                      ("num_contexts", num_contexts)):
+    checks.check_positive_int(name, value)
   if reward_model_noise < 0:
     raise ValueError(f"reward_model_noise: must be >= 0, got {reward_model_noise}")
   context_key, theta_key, bias_key, model_key = jax.random.split(key, 4)
-  contexts = jax.random.normal(context_key, (n_contexts, dim_context))
-  theta = jax.random.normal(theta_key, (dim_context, n_actions)) / jnp.sqrt(dim_context)
-  bias = jax.random.normal(bias_key, (n_actions,))
+  contexts = jax.random.normal(context_key, (num_contexts, dim_context))
+  theta = jax.random.normal(theta_key, (dim_context, num_actions)) / jnp.sqrt(dim_context)
+  bias = jax.random.normal(bias_key, (num_actions,))
   expected_rewards = jax.nn.sigmoid(contexts @ theta + bias)
   model_error = reward_model_noise * jax.random.normal(model_key, expected_rewards.shape)
   return BanditProblem(
@@ -110,30 +112,64 @@ def make_problem(
   )
 
 
-def simulate_log(key: jax.Array, problem: BanditProblem, n: int) -> BanditLog:
-  """Logs n rounds of the logging policy: context, action, Bernoulli reward, propensity.
+def simulate_log(problem: BanditProblem, *, key: jax.Array, num_rounds: int) -> BanditLog:
+  """Logs `num_rounds` rounds of the logging policy: context, action, Bernoulli reward, propensity.
 
   Actions are drawn by inverting the logging policy's CDF (one uniform per round).
+
+  Args:
+    problem: a `BanditProblem`.
+    key: PRNG key; same key, same log.
+    num_rounds: n, the rounds to log (static).
+
+  Returns:
+    A `BanditLog` of n rounds.
+
+  Example:
+    >>> import jax
+    >>> problem = make_problem(jax.random.key(0), num_actions=4, num_contexts=10)
+    >>> simulate_log(problem, key=jax.random.key(1), num_rounds=8).actions.shape
+    (8,)
   """
+  checks.check_key("key", key)
+  checks.check_positive_int("num_rounds", num_rounds)
+  return _simulate_log(key, problem, num_rounds)
+
+
+def _simulate_log(key: jax.Array, problem: BanditProblem, n: int) -> BanditLog:
   context_key, action_key, reward_key = jax.random.split(key, 3)
-  n_contexts, n_actions = problem.logging_dist.shape
-  context_ids = jax.random.randint(context_key, (n,), 0, n_contexts)
+  num_contexts, num_actions = problem.logging_dist.shape
+  context_ids = jax.random.randint(context_key, (n,), 0, num_contexts)
   logging_rows = problem.logging_dist[context_ids]
   cdf = jnp.cumsum(logging_rows, axis=1)
   u = jax.random.uniform(action_key, (n, 1)) * cdf[:, -1:]
-  actions = jnp.minimum(jnp.sum(cdf <= u, axis=1), n_actions - 1)
+  actions = jnp.minimum(jnp.sum(cdf <= u, axis=1), num_actions - 1)
   logging_probs = jnp.take_along_axis(logging_rows, actions[:, None], axis=1)[:, 0]
   reward_probs = problem.expected_rewards[context_ids, actions]
   rewards = jax.random.bernoulli(reward_key, reward_probs).astype(reward_probs.dtype)
   return BanditLog(context_ids, actions, rewards, logging_probs)
 
 
-def simulate_logs(keys: jax.Array, problem: BanditProblem, n: int) -> BanditLog:
-  """One log of n rounds per key [S], vmapped and sharded over devices along the seed axis."""
-  return map_over_seeds(simulate_log, keys, problem, n=n)
+def simulate_logs(problem: BanditProblem, *, keys: jax.Array, num_rounds: int) -> BanditLog:
+  """One log of `num_rounds` rounds per key of keys [S], vmapped and sharded over devices.
+
+  Log s equals `simulate_log(problem, key=keys[s], num_rounds=num_rounds)`.
+  """
+  checks.check_key("keys", keys)
+  checks.check_positive_int("num_rounds", num_rounds)
+  return map_over_seeds(_simulate_log, keys, problem, n=num_rounds)
 
 
-def estimator_inputs(problem: BanditProblem, log: BanditLog) -> tuple[jax.Array, ...]:
-  """(rewards, actions, logging_probs, target_dist, reward_hat) for `saferl_jax.ope` estimators."""
-  return (log.rewards, log.actions, log.logging_probs,
-          problem.target_dist[log.context_ids], problem.reward_hat[log.context_ids])
+class EstimatorInputs(NamedTuple):
+  """The arrays an `saferl_jax.ope` estimator takes, in its argument order (`sj.ope.dr(*inputs)`)."""
+  rewards: jax.Array
+  actions: jax.Array
+  logging_probs: jax.Array
+  target_dist: jax.Array
+  reward_hat: jax.Array
+
+
+def estimator_inputs(problem: BanditProblem, log: BanditLog) -> EstimatorInputs:
+  """The log's rewards, actions and propensities with the target policy and reward model per round."""
+  return EstimatorInputs(log.rewards, log.actions, log.logging_probs,
+                         problem.target_dist[log.context_ids], problem.reward_hat[log.context_ids])

@@ -214,6 +214,7 @@ def sample(apply_fn: ApplyFn, params: Any, conditions: ArrayLike, *, key: jax.Ar
     Song, Meng, Ermon. Denoising Diffusion Implicit Models. ICLR 2021. https://arxiv.org/abs/2010.02502
     Black et al. Training Diffusion Models with Reinforcement Learning. ICLR 2024. https://arxiv.org/abs/2305.13301
   """
+  checks.check_key("key", key)
   conditions = _check_conditions(conditions)
   check_schedule(schedule)
   num_train_steps = schedule.alphas_cumprod.shape[0]

@@ -216,6 +216,7 @@ def ddim_step(x_t: ArrayLike, eps: ArrayLike, t: ArrayLike, t_prev: ArrayLike,
   References:
     Song, Meng, Ermon. Denoising Diffusion Implicit Models. ICLR 2021. https://arxiv.org/abs/2010.02502
   """
+  checks.check_key("key", key)
   x_t, eps = _check_pair("x_t", x_t, eps)
   check_schedule(schedule)
   t, t_prev = _check_steps(t, t_prev, schedule.alphas_cumprod.shape[0])

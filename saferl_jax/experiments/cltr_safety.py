@@ -38,8 +38,9 @@ from flax import nnx
 
 from saferl_jax import stats
 from saferl_jax.cltr import adversarial, trust_bias
+from saferl_jax.cltr.learning import RankingData, relevance_data
 from saferl_jax.data.click_logs import estimated_rewards, simulate_click_log
-from saferl_jax.training.ranker import RankingData, relevance_data, train_ranker
+from saferl_jax.training.ranker import train_ranker
 from saferl_jax.data import ltr
 from saferl_jax.experiments.common import (Checkpoint, finish, markdown_table, plot_curve,
                                            progress, pyplot)
@@ -56,15 +57,15 @@ CLICK_MODELS = ("trust_bias", "adversarial")
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  n_queries: int = 500            # synthetic queries, split 60/20/20 into train/validation/test
+  num_queries: int = 500          # synthetic queries, split 60/20/20 into train/validation/test
   max_docs: int = 20
   min_docs: int = 10
-  n_features: int = 16
+  num_features: int = 16
   displayed: int = 5              # K: the top-K shown to users, and NDCG@K
   logger_fraction: float = 0.03   # share of training queries whose labels fit the logging policy
   logger_steps: int = 100
   sessions: tuple[int, ...] = (100, 1_000, 10_000, 100_000)
-  n_seeds: int = 3
+  num_seeds: int = 3
   steps: int = 100
   learning_rate: float = 0.05
   num_samples: int = 16           # rankings per query and step for PL-Rank
@@ -75,8 +76,8 @@ class Config:
 
 
 QUICK = Config()
-FULL = Config(n_queries=5_000, sessions=(100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000),
-              n_seeds=10, steps=300, num_samples=32, logger_steps=300)
+FULL = Config(num_queries=5_000, sessions=(100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000),
+              num_seeds=10, steps=300, num_samples=32, logger_steps=300)
 
 
 def _click_model(name: str, displayed: int):
@@ -88,8 +89,8 @@ def _load(config: Config, data_path: Path | None):
   """(train, test) queries: synthetic by default, else a LETOR file split 60/20/20 by query."""
   key = jax.random.key(config.seed)
   if data_path is None:
-    data = ltr.make_ltr_dataset(key, n_queries=config.n_queries, max_docs=config.max_docs,
-                                min_docs=config.min_docs, n_features=config.n_features)
+    data = ltr.make_ltr_dataset(key, num_queries=config.num_queries, max_docs=config.max_docs,
+                                min_docs=config.min_docs, num_features=config.num_features)
   else:
     data = ltr.load_letor(data_path, max_docs=config.max_docs)
   train, _, test = ltr.split(data, key=jax.random.fold_in(key, 1))
@@ -104,22 +105,22 @@ def run(out: Path, config: Config = QUICK, *, data_path: Path | None = None) -> 
   """Runs every (click model, N) cell, writes DIR/results.json, cltr.png and summary.md."""
   out = Path(out)
   train, test = _load(config, data_path)
-  n_features = train.features.shape[-1]
+  num_features = train.features.shape[-1]
   rank_weights = dcg_rank_weights(config.displayed)
-  apply_fn, init_params = as_functional(LinearRanker(n_features, rngs=nnx.Rngs(config.seed)))
+  apply_fn, init_params = as_functional(LinearRanker(num_features, rngs=nnx.Rngs(config.seed)))
   optimizer = optax.adam(config.learning_rate)
   eval_key = jax.random.key(config.seed + 1)  # common random numbers for every policy
 
   def evaluate(params):
     logits = apply_fn(params, test.features)
     ndcg = expected_metric_from_samples(logits, test.labels, key=eval_key, k=config.displayed,
-                                        num_samples=config.eval_samples, where=test.mask)
+                                        num_samples=config.eval_samples, where=test.where)
     return {"ndcg": jnp.mean(ndcg.value)}
 
   # The logging policy: supervised PL-Rank on the labels of a few training queries.
   n_logger = max(1, int(round(config.logger_fraction * train.num_queries)))
   supervised, n_sup = relevance_data(train.features[:n_logger], train.labels[:n_logger],
-                                     train.mask[:n_logger])
+                                     train.where[:n_logger])
   logger = train_ranker(apply_fn, init_params, supervised, key=jax.random.key(config.seed + 2),
                         objective="value", num_sessions=n_sup, rank_weights=rank_weights,
                         steps=config.logger_steps, optimizer=optimizer, evaluate=evaluate,
@@ -127,11 +128,11 @@ def run(out: Path, config: Config = QUICK, *, data_path: Path | None = None) -> 
   logging_ndcg = float(evaluate(logger)["ndcg"])
   logging_logits = apply_fn(logger, train.features)
   logging_exposure = exposure_from_samples(
-      sample_rankings(jax.random.key(config.seed + 3), logging_logits, where=train.mask,
+      sample_rankings(logging_logits, key=jax.random.key(config.seed + 3), where=train.where,
                       sample_shape=10_000, k=config.displayed),
-      rank_weights, train.features.shape[1], where=train.mask)
+      rank_weights, train.features.shape[1], where=train.where)
 
-  seeds = config.n_seeds
+  seeds = config.num_seeds
   seed_params = jax.tree_util.tree_map(lambda x: jnp.stack([x] * seeds), logger)
   checkpoint = Checkpoint(out / "checkpoint.json", {**dataclasses.asdict(config),
                                                     "data": str(data_path)})
@@ -142,17 +143,18 @@ def run(out: Path, config: Config = QUICK, *, data_path: Path | None = None) -> 
       continue
     click_model = _click_model(model_name, config.displayed)
     log_key = jax.random.fold_in(jax.random.key(config.seed + 4), num_sessions)
-    logs = [simulate_click_log(jax.random.fold_in(log_key, seed), logging_logits, train.labels,
-                               click_model, num_sessions=num_sessions, where=train.mask)
+    logs = [simulate_click_log(logging_logits, train.labels, click_model,
+                               key=jax.random.fold_in(log_key, seed), num_sessions=num_sessions,
+                               where=train.where)
             for seed in range(seeds)]
     rewards = {estimator: jnp.stack([estimated_rewards(
-        log, estimator=estimator, features=train.features, where=train.mask) for log in logs])
+        log, estimator=estimator, features=train.features, where=train.where) for log in logs])
         for estimator in ("ips", "dr")}
     counts = jnp.stack([log.session_counts for log in logs])
     keys = jax.random.split(jax.random.fold_in(jax.random.key(config.seed + 5), num_sessions), seeds)
     finals = {}
     for method, (estimator, objective) in METHODS.items():
-      data = RankingData(*(jnp.stack([x] * seeds) for x in (train.features, train.mask)),
+      data = RankingData(*(jnp.stack([x] * seeds) for x in (train.features, train.where)),
                          rewards[estimator], counts, jnp.stack([logging_exposure] * seeds))
       result = train_ranker(apply_fn, seed_params, data, key=keys, objective=objective,
                             num_sessions=num_sessions, rank_weights=rank_weights,
@@ -175,7 +177,7 @@ def run(out: Path, config: Config = QUICK, *, data_path: Path | None = None) -> 
                       for i, v in zip(intervals, per_n)],
           "ndcg_per_seed": [v.tolist() for v in per_n],
       }
-    click_models[model_name] = {"n_sessions": list(config.sessions), "methods": methods}
+    click_models[model_name] = {"num_sessions": list(config.sessions), "methods": methods}
   results = {
       "config": dataclasses.asdict(config),
       "data": "synthetic" if data_path is None else str(data_path),
@@ -217,7 +219,7 @@ def _plot(results: dict, out: Path) -> None:
   fig, axes = plt.subplots(1, len(CLICK_MODELS), figsize=(11, 3.8), sharey=True)
   for axis, model_name in zip(axes, CLICK_MODELS):
     cell = results["click_models"][model_name]
-    sessions = cell["n_sessions"]
+    sessions = cell["num_sessions"]
     for method, curve in cell["methods"].items():
       plot_curve(axis, sessions, curve["ndcg_mean"], curve["ndcg_ci"], LABELS[method], marker="o",
                  markersize=3)
@@ -234,11 +236,11 @@ def _plot(results: dict, out: Path) -> None:
 
 def summary(results: dict) -> str:
   config = results["config"]
-  parts = [f"## Safe counterfactual LTR ({config['n_seeds']} seeds, {results['data']} data, "
+  parts = [f"## Safe counterfactual LTR ({config['num_seeds']} seeds, {results['data']} data, "
            f"logging policy fitted on {results['logger_queries']} queries)\n",
            f"Logging policy NDCG@5: {results['logging_ndcg']:.4f}.\n"]
   for model_name, cell in results["click_models"].items():
-    headers = ["method"] + [f"N = {n:,}" for n in cell["n_sessions"]]
+    headers = ["method"] + [f"N = {n:,}" for n in cell["num_sessions"]]
     rows = [[LABELS[m]] + [f"{v:.4f}" for v in curve["ndcg_mean"]]
             for m, curve in cell["methods"].items()]
     parts.append(f"NDCG@5 under {model_name.replace('_', ' ')} clicks:\n\n" +

@@ -65,7 +65,7 @@ class Config:
   epochs: int = 2                  # PPO/LOOP passes over a round's samples
   minibatches: int = 2
   clip_range: float = 0.2          # with the exact (summed) log-density
-  n_seeds: int = 3
+  num_seeds: int = 3
   # The 2-D task.
   mixture_pretrain_steps: int = 3000
   mixture_rounds: int = 30
@@ -79,7 +79,7 @@ QUICK = Config()
 # The same digits model and reward for longer, over more seeds. A larger model (32 channels,
 # 10,000 pretraining steps, 20 steps) starts at a reward of -0.05, where no method has room to
 # differ.
-FULL = Config(rounds=200, n_seeds=5, mixture_pretrain_steps=10_000, mixture_rounds=100)
+FULL = Config(rounds=200, num_seeds=5, mixture_pretrain_steps=10_000, mixture_rounds=100)
 
 
 def _optimizer(learning_rate: float) -> optax.GradientTransformation:
@@ -119,7 +119,7 @@ def _digits(out: Path, config: Config, checkpoint: Checkpoint) -> dict:
   sampling = Sampling(shape=(8, 8, 1), num_classes=10, prompts_per_round=config.prompts_per_round,
                       samples_per_prompt=config.samples_per_prompt, num_steps=config.sampling_steps)
   optimizer = _optimizer(config.learning_rate)
-  seeds = config.n_seeds
+  seeds = config.num_seeds
   seed_params = jax.tree_util.tree_map(lambda x: jnp.stack([x] * seeds), params)
   keys = jax.random.split(jax.random.fold_in(key, 3), seeds)
   finals = {}
@@ -184,7 +184,7 @@ def _mixture(out: Path, config: Config, checkpoint: Checkpoint) -> dict:
   schedule = linear_schedule(config.train_steps)
   prior = mixture2d.default_mixture()
   key = jax.random.key(config.seed + 10)
-  points = mixture2d.sample_mixture(jax.random.fold_in(key, 0), prior, 20_000)
+  points = mixture2d.sample_mixture(prior, key=jax.random.fold_in(key, 0), num_samples=20_000)
   model = MLPDenoiser(2, num_classes=1, rngs=nnx.Rngs(config.seed))
   pretrain(model, points, None, key=jax.random.fold_in(key, 1),
            alphas_cumprod=schedule.alphas_cumprod, steps=config.mixture_pretrain_steps,
@@ -200,7 +200,7 @@ def _mixture(out: Path, config: Config, checkpoint: Checkpoint) -> dict:
   # The unconditional model's only condition is its null token (1).
   sampling = Sampling(shape=(2,), num_classes=1, prompts_per_round=config.prompts_per_round,
                       samples_per_prompt=config.samples_per_prompt, num_steps=config.sampling_steps)
-  seeds = config.n_seeds
+  seeds = config.num_seeds
   keys = jax.random.split(jax.random.fold_in(key, 2), seeds)
   seed_params = jax.tree_util.tree_map(lambda x: jnp.stack([x] * seeds), params)
 
@@ -309,7 +309,7 @@ def summary(results: dict) -> str:
                    f"{c['mmd_to_optimum']:.4f} [{c['mmd_to_optimum_ci'][0]:.4f}, "
                    f"{c['mmd_to_optimum_ci'][1]:.4f}]"] for m, c in mixture["methods"].items()]
   claims = results["claims"]
-  return (f"## Diffusion fine-tuning ({config['n_seeds']} seeds, {config['rounds']} rounds of "
+  return (f"## Diffusion fine-tuning ({config['num_seeds']} seeds, {config['rounds']} rounds of "
           f"{batch} reward queries, K = {config['samples_per_prompt']})\n\n"
           f"Digits, reward log p(prompt | x0); pretrained model {results['initial_reward']:.3f}.\n\n"
           + markdown_table(["method", f"reward, last {config['eval_every']} rounds",

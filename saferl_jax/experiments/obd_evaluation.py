@@ -26,13 +26,16 @@ ESTIMATORS = {"ips": {}, "snips": {}, "dm": {}, "dr": {}, "sndr": {}, "beta_ips"
 PRIOR_STRENGTH = 20.0  # pseudo-impressions at the slot's mean click rate, to smooth rare items
 
 
-def click_rate_model(actions, positions, rewards, n_actions: int, n_positions: int,
-                     fit_mask: np.ndarray) -> np.ndarray:
-  """Smoothed click rate per (item, slot) from the rounds in fit_mask; shape [n_positions, n_actions]."""
-  clicks = np.zeros((n_positions, n_actions))
-  shows = np.zeros((n_positions, n_actions))
-  np.add.at(clicks, (positions[fit_mask], actions[fit_mask]), rewards[fit_mask])
-  np.add.at(shows, (positions[fit_mask], actions[fit_mask]), 1.0)
+def click_rate_model(actions, positions, rewards, *, num_actions: int, num_positions: int,
+                     where: np.ndarray) -> np.ndarray:
+  """Smoothed click rate per (item, slot) from the rounds in `where` (bool [n], True = fit on it).
+
+  Returns [num_positions, num_actions] click rates.
+  """
+  clicks = np.zeros((num_positions, num_actions))
+  shows = np.zeros((num_positions, num_actions))
+  np.add.at(clicks, (positions[where], actions[where]), rewards[where])
+  np.add.at(shows, (positions[where], actions[where]), 1.0)
   slot_rate = clicks.sum(1, keepdims=True) / np.maximum(shows.sum(1, keepdims=True), 1.0)
   return (clicks + PRIOR_STRENGTH * slot_rate) / (shows + PRIOR_STRENGTH)
 
@@ -40,10 +43,10 @@ def click_rate_model(actions, positions, rewards, n_actions: int, n_positions: i
 def cross_fitted_reward_hat(log, num_folds: int = 2) -> np.ndarray:
   """[n, A] reward predictions; round i's comes from the click rates of the other folds."""
   folds = np.arange(len(log.rewards)) % num_folds
-  reward_hat = np.zeros((len(log.rewards), log.n_actions))
+  reward_hat = np.zeros((len(log.rewards), log.num_actions))
   for k in range(num_folds):
-    table = click_rate_model(log.actions, log.positions, log.rewards, log.n_actions,
-                             log.n_positions, fit_mask=folds != k)
+    table = click_rate_model(log.actions, log.positions, log.rewards, num_actions=log.num_actions,
+                             num_positions=log.num_positions, where=folds != k)
     reward_hat[folds == k] = table[log.positions[folds == k]]
   return reward_hat
 
@@ -54,7 +57,7 @@ def run(out: Path, *, num_resamples: int = 1000, seed: int = 0) -> dict:
   bts = load_obd(behavior_policy="bts")
   random_log = load_obd(behavior_policy="random")
   n = len(bts.rewards)
-  target_dist = np.full((n, bts.n_actions), 1.0 / bts.n_actions)
+  target_dist = np.full((n, bts.num_actions), 1.0 / bts.num_actions)
   reward_hat = cross_fitted_reward_hat(bts)
   rounds = ope.logged_rounds(bts.rewards, bts.actions, bts.logging_probs, target_dist, reward_hat)
 
@@ -75,7 +78,7 @@ def run(out: Path, *, num_resamples: int = 1000, seed: int = 0) -> dict:
   improvement = ope.improves_on_logging(ope.beta_ips_from_rounds(rounds), bts.rewards)
   results = {
       "data": "Open Bandit Dataset sample (ZOZO, Inc., CC BY 4.0), campaign 'all'",
-      "n_rounds": n,
+      "num_rounds": n,
       "target_policy": "uniform random over 80 items",
       "truth": {"value": float(np.mean(random_log.rewards)), "ci_t": [truth.lower, truth.upper],
                 "source": "mean click of the random-logged sample"},
@@ -123,6 +126,6 @@ def summary(results: dict) -> str:
           f"Truth (mean click of the random log): {truth:.4f}, 95% CI "
           f"[{float(results['truth']['ci_t'][0]):.4f}, {float(results['truth']['ci_t'][1]):.4f}]. "
           f"Effective sample size {float(diag['effective_sample_size']):.0f} of "
-          f"{results['n_rounds']}, max weight {float(diag['max_weight']):.0f}.\n\n" +
+          f"{results['num_rounds']}, max weight {float(diag['max_weight']):.0f}.\n\n" +
           markdown_table(["estimator", "estimate", "stderr", "95% bootstrap CI", "relative error"], rows) +
           "\n")

@@ -1,7 +1,7 @@
 """Bias, variance and MSE of the bandit estimators over sample sizes and loggers (floor 3).
 
 For each setting (logger inverse temperature, number of actions) one synthetic
-problem is drawn; for each sample size n, `n_seeds` independent logs are
+problem is drawn; for each sample size n, `num_seeds` independent logs are
 simulated in one vmapped, device-sharded call per chunk of seeds, every
 estimator is applied to every log, and its errors against the exact policy
 value give bias, variance and MSE. The [OB] claim checked: beta*-IPS has the
@@ -40,24 +40,24 @@ MAX_ROWS_PER_CHUNK = 4_000_000  # seeds x rounds simulated at once: bounds memor
 @dataclasses.dataclass(frozen=True)
 class Config:
   logger_inverse_temperatures: tuple[float, ...] = (-5.0, -1.0, 1.0, 5.0)
-  n_actions: tuple[int, ...] = (25,)
+  num_actions: tuple[int, ...] = (25,)
   sample_sizes: tuple[int, ...] = (100, 1_000, 10_000, 100_000)
-  n_seeds: int = 200
+  num_seeds: int = 200
   dim_context: int = 5
-  n_contexts: int = 1000
+  num_contexts: int = 1000
   target_inverse_temperature: float = 10.0
   reward_model_noise: float = 0.1
   seed: int = 0
 
 
 QUICK = Config()
-FULL = Config(n_actions=(25, 50, 100), sample_sizes=(100, 1_000, 10_000, 100_000, 1_000_000),
-              n_seeds=500)
+FULL = Config(num_actions=(25, 50, 100), sample_sizes=(100, 1_000, 10_000, 100_000, 1_000_000),
+              num_seeds=500)
 
 
 def _estimates_for_seed(key, problem, n):
   """Every estimator's value on one simulated log of n rounds."""
-  log = sb.simulate_log(key, problem, n)
+  log = sb.simulate_log(problem, key=key, num_rounds=n)
   rounds = ope.logged_rounds(*sb.estimator_inputs(problem, log))
   values = {}
   for name, options in ESTIMATORS.items():
@@ -66,13 +66,13 @@ def _estimates_for_seed(key, problem, n):
   return values
 
 
-def _cell(problem, n: int, n_seeds: int, key) -> dict:
-  """Bias, variance and MSE of every estimator over n_seeds logs of n rounds."""
+def _cell(problem, n: int, num_seeds: int, key) -> dict:
+  """Bias, variance and MSE of every estimator over num_seeds logs of n rounds."""
   true_value = float(sb.policy_value(problem.target_dist, problem.expected_rewards))
-  keys = jax.random.split(key, n_seeds)
-  chunk = max(1, min(n_seeds, MAX_ROWS_PER_CHUNK // n))
+  keys = jax.random.split(key, num_seeds)
+  chunk = max(1, min(num_seeds, MAX_ROWS_PER_CHUNK // n))
   parts = [map_over_seeds(_estimates_for_seed, keys[i:i + chunk], problem, n=n)
-           for i in range(0, n_seeds, chunk)]
+           for i in range(0, num_seeds, chunk)]
   result = {}
   for name in ESTIMATORS:
     values = np.concatenate([np.asarray(p[name], np.float64) for p in parts])
@@ -81,7 +81,7 @@ def _cell(problem, n: int, n_seeds: int, key) -> dict:
     errors = values - true_value
     squared = errors**2
     result[name] = {"bias": errors.mean(), "variance": values.var(), "mse": squared.mean(),
-                    "mse_stderr": squared.std(ddof=1) / np.sqrt(n_seeds)}
+                    "mse_stderr": squared.std(ddof=1) / np.sqrt(num_seeds)}
   return result
 
 
@@ -89,21 +89,21 @@ def run(out: Path, config: Config = QUICK) -> dict:
   """Runs the study, writes DIR/results.json, plots and summary.md, and returns the results."""
   out = Path(out)
   checkpoint = Checkpoint(out / "checkpoint.json", dataclasses.asdict(config))
-  cells = [(t, a, n) for t in config.logger_inverse_temperatures for a in config.n_actions
+  cells = [(t, a, n) for t in config.logger_inverse_temperatures for a in config.num_actions
            for n in config.sample_sizes]
   settings = []
   base_key = jax.random.key(config.seed)
-  for setting_index, (temperature, n_actions) in enumerate(
-      (t, a) for t in config.logger_inverse_temperatures for a in config.n_actions):
+  for setting_index, (temperature, num_actions) in enumerate(
+      (t, a) for t in config.logger_inverse_temperatures for a in config.num_actions):
     problem_key, data_key = jax.random.split(jax.random.fold_in(base_key, setting_index))
     problem = sb.make_problem(
-        problem_key, n_actions=n_actions, dim_context=config.dim_context,
-        n_contexts=config.n_contexts, logger_inverse_temperature=temperature,
+        problem_key, num_actions=num_actions, dim_context=config.dim_context,
+        num_contexts=config.num_contexts, logger_inverse_temperature=temperature,
         target_inverse_temperature=config.target_inverse_temperature,
         reward_model_noise=config.reward_model_noise)
     settings.append({
         "logger_inverse_temperature": temperature,
-        "n_actions": n_actions,
+        "num_actions": num_actions,
         "true_value": float(sb.policy_value(problem.target_dist, problem.expected_rewards)),
         "logging_value": float(sb.policy_value(problem.logging_dist, problem.expected_rewards)),
         "n": list(config.sample_sizes),
@@ -114,10 +114,10 @@ def run(out: Path, config: Config = QUICK) -> dict:
   bar = progress(cells, "ope-variance cells", total=len(cells))
   for setting in settings:
     for size_index, n in enumerate(config.sample_sizes):
-      name = f"beta0={setting['logger_inverse_temperature']}|A={setting['n_actions']}|n={n}"
+      name = f"beta0={setting['logger_inverse_temperature']}|A={setting['num_actions']}|n={n}"
       if name not in checkpoint:
         key = jax.random.fold_in(setting["_key"], size_index)
-        checkpoint.save(name, _cell(setting["_problem"], n, config.n_seeds, key))
+        checkpoint.save(name, _cell(setting["_problem"], n, config.num_seeds, key))
       bar.update(1)
       setting.setdefault("_cells", []).append(checkpoint[name])
   bar.close()
@@ -169,7 +169,7 @@ def _plot(settings: list[dict], out: Path) -> None:
     _plot_setting(ax, setting)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    fig.savefig(out / f"mse_beta0_{setting['logger_inverse_temperature']:g}_A{setting['n_actions']}.png",
+    fig.savefig(out / f"mse_beta0_{setting['logger_inverse_temperature']:g}_A{setting['num_actions']}.png",
                 dpi=120)
     plt.close(fig)
 
@@ -178,7 +178,7 @@ def _plot_setting(ax, setting: dict) -> None:
   for name, stats in setting["estimators"].items():
     style = "-" if name in CLAIM_ESTIMATORS else ":"
     ax.loglog(setting["n"], stats["mse"], style, marker="o", markersize=3, label=name)
-  ax.set_title(f"logger beta0={setting['logger_inverse_temperature']:g}, A={setting['n_actions']}",
+  ax.set_title(f"logger beta0={setting['logger_inverse_temperature']:g}, A={setting['num_actions']}",
                fontsize=9)
   ax.set_xlabel("logged rounds n")
   ax.set_ylabel("MSE")
@@ -190,12 +190,12 @@ def summary(results: dict) -> str:
   rows = []
   for setting in results["settings"]:
     ips_mse = setting["estimators"]["ips"]["mse"][-1]
-    rows.append([f"{setting['logger_inverse_temperature']:g}", setting["n_actions"]] +
+    rows.append([f"{setting['logger_inverse_temperature']:g}", setting["num_actions"]] +
                 [setting["estimators"][e]["mse"][-1] / ips_mse for e in names])
   claim = results["claims"]["beta_ips_lowest_mse"]
   n_max = results["settings"][0]["n"][-1]
   return (f"## Off-policy evaluation: MSE at n = {n_max:,} relative to IPS "
-          f"({results['config']['n_seeds']} seeds; lower is better)\n\n" +
+          f"({results['config']['num_seeds']} seeds; lower is better)\n\n" +
           markdown_table(["logger beta0", "A"] + names, rows) +
           f"\n\nbeta*-IPS has the lowest MSE of IPS, SNIPS and beta*-IPS, or within 5% of it, in "
           f"{claim['cells_where_it_holds']} of {claim['cells']} (setting, n) cells.\n")

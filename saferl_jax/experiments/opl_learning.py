@@ -38,22 +38,22 @@ LABELS = {"ips": "IPS", "snips": "SNIPS", "banditnet": "BanditNet", "beta_value"
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  n_actions: int = 50
+  num_actions: int = 50
   dim_context: int = 5
-  n_contexts: int = 1000
+  num_contexts: int = 1000
   logger_inverse_temperature: float = -1.0
-  n_train: int = 5_000
-  n_validation: int = 5_000
+  num_train: int = 5_000
+  num_validation: int = 5_000
   epochs: int = 20
   batch_size: int = 250
   learning_rate: float = 0.05
   banditnet_lambdas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-  n_seeds: int = 5
+  num_seeds: int = 5
   seed: int = 0
 
 
 QUICK = Config()
-FULL = Config(n_actions=100, n_train=50_000, n_validation=20_000, epochs=50, n_seeds=20)
+FULL = Config(num_actions=100, num_train=50_000, num_validation=20_000, epochs=50, num_seeds=20)
 
 
 def _logged(problem, log) -> opl.LoggedBatch:
@@ -92,20 +92,20 @@ def run(out: Path, config: Config = QUICK) -> dict:
   out = Path(out)
   key = jax.random.key(config.seed)
   problem_key, data_key, init_key, train_key = jax.random.split(key, 4)
-  problem = sb.make_problem(problem_key, n_actions=config.n_actions, dim_context=config.dim_context,
-                            n_contexts=config.n_contexts,
+  problem = sb.make_problem(problem_key, num_actions=config.num_actions, dim_context=config.dim_context,
+                            num_contexts=config.num_contexts,
                             logger_inverse_temperature=config.logger_inverse_temperature)
-  seeds = config.n_seeds
+  seeds = config.num_seeds
   train_keys, validation_keys, holdout_keys = jnp.split(jax.random.split(data_key, 3 * seeds), 3)
-  train = _logged(problem, sb.simulate_logs(train_keys, problem, config.n_train))
-  validation = _logged(problem, sb.simulate_logs(validation_keys, problem, config.n_validation))
-  holdout_logs = sb.simulate_logs(holdout_keys, problem, config.n_validation)
+  train = _logged(problem, sb.simulate_logs(problem, keys=train_keys, num_rounds=config.num_train))
+  validation = _logged(problem, sb.simulate_logs(problem, keys=validation_keys, num_rounds=config.num_validation))
+  holdout_logs = sb.simulate_logs(problem, keys=holdout_keys, num_rounds=config.num_validation)
   holdout = _logged(problem, holdout_logs)
 
-  apply_fn, _ = opl.as_functional(opl.LinearPolicy(config.dim_context, config.n_actions,
+  apply_fn, _ = opl.as_functional(opl.LinearPolicy(config.dim_context, config.num_actions,
                                                    rngs=nnx.Rngs(0)))
   init_params = jax.vmap(lambda k: opl.as_functional(opl.LinearPolicy(
-      config.dim_context, config.n_actions, rngs=nnx.Rngs(params=k)))[1])(
+      config.dim_context, config.num_actions, rngs=nnx.Rngs(params=k)))[1])(
           jax.random.split(init_key, seeds))
 
   def policy_dist(params, contexts):
@@ -222,8 +222,8 @@ def summary(results: dict) -> str:
                  f"[{float(m['final_value_ci'][0]):.3f}, {float(m['final_value_ci'][1]):.3f}]",
                  m["grad_variance"], m["deploy_rate"]])
   config = results["config"]
-  return (f"## Off-policy learning ({config['n_seeds']} seeds, {config['n_train']:,} logged rounds, "
-          f"A = {config['n_actions']}, logger beta0 = {config['logger_inverse_temperature']:g})\n\n"
+  return (f"## Off-policy learning ({config['num_seeds']} seeds, {config['num_train']:,} logged rounds, "
+          f"A = {config['num_actions']}, logger beta0 = {config['logger_inverse_temperature']:g})\n\n"
           f"Logging policy value {results['logging_value']:.3f}; optimal {results['optimal_value']:.3f}; "
           f"BanditNet lambda {results['methods']['banditnet']['lambda']:g}.\n\n" +
           markdown_table(["method", "mean value over epochs", "final value", "95% CI",

@@ -6,9 +6,9 @@ that pair, so parameters can be vmapped over seeds, differentiated and optimised
 
 from saferl_jax.models.classifier import DigitClassifier
 from saferl_jax.models.denoisers import ConvDenoiser, MLPDenoiser, PatchConv
-from saferl_jax.models.functional import as_functional
+from saferl_jax.models.functional import Functional, as_functional
 from saferl_jax.models.policies import LinearPolicy, MLPPolicy
 from saferl_jax.models.rankers import LinearRanker, MLPRanker
 
-__all__ = ["ConvDenoiser", "DigitClassifier", "LinearPolicy", "LinearRanker", "MLPDenoiser",
+__all__ = ["ConvDenoiser", "DigitClassifier", "Functional", "LinearPolicy", "LinearRanker", "MLPDenoiser",
            "MLPPolicy", "MLPRanker", "PatchConv", "as_functional"]

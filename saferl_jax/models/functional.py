@@ -7,15 +7,21 @@ differentiated and optimised with optax.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 from flax import nnx
 
 
-def as_functional(model: nnx.Module) -> tuple[Callable, nnx.State]:
+class Functional(NamedTuple):
+  """A module as a pure function: apply_fn(params, *inputs) = model(*inputs)."""
+  apply_fn: Callable[..., Any]
+  params: nnx.State
+
+
+def as_functional(model: nnx.Module) -> Functional:
   """(apply_fn, params) with apply_fn(params, *inputs) = model(*inputs), a pure function of params."""
   graphdef, params = nnx.split(model)
 
   def apply_fn(params, *inputs):
     return nnx.merge(graphdef, params)(*inputs)
-  return apply_fn, params
+  return Functional(apply_fn, params)

@@ -18,8 +18,8 @@ from saferl_jax.models.functional import as_functional  # noqa: F401  (re-export
 class LinearPolicy(nnx.Module):
   """Logits x W + b: one linear score per action."""
 
-  def __init__(self, dim_context: int, n_actions: int, *, rngs: nnx.Rngs):
-    self.linear = nnx.Linear(dim_context, n_actions, rngs=rngs)
+  def __init__(self, dim_context: int, num_actions: int, *, rngs: nnx.Rngs):
+    self.linear = nnx.Linear(dim_context, num_actions, rngs=rngs)
 
   def __call__(self, contexts: jax.Array) -> jax.Array:
     return self.linear(contexts)
@@ -28,11 +28,11 @@ class LinearPolicy(nnx.Module):
 class MLPPolicy(nnx.Module):
   """Logits from an MLP with ReLU hidden layers."""
 
-  def __init__(self, dim_context: int, n_actions: int, *, hidden: Sequence[int] = (64,),
+  def __init__(self, dim_context: int, num_actions: int, *, hidden: Sequence[int] = (64,),
                rngs: nnx.Rngs):
     sizes = [dim_context, *hidden]
     self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
-    self.out = nnx.Linear(sizes[-1], n_actions, rngs=rngs)
+    self.out = nnx.Linear(sizes[-1], num_actions, rngs=rngs)
 
   def __call__(self, contexts: jax.Array) -> jax.Array:
     x = contexts

@@ -16,8 +16,8 @@ from flax import nnx
 class LinearRanker(nnx.Module):
   """Logit x . w + b per document."""
 
-  def __init__(self, n_features: int, *, rngs: nnx.Rngs):
-    self.linear = nnx.Linear(n_features, 1, rngs=rngs)
+  def __init__(self, num_features: int, *, rngs: nnx.Rngs):
+    self.linear = nnx.Linear(num_features, 1, rngs=rngs)
 
   def __call__(self, features: jax.Array) -> jax.Array:
     return self.linear(features)[..., 0]
@@ -26,8 +26,8 @@ class LinearRanker(nnx.Module):
 class MLPRanker(nnx.Module):
   """Logit from an MLP with ReLU hidden layers, applied to each document."""
 
-  def __init__(self, n_features: int, *, hidden: Sequence[int] = (32, 32), rngs: nnx.Rngs):
-    sizes = [n_features, *hidden]
+  def __init__(self, num_features: int, *, hidden: Sequence[int] = (32, 32), rngs: nnx.Rngs):
+    sizes = [num_features, *hidden]
     self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
     self.out = nnx.Linear(sizes[-1], 1, rngs=rngs)
 

@@ -22,7 +22,7 @@ from saferl_jax.stats import (ImprovementTest, Interval, bootstrap_interval, saf
 
 def estimator_bootstrap_interval(
     estimator_from_rounds: Callable[..., Estimate], rounds: LoggedRounds, *, key: jax.Array,
-    num_resamples: int = 1000, alpha: float = 0.05, batch_size: int = 10,
+    num_resamples: int = 1000, delta: float = 0.05, batch_size: int = 10,
     generator: str = "hash", **estimator_options,
 ) -> Interval:
   """Percentile bootstrap interval of an estimator, refitted on every resample of the rounds.
@@ -31,7 +31,7 @@ def estimator_bootstrap_interval(
     estimator_from_rounds: e.g. `snips_from_rounds` or `beta_ips_from_rounds`.
     rounds: the `LoggedRounds` of the dataset.
     key: PRNG key.
-    num_resamples, alpha, batch_size, generator: as in `stats.bootstrap_interval`.
+    num_resamples, delta, batch_size, generator: as in `stats.bootstrap_interval`.
     **estimator_options: passed to the estimator (clip, tau, baseline, ...).
 
   Example:
@@ -45,7 +45,7 @@ def estimator_bootstrap_interval(
   """
   return bootstrap_interval(
       lambda resampled: estimator_from_rounds(resampled, **estimator_options).value,
-      rounds, key=key, num_resamples=num_resamples, alpha=alpha, batch_size=batch_size,
+      rounds, key=key, num_resamples=num_resamples, delta=delta, batch_size=batch_size,
       generator=generator)
 
 

@@ -6,14 +6,14 @@ here lazily.
 """
 
 from saferl_jax._lazy import lazy_exports
-from saferl_jax.opl.objectives import (METHODS, LoggedBatch, baseline_corrected_objective, corrected_gradient,
+from saferl_jax.opl.objectives import (METHODS, LoggedBatch, MethodGradient, baseline_corrected_objective, corrected_gradient,
                                        filtered_likelihood_objective, gradient_optimal_baseline,
                                        gradient_variance, hard_filter, ips_objective,
                                        logged_log_probs, per_example_weight_gradients, policy_weights,
                                        snips_objective, value_optimal_baseline, logged_batch, method_gradient)
 
 __all__ = [
-    "LoggedBatch", "METHODS", "baseline_corrected_objective", "corrected_gradient",
+    "LoggedBatch", "METHODS", "MethodGradient", "baseline_corrected_objective", "corrected_gradient",
     "filtered_likelihood_objective", "gradient_optimal_baseline", "gradient_variance",
     "hard_filter", "ips_objective", "logged_batch", "logged_log_probs", "method_gradient",
     "per_example_weight_gradients", "policy_weights", "snips_objective", "value_optimal_baseline",

@@ -27,7 +27,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -187,6 +187,12 @@ def logged_batch(contexts, actions, rewards, logging_probs) -> LoggedBatch:
   return LoggedBatch(contexts, actions, rewards, logging_probs)
 
 
+class MethodGradient(NamedTuple):
+  """`method_gradient`'s result: the descent direction and the baseline it used (0 without one)."""
+  grads: Any
+  baseline: jax.Array
+
+
 def method_gradient(method: str, apply_fn: Callable, params, batch: LoggedBatch, *,
                     banditnet_lambda: float = 0.0):
   """The descent direction (negated policy gradient) of `method` on one batch, and its baseline."""
@@ -213,4 +219,4 @@ def method_gradient(method: str, apply_fn: Callable, params, batch: LoggedBatch,
     return -baseline_corrected_objective(log_probs, batch.rewards, batch.logging_probs,
                                              baseline), baseline
   grads, baseline = jax.grad(loss, has_aux=True)(params)
-  return grads, jnp.asarray(baseline)
+  return MethodGradient(grads, jnp.asarray(baseline))

@@ -7,7 +7,7 @@ optional bool mask `where` for padded items; leading batch axes broadcast, and
 """
 
 from saferl_jax._lazy import lazy_exports
-from saferl_jax.ranking.exposure_gradient import exposure_objective_gradient
+from saferl_jax.ranking.exposure_gradient import ExposureGradient, exposure_objective_gradient
 from saferl_jax.ranking.metrics import (MetricEstimate, dcg_at_k, dcg_rank_weights,
                                         expected_metric_from_samples, exposure_from_samples,
                                         ndcg_at_k)
@@ -28,6 +28,7 @@ __all__ = [
     "exposure_from_samples",
     "ndcg_at_k",
     # Gradients of any objective of exposures: safe and PRPO objectives (exposure_gradient.py).
+    "ExposureGradient",
     "exposure_objective_gradient",
     # PL-Rank gradient estimators and exact references (pl_rank.py).
     "exact_gradient",

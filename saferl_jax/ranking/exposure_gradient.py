@@ -19,16 +19,23 @@ References:
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from saferl_jax import checks
 from saferl_jax.ranking.metrics import exposure_from_samples
 from saferl_jax.ranking.pl_rank import pl_rank_gradient
 from saferl_jax.ranking.plackett_luce import sample_rankings
+
+
+class ExposureGradient(NamedTuple):
+  """dF/dm [..., D] and the exposure estimate [..., D] it was taken at."""
+  gradient: jax.Array
+  exposure: jax.Array
 
 
 def exposure_objective_gradient(
@@ -40,7 +47,7 @@ def exposure_objective_gradient(
     num_samples: int,
     num_exposure_samples: int | None = None,
     where: ArrayLike | None = None,
-) -> tuple[jax.Array, jax.Array]:
+) -> ExposureGradient:
   """(dF/dm [..., D], the estimated exposures [..., D]) for an objective F of the exposures.
 
   F may couple lists (the [SAFE] penalty is a square root of a mean over queries), so it takes
@@ -58,7 +65,7 @@ def exposure_objective_gradient(
     where: optional [..., D] bool mask of real documents.
 
   Returns:
-    The gradient estimate and the exposure estimate it used.
+    An `ExposureGradient`: the gradient estimate and the exposure estimate it used.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -68,12 +75,13 @@ def exposure_objective_gradient(
     >>> bool(grad[0] > 0)
     True
   """
+  checks.check_key("key", key)
   logits = jnp.asarray(logits)
   rank_weights = jnp.asarray(rank_weights)
   exposure_key, gradient_key = jax.random.split(key)
   num_items = logits.shape[-1]
   k = min(rank_weights.shape[0], num_items)
-  rankings = sample_rankings(exposure_key, logits, where=where, k=k,
+  rankings = sample_rankings(logits, key=exposure_key, where=where, k=k,
                              sample_shape=num_exposure_samples or num_samples)
   exposure = exposure_from_samples(rankings, rank_weights[:k], num_items, where=where)
   document_weights = jax.grad(objective)(exposure)
@@ -86,4 +94,4 @@ def exposure_objective_gradient(
       m, rho, rank_weights[:k], key=kk, num_samples=num_samples, where=w))(
           logits.reshape(num_lists, num_items), document_weights.reshape(num_lists, num_items),
           valid.reshape(num_lists, num_items), keys)
-  return gradient.reshape(logits.shape), exposure
+  return ExposureGradient(gradient.reshape(logits.shape), exposure)

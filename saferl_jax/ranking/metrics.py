@@ -251,6 +251,7 @@ def expected_metric_from_samples(
     [PLR] Oosterhuis. Computationally Efficient Optimization of Plackett-Luce Ranking Models for
     Relevance and Fairness. SIGIR 2021. https://arxiv.org/abs/2105.00855
   """
+  checks.check_key("key", key)
   if metric not in ("ndcg", "dcg"):
     raise ValueError(f"metric: must be 'ndcg' or 'dcg', got {metric!r}")
   checks.check_positive_int("num_samples", num_samples)
@@ -259,7 +260,7 @@ def expected_metric_from_samples(
   if logits.shape[-1:] != labels.shape[-1:]:
     raise ValueError(f"labels: item axis {labels.shape[-1]} does not match logits {logits.shape[-1]}")
   _check_k(k, logits.shape[-1])
-  rankings = sample_rankings(key, logits, where=where, sample_shape=(num_samples,), k=k,
+  rankings = sample_rankings(logits, key=key, where=where, sample_shape=(num_samples,), k=k,
                              generator=generator)
   gains = _gains(labels, valid)
   per_sample = _dcg_from_gains(gains, rankings, k)

@@ -1,8 +1,11 @@
 """PL-Rank: unbiased gradients of ranking metrics under a Plackett-Luce policy (floor 1).
 
-Pure functions of arrays (no Flax, no I/O). One list (query) per call: logits [D],
-relevance [D], rank_weights [K] and an optional mask `where` [D]; vmap to batch
-queries. Randomness arrives as an explicit `key` and `num_samples` is static.
+Pure functions of arrays (no Flax, no I/O). Written for one list (query): logits [D],
+relevance [D], rank_weights [K] and an optional mask `where` [D]. Leading batch axes
+[..., D] on logits, relevance and where run every list in one call (vmapped inside,
+rank_weights shared); the sampling estimators then give list i of the flattened batch the
+key `jax.random.split(key, num_lists)[i]`, so a batch equals a loop over lists with those
+keys. Randomness arrives as an explicit `key` and `num_samples` is static.
 
 A PL policy with logits m ranks D items by drawing, for k = 0, 1, ..., the item at
 rank k with probability
@@ -73,15 +76,14 @@ MAX_EXACT_ITEMS = 8
 
 
 def _check_list(logits, relevance, rank_weights, where):
-  """Converts and checks one list; returns (logits, relevance, rank_weights, valid)."""
+  """Converts and checks lists [..., D]; returns (logits, relevance, rank_weights, valid)."""
   logits = checks.as_float("logits", logits)
   relevance = checks.as_float("relevance", relevance)
   rank_weights = checks.as_float("rank_weights", rank_weights)
-  if logits.ndim != 1:
+  if logits.ndim < 1:
     raise ValueError(
-        f"logits: expected a 1-d array [D] for one list (batch lists with jax.vmap), "
-        f"got shape {tuple(logits.shape)}")
-  num_items = logits.shape[0]
+        f"logits: expected an array [..., D], one list per row, got shape {tuple(logits.shape)}")
+  num_items = logits.shape[-1]
   if num_items == 0:
     raise ValueError("logits: the list is empty; at least one item is needed")
   if relevance.shape != logits.shape:
@@ -99,6 +101,8 @@ def _check_list(logits, relevance, rank_weights, where):
     valid = jnp.ones(logits.shape, bool)
   else:
     valid = jnp.asarray(where)
+    if valid.shape[-1:] == logits.shape[-1:] and valid.ndim < logits.ndim:
+      valid = jnp.broadcast_to(valid, logits.shape)  # one mask shared by every list
     if valid.shape != logits.shape:
       raise ValueError(f"where: expected shape {tuple(logits.shape)} like logits, "
                        f"got {tuple(valid.shape)}")
@@ -118,6 +122,24 @@ def _check_num_samples(num_samples, minimum: int) -> int:
     why = " for the leave-one-out baseline" if minimum > 1 else ""
     raise ValueError(f"num_samples: must be >= {minimum}{why}, got {num_samples}")
   return int(num_samples)
+
+
+def _over_lists(kernel, key, logits, relevance, rank_weights, valid, num_samples):
+  """Runs a one-list kernel on lists [..., D]: list i of the flattened batch gets split(key, B)[i]."""
+  if logits.ndim == 1:
+    return kernel(key, logits, relevance, rank_weights, valid, num_samples)
+  return _batched(kernel, key, logits, relevance, rank_weights, valid, num_samples)
+
+
+@functools.partial(jax.jit, static_argnames=("kernel", "num_samples"))
+def _batched(kernel, key, logits, relevance, rank_weights, valid, num_samples):
+  num_items = logits.shape[-1]
+  num_lists = int(np.prod(logits.shape[:-1], dtype=int))
+  flat = lambda x: x.reshape(num_lists, num_items)
+  one_list = lambda k, m, rho, w: kernel(k, m, rho, rank_weights, w, num_samples)
+  out = jax.vmap(one_list)(jax.random.split(key, num_lists), flat(logits), flat(relevance),
+                           flat(valid))
+  return out.reshape(logits.shape)
 
 
 # Sampling and the per-rank quantities every estimator shares.
@@ -227,16 +249,16 @@ def pl_rank_gradient(logits: ArrayLike, relevance: ArrayLike, rank_weights: Arra
   (Gumbel top-K) and O(D) work per sample are needed.
 
   Args:
-    logits: [D] PL logits m.
-    relevance: [D] item rewards rho (relevance labels or estimated rewards).
+    logits: [..., D] PL logits m, one list per row.
+    relevance: [..., D] item rewards rho (relevance labels or estimated rewards).
     rank_weights: [K] weights theta of ranks 0..K-1 (K <= D); ranks >= K weigh 0.
-    key: a PRNG key.
-    num_samples: N >= 1 rankings to sample (static).
-    where: optional [D] bool mask (True = valid item). Masked items are ranked
+    key: a PRNG key (split over the lists of a batch, see the module docstring).
+    num_samples: N >= 1 rankings to sample per list (static).
+    where: optional [..., D] bool mask (True = valid item). Masked items are ranked
       after every valid one, weigh nothing and get gradient 0.
 
   Returns:
-    [D] the gradient estimate; 0 on masked items.
+    [..., D] the gradient estimate; 0 on masked items.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -252,9 +274,10 @@ def pl_rank_gradient(logits: ArrayLike, relevance: ArrayLike, rank_weights: Arra
     [PLR-1] Oosterhuis. Computationally Efficient Optimization of Plackett-Luce
     Ranking Models for Relevance and Fairness. SIGIR 2021. https://arxiv.org/abs/2105.00855
   """
+  checks.check_key("key", key)
   logits, relevance, rank_weights, valid = _check_list(logits, relevance, rank_weights, where)
   num_samples = _check_num_samples(num_samples, 1)
-  return _pl_rank_3(key, logits, relevance, rank_weights, valid, num_samples)
+  return _over_lists(_pl_rank_3, key, logits, relevance, rank_weights, valid, num_samples)
 
 
 @functools.partial(jax.jit, static_argnames="num_samples")
@@ -295,9 +318,10 @@ def pl_rank_1_gradient(logits: ArrayLike, relevance: ArrayLike, rank_weights: Ar
   References:
     [PLR-1] Oosterhuis. SIGIR 2021. https://arxiv.org/abs/2105.00855
   """
+  checks.check_key("key", key)
   logits, relevance, rank_weights, valid = _check_list(logits, relevance, rank_weights, where)
   num_samples = _check_num_samples(num_samples, 1)
-  return _pl_rank_1(key, logits, relevance, rank_weights, valid, num_samples)
+  return _over_lists(_pl_rank_1, key, logits, relevance, rank_weights, valid, num_samples)
 
 
 @functools.partial(jax.jit, static_argnames="num_samples")
@@ -341,9 +365,10 @@ def reinforce_gradient(logits: ArrayLike, relevance: ArrayLike, rank_weights: Ar
     Williams. Machine Learning 1992. Kool, van Hoof, Welling. Buy 4 REINFORCE Samples,
     Get a Baseline for Free! 2019. https://openreview.net/forum?id=r1lgTGL5DE
   """
+  checks.check_key("key", key)
   logits, relevance, rank_weights, valid = _check_list(logits, relevance, rank_weights, where)
   num_samples = _check_num_samples(num_samples, 2)
-  return _reinforce(key, logits, relevance, rank_weights, valid, num_samples)
+  return _over_lists(_reinforce, key, logits, relevance, rank_weights, valid, num_samples)
 
 
 @functools.partial(jax.jit, static_argnames="num_samples")
@@ -370,13 +395,13 @@ def exact_objective(logits: ArrayLike, relevance: ArrayLike, rank_weights: Array
   themselves, which does not matter: they weigh nothing).
 
   Args:
-    logits: [D] PL logits, D <= 8.
-    relevance: [D] item rewards.
+    logits: [..., D] PL logits, D <= 8, one list per row.
+    relevance: [..., D] item rewards.
     rank_weights: [K] rank weights, K <= D.
-    where: optional [D] bool mask (True = valid item).
+    where: optional [..., D] bool mask (True = valid item).
 
   Returns:
-    The scalar expected reward; 0 for an all-masked list.
+    [...] the expected reward of each list; 0 for an all-masked list.
 
   Example:
     >>> import jax.numpy as jnp
@@ -384,11 +409,16 @@ def exact_objective(logits: ArrayLike, relevance: ArrayLike, rank_weights: Array
     0.3333
   """
   logits, relevance, rank_weights, valid = _check_list(logits, relevance, rank_weights, where)
-  num_items = logits.shape[0]
+  num_items = logits.shape[-1]
   if num_items > MAX_EXACT_ITEMS:
     raise ValueError(f"logits: exact enumeration is for D <= {MAX_EXACT_ITEMS} items, "
                      f"got D = {num_items}")
-  return _exact_objective(logits, relevance, rank_weights, valid)
+  if logits.ndim == 1:
+    return _exact_objective(logits, relevance, rank_weights, valid)
+  flat = lambda x: x.reshape(-1, num_items)
+  values = jax.vmap(_exact_objective, in_axes=(0, 0, None, 0))(
+      flat(logits), flat(relevance), rank_weights, flat(valid))
+  return values.reshape(logits.shape[:-1])
 
 
 @jax.jit
@@ -417,7 +447,7 @@ def _exact_objective(logits, relevance, rank_weights, valid):
 
 def exact_gradient(logits: ArrayLike, relevance: ArrayLike, rank_weights: ArrayLike, *,
                    where: ArrayLike | None = None) -> jax.Array:
-  """dR/dm by differentiating `exact_objective` (D <= 8); 0 on masked items.
+  """dR/dm [..., D] by differentiating `exact_objective` (D <= 8); 0 on masked items.
 
   Example:
     >>> import jax.numpy as jnp
@@ -426,7 +456,9 @@ def exact_gradient(logits: ArrayLike, relevance: ArrayLike, rank_weights: ArrayL
     [0.25, -0.25]
   """
   logits = checks.as_float("logits", logits)
-  grad = jax.grad(lambda m: exact_objective(m, relevance, rank_weights, where=where))(logits)
+  # Lists are independent, so the gradient of their sum is every list's own gradient.
+  grad = jax.grad(lambda m: jnp.sum(exact_objective(m, relevance, rank_weights, where=where)))(
+      logits)
   if where is None:
     return grad
   return jnp.where(jnp.asarray(where), grad, 0.0)

@@ -116,9 +116,9 @@ def _check_rankings(rankings: ArrayLike, num_items: int) -> jax.Array:
 
 
 def sample_rankings(
-    key: jax.Array,
     logits: ArrayLike,
     *,
+    key: jax.Array,
     where: ArrayLike | None = None,
     sample_shape: int | Sequence[int] = (),
     k: int | None = None,
@@ -132,8 +132,8 @@ def sample_rankings(
   valid item, in index order.
 
   Args:
-    key: a PRNG key.
     logits: [..., D] item logits m.
+    key: a PRNG key.
     where: optional bool [..., D], True for valid items.
     sample_shape: leading shape of independent samples.
     k: None for full rankings; otherwise the prefix length, 1 <= k <= D.
@@ -145,7 +145,7 @@ def sample_rankings(
 
   Example:
     >>> import jax, jax.numpy as jnp
-    >>> y = sample_rankings(jax.random.key(0), jnp.array([3., 0., -3., 9.]),
+    >>> y = sample_rankings(jnp.array([3., 0., -3., 9.]), key=jax.random.key(0),
     ...                     where=jnp.array([True, True, True, False]), sample_shape=5, k=2)
     >>> y.shape, bool((y != 3).all())
     ((5, 2), True)
@@ -153,6 +153,7 @@ def sample_rankings(
   References:
     Kool, van Hoof, Welling. Stochastic Beams and Where to Find Them. ICML 2019. https://arxiv.org/abs/1903.06059
   """
+  checks.check_key("key", key)
   logits, where = _check_logits(logits, where)
   sample_shape = (sample_shape,) if isinstance(sample_shape, int) else tuple(sample_shape)
   num_items = logits.shape[-1]
@@ -311,18 +312,28 @@ def _ranking_log_prob(logits, rankings, where):
   return _sum_of_log_terms(ranked, ranked_valid, length)
 
 
+def _one_key(seed, key) -> jax.Array:
+  """The key passed as `key=` or distrax's `seed=` (exactly one of them), checked."""
+  if (seed is None) == (key is None):
+    raise ValueError("key: pass the PRNG key once, as key= (or distrax's seed=)")
+  key = seed if key is None else key
+  checks.check_key("key", key)
+  return key
+
+
 class PlackettLuce(distrax.Distribution):
   """A Plackett-Luce distribution over rankings of D items, with optional padding.
 
   Events are full rankings, int32 [D] (masked items last, in index order);
-  `sample_top_k` and `log_prob_top_k` work on top-k prefixes. Every method
+  `sample_top_k` and `log_prob_top_k` work on top-k prefixes. The sampling methods take the
+  PRNG key as `key=` (the house name) or `seed=` (distrax's). Every method
   delegates to `sample_rankings` and `ranking_log_prob`, and the object is a
   pytree (distrax `Jittable`), so it passes through `jax.jit` and `jax.vmap`.
 
   Example:
     >>> import jax, jax.numpy as jnp
     >>> pl = PlackettLuce(jnp.zeros((2, 3)))
-    >>> y, lp = pl.sample_and_log_prob(seed=jax.random.key(0), sample_shape=4)
+    >>> y, lp = pl.sample_and_log_prob(key=jax.random.key(0), sample_shape=4)
     >>> y.shape, lp.shape, round(float(lp[0, 0]), 4)  # every ranking has prob 1/6
     ((4, 2, 3), (4, 2), -1.7918)
 
@@ -330,7 +341,7 @@ class PlackettLuce(distrax.Distribution):
     Plackett. The Analysis of Permutations. Applied Statistics 1975.
   """
 
-  def __init__(self, logits: ArrayLike, where: ArrayLike | None = None):
+  def __init__(self, logits: ArrayLike, *, where: ArrayLike | None = None):
     """Args: logits [..., D]; where: optional bool [..., D] (True = valid)."""
     super().__init__()
     logits, where = _check_logits(logits, where)
@@ -353,8 +364,19 @@ class PlackettLuce(distrax.Distribution):
   def batch_shape(self) -> tuple[int, ...]:
     return self._logits.shape[:-1]
 
+  def sample(self, *, seed: jax.Array | None = None, sample_shape: int | Sequence[int] = (),
+             key: jax.Array | None = None) -> jax.Array:
+    """Full rankings, int32 [*sample_shape, *batch_shape, D]; the key as `key=` or `seed=`."""
+    return super().sample(seed=_one_key(seed, key), sample_shape=sample_shape)
+
+  def sample_and_log_prob(self, *, seed: jax.Array | None = None,
+                          sample_shape: int | Sequence[int] = (),
+                          key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(rankings, their log-probabilities); the key as `key=` or `seed=`."""
+    return super().sample_and_log_prob(seed=_one_key(seed, key), sample_shape=sample_shape)
+
   def _sample_n(self, key: jax.Array, n: int) -> jax.Array:
-    return sample_rankings(key, self._logits, where=self._where, sample_shape=(n,))
+    return sample_rankings(self._logits, key=key, where=self._where, sample_shape=(n,))
 
   def _sample_n_and_log_prob(self, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
     samples = self._sample_n(key, n)
@@ -369,10 +391,11 @@ class PlackettLuce(distrax.Distribution):
           f"{tuple(value.shape)} (use log_prob_top_k for prefixes)")
     return ranking_log_prob(self._logits, value, where=self._where)
 
-  def sample_top_k(self, seed: jax.Array, k: int,
-                   sample_shape: int | Sequence[int] = ()) -> jax.Array:
-    """Top-k prefixes, int32 [*sample_shape, *batch_shape, k]."""
-    return sample_rankings(seed, self._logits, where=self._where, sample_shape=sample_shape, k=k)
+  def sample_top_k(self, *, k: int, sample_shape: int | Sequence[int] = (),
+                   key: jax.Array | None = None, seed: jax.Array | None = None) -> jax.Array:
+    """Top-k prefixes, int32 [*sample_shape, *batch_shape, k]; the key as `key=` or `seed=`."""
+    return sample_rankings(self._logits, key=_one_key(seed, key), where=self._where,
+                           sample_shape=sample_shape, k=k)
 
   def log_prob_top_k(self, prefix: ArrayLike) -> jax.Array:
     """log-probability that a sampled ranking starts with prefix [..., k]."""
@@ -385,4 +408,4 @@ class PlackettLuce(distrax.Distribution):
       raise ValueError(f"index: expected at most {len(self.batch_shape)} integers or slices over the "
                        f"batch axes, got {index}")
     where = None if self._where is None else self._where[index]
-    return PlackettLuce(self._logits[index], where)
+    return PlackettLuce(self._logits[index], where=where)

@@ -43,16 +43,19 @@ def _index_sampler(key: jax.Array, num_resamples: int, n: int, generator: str):
 
 
 def resample_indices(
-    key: jax.Array, num_resamples: int, n: int, *, generator: Generator = "hash"
+    key: jax.Array, *, num_resamples: int, num_rows: int, generator: Generator = "hash"
 ) -> jax.Array:
-  """[num_resamples, n] row indices drawn uniformly with replacement from [0, n).
+  """[num_resamples, num_rows] row indices drawn uniformly with replacement from [0, num_rows).
+
+  The key comes first: there is no data, only a shape (as in `jax.random`).
 
   Example:
     >>> import jax
-    >>> resample_indices(jax.random.key(0), 2, 5).shape
+    >>> resample_indices(jax.random.key(0), num_resamples=2, num_rows=5).shape
     (2, 5)
   """
-  per_resample, to_indices = _index_sampler(key, num_resamples, n, generator)
+  checks.check_key("key", key)
+  per_resample, to_indices = _index_sampler(key, num_resamples, num_rows, generator)
   return jax.vmap(to_indices)(per_resample)
 
 
@@ -78,6 +81,7 @@ def bootstrap_replicates(
   Returns:
     [B] replicates of the statistic.
   """
+  checks.check_key("key", key)
   leaves = jax.tree_util.tree_leaves(data)
   if not leaves:
     raise ValueError("data: needs at least one array")
@@ -97,12 +101,12 @@ def bootstrap_replicates(
                      batch_size=min(batch_size, num_resamples))
 
 
-def percentile_interval(replicates: ArrayLike, *, alpha: float = 0.05) -> Interval:
-  """The alpha/2 and 1 - alpha/2 quantiles of bootstrap replicates (linear interpolation)."""
+def percentile_interval(replicates: ArrayLike, *, delta: float = 0.05) -> Interval:
+  """The delta/2 and 1 - delta/2 quantiles of bootstrap replicates (linear interpolation)."""
   replicates = checks.as_float("replicates", replicates)
   checks.check_ndim("replicates", replicates, 1)
-  checks.check_level_option("alpha", alpha)
-  lower, upper = jnp.quantile(replicates, jnp.array([alpha / 2, 1 - alpha / 2]))
+  checks.check_level_option("delta", delta)
+  lower, upper = jnp.quantile(replicates, jnp.array([delta / 2, 1 - delta / 2]))
   return Interval(lower, upper)
 
 
@@ -112,11 +116,11 @@ def bootstrap_interval(
     *,
     key: jax.Array,
     num_resamples: int = 1000,
-    alpha: float = 0.05,
+    delta: float = 0.05,
     batch_size: int = 10,
     generator: Generator = "hash",
 ) -> Interval:
-  """Percentile bootstrap 1 - alpha interval of `statistic` on `data`.
+  """Percentile bootstrap 1 - delta interval of `statistic` on `data` (delta: miss probability).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -127,4 +131,4 @@ def bootstrap_interval(
   """
   replicates = bootstrap_replicates(statistic, data, key=key, num_resamples=num_resamples,
                                     batch_size=batch_size, generator=generator)
-  return percentile_interval(replicates, alpha=alpha)
+  return percentile_interval(replicates, delta=delta)

@@ -142,12 +142,12 @@ def upper_bound(
 
 
 def confidence_interval(
-    samples: ArrayLike, *, alpha: float = 0.05, method: Method = "t",
+    samples: ArrayLike, *, delta: float = 0.05, method: Method = "t",
     max_value: float | None = None, truncate: bool = False,
 ) -> Interval:
-  """A two-sided 1 - alpha interval on E[X]: the one-sided bound at alpha / 2 on each side.
+  """A two-sided 1 - delta interval on E[X]: the one-sided bound at delta / 2 on each side.
 
-  Args: as `lower_bound`, with alpha the total miss probability.
+  Args: as `lower_bound`, with delta the total miss probability (both sides together).
 
   Example:
     >>> import jax.numpy as jnp
@@ -155,10 +155,10 @@ def confidence_interval(
     >>> round(float(ci.lower), 3), round(float(ci.upper), 3)
     (-0.066, 1.066)
   """
-  checks.check_level_option("alpha", alpha)
+  checks.check_level_option("delta", delta)
   samples = _prepare(samples, method, max_value, truncate)
   mean = jnp.mean(samples)
-  half = _half_width(samples, alpha / 2, method, max_value)
+  half = _half_width(samples, delta / 2, method, max_value)
   return Interval(mean - half, mean + half)
 
 
