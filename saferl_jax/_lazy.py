@@ -10,6 +10,7 @@ Flax or optax, and `import saferl_jax` stays fast.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Callable
 
 
@@ -28,7 +29,10 @@ def lazy_exports(package: str, table: dict[str, str],
     if module_name is None:
       raise AttributeError(f"module {package!r} has no attribute {name!r}")
     module = importlib.import_module(module_name)
-    return module if module_name == f"{package}.{name}" else getattr(module, name)
+    value = module if module_name == f"{package}.{name}" else getattr(module, name)
+    # Cached in the package, so later lookups (and pdoc, which reads `__dict__`) find it.
+    setattr(sys.modules[package], name, value)
+    return value
 
   def __dir__() -> list[str]:
     return sorted(set(eager) | set(table))

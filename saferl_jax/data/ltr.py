@@ -19,7 +19,7 @@ References:
   Exposure-Based Risk Minimization. SIGIR 2023. https://arxiv.org/abs/2305.01522
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: pdoc evaluates NamedTuple fields outside this module.
 
 import functools
 import gzip

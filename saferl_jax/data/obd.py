@@ -12,7 +12,7 @@ References:
   Reproducible Off-Policy Evaluation. NeurIPS 2021 Datasets and Benchmarks. https://arxiv.org/abs/2008.07146
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: pdoc evaluates NamedTuple fields outside this module.
 
 import csv
 import gzip

@@ -29,7 +29,7 @@ References:
   Chan, Golub, LeVeque. Updating Formulae and a Pairwise Algorithm for Computing Sample Variances. 1979 (the batched Welford merge).
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: pdoc evaluates NamedTuple fields outside this module.
 
 import functools
 from typing import Callable, NamedTuple
