@@ -7,7 +7,7 @@ settings.load_profile("ci")
 import jax
 import pytest
 
-from saferl_jax.training import driver as training_runs
+from saferl_jax.training import checkpoints
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -33,12 +33,12 @@ def interrupt_checkpoints(monkeypatch):
 
   interrupt = Interrupt()
   interrupt.saved = []
-  real = training_runs.save
+  real = checkpoints.write
 
   def save(path, fingerprint, state, progress, history):
     real(path, fingerprint, state, progress, history)
     interrupt.saved.append(progress)
     if progress == interrupt.at and interrupt.saved.count(progress) == 1:
       raise KeyboardInterrupt
-  monkeypatch.setattr(training_runs, "save", save)
+  monkeypatch.setattr(checkpoints, "write", save)
   return interrupt

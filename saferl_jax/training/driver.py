@@ -1,38 +1,43 @@
-"""What every training loop over seeds shares (floor 3): the seed axis, results, checkpoints.
+"""The one training driver: seeds, sharding, compiled chunks, evaluation, checkpoints (floor 3).
 
-The loops (`opl.train`, `cltr.train_ranker`, diffusion fine-tuning) take parameters and data
-with a leading seed axis and one PRNG key per seed, or a single key for one seed
-(`add_seed_axis` then adds the axis and `finish` removes it), and return a `TrainResult`.
+Every training loop in saferl_jax (`opl.train`, `train_ranker`, `finetune`, `pretrain`,
+`train_classifier`) is a step function handed to `run`:
 
-A checkpoint is one .npz file holding the leaves of a training state, the number of finished
-steps (or epochs), the history so far and a fingerprint of the run's configuration; a run
-resumes from it only when the fingerprint matches, so a checkpoint is never reused for other
-data, options or initial parameters. Files are written atomically (a temporary file, then
-os.replace), so a crash never leaves a half-written checkpoint.
+  step_fn(state, data, key, step) -> (state, metrics {name: scalar})   for ONE seed,
+
+where `state` is a NamedTuple with a `params` field, `key` the seed's PRNG key and `step` the
+step's index (draw the step's randomness from fold_in(key, step), so that a resumed run equals an
+uninterrupted one bit for bit). `run` vmaps it over the seed axis, scans it over chunks of
+`eval_every` steps inside one jit-compiled call (the seed axis sharded over every device),
+evaluates after every chunk, checks every metric is finite, shows progress, and checkpoints after
+every chunk with orbax (`checkpoints`), resuming only a checkpoint written by the same run.
+
+Data is either per seed (a leading seed axis, data_axes=0) or shared by every seed (no seed
+axis, data_axes=None: it is never copied S times); a tuple of parts may mix the two.
 """
 
 from __future__ import annotations
 
-import hashlib
+import functools
+import json
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from saferl_jax import checks
+from saferl_jax.parallel import seed_sharding
+from saferl_jax.training import checkpoints
 
-
-def progress(items, description: str, total: int | None = None, initial: int = 0):
-  """A console progress bar (disabled when SAFERL_JAX_QUIET is set, as in the tests)."""
-  from tqdm.auto import tqdm
-  return tqdm(items, desc=description, total=total, initial=initial,
-              disable=bool(os.environ.get("SAFERL_JAX_QUIET")), dynamic_ncols=True)
+CHECKPOINT_MISMATCH = ("error", "new")
 
 
 class TrainState(NamedTuple):
+  """Parameters and optimizer state, the state of most loops."""
   params: Any
   opt_state: Any
 
@@ -43,10 +48,21 @@ class TrainResult(NamedTuple):
   history: dict
 
 
-def check_seed_keys(key: jax.Array) -> None:
-  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    raise ValueError("key: expected typed PRNG keys from jax.random.key (one per seed), got an "
-                     f"array of dtype {key.dtype}; wrap legacy keys with jax.random.wrap_key_data")
+def progress(items, description: str, total: int | None = None, initial: int = 0):
+  """A console progress bar (disabled when SAFERL_JAX_QUIET is set, as in the tests)."""
+  from tqdm.auto import tqdm
+  return tqdm(items, desc=description, total=total, initial=initial,
+              disable=bool(os.environ.get("SAFERL_JAX_QUIET")), dynamic_ncols=True)
+
+
+def check_seed_keys(key) -> None:
+  """Checks `key`: one typed PRNG key, or [S] of them (one per seed)."""
+  if not isinstance(key, jax.Array) or not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    raise ValueError("key: expected a typed PRNG key from jax.random.key (or [S] of them, one per "
+                     f"seed), got {getattr(key, 'dtype', type(key).__name__)}; wrap legacy keys "
+                     "with jax.random.wrap_key_data")
+  if key.ndim > 1:
+    raise ValueError(f"key: expected one key or [S] keys, got shape {key.shape}")
 
 
 def check_chunks(name: str, total: int, eval_every: int) -> None:
@@ -57,76 +73,165 @@ def check_chunks(name: str, total: int, eval_every: int) -> None:
     raise ValueError(f"{name}: must be a multiple of eval_every={eval_every}, got {total}")
 
 
-def add_seed_axis(tree):
-  return jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], tree)
+def check_finite_params(params) -> None:
+  """Initial parameters must be finite: training from NaN only looks like a learning-rate problem."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) and checks.is_concrete(leaf) and \
+       not bool(jnp.all(jnp.isfinite(leaf))):
+      raise ValueError(f"params: {jax.tree_util.keystr(path)} contains NaN or infinite values")
 
 
-def finish(params, history: dict, num_seeds: int, single_seed: bool) -> TrainResult:
-  """Stacks the history lists into [T, S] arrays and drops the seed axis for a single key."""
-  history = {k: np.stack([np.asarray(v) for v in values]) if values else np.zeros((0, num_seeds))
-             for k, values in history.items()}
-  if single_seed:
-    params = jax.tree_util.tree_map(lambda x: x[0], params)
-    history = {k: v[:, 0] for k, v in history.items()}
-  return TrainResult(params, history)
+def seed_axis(key: jax.Array, params) -> tuple[jax.Array, Any, bool]:
+  """(keys [S], params [S, ...], single_seed): adds the seed axis when one key was given."""
+  check_seed_keys(key)
+  if key.ndim == 0:
+    return key[None], jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], params), True
+  return key, params, False
 
 
-def resume(checkpoint_path, fingerprint: str, state: Any, history: dict, total: int, sharding):
-  """(state, progress, history): from the checkpoint when it matches and has at most `total`
-  steps done, else the fresh (state, 0, history) given."""
+def one_seed(tree):
+  """The first seed's slice of a tree with a leading seed axis."""
+  return jax.tree_util.tree_map(lambda x: x[0], tree)
+
+
+def fingerprint(*, loop: str, state, data, key, num_steps: int, eval_every: int, options: dict,
+                evaluate: Callable | None, optimizer=None, run_config: dict | None = None,
+                **extra) -> dict:
+  """Everything that determines a run, as JSON: what `checkpoints.read` compares.
+
+  Args:
+    loop: the loop's name.
+    state: the initial state (with a seed axis): its structure and values.
+    data, key: the run's data and keys (their checksums).
+    num_steps, eval_every: the run's length and chunking.
+    options: the loop's options (JSON values).
+    evaluate: the evaluation function (its name).
+    optimizer: an optax optimizer, fingerprinted by `checkpoints.optimizer_probe` on one seed's
+      parameters; None when `options` describe it.
+    run_config: anything else the caller wants to bind the checkpoint to (an experiment's config).
+    **extra: further JSON fields (e.g. a reward's probe values).
+  """
+  params = one_seed(state.params)
+  result = {
+      "loop": loop, "num_steps": int(num_steps), "eval_every": int(eval_every),
+      "options": options,
+      "state_structure": str(jax.tree_util.tree_structure(state)),
+      "shapes": [[list(np.shape(x)), str(jnp.result_type(x))] for x in jax.tree_util.tree_leaves(state)],
+      "initial_state_sha256": checkpoints.checksum(state),
+      "data_sha256": checkpoints.checksum(data), "key_sha256": checkpoints.checksum(key),
+      "evaluate": checkpoints.callable_name(evaluate),
+      "run_config": run_config,
+  }
+  if optimizer is not None:
+    result["optimizer"] = checkpoints.optimizer_probe(optimizer, params)
+  # As it will read back from the checkpoint's JSON (tuples become lists).
+  return json.loads(json.dumps({**result, **extra}))
+
+
+def _put(tree, axes, sharding: NamedSharding):
+  """Places per-seed parts (axis 0) with the seed sharding and shared parts (None) replicated."""
+  replicated = NamedSharding(sharding.mesh, PartitionSpec())
+  if isinstance(axes, tuple):
+    return tuple(_put(part, axis, sharding) for part, axis in zip(tree, axes))
+  return jax.device_put(tree, sharding if axes == 0 else replicated)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_chunk(step_fn: Callable, length: int, data_axes, sharding: NamedSharding):
+  """jit(vmap(scan of `length` steps)) for one step function, kept across calls."""
+  def chunk(state, data, key, first_step):
+    return jax.lax.scan(lambda s, step: step_fn(s, data, key, step), state,
+                        first_step + jnp.arange(length))
+  # Metrics come out [S, length]; `run` turns them into per-step rows.
+  return jax.jit(jax.vmap(chunk, in_axes=(0, data_axes, 0, None)), out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_evaluate(evaluate: Callable):
+  return jax.jit(jax.vmap(evaluate))
+
+
+def run(step_fn: Callable, state, data, key: jax.Array, *, num_steps: int, eval_every: int,
+        fingerprint: dict, data_axes=0, evaluate: Callable | None = None,
+        checkpoint_path: str | Path | None = None, checkpoint_mismatch: str = "error",
+        description: str = "training") -> tuple[Any, dict, bool]:
+  """Runs `num_steps` steps of `step_fn` for S seeds: (final state, history, resumed_finished).
+
+  Args:
+    step_fn: step_fn(state, data, key, step) -> (state, {name: scalar}) for one seed; a stable
+      object (module-level or from an lru_cached factory) so that compilation is reused.
+    state: the initial state, a NamedTuple with `params`, leading seed axis [S, ...].
+    data: the data, per seed or shared (see `data_axes`).
+    key: [S] typed PRNG keys.
+    num_steps: steps to run, >= 1.
+    eval_every: steps per compiled chunk; evaluation and checkpoints follow each chunk (the last
+      chunk may be shorter).
+    fingerprint: the run's identity (`fingerprint(...)`).
+    data_axes: 0 (per-seed data), None (shared) or a tuple of them for a tuple of parts.
+    evaluate: optional jittable evaluate(params) -> {name: scalar} for one seed, recorded before
+      training and after every chunk.
+    checkpoint_path: an orbax checkpoint directory, written after every chunk and resumed from
+      when it holds this run (`checkpoints.read`).
+    checkpoint_mismatch: "error" (default) raises when the directory holds another run;
+      "new" then checkpoints into the sibling `<path>-<fingerprint digest>` instead.
+    description: the progress bar's label and the prefix of error messages.
+
+  Returns:
+    (state, history {name: list of [S] rows}, finished): `finished` is True when a finished
+    checkpoint was loaded and nothing was computed.
+  """
+  checks.check_positive_int("num_steps", num_steps)
+  checks.check_positive_int("eval_every", eval_every)
+  checks.check_choice("checkpoint_mismatch", checkpoint_mismatch, CHECKPOINT_MISMATCH)
+  check_finite_params(state.params)
+  num_seeds = key.shape[0]
+  sharding = seed_sharding(num_seeds)
+  state, key = jax.device_put((state, key), sharding)
+  data = _put(data, data_axes, sharding)
+  evaluate_fn = _compiled_evaluate(evaluate) if evaluate is not None else (lambda params: {})
+  history = {name: [value] for name, value in evaluate_fn(state.params).items()}
+
+  start = 0
   if checkpoint_path is not None:
-    restored = load(checkpoint_path, fingerprint, state)
-    if restored is not None and restored[1] <= total:
-      restored_state, progress, restored_history = restored
-      return jax.device_put(restored_state, sharding), progress, restored_history
-  return state, 0, history
+    checkpoint_path = Path(checkpoint_path)
+    try:
+      saved = checkpoints.read(checkpoint_path, fingerprint, state)
+    except checkpoints.CheckpointMismatch:
+      if checkpoint_mismatch == "error":
+        raise
+      checkpoint_path = checkpoint_path.with_name(
+          f"{checkpoint_path.name}-{checkpoints.fingerprint_digest(fingerprint)}")
+      saved = checkpoints.read(checkpoint_path, fingerprint, state)
+    if saved is not None:
+      state, start, history = jax.device_put(saved.state, sharding), saved.progress, saved.history
+      checkpoints.logger.info("%s: resuming from step %d of %d (%s)", description, start,
+                              num_steps, checkpoint_path)
+
+  chunk_starts = range(start, num_steps, eval_every)
+  for first_step in progress(chunk_starts, description, total=len(range(0, num_steps, eval_every)),
+                             initial=len(range(0, start, eval_every))):
+    length = min(eval_every, num_steps - first_step)
+    state, metrics = _compiled_chunk(step_fn, length, data_axes, sharding)(
+        state, data, key, first_step)
+    for name, values in metrics.items():
+      values = np.asarray(values)
+      if not np.all(np.isfinite(values)):
+        bad_step = first_step + 1 + int(np.argmin(np.all(np.isfinite(values), axis=0)))
+        raise FloatingPointError(
+            f"{description}: {name} became non-finite at step {bad_step} of {num_steps}; the "
+            "parameters diverged (lower the learning rate) or the inputs produce NaN")
+      history.setdefault(name, []).extend(values.T)  # [S, length] -> `length` rows of [S]
+    for name, value in evaluate_fn(state.params).items():
+      history[name].append(value)
+    if checkpoint_path is not None:
+      checkpoints.write(checkpoint_path, fingerprint, state, first_step + length, history)
+  return state, history, start == num_steps
 
 
-def checksum(tree) -> str:
-  """SHA-256 over every leaf's dtype, shape and bytes (typed PRNG keys through their key data).
-
-  Fingerprints checkpoints here and cached pretrained parameters (`diffusion.cache`).
-
-  Example:
-    >>> checksum(np.zeros(2)) == checksum(np.zeros(2)) != checksum(np.zeros(3))
-    True
-  """
-  digest = hashlib.sha256()
-  for leaf in jax.tree_util.tree_leaves(tree):
-    if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-      leaf = jax.random.key_data(leaf)
-    leaf = np.ascontiguousarray(np.asarray(leaf))
-    digest.update(f"{leaf.dtype.str}{leaf.shape}".encode())
-    digest.update(leaf.tobytes())
-  return digest.hexdigest()
-
-
-def save(path, fingerprint: str, state: Any, progress: int, history: dict) -> None:
-  """Writes the state's leaves, the progress count and the history {name: [values]}."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  leaves = jax.tree_util.tree_leaves(state)
-  arrays = {f"state_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
-  for name, values in history.items():
-    arrays[f"history_{name}"] = np.stack([np.asarray(v) for v in values]) if values else np.zeros(0)
-  tmp = path.with_name(path.name + ".tmp.npz")
-  np.savez(tmp, fingerprint=np.array(fingerprint), progress=np.array(progress), **arrays)
-  os.replace(tmp, path)
-
-
-def load(path, fingerprint: str, template: Any):
-  """(state, progress, history) from a checkpoint with this fingerprint, else None.
-
-  `template` gives the state's tree structure (its leaves are not used).
-  """
-  path = Path(path)
-  if not path.exists():
-    return None
-  with np.load(path) as saved:
-    if str(saved["fingerprint"]) != fingerprint:
-      return None
-    treedef = jax.tree_util.tree_structure(template)
-    leaves = [jnp.asarray(saved[f"state_{i}"]) for i in range(treedef.num_leaves)]
-    history = {key[len("history_"):]: list(saved[key]) for key in saved.files
-               if key.startswith("history_")}
-    return jax.tree_util.tree_unflatten(treedef, leaves), int(saved["progress"]), history
+def finish(params, history: dict, single_seed: bool) -> TrainResult:
+  """Stacks the history lists into [T, S] arrays and drops the seed axis for a single key."""
+  history = {name: np.stack([np.asarray(v) for v in rows]) for name, rows in history.items() if rows}
+  if single_seed:
+    params = one_seed(params)
+    history = {name: rows[:, 0] for name, rows in history.items()}
+  return TrainResult(params, history)

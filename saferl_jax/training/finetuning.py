@@ -13,9 +13,9 @@ An optional KL term, beta times the per-step Gaussian KL ||mu_theta - mu_ref||^2
 reduced over steps as the policy loss is (summed for REINFORCE, averaged for PPO's per-step
 loss), keeps the model near the reference (pretrained) parameters: the objective is then
 E[r] - beta KL(path), whose optimum tilts the reference by exp(r / beta) (with PPO's normalised
-advantages, by exp(r / (beta std r))). S seeds run in one vmapped, jitted call (seed axis sharded
-over devices); the run is checkpointed every `eval_every` rounds and resumes exactly (round r uses
-fold_in(seed key, r)). Sample efficiency is counted in reward queries: B per round.
+advantages, by exp(r / (beta std r))). S seeds run in one vmapped, jitted call through the one
+training driver (`saferl_jax.training.driver`, seed axis sharded over devices); the run is
+checkpointed every `eval_every` rounds and resumes exactly (round r uses fold_in(seed key, r)). Sample efficiency is counted in reward queries: B per round.
 
 References:
   [DDPO] Black, Janner, Du, Kostrikov, Levine. Training Diffusion Models with Reinforcement
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -38,14 +37,13 @@ import numpy as np
 import optax
 
 from saferl_jax import checks
-from saferl_jax.training import driver as training_runs
+from saferl_jax.training import checkpoints, driver
 from saferl_jax.diffusion.losses import (RewardStatsState, loop_advantages, ppo_advantages, ppo_loss,
                                          reinforce_loss, reward_stats)
 from saferl_jax.diffusion.sampler import (sample, select_samples, stepwise_value_and_grad,
                                           trajectory_transitions)
 from saferl_jax.diffusion.schedules import NoiseSchedule
 from saferl_jax.diffusion.step import step_kl
-from saferl_jax.parallel import seed_sharding
 
 METHODS = ("reinforce", "ppo", "loop")
 
@@ -76,10 +74,14 @@ def _transitions(apply_fn, params, trajectory, schedule, sampling: Sampling):
                                 null_condition=sampling.null_condition, reduce=sampling.reduce)
 
 
-def _round(state: FinetuneState, key: jax.Array, round_index: jax.Array, reference_params, schedule,
-           *, apply_fn, reward_fn, optimizer, method: str, sampling: Sampling, epochs: int,
+def _round(state: FinetuneState, data: tuple[Any, NoiseSchedule], key: jax.Array,
+           round_index: jax.Array, *, apply_fn, reward_fn, optimizer, method: str, sampling: Sampling, epochs: int,
            minibatches: int, clip_range: float, kl_weight: float, normalize_advantages: bool):
-  """One sampling round and its updates; returns the new state and the round's diagnostics."""
+  """One sampling round and its updates; returns the new state and the round's diagnostics.
+
+  `data` is (the reference parameters of this seed, the noise schedule shared by every seed).
+  """
+  reference_params, schedule = data
   round_key = jax.random.fold_in(key, round_index)
   prompt_key, sample_key, shuffle_key = jax.random.split(round_key, 3)
   prompts = jax.random.randint(prompt_key, (sampling.prompts_per_round,), 0, sampling.num_classes)
@@ -149,7 +151,7 @@ def finetune(
     rounds: int,
     schedule: NoiseSchedule,
     sampling: Sampling,
-    optimizer: optax.GradientTransformation | None = None,
+    optimizer: optax.GradientTransformation,
     epochs: int = 2,
     minibatches: int = 2,
     clip_range: float = 0.2,
@@ -158,7 +160,9 @@ def finetune(
     evaluate: Callable[[Any], dict] | None = None,
     eval_every: int = 5,
     checkpoint_path: str | Path | None = None,
-) -> training_runs.TrainResult:
+    checkpoint_mismatch: str = "error",
+    run_config: dict | None = None,
+) -> driver.TrainResult:
   """Fine-tunes a denoiser on a reward with REINFORCE, PPO or LOOP, for S seeds at once.
 
   Args:
@@ -170,7 +174,8 @@ def finetune(
     rounds: sampling rounds; each makes P K reward queries. A multiple of eval_every.
     schedule: the pretraining noise schedule.
     sampling: a `Sampling` (shape, prompts, K, steps, eta, reduction, guidance).
-    optimizer: optax optimizer (default adam(1e-4)); pass the same object to reuse compilation.
+    optimizer: an optax optimizer, e.g. optax.adam(1e-4); pass the same object to reuse
+      compilation.
     epochs, minibatches: PPO/LOOP passes over each round's samples, and steps per pass
       (B must divide into minibatches); ignored by REINFORCE (one step per round).
     clip_range: PPO's e (0.1 to 0.3 goes with reduce="sum"; DDPO's 1e-4 with "mean").
@@ -181,7 +186,12 @@ def finetune(
     evaluate: optional jittable evaluate(params) -> {name: scalar} for one seed, recorded before
       training and every `eval_every` rounds.
     eval_every: rounds per chunk between evaluations and checkpoints.
-    checkpoint_path: a .npz file, written after every chunk, resumed from when it matches.
+    checkpoint_path: an orbax checkpoint directory, written after every chunk and resumed from
+      when it holds this very run: the same parameters, keys, schedule, options, optimizer (its
+      first updates), reward (its name and its values on fixed probe samples), evaluate and
+      rounds. Another run's checkpoint raises a ValueError naming what differs.
+    checkpoint_mismatch: "error", or "new" to checkpoint beside another run's checkpoint.
+    run_config: optional JSON dict bound to the checkpoint (e.g. an experiment's whole config).
 
   Returns:
     A `TrainResult`; history["reward"], ["approx_kl"], ["clip_fraction"] are [rounds, S] (the
@@ -190,7 +200,7 @@ def finetune(
     names are [rounds / eval_every + 1, S].
   """
   checks.check_choice("method", method, METHODS)
-  training_runs.check_chunks("rounds", rounds, eval_every)
+  driver.check_chunks("rounds", rounds, eval_every)
   for name, value in (("epochs", epochs), ("minibatches", minibatches)):
     checks.check_positive_int(name, value)
   if sampling.samples_per_prompt < 2 and method != "ppo":
@@ -208,67 +218,42 @@ def finetune(
                      "only reinforce and loop take this option")
   if not kl_weight >= 0:
     raise ValueError(f"kl_weight: must be >= 0, got {kl_weight}")
-  training_runs.check_seed_keys(key)
-  single_seed = key.ndim == 0
-  if single_seed:
-    key, params = key[None], training_runs.add_seed_axis(params)
+  key, params, single_seed = driver.seed_axis(key, params)
   num_seeds = key.shape[0]
-  optimizer = optax.adam(1e-4) if optimizer is None else optimizer
-  one_seed_params = jax.tree_util.tree_map(lambda x: x[0], params)
-  evaluate_names = sorted(jax.eval_shape(evaluate, one_seed_params)) if evaluate else []
 
-  sharding = seed_sharding(num_seeds)
-  params, key = jax.device_put((params, key), sharding)
   stats = jax.vmap(lambda _: reward_stats().init(sampling.num_classes))(jnp.arange(num_seeds))
-  state = jax.device_put(FinetuneState(params, jax.vmap(optimizer.init)(params), stats), sharding)
-  reference = params
+  state = FinetuneState(params, jax.vmap(optimizer.init)(params), stats)
   options = dict(method=method, epochs=int(epochs), minibatches=int(minibatches),
                  clip_range=float(clip_range), kl_weight=float(kl_weight),
                  normalize_advantages=bool(normalize_advantages))
-  chunk_fn = _compiled_chunk(apply_fn, reward_fn, optimizer, sampling, int(eval_every),
-                             tuple(sorted(options.items())), sharding)
-  evaluate_fn = _compiled_evaluate(evaluate) if evaluate else (lambda params: {})
-
-  fingerprint = json.dumps({**options, "sampling": dataclasses.asdict(sampling),
-                            "eval_every": eval_every, "seeds": num_seeds,
-                            "tree": str(jax.tree_util.tree_structure(state)),
-                            "evaluate": evaluate_names,
-                            "sha256": training_runs.checksum((params, key, schedule))})
-  history = {"reward": [], "approx_kl": [], "clip_fraction": [],
-             **{k: [v] for k, v in evaluate_fn(params).items()}}
-  state, start, history = training_runs.resume(checkpoint_path, fingerprint, state, history, rounds,
-                                               sharding)
-  for first_round in range(start, rounds, eval_every):
-    state, diagnostics = chunk_fn(state, key, first_round, reference, schedule)
-    if not bool(jnp.all(jnp.isfinite(diagnostics["reward"]))):
-      raise FloatingPointError(f"{method}: non-finite reward by round {first_round + eval_every}; "
-                               "lower the learning rate or check reward_fn")
-    for name in ("reward", "approx_kl", "clip_fraction"):
-      history[name].extend(np.asarray(diagnostics[name]).T)  # [chunk, S] rows
-    for name, value in evaluate_fn(state.params).items():
-      history[name].append(value)
-    if checkpoint_path is not None:
-      training_runs.save(checkpoint_path, fingerprint, state, first_round + eval_every, history)
-  result = training_runs.finish(state.params, history, num_seeds, single_seed)
+  data = (params, schedule)  # the KL reference (per seed) and the schedule (shared)
+  fingerprint = driver.fingerprint(
+      loop="finetune", state=state, data=data, key=key, num_steps=rounds, eval_every=eval_every,
+      options={**options, "sampling": dataclasses.asdict(sampling)}, evaluate=evaluate,
+      optimizer=optimizer, run_config=run_config, reward=_reward_fingerprint(reward_fn, sampling))
+  step_fn = _round_fn(apply_fn, reward_fn, optimizer, sampling, tuple(sorted(options.items())))
+  state, history, _ = driver.run(
+      step_fn, state, data, key, num_steps=rounds, eval_every=eval_every, fingerprint=fingerprint,
+      data_axes=(0, None), evaluate=evaluate, checkpoint_path=checkpoint_path,
+      checkpoint_mismatch=checkpoint_mismatch, description=f"finetune ({method})")
+  result = driver.finish(state.params, history, single_seed)
   result.history["reward_queries"] = batch_size * np.arange(1, rounds + 1)
   return result
 
 
-@functools.lru_cache(maxsize=32)
-def _compiled_chunk(apply_fn, reward_fn, optimizer, sampling, num_rounds, options, sharding):
-  """The jitted, seed-vmapped chunk of rounds (lax.scan), kept across calls."""
-  options = dict(options)
-
-  def chunk(state, key, first_round, reference, schedule):
-    def one_round(state, round_index):
-      return _round(state, key, round_index, reference, schedule, apply_fn=apply_fn,
-                    reward_fn=reward_fn, optimizer=optimizer, sampling=sampling, **options)
-    return jax.lax.scan(one_round, state, first_round + jnp.arange(num_rounds))
-
-  # Diagnostics come out [S, chunk]; the caller transposes them into per-round rows.
-  return jax.jit(jax.vmap(chunk, in_axes=(0, 0, None, 0, None)), out_shardings=sharding)
+def _reward_fingerprint(reward_fn, sampling: Sampling) -> dict:
+  """The reward's identity: its name, and its values on 4 fixed probe samples (so a changed
+  closure or weight shows even under the same name)."""
+  probe = jax.random.normal(jax.random.key(0), (4, *sampling.shape))
+  conditions = jnp.arange(4) % sampling.num_classes
+  values = np.asarray(reward_fn(probe, conditions), np.float64)
+  # A reward that is NaN on noise (legitimately) still fingerprints by its finite values' pattern.
+  return {"name": checkpoints.callable_name(reward_fn),
+          "probe": [float(v) if np.isfinite(v) else str(v) for v in values]}
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_evaluate(evaluate):
-  return jax.jit(jax.vmap(evaluate))
+def _round_fn(apply_fn, reward_fn, optimizer, sampling, options):
+  """One round as the driver's step function, one object per configuration (compiled once)."""
+  return functools.partial(_round, apply_fn=apply_fn, reward_fn=reward_fn, optimizer=optimizer,
+                           sampling=sampling, **dict(options))

@@ -7,13 +7,14 @@ The loss of one minibatch (x_0, c) [DDPM, Algorithm 1] with classifier-free labe
   L = mean over the batch and every dimension of (eps_theta(x_t, t, c') - eps)^2.
 
 `pretrain` minimises it with Adam (gradients clipped to global norm 1, the learning rate decayed
-by a cosine to a tenth over the run), minibatches drawn with replacement; the steps run inside
-jit-compiled `lax.scan` chunks of CHUNK_STEPS, compiled once per model structure and batch size
-(the run length, learning rate and dropout are traced, so changing them does not recompile). Step s uses the key fold_in(key, s), so a run is a deterministic
-function of its configuration. With `cache_path`, the trained parameters are stored in an .npz
-file under a SHA-256 fingerprint of everything that determines them (model class, parameter
-shapes and initial values, data, schedule, key, steps, batch size, learning rate, label dropout,
-optimizer), and a later call with the same fingerprint loads them instead of training.
+by a cosine to a tenth over the run), minibatches drawn with replacement, through the one
+training driver (`saferl_jax.training.driver`): jit-compiled `lax.scan` chunks of CHUNK_STEPS,
+compiled once per model structure and batch size (the run length, learning rate and dropout are
+traced data, so changing them does not recompile). Step s uses the key fold_in(key, s), so a run
+is a deterministic function of its configuration. With `checkpoint_path` the run is
+checkpointed every chunk under the fingerprint of everything that determines it (model class,
+parameter shapes and initial values, data, schedule, key, steps, batch size, learning rate,
+label dropout, optimizer); a finished checkpoint is loaded instead of training.
 
 References:
   [DDPM] Ho, Jain, Abbeel. Denoising Diffusion Probabilistic Models. NeurIPS 2020.
@@ -35,11 +36,10 @@ from flax import nnx
 from jax.typing import ArrayLike
 
 from saferl_jax import checks
-from saferl_jax.training import cache
-from saferl_jax.training.driver import progress
+from saferl_jax.training import checkpoints, driver
 
-CHUNK_STEPS = 100  # optimisation steps per compiled lax.scan call (one progress-bar tick)
-# Part of the cache fingerprint: change it whenever the optimiser or the loss changes.
+CHUNK_STEPS = 100  # optimisation steps per compiled chunk (one progress tick, one checkpoint)
+# Part of the checkpoint fingerprint: change it whenever the optimiser or the loss changes.
 OPTIMIZER = "adam, clip_by_global_norm(1), cosine decay to 0.1 lr; batches with replacement; v1"
 
 
@@ -49,7 +49,7 @@ class PretrainResult(NamedTuple):
   Attributes:
     params: the trained `nnx.State` (the model passed to `pretrain` holds it too).
     losses: [steps] float32 minibatch losses, one per optimisation step.
-    from_cache: True when the parameters were loaded from `cache_path` without training.
+    from_cache: True when a finished checkpoint at `checkpoint_path` was loaded without training.
   """
   params: Any
   losses: np.ndarray
@@ -129,27 +129,30 @@ def _optimizer(learning_rate, steps) -> optax.GradientTransformation:
   return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "length", "batch_size", "null_condition"))
-def _train_chunk(state, first_step, images, conditions, alphas_cumprod, key, steps, learning_rate,
-                 label_dropout, *, graphdef, length, batch_size, null_condition):
-  """`length` optimisation steps from `first_step`, a lax.scan; returns (state, losses [length])."""
-  optimizer = _optimizer(learning_rate, steps)
+def _step(state: driver.TrainState, data: tuple, key: jax.Array, step: jax.Array, *, graphdef,
+          batch_size: int, null_condition: int):
+  """One optimisation step; data = (images, conditions, alphas_cumprod, learning_rate, steps,
+  label_dropout), shared and traced so one compilation serves every run length and rate."""
+  images, conditions, alphas_cumprod, learning_rate, total_steps, label_dropout = data
+  optimizer = _optimizer(learning_rate, total_steps)
 
   def apply_fn(params, *inputs):
     return nnx.merge(graphdef, params)(*inputs)
 
-  def train_step(state, step):
-    params, opt_state = state
-    batch_key, loss_key = jax.random.split(jax.random.fold_in(key, step))
-    indices = jax.random.randint(batch_key, (batch_size,), 0, images.shape[0])
-    loss, grads = jax.value_and_grad(
-        lambda p: epsilon_loss(apply_fn, p, images[indices], conditions[indices], key=loss_key,
-                               alphas_cumprod=alphas_cumprod, label_dropout=label_dropout,
-                               null_condition=null_condition))(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), loss
+  batch_key, loss_key = jax.random.split(jax.random.fold_in(key, step))
+  indices = jax.random.randint(batch_key, (batch_size,), 0, images.shape[0])
+  loss, grads = jax.value_and_grad(
+      lambda p: epsilon_loss(apply_fn, p, images[indices], conditions[indices], key=loss_key,
+                             alphas_cumprod=alphas_cumprod, label_dropout=label_dropout,
+                             null_condition=null_condition))(state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  return driver.TrainState(optax.apply_updates(state.params, updates), opt_state), {"loss": loss}
 
-  return jax.lax.scan(train_step, state, first_step + jnp.arange(length))
+
+@functools.lru_cache(maxsize=32)
+def _step_fn(graphdef, batch_size, null_condition):
+  return functools.partial(_step, graphdef=graphdef, batch_size=batch_size,
+                           null_condition=null_condition)
 
 
 def _parameter_shapes(params) -> list:
@@ -160,11 +163,13 @@ def _parameter_shapes(params) -> list:
 def pretrain(model: nnx.Module, images: ArrayLike, labels: ArrayLike | None = None, *,
              key: jax.Array, alphas_cumprod: ArrayLike, steps: int, batch_size: int,
              learning_rate: float, label_dropout: float = 0.1,
-             cache_path: str | Path | None = None) -> PretrainResult:
-  """Trains a denoiser on (images, labels) with `epsilon_loss`, or loads it from `cache_path`.
+             checkpoint_path: str | Path | None = None,
+             checkpoint_mismatch: str = "error") -> PretrainResult:
+  """Trains a denoiser on (images, labels) with `epsilon_loss`, or loads it from a checkpoint.
 
   The model is updated in place (nnx.update) and its parameters returned. Its class, parameter
-  shapes and initial values are part of the cache fingerprint, so build it from a fixed seed.
+  shapes and initial values are part of the checkpoint's fingerprint, so build it from a fixed
+  seed.
 
   Args:
     model: a denoiser (`MLPDenoiser`, `ConvDenoiser`) with a `num_classes` attribute; its null
@@ -178,20 +183,21 @@ def pretrain(model: nnx.Module, images: ArrayLike, labels: ArrayLike | None = No
     batch_size: minibatch size, in [1, N].
     learning_rate: Adam's initial learning rate (cosine-decayed to a tenth).
     label_dropout: probability of the null condition for each example, in [0, 1].
-    cache_path: an .npz file; loaded when it holds the same configuration's result, else
-      written (atomically) after training.
+    checkpoint_path: an orbax checkpoint directory, written every CHUNK_STEPS steps; a finished
+      checkpoint of this very configuration is loaded without training, an unfinished one
+      resumed, another configuration's refused with a ValueError naming what differs.
+    checkpoint_mismatch: "error", or "new" to checkpoint beside another run's checkpoint.
 
   Returns:
     A `PretrainResult` (params, per-step losses, from_cache).
   """
-  if steps < 1:
-    raise ValueError(f"steps: must be >= 1, got {steps}")
+  checks.check_positive_int("steps", steps)
   if not learning_rate > 0:
     raise ValueError(f"learning_rate: must be > 0, got {learning_rate}")
   _check_probability("label_dropout", label_dropout)
-  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    raise ValueError("key: expected a typed PRNG key from jax.random.key, got an array of dtype "
-                     f"{key.dtype}; wrap legacy keys with jax.random.wrap_key_data")
+  driver.check_seed_keys(key)
+  if key.ndim:
+    raise ValueError(f"key: expected one key, got shape {key.shape}")
   num_classes = getattr(model, "num_classes", None)
   if not isinstance(num_classes, int):
     raise ValueError("model: must have an integer num_classes attribute (its null token)")
@@ -207,48 +213,29 @@ def pretrain(model: nnx.Module, images: ArrayLike, labels: ArrayLike | None = No
     if conditions.shape != (n,):
       raise ValueError(f"labels: expected shape [N={n}], got {conditions.shape}")
     checks.check_indices("labels", conditions, num_classes, what="class")
-  if not 1 <= batch_size <= n:
-    raise ValueError(f"batch_size: must be in [1, N={n}], got {batch_size}")
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= n:
+    raise ValueError(f"batch_size: must be an int in [1, N={n}], got {batch_size!r}")
   alphas_cumprod = checks.as_float("alphas_cumprod", alphas_cumprod)
   _check_schedule(alphas_cumprod)
 
   graphdef, params = nnx.split(model)
-  config = {
-      "task": "diffusion.pretrain", "optimizer": OPTIMIZER,
-      "model": f"{type(model).__module__}.{type(model).__qualname__}",
-      "parameters": _parameter_shapes(params), "init_sha256": cache.tree_checksum(params),
-      "num_classes": num_classes, "steps": int(steps), "batch_size": int(batch_size),
-      "learning_rate": float(learning_rate), "label_dropout": float(label_dropout),
-      "data_sha256": cache.tree_checksum((images, conditions)),
-      "alphas_cumprod_sha256": cache.tree_checksum(alphas_cumprod),
-      "key_sha256": cache.tree_checksum(key),
-  }
-  fingerprint = cache.fingerprint(config)
-  if cache_path is not None:
-    cached = cache.load(cache_path, fingerprint, params)
-    if cached is not None:
-      params, extras = cached
-      nnx.update(model, params)
-      return PretrainResult(params, extras["losses"], True)
-
+  keys, params, _ = driver.seed_axis(key, params)
   optimizer = _optimizer(float(learning_rate), int(steps))
-  state = (params, optimizer.init(params))
-  chunk = functools.partial(_train_chunk, graphdef=graphdef, batch_size=int(batch_size),
-                            null_condition=num_classes)
-  dynamic = (alphas_cumprod, key, jnp.int32(steps), jnp.float32(learning_rate), jnp.float32(label_dropout))
-  losses = []
-  # Full chunks, then one shorter chunk for the remainder (a second compilation only then).
-  starts = range(0, steps, CHUNK_STEPS)
-  for start in progress(starts, f"pretraining {type(model).__name__}", total=len(starts)):
-    length = min(CHUNK_STEPS, steps - start)
-    state, chunk_losses = chunk(state, jnp.int32(start), images, conditions, *dynamic, length=length)
-    losses.append(np.asarray(chunk_losses))
-  losses = np.concatenate(losses)[:steps].astype(np.float32)
-  if not np.all(np.isfinite(losses)):
-    raise FloatingPointError(f"learning_rate: the loss became non-finite at step "
-                             f"{int(np.argmin(np.isfinite(losses)))}; lower the learning rate")
-  params = state[0]
-  nnx.update(model, params)
-  if cache_path is not None:
-    cache.save(cache_path, fingerprint, params, losses=losses)
-  return PretrainResult(params, losses, False)
+  state = driver.TrainState(params, jax.vmap(optimizer.init)(params))
+  data = (images, conditions, alphas_cumprod, jnp.float32(learning_rate), jnp.int32(steps),
+          jnp.float32(label_dropout))
+  options = {"optimizer": OPTIMIZER, "model": f"{type(model).__module__}.{type(model).__qualname__}",
+             "parameters": _parameter_shapes(params), "num_classes": num_classes,
+             "batch_size": int(batch_size), "learning_rate": float(learning_rate),
+             "label_dropout": float(label_dropout)}
+  fingerprint = driver.fingerprint(loop="pretrain", state=state, data=data, key=keys,
+                                   num_steps=steps, eval_every=CHUNK_STEPS, options=options,
+                                   evaluate=None)
+  state, history, finished = driver.run(
+      _step_fn(graphdef, int(batch_size), num_classes), state, data, keys, num_steps=steps,
+      eval_every=CHUNK_STEPS, fingerprint=fingerprint, data_axes=None,
+      checkpoint_path=checkpoint_path, checkpoint_mismatch=checkpoint_mismatch,
+      description=f"pretraining {type(model).__name__}")
+  result = driver.finish(state.params, history, single_seed=True)
+  nnx.update(model, result.params)
+  return PretrainResult(result.params, np.asarray(result.history["loss"], np.float32), finished)

@@ -5,12 +5,12 @@ risk-penalised one, [PRPO]'s clipped one, or [DRPO]'s hard-filtered imitation) o
 rankings from the current policy to estimate every query's exposures, takes the objective's
 gradient with respect to them, turns it into a gradient of the logits with PL-Rank
 (`exposure_objective_gradient`) and back-propagates it through the ranker (one vjp), then takes
-an optax step. S seeds run in one vmapped, jitted call with the seed axis sharded over devices;
-the run is checkpointed after every chunk of steps and resumes exactly (every step's randomness
-is fold_in(seed key, step)).
+an optax step. S seeds run in one vmapped, jitted call through the one training driver
+(`saferl_jax.training.driver`), the seed axis sharded over devices; the run is checkpointed after
+every chunk of steps and resumes exactly (every step's randomness is fold_in(seed key, step)).
 
 Supervised learning from labels is the same loop with the "value" objective and the true
-relevance as rewards (`relevance_data`): that is how the logging policy is fitted.
+relevance as rewards (`saferl_jax.cltr.relevance_data`): that is how the logging policy is fitted.
 
 References:
   [SAFE] Gupta, Oosterhuis, de Rijke. Safe Deployment for Counterfactual Learning to Rank with
@@ -23,9 +23,8 @@ References:
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,34 +32,37 @@ import optax
 from jax.typing import ArrayLike
 
 from saferl_jax import checks
-from saferl_jax.training import driver as training_runs
+from saferl_jax.cltr.estimators import OBJECTIVES
+from saferl_jax.cltr.learning import RankingData, ascent_direction, check_ranking_data
+from saferl_jax.training import driver
 from saferl_jax.training.driver import TrainResult, TrainState
-from saferl_jax.cltr.estimators import OBJECTIVES, logged_objective
-from saferl_jax.parallel import seed_sharding
-from saferl_jax.cltr.learning import RankingData, _check_data, ascent_direction, relevance_data
 
 
-def _chunk(state: TrainState, data: RankingData, key: jax.Array, first_step: jax.Array, *,
-           apply_fn, optimizer, num_steps: int, batch_queries: int | None, **options):
-  """`num_steps` optax steps (lax.scan); step s uses fold_in(key, s), so chunks can be resumed."""
+def _step(state: TrainState, data: tuple[RankingData, jax.Array], key: jax.Array,
+          step_index: jax.Array, *, apply_fn, optimizer, batch_queries: int | None, options: tuple):
+  """One optax step along the objective's gradient; its randomness is fold_in(key, step)."""
+  data, rank_weights = data
   num_queries = data.session_counts.shape[0]
+  step_key = jax.random.fold_in(key, step_index)
+  batch = data
+  if batch_queries is not None:
+    batch_key, step_key = jax.random.split(step_key)
+    index = jax.random.choice(batch_key, num_queries, (batch_queries,), replace=False)
+    batch = jax.tree_util.tree_map(lambda x: x[index], data)
+    # Sums over queries of a mini-batch, scaled to estimate the sums over all of them.
+    batch = batch._replace(rewards=batch.rewards * (num_queries / batch_queries))
+  gradient, value = ascent_direction(apply_fn, state.params, batch, key=step_key,
+                                     rank_weights=rank_weights, **dict(options))
+  descent = jax.tree_util.tree_map(jnp.negative, gradient)
+  updates, opt_state = optimizer.update(descent, state.opt_state, state.params)
+  return TrainState(optax.apply_updates(state.params, updates), opt_state), {"objective": value}
 
-  def step(state, step_index):
-    step_key = jax.random.fold_in(key, step_index)
-    batch = data
-    if batch_queries is not None:
-      batch_key, step_key = jax.random.split(step_key)
-      index = jax.random.choice(batch_key, num_queries, (batch_queries,), replace=False)
-      batch = jax.tree_util.tree_map(lambda x: x[index], data)
-      # Sums over queries of a mini-batch, scaled to estimate the sums over all of them.
-      batch = batch._replace(rewards=batch.rewards * (num_queries / batch_queries))
-    gradient, value = ascent_direction(apply_fn, state.params, batch, key=step_key, **options)
-    descent = jax.tree_util.tree_map(jnp.negative, gradient)
-    updates, opt_state = optimizer.update(descent, state.opt_state, state.params)
-    return TrainState(optax.apply_updates(state.params, updates), opt_state), value
 
-  state, values = jax.lax.scan(step, state, first_step + jnp.arange(num_steps))
-  return state, jnp.mean(values)
+@functools.lru_cache(maxsize=32)
+def _step_fn(apply_fn, optimizer, batch_queries, options):
+  """The step as the driver's step function, one object per configuration (compiled once)."""
+  return functools.partial(_step, apply_fn=apply_fn, optimizer=optimizer,
+                           batch_queries=batch_queries, options=options)
 
 
 def train_ranker(
@@ -73,7 +75,7 @@ def train_ranker(
     num_sessions: int,
     rank_weights: ArrayLike,
     steps: int,
-    optimizer: optax.GradientTransformation | None = None,
+    optimizer: optax.GradientTransformation,
     num_samples: int = 32,
     batch_queries: int | None = None,
     delta: float = 0.05,
@@ -83,6 +85,8 @@ def train_ranker(
     evaluate: Callable[[Any], dict] | None = None,
     eval_every: int = 10,
     checkpoint_path: str | Path | None = None,
+    checkpoint_mismatch: str = "error",
+    run_config: dict | None = None,
 ) -> TrainResult:
   """Maximises a click-log objective over a Plackett-Luce ranker, for S seeds at once.
 
@@ -91,14 +95,15 @@ def train_ranker(
       of a `LinearRanker`).
     params: initial parameters with a leading seed axis [S, ...] (start from the logging
       policy's: PRPO's clipping only holds a policy near where it starts).
-    data: a `RankingData` with a leading seed axis on every field.
-    key: [S] PRNG keys; a single key means S = 1 and no seed axis on params and data.
-    objective: "value", "safe" or "prpo" (see `estimators.logged_objective`).
+    data: a `RankingData`, shared by every seed ([Q, ...] fields) or one per seed (a leading
+      seed axis on every field).
+    key: [S] PRNG keys; a single key means S = 1 and no seed axis on params (nor on per-seed data).
+    objective: one of `cltr.OBJECTIVES` (see `cltr.logged_objective`).
     num_sessions: N, the number of logged sessions.
     rank_weights: [K] the exposure's rank weights (e.g. `dcg_rank_weights(5)`).
     steps: gradient steps, a multiple of eval_every.
-    optimizer: optax optimizer (default adam(0.01)); pass the same object again to reuse the
-      compiled step.
+    optimizer: an optax optimizer, e.g. optax.adam(0.01); pass the same object again to reuse
+      the compiled step.
     num_samples: rankings sampled per query and step (for the exposures and PL-Rank).
     batch_queries: queries per step (None: all of them).
     delta: [SAFE]'s failure probability.
@@ -107,77 +112,45 @@ def train_ranker(
     evaluate: optional jittable evaluate(params) -> {name: scalar} for one seed, recorded before
       training and every `eval_every` steps.
     eval_every: steps per chunk between evaluations and checkpoints.
-    checkpoint_path: a .npz file, written after every chunk and resumed from when it was
-      written by the same configuration, data and initial parameters.
+    checkpoint_path: an orbax checkpoint directory, written after every chunk and resumed from
+      when it holds this very run (data, initial parameters, keys, options, optimizer, evaluate,
+      steps); another run's checkpoint raises a ValueError naming what differs.
+    checkpoint_mismatch: "error", or "new" to checkpoint beside another run's checkpoint.
+    run_config: optional JSON dict bound to the checkpoint (e.g. an experiment's whole config).
 
   Returns:
-    A `TrainResult`; history["objective"] is [steps / eval_every, S] (the objective's mean over
-    each chunk) and each of evaluate's names is [steps / eval_every + 1, S].
+    A `TrainResult`; history["objective"] is [steps, S] (the objective at each step's estimated
+    exposures) and each of evaluate's names is [steps / eval_every + 1, S].
   """
   checks.check_choice("objective", objective, OBJECTIVES)
-  training_runs.check_chunks("steps", steps, eval_every)
+  driver.check_chunks("steps", steps, eval_every)
   for name, value in (("num_samples", num_samples), ("num_sessions", num_sessions)):
     checks.check_positive_int(name, value)
   checks.check_level_option("delta", delta)
-  training_runs.check_seed_keys(key)
+  key, params, single_seed = driver.seed_axis(key, params)
   data = RankingData(*(jnp.asarray(x) for x in data))
-  _check_data(data)
-  single_seed = key.ndim == 0
-  if single_seed:
-    key, params, data = key[None], *training_runs.add_seed_axis((params, data))
-  num_seeds, num_queries = data.session_counts.shape
+  check_ranking_data(data)
+  per_seed = data.session_counts.ndim == 2
+  if single_seed and per_seed:
+    raise ValueError("data: has a seed axis but one key was given; pass [S] keys")
+  num_queries = data.session_counts.shape[-1]
   if batch_queries is not None and not 1 <= batch_queries <= num_queries:
     raise ValueError(f"batch_queries: must be in [1, {num_queries}], got {batch_queries}")
   rank_weights = checks.as_float("rank_weights", rank_weights)
-  optimizer = optax.adam(0.01) if optimizer is None else optimizer
-  one_seed_params = jax.tree_util.tree_map(lambda x: x[0], params)
-  evaluate_names = sorted(jax.eval_shape(evaluate, one_seed_params)) if evaluate else []
 
-  sharding = seed_sharding(num_seeds)
-  params, data, key = jax.device_put((params, data, key), sharding)
-  state = jax.device_put(TrainState(params, jax.vmap(optimizer.init)(params)), sharding)
+  state = TrainState(params, jax.vmap(optimizer.init)(params))
   options = dict(objective=objective, num_sessions=int(num_sessions), num_samples=int(num_samples),
                  delta=float(delta), clip_low=float(clip_low), clip_high=float(clip_high),
                  quantile=float(quantile))
-  chunk_fn = _compiled_chunk(apply_fn, optimizer, int(eval_every), batch_queries,
-                             tuple(sorted(options.items())), sharding)
-  evaluate_fn = _compiled_evaluate(evaluate) if evaluate else (lambda params: {})
-
-  fingerprint = json.dumps({**options, "eval_every": eval_every, "batch_queries": batch_queries,
-                            "seeds": num_seeds, "tree": str(jax.tree_util.tree_structure(state)),
-                            "evaluate": evaluate_names,
-                            "sha256": training_runs.checksum((data, params, key, rank_weights))})
-  history = {"objective": [], **{k: [v] for k, v in evaluate_fn(params).items()}}
-  state, start, history = training_runs.resume(checkpoint_path, fingerprint, state, history, steps,
-                                               sharding)
-
-  for first_step in range(start, steps, eval_every):
-    state, value = chunk_fn(state, data, key, first_step, rank_weights)
-    if not bool(jnp.all(jnp.isfinite(value))):
-      raise FloatingPointError(f"{objective}: non-finite objective at step {first_step + eval_every}; "
-                               "lower the learning rate")
-    history["objective"].append(value)
-    for name, result in evaluate_fn(state.params).items():
-      history[name].append(result)
-    if checkpoint_path is not None:
-      training_runs.save(checkpoint_path, fingerprint, state, first_step + eval_every, history)
-
-  return training_runs.finish(state.params, history, num_seeds, single_seed)
-
-
-
-@functools.lru_cache(maxsize=32)
-def _compiled_chunk(apply_fn, optimizer, num_steps, batch_queries, options, sharding):
-  """The jitted, seed-vmapped chunk of steps, kept across calls so they do not recompile."""
-  options = dict(options)
-
-  def chunk(state, data, key, first_step, rank_weights):
-    return _chunk(state, data, key, first_step, apply_fn=apply_fn, optimizer=optimizer,
-                  num_steps=num_steps, batch_queries=batch_queries, rank_weights=rank_weights,
-                  **options)
-  return jax.jit(jax.vmap(chunk, in_axes=(0, 0, 0, None, None)), out_shardings=sharding)
-
-
-@functools.lru_cache(maxsize=32)
-def _compiled_evaluate(evaluate):
-  return jax.jit(jax.vmap(evaluate))
+  run_data = (data, rank_weights)
+  fingerprint = driver.fingerprint(
+      loop="train_ranker", state=state, data=run_data, key=key, num_steps=steps,
+      eval_every=eval_every, options={**options, "batch_queries": batch_queries},
+      evaluate=evaluate, optimizer=optimizer, run_config=run_config)
+  step_fn = _step_fn(apply_fn, optimizer, batch_queries, tuple(sorted(options.items())))
+  state, history, _ = driver.run(
+      step_fn, state, run_data, key, num_steps=steps, eval_every=eval_every,
+      fingerprint=fingerprint, data_axes=(0 if per_seed else None, None), evaluate=evaluate,
+      checkpoint_path=checkpoint_path, checkpoint_mismatch=checkpoint_mismatch,
+      description=f"train_ranker ({objective})")
+  return driver.finish(state.params, history, single_seed)

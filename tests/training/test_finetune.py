@@ -89,7 +89,7 @@ def test_resume_after_an_interrupt_equals_the_uninterrupted_run(tmp_path, interr
                  evaluate=lambda p: {"norm": jnp.linalg.norm(ravel_pytree(p)[0])})
   params = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), PARAMS)
   reference = finetune(APPLY_FN, params, tilt, **options)
-  path = tmp_path / "run.npz"
+  path = tmp_path / "run"
   interrupt_checkpoints.at = 4
   saved = interrupt_checkpoints.saved
   with pytest.raises(KeyboardInterrupt):
@@ -100,10 +100,17 @@ def test_resume_after_an_interrupt_equals_the_uninterrupted_run(tmp_path, interr
   for name in ("reward", "approx_kl", "clip_fraction", "norm"):
     np.testing.assert_array_equal(resumed.history[name], reference.history[name])
   assert resumed.history["reward"].shape == (6, 2)
+  # Another reward (a changed constant in the closure: same name) or learning rate is refused.
+  with pytest.raises(ValueError, match="reward"):
+    finetune(APPLY_FN, params, lambda x0, c: 2 * tilt(x0, c), checkpoint_path=path, **options)
+  with pytest.raises(ValueError, match="optimizer"):
+    finetune(APPLY_FN, params, tilt, checkpoint_path=path, **(options | dict(optimizer=optax.adam(1e-7))))
+  assert saved == [2, 4, 6]
 
 
 def test_bad_options_are_named():
-  options = dict(key=jax.random.key(0), schedule=SCHEDULE, sampling=SAMPLING, rounds=2, eval_every=2)
+  options = dict(key=jax.random.key(0), schedule=SCHEDULE, sampling=SAMPLING, rounds=2, eval_every=2,
+                 optimizer=OPTIMIZER)
   with pytest.raises(ValueError, match="method"):
     finetune(APPLY_FN, PARAMS, tilt, method="ddpo", **options)
   with pytest.raises(ValueError, match="rounds"):

@@ -19,8 +19,9 @@ from saferl_jax.opl import (METHODS, LinearPolicy, as_functional, corrected_grad
 from saferl_jax.training import opl as training
 
 D, NA = 3, 4
-PROBLEM = make_problem(jax.random.key(0), n_actions=NA, dim_context=D, n_contexts=50)
+PROBLEM = make_problem(jax.random.key(0), num_actions=NA, dim_context=D, num_contexts=50)
 APPLY_FN = as_functional(LinearPolicy(D, NA, rngs=nnx.Rngs(0)))[0]
+OPTIMIZER = optax.adam(0.05)
 
 
 def init_params(seed):
@@ -33,7 +34,7 @@ def stacked_params(seeds):
 
 def simulated_data(seed, num_seeds, n):
   """A LoggedBatch [num_seeds, n, ...] from PROBLEM's logging policy."""
-  log = simulate_logs(jax.random.split(jax.random.key(seed), num_seeds), PROBLEM, n)
+  log = simulate_logs(PROBLEM, keys=jax.random.split(jax.random.key(seed), num_seeds), num_rounds=n)
   return logged_batch(PROBLEM.contexts[log.context_ids], log.actions, log.rewards,
                       log.logging_probs)
 
@@ -109,7 +110,7 @@ def test_logged_batch_accepts_a_seed_axis():
     (dict(batch_size=17), "batch_size"),
 ])
 def test_train_rejects_bad_options(option, match):
-  kwargs = dict(key=jax.random.key(0), method="ips", epochs=1) | option
+  kwargs = dict(key=jax.random.key(0), method="ips", epochs=1, optimizer=OPTIMIZER) | option
   with pytest.raises(ValueError, match=match):
     train(APPLY_FN, init_params(0), DATA, **kwargs)
 
@@ -122,7 +123,8 @@ def test_method_gradient_rejects_an_unknown_method():
 def test_train_rejects_an_action_beyond_the_policy():
   data = DATA._replace(actions=DATA.actions.at[0].set(NA))
   with pytest.raises(ValueError, match="actions"):
-    train(APPLY_FN, init_params(0), data, key=jax.random.key(0), method="ips", epochs=1)
+    train(APPLY_FN, init_params(0), data, key=jax.random.key(0), method="ips", epochs=1,
+          optimizer=OPTIMIZER)
 
 
 # The seed axis.
@@ -132,7 +134,7 @@ def test_single_key_and_three_seeds_equal_separate_runs():
   data = simulated_data(2, 3, 16)
   params = stacked_params([0, 1, 2])
   keys = jax.random.split(jax.random.key(3), 3)
-  options = dict(method="beta_grad", epochs=3, batch_size=8, evaluate=evaluate)
+  options = dict(method="beta_grad", epochs=3, batch_size=8, evaluate=evaluate, optimizer=OPTIMIZER)
   together = train(APPLY_FN, params, data, key=keys, **options)
   for s in range(3):
     single = train(APPLY_FN, seed_slice(params, s), seed_slice(data, s), key=keys[s], **options)
@@ -158,19 +160,20 @@ def test_single_key_and_three_seeds_equal_separate_runs():
 def test_every_method_improves_the_true_value(method):
   data = simulated_data(4, 2, 200)
   result = train(APPLY_FN, stacked_params([5, 6]), data, key=jax.random.split(jax.random.key(7), 2),
-                 method=method, epochs=15, banditnet_lambda=0.5, evaluate=evaluate)
+                 method=method, epochs=15, banditnet_lambda=0.5, evaluate=evaluate,
+                 optimizer=OPTIMIZER)
   value = result.history["value"]
   assert value.shape == (16, 2)
   assert np.all(value[-1] > value[0] + 0.01), value[[0, -1]]
   assert np.all(np.isfinite(result.history["baseline"]))
 
 
-# Checkpoint and resume.
+# Checkpoint and resume (the general cases for every loop are in test_checkpoints.py).
 
 RESUME_DATA = simulated_data(8, 2, 24)
 RESUME_PARAMS = stacked_params([9, 10])
 RESUME_OPTIONS = dict(key=jax.random.split(jax.random.key(11), 2), method="beta_grad",
-                      batch_size=8, evaluate=evaluate)
+                      batch_size=8, evaluate=evaluate, optimizer=OPTIMIZER)
 
 
 def resume_run(path, epochs=6, data=RESUME_DATA, **changes):
@@ -181,7 +184,7 @@ def resume_run(path, epochs=6, data=RESUME_DATA, **changes):
 @pytest.fixture(scope="module")
 def six_epochs(tmp_path_factory):
   """An uninterrupted 6-epoch run and its checkpoint."""
-  path = tmp_path_factory.mktemp("six") / "run.npz"
+  path = tmp_path_factory.mktemp("six") / "run"
   return resume_run(path), path
 
 
@@ -194,12 +197,10 @@ def saved_epochs(interrupt_checkpoints):
 def test_resume_after_an_interrupt_equals_the_uninterrupted_run(six_epochs, tmp_path,
                                                                 interrupt_checkpoints):
   reference, _ = six_epochs
-  path = tmp_path / "interrupted.npz"
+  path = tmp_path / "interrupted"
   interrupt_checkpoints.at = 3
   with pytest.raises(KeyboardInterrupt):
     resume_run(path)
-  with np.load(path) as saved:
-    assert int(saved["progress"]) == 3
   resumed = resume_run(path)
   assert interrupt_checkpoints.saved == [1, 2, 3, 4, 5, 6]  # resumed after epoch 3
   assert_same_result(resumed, reference)
@@ -207,80 +208,40 @@ def test_resume_after_an_interrupt_equals_the_uninterrupted_run(six_epochs, tmp_
   assert resumed.history["baseline"].shape == (6, 2)
 
 
-def test_a_finished_run_extends_and_a_longer_checkpoint_is_not_used(six_epochs, tmp_path,
-                                                                     saved_epochs):
-  reference, six_path = six_epochs
-  path = tmp_path / "extended.npz"
-  three = resume_run(path, epochs=3)
-  assert saved_epochs == [1, 2, 3]
-  for name in three.history:
-    np.testing.assert_array_equal(three.history[name], reference.history[name][:len(three.history[name])])
-  extended = resume_run(path, epochs=6)
-  assert saved_epochs == [1, 2, 3, 4, 5, 6]
-  assert_same_result(extended, reference)
-  # Asking for 3 epochs from a 6-epoch checkpoint starts again from scratch.
-  shorter = tmp_path / "shorter.npz"
-  shutil.copy(six_path, shorter)
-  saved_epochs.clear()
-  again = resume_run(shorter, epochs=3)
-  assert saved_epochs == [1, 2, 3]
-  assert_same_result(again, three)
-
-
 def test_a_finished_checkpoint_is_returned_without_training(six_epochs, tmp_path, saved_epochs):
   reference, six_path = six_epochs
-  path = tmp_path / "copy.npz"
-  shutil.copy(six_path, path)
+  path = tmp_path / "copy"
+  shutil.copytree(six_path, path)
   assert_same_result(resume_run(path), reference)
   assert saved_epochs == []
 
 
-@pytest.mark.parametrize("change", ["method", "data", "params", "lambda"])
-def test_a_checkpoint_of_another_run_is_not_used(six_epochs, tmp_path, saved_epochs, change):
+@pytest.mark.parametrize("change,field", [
+    ("method", "options"), ("data", "data_sha256"), ("params", "initial_state_sha256"),
+    ("lambda", "options"), ("epochs", "num_steps"), ("permuted", "data_sha256"),
+    ("evaluate", "evaluate")])
+def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(six_epochs, tmp_path,
+                                                                    saved_epochs, change, field):
   _, six_path = six_epochs
-  path = tmp_path / "other.npz"
-  shutil.copy(six_path, path)
-  if change == "method":
-    resume_run(path, method="beta_value")
-  elif change == "data":
-    resume_run(path, data=RESUME_DATA._replace(rewards=RESUME_DATA.rewards.at[0, 0].add(0.5)))
-  elif change == "params":
-    train(APPLY_FN, stacked_params([9, 12]), RESUME_DATA, epochs=6, checkpoint_path=path,
-          **RESUME_OPTIONS)
-  else:
-    resume_run(path, method="banditnet", banditnet_lambda=0.25)
-  # Started from scratch: a checkpoint written after every one of the 6 epochs.
-  assert saved_epochs == [1, 2, 3, 4, 5, 6]
-
-
-def test_a_checkpoint_of_permuted_data_is_not_used(six_epochs, tmp_path, saved_epochs):
-  _, six_path = six_epochs
-  path = tmp_path / "permuted.npz"
-  shutil.copy(six_path, path)
+  path = tmp_path / "other"
+  shutil.copytree(six_path, path)
   rewards = np.asarray(RESUME_DATA.rewards).copy()
   i, j = np.argmax(rewards[0] == 1.0), np.argmax(rewards[0] == 0.0)
-  rewards[0, [i, j]] = rewards[0, [j, i]]
-  assert rewards.sum() == float(np.sum(RESUME_DATA.rewards)) and (rewards != RESUME_DATA.rewards).any()
-  resume_run(path, data=RESUME_DATA._replace(rewards=jnp.asarray(rewards)))
-  assert saved_epochs == [1, 2, 3, 4, 5, 6]
-
-
-def test_resume_with_an_evaluate_the_checkpoint_lacked(tmp_path):
-  path = tmp_path / "no_eval.npz"
-  train(APPLY_FN, init_params(0), DATA, key=jax.random.key(0), method="ips", epochs=1,
-        checkpoint_path=path)
-  result = train(APPLY_FN, init_params(0), DATA, key=jax.random.key(0), method="ips", epochs=2,
-                 checkpoint_path=path, evaluate=evaluate)
-  assert result.history["value"].shape == (3,)
-
-
-def test_resume_without_the_evaluate_the_checkpoint_had(tmp_path):
-  path = tmp_path / "eval.npz"
-  train(APPLY_FN, init_params(0), DATA, key=jax.random.key(0), method="ips", epochs=1,
-        checkpoint_path=path, evaluate=evaluate)
-  result = train(APPLY_FN, init_params(0), DATA, key=jax.random.key(0), method="ips", epochs=2,
-                 checkpoint_path=path)
-  assert set(result.history) == {"baseline"}
+  rewards[0, [i, j]] = rewards[0, [j, i]]  # the same rewards in another order
+  runs = {
+      "method": lambda: resume_run(path, method="beta_value"),
+      "data": lambda: resume_run(path, data=RESUME_DATA._replace(
+          rewards=RESUME_DATA.rewards.at[0, 0].add(0.5))),
+      "params": lambda: train(APPLY_FN, stacked_params([9, 12]), RESUME_DATA, epochs=6,
+                              checkpoint_path=path, **RESUME_OPTIONS),
+      "lambda": lambda: resume_run(path, method="banditnet", banditnet_lambda=0.25),
+      "epochs": lambda: resume_run(path, epochs=3),  # a shorter run never overwrites a longer one
+      "permuted": lambda: resume_run(path, data=RESUME_DATA._replace(rewards=jnp.asarray(rewards))),
+      "evaluate": lambda: resume_run(path, evaluate=None),
+  }
+  with pytest.raises(ValueError, match=f"holds a different run.*{field}"):
+    runs[change]()
+  assert saved_epochs == []
 
 
 # Each method's gradient.
