@@ -5,7 +5,7 @@ policy, a ranker, a denoiser) into that pair, so parameters can be vmapped over 
 differentiated and optimised with optax.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: pdoc evaluates NamedTuple fields outside this module.
 
 from typing import Any, Callable, NamedTuple
 
