@@ -21,9 +21,9 @@ def data():
 @pytest.fixture(scope="module")
 def classifier(data, tmp_path_factory):
   train, _ = data
-  path = tmp_path_factory.mktemp("classifier") / "classifier.npz"
-  trained = classifier_training.train_classifier(train.images, train.labels, key=jax.random.key(1), steps=500,
-                                     cache_path=path)
+  path = tmp_path_factory.mktemp("classifier") / "classifier"
+  trained = classifier_training.train_classifier(train.images, train.labels, key=jax.random.key(1),
+                                                 steps=500, checkpoint_path=path)
   return trained, path
 
 
@@ -36,19 +36,21 @@ def test_classifier_held_out_accuracy(data, classifier):
   assert accuracy > 0.95  # measured 0.986 on the 359 held-out digits
 
 
-def test_classifier_cache(data, classifier, monkeypatch):
+def test_classifier_checkpoint(data, classifier, monkeypatch):
   train, _ = data
   trained, path = classifier
   with monkeypatch.context() as patch:
-    patch.setattr(classifier_training, "_train_classifier", lambda *a, **k: pytest.fail("trained again"))
-    again = classifier_training.train_classifier(train.images, train.labels, key=jax.random.key(1), steps=500,
-                                     cache_path=path)
+    patch.setattr(classifier_training.driver, "_compiled_chunk",
+                  lambda *a, **k: pytest.fail("trained again"))
+    again = classifier_training.train_classifier(train.images, train.labels, key=jax.random.key(1),
+                                                 steps=500, checkpoint_path=path)
   assert again.from_cache
   for a, b in zip(jax.tree_util.tree_leaves(trained.params), jax.tree_util.tree_leaves(again.params)):
     np.testing.assert_array_equal(a, b)
-  other = classifier_training.train_classifier(train.images, train.labels, key=jax.random.key(1), steps=20,
-                                   cache_path=path)
-  assert not other.from_cache
+  for change, field in ((dict(steps=20), "num_steps"), (dict(learning_rate=1e-3), "learning_rate")):
+    with pytest.raises(ValueError, match=field):
+      classifier_training.train_classifier(train.images, train.labels, key=jax.random.key(1),
+                                           checkpoint_path=path, **(dict(steps=500) | change))
 
 
 def test_train_classifier_checks(data):

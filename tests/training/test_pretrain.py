@@ -1,5 +1,5 @@
 """Pretraining: the epsilon loss against closed forms, label dropout frequencies, learning on the
-2-D mixture (beating the best linear denoiser), and the on-disk cache (reused, invalidated)."""
+2-D mixture (beating the best linear denoiser), and checkpoints (loaded when finished, refused for another configuration, resumed)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,6 @@ import pytest
 from flax import nnx
 
 from saferl_jax.data import mixture2d as mx
-from saferl_jax.training import cache
 from saferl_jax.training import pretraining
 from saferl_jax.models.denoisers import MLPDenoiser
 from saferl_jax.models.functional import as_functional
@@ -98,7 +97,7 @@ def _linear_denoiser_loss(mixture) -> float:
 @pytest.fixture(scope="module")
 def mixture_data():
   mixture = mx.default_mixture()
-  return mixture, mx.sample_mixture(jax.random.key(0), mixture, 4096)
+  return mixture, mx.sample_mixture(mixture, key=jax.random.key(0), num_samples=4096)
 
 
 def test_pretraining_learns_the_mixture(mixture_data):
@@ -120,27 +119,28 @@ def test_pretraining_learns_the_mixture(mixture_data):
   np.testing.assert_allclose(evaluation(nnx.split(model)[1], keys[0]), after[0], rtol=1e-6)
 
 
-def _pretrain(x, labels, cache_path, **overrides):
+def _pretrain(x, labels, checkpoint_path, **overrides):
   # 100 steps of 256, as in test_pretraining_learns_the_mixture: the same compiled chunk.
   options = dict(key=jax.random.key(1), alphas_cumprod=ALPHAS_CUMPROD, steps=100, batch_size=256,
-                 learning_rate=1e-3, label_dropout=0.1, cache_path=cache_path)
+                 learning_rate=1e-3, label_dropout=0.1, checkpoint_path=checkpoint_path)
   options.update(overrides)
   model = _model(options.pop("seed", 0))
   return pretraining.pretrain(model, x, labels, **options), model
 
 
-def test_cache_is_reused_and_invalidated(mixture_data, tmp_path, monkeypatch):
+def test_a_finished_checkpoint_is_loaded_and_another_configuration_refused(mixture_data, tmp_path,
+                                                                          monkeypatch):
   _, x = mixture_data
   labels = (jnp.arange(len(x)) % 4).astype(jnp.int32)
-  path = tmp_path / "denoiser.npz"
+  path = tmp_path / "denoiser"
   first, _ = _pretrain(x, labels, path)
-  assert not first.from_cache and path.exists()
+  assert not first.from_cache and path.is_dir()
 
-  # Same configuration: loaded without training (training now raises), into the model in place.
+  # Same configuration: loaded without training (a compiled step now raises), into the model.
   def no_training(*args, **kwargs):
-    raise AssertionError("trained although the cache holds this configuration")
+    raise AssertionError("trained although the checkpoint holds this configuration")
   with monkeypatch.context() as patch:
-    patch.setattr(pretraining, "_train_chunk", no_training)
+    patch.setattr(pretraining.driver, "_compiled_chunk", no_training)
     second, model = _pretrain(x, labels, path)
   assert second.from_cache
   np.testing.assert_array_equal(second.losses, first.losses)
@@ -149,33 +149,33 @@ def test_cache_is_reused_and_invalidated(mixture_data, tmp_path, monkeypatch):
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, c)
 
-  # Any change of configuration trains again (and overwrites the file).
-  changes = [dict(steps=200), dict(learning_rate=2e-3), dict(label_dropout=0.2), dict(key=jax.random.key(2)),
-             dict(seed=1), dict(alphas_cumprod=ALPHAS_CUMPROD * 0.999)]
-  for change in changes:
-    assert not _pretrain(x, labels, path, **change)[0].from_cache, change
-  assert not _pretrain(x, (labels + 1) % 4, path)[0].from_cache
-  # Back to the first configuration: retrained, bit for bit the same parameters (runs are deterministic).
-  again, _ = _pretrain(x, labels, path)
-  assert not again.from_cache
-  for a, b in zip(jax.tree_util.tree_leaves(first.params), jax.tree_util.tree_leaves(again.params)):
+  # Any change of configuration is refused, naming the field, and never overwrites the file.
+  changes = [(dict(steps=200), "num_steps"), (dict(learning_rate=2e-3), "learning_rate"),
+             (dict(label_dropout=0.2), "label_dropout"), (dict(key=jax.random.key(2)), "key"),
+             (dict(seed=1), "initial_state"), (dict(alphas_cumprod=ALPHAS_CUMPROD * 0.999), "data")]
+  for change, field in changes:
+    with pytest.raises(ValueError, match=f"holds a different run.*{field}"):
+      _pretrain(x, labels, path, **change)
+  with pytest.raises(ValueError, match="data_sha256"):
+    _pretrain(x, (labels + 1) % 4, path)
+  # Beside it on request: trained, and the first configuration is still loaded from `path`.
+  beside, _ = _pretrain(x, labels, path, learning_rate=2e-3, checkpoint_mismatch="new")
+  assert not beside.from_cache and not np.array_equal(beside.losses, first.losses)
+  assert _pretrain(x, labels, path)[0].from_cache
+
+
+def test_an_unfinished_pretraining_resumes_bit_for_bit(mixture_data, tmp_path, interrupt_checkpoints):
+  _, x = mixture_data
+  reference, _ = _pretrain(x, None, None, steps=250)
+  path = tmp_path / "interrupted"
+  interrupt_checkpoints.at = 200
+  with pytest.raises(KeyboardInterrupt):
+    _pretrain(x, None, path, steps=250)
+  resumed, _ = _pretrain(x, None, path, steps=250)
+  assert interrupt_checkpoints.saved == [100, 200, 250]
+  np.testing.assert_array_equal(resumed.losses, reference.losses)
+  for a, b in zip(jax.tree_util.tree_leaves(resumed.params), jax.tree_util.tree_leaves(reference.params)):
     np.testing.assert_array_equal(a, b)
-  # A damaged file is a miss, not an error.
-  path.write_bytes(b"not a zip file")
-  assert not _pretrain(x, labels, path)[0].from_cache
-
-
-def test_cache_rejects_another_structure(tmp_path):
-  path = tmp_path / "tree.npz"
-  cache.save(path, "key", {"w": np.ones(2)}, losses=np.arange(3.0))
-  tree, extras = cache.load(path, "key", {"w": np.zeros(2)})
-  np.testing.assert_array_equal(extras["losses"], np.arange(3.0))
-  assert cache.load(path, "other", {"w": np.zeros(2)}) is None
-  assert cache.load(path, "key", {"w": np.zeros(3)}) is None
-  assert cache.load(path, "key", {"w": np.zeros(2), "b": np.zeros(1)}) is None
-  assert cache.load(path, "key", {"w": np.zeros(2, np.int32)}) is None
-  assert cache.load(tmp_path / "missing.npz", "key", {"w": np.zeros(2)}) is None
-  assert not list(tmp_path.glob("*.tmp*"))  # the atomic write left no temporary file
 
 
 def test_pretrain_checks_its_inputs(mixture_data):
