@@ -44,8 +44,9 @@ QUICK = bool(os.environ.get("SAFERL_JAX_NOTEBOOK_QUICK"))
 # ## 1. Pretraining, and the reward
 #
 # The denoiser predicts the noise eps from (x_t, t, class); 10% of the time the class is replaced
-# by a null token, which makes classifier-free guidance possible. Trained weights are cached on
-# disk: running this cell again loads them.
+# by a null token, which makes classifier-free guidance possible. Training is checkpointed: running
+# this cell again loads the finished run, and another configuration (here, QUICK or not) trains
+# beside it rather than reusing or overwriting it.
 
 # %%
 schedule = linear_schedule(1000)
@@ -53,11 +54,13 @@ digits = load_digits()
 model = ConvDenoiser(channels=8 if QUICK else 16, rngs=nnx.Rngs(0))
 pretrained = pretrain(model, digits.images, digits.labels, key=jax.random.key(1),
                       alphas_cumprod=schedule.alphas_cumprod, steps=100 if QUICK else 1000,
-                      batch_size=128, learning_rate=2e-3, cache_path="cache/notebook_denoiser.npz")
+                      batch_size=128, learning_rate=2e-3,
+                      checkpoint_path="checkpoints/notebook_denoiser", checkpoint_mismatch="new")
 print(f"pretraining loss {pretrained.losses[:50].mean():.3f} -> {pretrained.losses[-50:].mean():.3f}"
-      f" (from cache: {pretrained.from_cache})")
+      f" (loaded from its checkpoint: {pretrained.from_cache})")
 classifier = train_classifier(digits.images, digits.labels, key=jax.random.key(2),
-                              steps=100 if QUICK else 600, cache_path="cache/notebook_classifier.npz")
+                              steps=100 if QUICK else 600, checkpoint_path="checkpoints/notebook_classifier",
+                              checkpoint_mismatch="new")
 apply_fn, params = as_functional(model)
 
 

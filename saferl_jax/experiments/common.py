@@ -9,6 +9,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from saferl_jax.training.checkpoints import fingerprint_digest
 from saferl_jax.training.driver import progress  # noqa: F401 (re-exported for the experiments)
 
 
@@ -37,18 +38,29 @@ def write_json(path: Path, data: Any) -> None:
 class Checkpoint:
   """Finished cells of a long run, saved after each one so a rerun resumes where it stopped.
 
-  The file records the run's config; a checkpoint written under another config
-  is ignored rather than mixed into these results.
+  Everything is keyed by the run's whole config: the cells live in
+  out/checkpoints/<config digest>/cells.json, and `path_for(name)` gives the training loops'
+  checkpoint directories beside them. A rerun with another config into the same `out` starts
+  its own directory, so it never reports (or overwrites) another config's runs.
   """
 
-  def __init__(self, path: Path, config: dict):
-    self.path = Path(path)
+  def __init__(self, out: Path, config: dict):
     self.config = to_jsonable(config)
+    self.directory = Path(out) / "checkpoints" / fingerprint_digest(self.config)
+    self.path = self.directory / "cells.json"
     self.cells: dict[str, Any] = {}
     if self.path.exists():
-      saved = json.loads(self.path.read_text())
-      if saved.get("config") == self.config:
-        self.cells = saved["cells"]
+      try:
+        saved = json.loads(self.path.read_text())
+      except json.JSONDecodeError as err:
+        raise ValueError(f"checkpoint: cannot read {self.path} ({err}); delete it to start again") from err
+      if saved.get("config") != self.config:  # a digest collision, or an edited file
+        raise ValueError(f"checkpoint: {self.path} holds another config; delete it to start again")
+      self.cells = saved["cells"]
+
+  def path_for(self, name: str) -> Path:
+    """The checkpoint directory of one training run of this config."""
+    return self.directory / name
 
   def __contains__(self, cell: str) -> bool:
     return cell in self.cells

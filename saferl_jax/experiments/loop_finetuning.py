@@ -107,10 +107,10 @@ def _digits(out: Path, config: Config, checkpoint: Checkpoint) -> dict:
   pretrained = pretrain(model, data.images, data.labels, key=jax.random.fold_in(key, 1),
                         alphas_cumprod=schedule.alphas_cumprod, steps=config.pretrain_steps,
                         batch_size=config.pretrain_batch, learning_rate=2e-3,
-                        cache_path=out / "cache" / "digits_denoiser.npz")
+                        checkpoint_path=checkpoint.path_for("digits_denoiser"))
   classifier = train_classifier(data.images, data.labels, key=jax.random.fold_in(key, 2),
                                 steps=config.classifier_steps,
-                                cache_path=out / "cache" / "digits_classifier.npz")
+                                checkpoint_path=checkpoint.path_for("digits_classifier"))
   apply_fn, params = as_functional(model)
 
   def reward_fn(x0, conditions):
@@ -129,7 +129,7 @@ def _digits(out: Path, config: Config, checkpoint: Checkpoint) -> dict:
                       rounds=config.rounds, schedule=schedule, sampling=sampling,
                       optimizer=optimizer, epochs=config.epochs, minibatches=config.minibatches,
                       clip_range=config.clip_range, eval_every=config.eval_every,
-                      checkpoint_path=out / "checkpoints" / f"digits_{method}.npz")
+                      checkpoint_path=checkpoint.path_for(f"digits_{method}"))
     checkpoint.save(f"digits/{method}", {"reward": result.history["reward"],
                                          "queries": result.history["reward_queries"],
                                          "approx_kl": result.history["approx_kl"].mean(),
@@ -188,7 +188,7 @@ def _mixture(out: Path, config: Config, checkpoint: Checkpoint) -> dict:
   model = MLPDenoiser(2, num_classes=1, rngs=nnx.Rngs(config.seed))
   pretrain(model, points, None, key=jax.random.fold_in(key, 1),
            alphas_cumprod=schedule.alphas_cumprod, steps=config.mixture_pretrain_steps,
-           batch_size=256, learning_rate=2e-3, cache_path=out / "cache" / "mixture_denoiser.npz")
+           batch_size=256, learning_rate=2e-3, checkpoint_path=checkpoint.path_for("mixture_denoiser"))
   apply_fn, params = as_functional(model)
   direction = jnp.asarray(config.tilt)
   target = mixture2d.tilted_mixture(prior, direction, kl_weight=config.kl_weight)
@@ -222,7 +222,7 @@ def _mixture(out: Path, config: Config, checkpoint: Checkpoint) -> dict:
                         optimizer=optimizer, epochs=config.epochs, minibatches=config.minibatches,
                         clip_range=config.clip_range, kl_weight=config.kl_weight,
                         eval_every=config.eval_every,
-                        checkpoint_path=out / "checkpoints" / f"mixture_{method}.npz")
+                        checkpoint_path=checkpoint.path_for(f"mixture_{method}"))
       mmd = jax.vmap(distance)(result.params, keys)
       checkpoint.save(cell, {"reward": result.history["reward"],
                              "queries": result.history["reward_queries"], "mmd": mmd})
@@ -240,7 +240,7 @@ def _mixture(out: Path, config: Config, checkpoint: Checkpoint) -> dict:
 def run(out: Path, config: Config = QUICK) -> dict:
   """Runs both tasks, writes DIR/results.json, loop.png, digits_samples.png and summary.md."""
   out = Path(out)
-  checkpoint = Checkpoint(out / "checkpoint.json", dataclasses.asdict(config))
+  checkpoint = Checkpoint(out, dataclasses.asdict(config))
   results = _digits(out, config, checkpoint)
   results["config"] = dataclasses.asdict(config)
   results["mixture2d"] = _mixture(out, config, checkpoint)

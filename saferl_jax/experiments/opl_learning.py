@@ -9,7 +9,8 @@ each gradient estimator is measured at the initial parameters on the full traini
 learning, each policy faces the safe-deployment test on a held-out log.
 
 Claim checked: beta*_grad reaches the highest value soonest and has the lowest gradient
-variance; every learned policy beats the logging policy. Training is checkpointed per method.
+variance; every learned policy beats the logging policy. Training is checkpointed per method, keyed by
+the whole config.
 
 References:
   [OB] Gupta, Jeunen, Oosterhuis, de Rijke. Optimal Baseline Corrections for Off-Policy
@@ -29,7 +30,7 @@ from flax import nnx
 
 from saferl_jax import ope, opl, stats
 from saferl_jax.data import synthetic_bandit as sb
-from saferl_jax.experiments.common import markdown_table, progress, pyplot, write_json
+from saferl_jax.experiments.common import Checkpoint, markdown_table, progress, pyplot, write_json
 
 METHODS = ("ips", "snips", "banditnet", "beta_value", "beta_grad")
 LABELS = {"ips": "IPS", "snips": "SNIPS", "banditnet": "BanditNet", "beta_value": "beta*-IPS (value)",
@@ -90,6 +91,7 @@ def _gradient_variances(apply_fn, params, batch: opl.LoggedBatch, banditnet_lamb
 def run(out: Path, config: Config = QUICK) -> dict:
   """Trains every method, writes DIR/results.json, plots and summary.md; returns the results."""
   out = Path(out)
+  checkpoints = Checkpoint(out, dataclasses.asdict(config))  # training runs keyed by the config
   key = jax.random.key(config.seed)
   problem_key, data_key, init_key, train_key = jax.random.split(key, 4)
   problem = sb.make_problem(problem_key, num_actions=config.num_actions, dim_context=config.dim_context,
@@ -119,7 +121,7 @@ def run(out: Path, config: Config = QUICK) -> dict:
     return opl.train(apply_fn, init_params, train, key=jax.random.split(train_key, seeds),
                      method=method, epochs=config.epochs, batch_size=config.batch_size,
                      optimizer=optax.adam(config.learning_rate), banditnet_lambda=banditnet_lambda,
-                     evaluate=evaluate, checkpoint_path=out / "checkpoints" / f"{name}.npz")
+                     evaluate=evaluate, checkpoint_path=checkpoints.path_for(name))
 
   runs = {}
   banditnet_runs = {}

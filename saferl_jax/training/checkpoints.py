@@ -168,7 +168,9 @@ def read(path, fingerprint: dict, template: Any) -> Saved | None:
         state=ocp.args.StandardRestore(template)))["state"]
   except Exception as err:
     raise _damaged(path, err) from err
-  history = {name: [np.asarray(row) for row in rows] for name, rows in meta["history"].items()}
+  # Rows come back in their own dtype (float32 rows through JSON's doubles are exact).
+  history = {name: [np.asarray(row, dtype=saved["dtype"]) for row in saved["rows"]]
+             for name, saved in meta["history"].items()}
   return Saved(restored, int(meta["progress"]), history)
 
 
@@ -177,7 +179,9 @@ def write(path, fingerprint: dict, state: Any, progress: int, history: dict) -> 
   import orbax.checkpoint as ocp
   path = Path(path)
   meta = {"fingerprint": fingerprint, "progress": int(progress),
-          "history": {name: [np.asarray(row).tolist() for row in rows] for name, rows in history.items()}}
+          "history": {name: {"dtype": np.asarray(rows[0]).dtype.str if rows else "<f4",
+                             "rows": [np.asarray(row).tolist() for row in rows]}
+                      for name, rows in history.items()}}
   manager = _manager(path)
   manager.save(int(progress), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                       meta=ocp.args.JsonSave(meta)), force=True)
