@@ -35,9 +35,9 @@ N, DIM, N_ACTIONS, BATCH, HIDDEN, LEARNING_RATE = 10_000, 5, 100, 250, 64, 0.05
 
 
 def logged_data():
-  problem = data.make_problem(jax.random.key(0), n_actions=N_ACTIONS, dim_context=DIM,
+  problem = data.make_problem(jax.random.key(0), num_actions=N_ACTIONS, dim_context=DIM,
                               logger_inverse_temperature=-1.0)
-  log = data.simulate_log(jax.random.key(1), problem, N)
+  log = data.simulate_log(problem, key=jax.random.key(1), num_rounds=N)
   return opl.logged_batch(problem.contexts[log.context_ids], log.actions, log.rewards,
                           log.logging_probs)
 

@@ -46,11 +46,11 @@ def make_logits(num_lists: int, scale: float = 1.0, seed: int = 0) -> jax.Array:
 
 # Jitted functions under test.
 
-_hash_top_k = jax.jit(lambda key, m: sample_rankings(key, m, k=TOP_K))
-_threefry_top_k = jax.jit(lambda key, m: sample_rankings(key, m, k=TOP_K, generator="threefry"))
+_hash_top_k = jax.jit(lambda key, m: sample_rankings(m, key=key, k=TOP_K))
+_threefry_top_k = jax.jit(lambda key, m: sample_rankings(m, key=key, k=TOP_K, generator="threefry"))
 _tfp_top_k = jax.jit(lambda key, m: tfd.PlackettLuce(scores=jnp.exp(m)).sample(seed=key)[..., :TOP_K])
-_hash_full = jax.jit(lambda key, m: sample_rankings(key, m))
-_threefry_full = jax.jit(lambda key, m: sample_rankings(key, m, generator="threefry"))
+_hash_full = jax.jit(lambda key, m: sample_rankings(m, key=key))
+_threefry_full = jax.jit(lambda key, m: sample_rankings(m, key=key, generator="threefry"))
 _tfp_full = jax.jit(lambda key, m: tfd.PlackettLuce(scores=jnp.exp(m)).sample(seed=key))
 _log_prob = jax.jit(ranking_log_prob)
 _tfp_log_prob = jax.jit(lambda m, y: tfd.PlackettLuce(scores=jnp.exp(m)).log_prob(y))
@@ -139,8 +139,8 @@ def section_clicks(args, results) -> dict:
   def log_sessions(key):
     query_key, ranking_key, click_key = jax.random.split(key, 3)
     query_ids = jax.random.randint(query_key, (n,), 0, num_queries)
-    rankings = sample_rankings(ranking_key, logits[query_ids], k=TOP_K)
-    clicks = simulate_sessions(click_key, model, query_ids, rankings, labels)
+    rankings = sample_rankings(logits[query_ids], key=ranking_key, k=TOP_K)
+    clicks = simulate_sessions(model, query_ids, rankings, labels, key=click_key)
     return aggregate_sessions(query_ids, rankings, clicks, num_queries=num_queries,
                               num_docs=num_docs)
 

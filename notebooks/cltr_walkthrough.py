@@ -27,8 +27,9 @@ import optax
 from flax import nnx
 
 from saferl_jax import cltr
+from saferl_jax.cltr.learning import RankingData, relevance_data
 from saferl_jax.data.click_logs import estimated_rewards, simulate_click_log
-from saferl_jax.training.ranker import RankingData, relevance_data, train_ranker
+from saferl_jax.training.ranker import train_ranker
 from saferl_jax.data import ltr
 from saferl_jax.models.functional import as_functional
 from saferl_jax.ranking import (LinearRanker, dcg_rank_weights, expected_metric_from_samples,
@@ -44,8 +45,8 @@ QUICK = bool(os.environ.get("SAFERL_JAX_NOTEBOOK_QUICK"))
 # fitted by PL-Rank on the labels of only 3% of the training queries: decent, not great.
 
 # %%
-data = ltr.make_ltr_dataset(jax.random.key(0), n_queries=200 if QUICK else 500, max_docs=20,
-                            min_docs=10, n_features=16)
+data = ltr.make_ltr_dataset(jax.random.key(0), num_queries=200 if QUICK else 500, max_docs=20,
+                            min_docs=10, num_features=16)
 train, _, test = ltr.split(data, key=jax.random.key(1))
 test = ltr.take_queries(test, np.flatnonzero(np.asarray(test.labels.max(axis=1)) > 0))
 rank_weights = dcg_rank_weights(5)  # exposure = expected DCG@5 weight of a document's rank
@@ -57,11 +58,11 @@ steps = 40 if QUICK else 100
 def ndcg(params):
   logits = apply_fn(params, test.features)
   return jnp.mean(expected_metric_from_samples(logits, test.labels, key=jax.random.key(9), k=5,
-                                               num_samples=64, where=test.mask).value)
+                                               num_samples=64, where=test.where).value)
 
 
 few = max(1, round(0.03 * train.num_queries))
-supervised, n_labelled = relevance_data(train.features[:few], train.labels[:few], train.mask[:few])
+supervised, n_labelled = relevance_data(train.features[:few], train.labels[:few], train.where[:few])
 logger = train_ranker(apply_fn, init_params, supervised, key=jax.random.key(2), objective="value",
                       num_sessions=n_labelled, rank_weights=rank_weights, steps=steps,
                       optimizer=optimizer, eval_every=steps).params
@@ -78,8 +79,8 @@ print(f"logging policy fitted on {few} queries: NDCG@5 {float(ndcg(logger)):.3f}
 model = cltr.trust_bias(5)
 logging_logits = apply_fn(logger, train.features)
 num_sessions = 2_000
-log = simulate_click_log(jax.random.key(3), logging_logits, train.labels, model,
-                         num_sessions=num_sessions, where=train.mask)
+log = simulate_click_log(logging_logits, train.labels, model, key=jax.random.key(3),
+                         num_sessions=num_sessions, where=train.where)
 relevance = np.asarray(train.labels / 4)
 shown = np.asarray(log.rho > 0) & (np.asarray(log.session_counts)[:, None] > 0)
 ctr = np.asarray(log.click_counts) / np.maximum(np.asarray(log.session_counts), 1)[:, None]
@@ -97,7 +98,7 @@ print(f"correlation of the raw click rate with relevance: {np.corrcoef(ctr[shown
 # %%
 per_session = lambda rewards: np.asarray(rewards) / np.maximum(np.asarray(log.session_counts), 1)[:, None]  # noqa: E731
 ips = estimated_rewards(log, estimator="ips")
-dr = estimated_rewards(log, estimator="dr", features=train.features, where=train.mask)
+dr = estimated_rewards(log, estimator="dr", features=train.features, where=train.where)
 for name, rewards in (("IPS", ips), ("DR", dr)):
   error = per_session(rewards)[shown] - relevance[shown]
   print(f"{name}: mean error {error.mean():+.3f}, RMSE {np.sqrt((error**2).mean()):.3f} on displayed documents")
@@ -114,11 +115,12 @@ for name, rewards in (("IPS", ips), ("DR", dr)):
 
 # %%
 logging_exposure = exposure_from_samples(
-    sample_rankings(jax.random.key(4), logging_logits, where=train.mask, sample_shape=4_000, k=5),
-    rank_weights, train.features.shape[1], where=train.mask)
+    sample_rankings(logging_logits, key=jax.random.key(4), where=train.where, sample_shape=4_000,
+                    k=5),
+    rank_weights, train.features.shape[1], where=train.where)
 learned = {}
 for method, objective in (("DR", "value"), ("safe DR", "safe"), ("PRPO", "prpo")):
-  ranking_data = RankingData(train.features, train.mask, dr, log.session_counts, logging_exposure)
+  ranking_data = RankingData(train.features, train.where, dr, log.session_counts, logging_exposure)
   learned[method] = train_ranker(apply_fn, logger, ranking_data, key=jax.random.key(5),
                                  objective=objective, num_sessions=num_sessions,
                                  rank_weights=rank_weights, steps=steps, optimizer=optimizer,
@@ -135,12 +137,12 @@ for method, objective in (("DR", "value"), ("safe DR", "safe"), ("PRPO", "prpo")
 # logger's, whatever the clicks say, so it loses the least.
 
 # %%
-bad_log = simulate_click_log(jax.random.key(6), logging_logits, train.labels,
-                             cltr.adversarial(model), num_sessions=num_sessions, where=train.mask)
-bad_dr = estimated_rewards(bad_log, estimator="dr", features=train.features, where=train.mask)
+bad_log = simulate_click_log(logging_logits, train.labels, cltr.adversarial(model),
+                             key=jax.random.key(6), num_sessions=num_sessions, where=train.where)
+bad_dr = estimated_rewards(bad_log, estimator="dr", features=train.features, where=train.where)
 print(f"logging policy NDCG@5 {float(ndcg(logger)):.3f}")
 for method, objective in (("DR", "value"), ("safe DR", "safe"), ("PRPO", "prpo")):
-  ranking_data = RankingData(train.features, train.mask, bad_dr, bad_log.session_counts,
+  ranking_data = RankingData(train.features, train.where, bad_dr, bad_log.session_counts,
                              logging_exposure)
   params = train_ranker(apply_fn, logger, ranking_data, key=jax.random.key(7), objective=objective,
                         num_sessions=num_sessions, rank_weights=rank_weights, steps=steps,

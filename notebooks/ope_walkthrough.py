@@ -38,7 +38,7 @@ QUICK = bool(os.environ.get("SAFERL_JAX_NOTEBOOK_QUICK"))
 # %%
 bts = data.load_obd(behavior_policy="bts")
 random_log = data.load_obd(behavior_policy="random")
-print(f"{len(bts.rewards)} rounds, {bts.n_actions} items, click rate {bts.rewards.mean():.4f}")
+print(f"{len(bts.rewards)} rounds, {bts.num_actions} items, click rate {bts.rewards.mean():.4f}")
 print(f"propensities from {bts.logging_probs.min():.2g} to {bts.logging_probs.max():.2g}")
 
 # %% [markdown]
@@ -51,7 +51,7 @@ print(f"propensities from {bts.logging_probs.min():.2g} to {bts.logging_probs.ma
 
 # %%
 n = len(bts.rewards)
-target_dist = jnp.full((n, bts.n_actions), 1.0 / bts.n_actions)
+target_dist = jnp.full((n, bts.num_actions), 1.0 / bts.num_actions)
 reward_hat = obd_evaluation.cross_fitted_reward_hat(bts)
 truth = random_log.rewards.mean()
 
@@ -106,10 +106,10 @@ print(decision)
 # logger, simulated and evaluated in one call.
 
 # %%
-problem = data.make_problem(jax.random.key(0), n_actions=25, logger_inverse_temperature=-5.0)
+problem = data.make_problem(jax.random.key(0), num_actions=25, logger_inverse_temperature=-5.0)
 true_value = data.policy_value(problem.target_dist, problem.expected_rewards)
 seeds = 200 if QUICK else 1000
-logs = data.simulate_logs(jax.random.split(jax.random.key(1), seeds), problem, 1000)
+logs = data.simulate_logs(problem, keys=jax.random.split(jax.random.key(1), seeds), num_rounds=1000)
 
 
 @jax.jit
@@ -133,7 +133,7 @@ for name, values in (("IPS", ips_values), ("beta*-IPS", beta_values)):
 
 # %%
 config = ope_variance.Config(logger_inverse_temperatures=(-5.0, 5.0), sample_sizes=(100, 1000),
-                             n_seeds=50 if QUICK else 200)
+                             num_seeds=50 if QUICK else 200)
 results = ope_variance.run("notebook_ope_variance", config)
 print(ope_variance.summary(results))
 

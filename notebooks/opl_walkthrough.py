@@ -36,9 +36,10 @@ QUICK = bool(os.environ.get("SAFERL_JAX_NOTEBOOK_QUICK"))
 # the exact value of any policy, so we can check what learning achieves.
 
 # %%
-problem = data.make_problem(jax.random.key(0), n_actions=50, logger_inverse_temperature=-1.0)
+problem = data.make_problem(jax.random.key(0), num_actions=50, logger_inverse_temperature=-1.0)
 n = 2_000 if QUICK else 10_000
-train_log, holdout_log = (data.simulate_log(k, problem, n) for k in jax.random.split(jax.random.key(1)))
+train_log, holdout_log = (data.simulate_log(problem, key=k, num_rounds=n)
+                          for k in jax.random.split(jax.random.key(1)))
 
 
 def as_batch(log):

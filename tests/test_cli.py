@@ -8,18 +8,18 @@ import pytest
 from saferl_jax import cli
 from saferl_jax.experiments import cltr_safety, loop_finetuning, opl_learning, ope_variance
 
-TINY = ope_variance.Config(logger_inverse_temperatures=(-1.0,), n_actions=(5,), sample_sizes=(50, 100),
-                           n_seeds=8, n_contexts=20)
-TINY_OPL = opl_learning.Config(n_actions=5, n_contexts=20, n_train=200, n_validation=100, epochs=2,
-                               batch_size=100, banditnet_lambdas=(0.5,), n_seeds=2)
+TINY = ope_variance.Config(logger_inverse_temperatures=(-1.0,), num_actions=(5,),
+                           sample_sizes=(50, 100), num_seeds=8, num_contexts=20)
+TINY_OPL = opl_learning.Config(num_actions=5, num_contexts=20, num_train=200, num_validation=100,
+                               epochs=2, batch_size=100, banditnet_lambdas=(0.5,), num_seeds=2)
 
-TINY_CLTR = cltr_safety.Config(n_queries=40, max_docs=8, min_docs=4, n_features=4, logger_fraction=0.1,
-                               logger_steps=10, sessions=(100, 1000), n_seeds=2, steps=10,
+TINY_CLTR = cltr_safety.Config(num_queries=40, max_docs=8, min_docs=4, num_features=4,
+                               logger_fraction=0.1, logger_steps=10, sessions=(100, 1000), num_seeds=2, steps=10,
                                num_samples=4, eval_samples=8)
 TINY_LOOP = loop_finetuning.Config(train_steps=100, sampling_steps=4, channels=8, pretrain_steps=20,
                                    pretrain_batch=32, classifier_steps=20, prompts_per_round=2,
                                    samples_per_prompt=2, rounds=2, eval_every=2, minibatches=1,
-                                   n_seeds=2, mixture_pretrain_steps=20, mixture_rounds=2)
+                                   num_seeds=2, mixture_pretrain_steps=20, mixture_rounds=2)
 
 
 def test_demo_runs_every_experiment(tmp_path, monkeypatch):
@@ -80,7 +80,7 @@ def test_cltr_command_on_a_letor_file(tmp_path, monkeypatch, capsys):
   assert 0 < results["logging_ndcg"] <= 1
   for model in ("trust_bias", "adversarial"):
     cell = results["click_models"][model]
-    assert cell["n_sessions"] == [100, 1000]
+    assert cell["num_sessions"] == [100, 1000]
     assert set(cell["methods"]) == {"ips", "dr", "safe_ips", "safe_dr", "prpo"}
     for curve in cell["methods"].values():
       assert len(curve["ndcg_mean"]) == 2

@@ -441,8 +441,7 @@ def stepwise_value_and_grad(step_loss: Callable[[Any, Trajectory], tuple[jax.Arr
   ratio, a per-step KL) is a sum over steps, so its gradient is the sum of the steps' gradients.
   A `lax.scan` computes each step's gradient and adds it up, as DDPO's loop calls backward per step:
   only one step's activations are alive, where differentiating the whole S-step recomputation keeps
-  all S. For the digits U-Net on CPU it is also faster: 1.8x at B = 32 and 1.5x at B = 256 in
-  benchmarks/bench_diffusion.py.
+  all S. For the digits U-Net on CPU it is also faster (docs/benchmarks.md).
 
   Args:
     step_loss: step_loss(params, one_step_trajectory) -> (scalar loss, aux pytree); build the step's

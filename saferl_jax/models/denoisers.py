@@ -21,7 +21,7 @@ The convolutions are `PatchConv`: the k x k neighbourhoods gathered by k^2 shift
 matrix product (im2col). On XLA:CPU a convolution's gradient inside a while loop (lax.scan: the
 pretraining loop, the per-step gradients of a policy-gradient update) runs far slower than outside
 one (jax-ml/jax#12868): with XLA's own gradient, the digits U-Net's stepwise LOOP update (20 steps)
-took 25x (B = 32) to 43x (B = 256) longer than with this one. The matrix-product form runs at
+took many times longer than with this one (docs/benchmarks.md). The matrix-product form runs at
 full speed in both places, and on an accelerator it costs little.
 
 References:

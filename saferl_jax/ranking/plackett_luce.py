@@ -16,13 +16,13 @@ sorting in descending order draws a full ranking from pi; `jax.lax.top_k` of the
 same noisy scores draws its top-K prefix without a full sort. Random-number
 generation dominates the cost on CPU, so the default generator is the shared
 counter-based integer hash of `saferl_jax.fast_random` (as in the bootstrap):
-about 3 times faster than threefry on CPU, with the same 23-bit uniform
-resolution as `jax.random.uniform`. `generator="threefry"` uses
+faster than threefry on CPU (timings in docs/benchmarks.md), with the same 23-bit
+uniform resolution as `jax.random.uniform`. `generator="threefry"` uses
 `jax.random.gumbel`.
 
 Log-probabilities need the log of every tail sum sum_{j >= k} exp(m(y_j)), a
 reverse log-cumsum-exp. `jax.lax.cumlogsumexp` computes it exactly but is slow on
-CPU (about 60 times slower than what is done here), so the tail sums are taken in
+CPU (docs/benchmarks.md), so the tail sums are taken in
 linear space after subtracting the list's largest valid logit, as one small
 matrix product with a triangular matrix of ones. When some tail sum could have
 lost terms to float32 underflow (a ranked list whose last valid item is more than
@@ -194,9 +194,9 @@ def _sum_of_log_terms(x: jax.Array, valid: jax.Array | None, length: int) -> jax
   so the smallest non-empty one is the last valid position's, exp(x_last - shift);
   when it is below exp(-60) some tail may have lost terms to float32 underflow, and
   the whole call takes an exact log-space `lax.scan` of `logaddexp` instead (the
-  reverse cumlogsumexp; `jax.lax.cumlogsumexp` is exact too but 10 times slower on
-  CPU). The cond chooses between summed results: a cond that returns the [..., L]
-  tails stops XLA CPU from fusing the product and costs 2 to 3 times more.
+  reverse cumlogsumexp; `jax.lax.cumlogsumexp` is exact too but slower on CPU). The
+  cond chooses between summed results: a cond that returns the [..., L] tails stops
+  XLA CPU from fusing the product, which costs more.
   `valid=None` means every entry is valid.
   """
   size = x.shape[-1]

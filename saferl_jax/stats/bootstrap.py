@@ -7,8 +7,8 @@ resamples (no Python loop). For a bandit estimator, pass it the estimator's
 beta* is refitted on every resample.
 
 Resampling is bound by random-number generation: 1000 resamples of 1e5 rows need
-1e8 indices. Threefry produces them about 4 times slower on CPU than this
-module's generator, a counter-based integer hash (the "lowbias32" finaliser):
+1e8 indices. Threefry produces them more slowly on CPU (docs/benchmarks.md) than
+this module's generator, a counter-based integer hash (the "lowbias32" finaliser):
 index j of resample b is hash(hash(j) xor s_b) mod n, where the per-resample seeds
 s_b come from `jax.random.bits(key)`. Its modulo bias is at most n / 2^32.
 `generator="threefry"` uses JAX's own generator instead.

@@ -78,7 +78,8 @@ def _log(num_sessions, num_queries=6, num_docs=7, seed=0):
 def test_click_frequencies_match_probabilities(model):
   n = 200_000
   query_ids, rankings, labels = _log(n, num_queries=3, num_docs=5, seed=1)
-  clicks_ = np.asarray(cltr.simulate_sessions(jax.random.key(7), model, query_ids, rankings, labels))
+  clicks_ = np.asarray(cltr.simulate_sessions(model, query_ids, rankings, labels,
+                                              key=jax.random.key(7)))
   relevance = cltr.relevance_at_ranks(query_ids, rankings[:, :5], labels)
   p = np.asarray(cltr.click_probabilities(model, relevance), np.float64)
   # Per rank: the click count is a sum of independent Bernoullis, mean sum p, variance sum p (1 - p).
@@ -102,8 +103,9 @@ def test_click_frequencies_match_probabilities(model):
 def test_deterministic_cells_give_exact_clicks():
   # PBM at rank 0 with label 4 clicks with probability 1, label 0 never.
   model = cltr.position_based(2)
-  clicks_ = cltr.simulate_sessions(jax.random.key(0), model, jnp.zeros(100, jnp.int32),
-                                   jnp.tile(jnp.array([[0, 1]]), (100, 1)), jnp.array([[4, 0]]))
+  clicks_ = cltr.simulate_sessions(model, jnp.zeros(100, jnp.int32),
+                                   jnp.tile(jnp.array([[0, 1]]), (100, 1)), jnp.array([[4, 0]]),
+                                   key=jax.random.key(0))
   np.testing.assert_array_equal(clicks_, np.tile([[1.0, 0.0]], (100, 1)))
 
 
@@ -111,17 +113,17 @@ def test_sessions_equal_simulate_clicks_on_gathered_relevance():
   model = cltr.trust_bias(3)
   query_ids, rankings, labels = _log(64)
   key = jax.random.key(3)
-  by_sessions = cltr.simulate_sessions(key, model, query_ids, rankings, labels, k=3)
+  by_sessions = cltr.simulate_sessions(model, query_ids, rankings, labels, key=key, k=3)
   relevance = np.asarray(labels)[np.asarray(query_ids)[:, None], np.asarray(rankings)[:, :3]] / 4
-  np.testing.assert_array_equal(by_sessions, cltr.simulate_clicks(key, model, relevance))
+  np.testing.assert_array_equal(by_sessions, cltr.simulate_clicks(model, relevance, key=key))
 
 
 def test_k_smaller_than_the_model_uses_its_first_ranks():
   model = cltr.trust_bias(5)
   query_ids, rankings, labels = _log(32)
   key = jax.random.key(4)
-  top3 = cltr.simulate_sessions(key, model, query_ids, rankings, labels, k=3)
-  small = cltr.simulate_sessions(key, cltr.trust_bias(3), query_ids, rankings, labels)
+  top3 = cltr.simulate_sessions(model, query_ids, rankings, labels, key=key, k=3)
+  small = cltr.simulate_sessions(cltr.trust_bias(3), query_ids, rankings, labels, key=key)
   assert top3.shape == (32, 3)
   np.testing.assert_array_equal(top3, small)
 
@@ -132,8 +134,8 @@ def test_padded_documents_are_never_clicked():
   mask = jnp.array([[True, True, True, False, False]])
   n = 2000
   rankings = jnp.tile(jnp.array([[1, 3, 0, 4, 2]]), (n, 1))
-  clicks_ = np.asarray(cltr.simulate_sessions(jax.random.key(0), model, jnp.zeros(n, jnp.int32),
-                                              rankings, labels, where=mask))
+  clicks_ = np.asarray(cltr.simulate_sessions(model, jnp.zeros(n, jnp.int32), rankings, labels,
+                                              key=jax.random.key(0), where=mask))
   assert clicks_[:, [1, 3]].sum() == 0
   assert clicks_[:, [0, 2]].mean() > 0.2
 
@@ -144,12 +146,14 @@ def test_jit_equals_eager():
   key = jax.random.key(1)
   np.testing.assert_allclose(jax.jit(cltr.click_probabilities)(model, relevance),
                              cltr.click_probabilities(model, relevance), rtol=1e-6)
-  np.testing.assert_array_equal(jax.jit(cltr.simulate_clicks)(key, model, relevance),
-                                cltr.simulate_clicks(key, model, relevance))
+  np.testing.assert_array_equal(jax.jit(lambda k, m, r: cltr.simulate_clicks(m, r, key=k))(
+                                    key, model, relevance),
+                                cltr.simulate_clicks(model, relevance, key=key))
   query_ids, rankings, labels = _log(40)
   jitted = jax.jit(cltr.simulate_sessions, static_argnames=("k",))
-  np.testing.assert_array_equal(jitted(key, model, query_ids, rankings, labels, k=5),
-                                cltr.simulate_sessions(key, model, query_ids, rankings, labels, k=5))
+  np.testing.assert_array_equal(jitted(model, query_ids, rankings, labels, key=key, k=5),
+                                cltr.simulate_sessions(model, query_ids, rankings, labels, key=key,
+                                                       k=5))
   # A model whose fields are traced (vmapped over flip probabilities) works too.
   flips = jnp.array([0.0, 1.0])
   probs = jax.vmap(lambda e: cltr.click_probabilities(cltr.adversarial(model, e), relevance[0]))(flips)
@@ -160,19 +164,20 @@ def test_vmap_equals_loop():
   model = cltr.adversarial(cltr.trust_bias(5), 0.2)
   relevance = jnp.asarray(np.random.default_rng(0).random((6, 5)), jnp.float32)
   keys = jax.random.split(jax.random.key(1), 6)
-  batched = jax.vmap(cltr.simulate_clicks, in_axes=(0, None, 0))(keys, model, relevance)
+  batched = jax.vmap(lambda k, m, r: cltr.simulate_clicks(m, r, key=k), in_axes=(0, None, 0))(
+      keys, model, relevance)
   probs = jax.vmap(cltr.click_probabilities, in_axes=(None, 0))(model, relevance)
   for i in range(6):
-    np.testing.assert_array_equal(batched[i], cltr.simulate_clicks(keys[i], model, relevance[i]))
+    np.testing.assert_array_equal(batched[i], cltr.simulate_clicks(model, relevance[i], key=keys[i]))
     np.testing.assert_allclose(probs[i], cltr.click_probabilities(model, relevance[i]), rtol=1e-6)
 
 
 def test_same_key_same_clicks():
   model = cltr.trust_bias()
   query_ids, rankings, labels = _log(50)
-  a = cltr.simulate_sessions(jax.random.key(5), model, query_ids, rankings, labels)
-  b = cltr.simulate_sessions(jax.random.key(5), model, query_ids, rankings, labels)
-  c = cltr.simulate_sessions(jax.random.key(6), model, query_ids, rankings, labels)
+  a = cltr.simulate_sessions(model, query_ids, rankings, labels, key=jax.random.key(5))
+  b = cltr.simulate_sessions(model, query_ids, rankings, labels, key=jax.random.key(5))
+  c = cltr.simulate_sessions(model, query_ids, rankings, labels, key=jax.random.key(6))
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
 
@@ -182,23 +187,24 @@ def test_bad_inputs_raise():
   query_ids, rankings, labels = _log(8)
   key = jax.random.key(0)
   with pytest.raises(ValueError, match="labels"):
-    cltr.simulate_sessions(key, model, query_ids, rankings, labels.at[0, 0].set(5))
+    cltr.simulate_sessions(model, query_ids, rankings, labels.at[0, 0].set(5), key=key)
   with pytest.raises(ValueError, match="labels"):
-    cltr.simulate_sessions(key, model, query_ids, rankings, labels.at[0, 0].set(-1))
+    cltr.simulate_sessions(model, query_ids, rankings, labels.at[0, 0].set(-1), key=key)
   with pytest.raises(ValueError, match="k"):
-    cltr.simulate_sessions(key, model, query_ids, rankings[:, :3], labels)
+    cltr.simulate_sessions(model, query_ids, rankings[:, :3], labels, key=key)
   with pytest.raises(ValueError, match="k"):
-    cltr.simulate_sessions(key, cltr.trust_bias(3), query_ids, rankings, labels, k=4)
+    cltr.simulate_sessions(cltr.trust_bias(3), query_ids, rankings, labels, key=key, k=4)
   with pytest.raises(ValueError, match="query_ids"):
-    cltr.simulate_sessions(key, model, query_ids.at[0].set(6), rankings, labels)
+    cltr.simulate_sessions(model, query_ids.at[0].set(6), rankings, labels, key=key)
   with pytest.raises(ValueError, match="rankings"):
-    cltr.simulate_sessions(key, model, query_ids, rankings.at[0, 0].set(7), labels)
+    cltr.simulate_sessions(model, query_ids, rankings.at[0, 0].set(7), labels, key=key)
   with pytest.raises(ValueError, match="rankings"):
-    cltr.simulate_sessions(key, model, query_ids[:4], rankings, labels)
+    cltr.simulate_sessions(model, query_ids[:4], rankings, labels, key=key)
   with pytest.raises(ValueError, match="labels"):
-    cltr.simulate_sessions(key, model, query_ids, rankings, labels.astype(jnp.float32))
+    cltr.simulate_sessions(model, query_ids, rankings, labels.astype(jnp.float32), key=key)
   with pytest.raises(ValueError, match="where"):
-    cltr.simulate_sessions(key, model, query_ids, rankings, labels, where=jnp.ones((2, 2), bool))
+    cltr.simulate_sessions(model, query_ids, rankings, labels, key=key,
+                           where=jnp.ones((2, 2), bool))
   for eps in (-0.1, 1.5, float("nan")):
     with pytest.raises(ValueError, match="flip_probability"):
       cltr.adversarial(model, eps)
@@ -237,7 +243,7 @@ rng = np.random.default_rng(0)
 labels = rng.integers(0, 5, (6, 7)).astype(np.int32)
 query_ids = rng.integers(0, 6, 64).astype(np.int32)
 rankings = np.argsort(rng.random((64, 7)), axis=1).astype(np.int32)
-clicks = cltr.simulate_sessions(jax.random.key(9), cltr.trust_bias(5), query_ids, rankings, labels)
+clicks = cltr.simulate_sessions(cltr.trust_bias(5), query_ids, rankings, labels, key=jax.random.key(9))
 """
 
 IMPORTS = "import json, jax, numpy as np\nfrom saferl_jax import cltr\n"

@@ -162,12 +162,14 @@ def test_policy_aware_propensities_match_enumeration():
   model = ClickModel(alpha=jnp.asarray(ALPHA, jnp.float32), beta=jnp.asarray(BETA, jnp.float32),
                      flip_probability=0.0)
   num_samples = 100_000
-  rho, betabar = est.policy_aware_propensities(jax.random.key(5), LOGITS, model, num_samples=num_samples)
+  rho, betabar = est.policy_aware_propensities(LOGITS, model, key=jax.random.key(5),
+                                               num_samples=num_samples)
   exact_rho, exact_betabar = exact_propensities()
   # Each estimate is a mean of per-sample weights bounded by max(alpha): SE <= max(alpha) / 2 / sqrt(N).
   tolerance = 4 * ALPHA.max() / 2 / np.sqrt(num_samples)
   np.testing.assert_allclose(rho, exact_rho, atol=tolerance)
   np.testing.assert_allclose(betabar, exact_betabar, atol=tolerance)
-  masked_rho, _ = est.policy_aware_propensities(jax.random.key(5), LOGITS, model, num_samples=1000,
+  masked_rho, _ = est.policy_aware_propensities(LOGITS, model, key=jax.random.key(5),
+                                                num_samples=1000,
                                                 where=jnp.array([True, True, True, False]))
   assert float(masked_rho[3]) == 0.0

@@ -30,13 +30,31 @@ def test_aggregate_sessions_matches_a_loop():
   np.testing.assert_array_equal(click_counts, expected)
 
 
+def test_key_and_chunk_size_fix_the_log():
+  """As documented: same key and chunk_size, same log; another chunk_size draws other sessions
+  from the same distribution, with the same propensities (drawn before chunking)."""
+  run = lambda key, chunk_size: click_logs.simulate_click_log(
+      LOGITS, LABELS, MODEL, key=key, num_sessions=300, where=MASK, propensity_samples=500,
+      chunk_size=chunk_size)
+  a, b = run(jax.random.key(3), 100), run(jax.random.key(3), 100)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  other_chunks, other_key = run(jax.random.key(3), 300), run(jax.random.key(4), 100)
+  np.testing.assert_array_equal(other_chunks.rho, a.rho)
+  np.testing.assert_array_equal(other_chunks.betabar, a.betabar)
+  assert other_chunks.num_sessions == a.num_sessions == 300
+  assert not np.array_equal(other_chunks.session_counts, a.session_counts)
+  assert not np.array_equal(other_key.session_counts, a.session_counts)
+
+
 def test_click_frequencies_match_the_click_model():
   """E[clicks on d] / n_q = rho(d) R(d) + betabar(d), within 4 standard errors."""
-  log = click_logs.simulate_click_log(jax.random.key(0), LOGITS, LABELS, MODEL,
+  log = click_logs.simulate_click_log(LOGITS, LABELS, MODEL, key=jax.random.key(0),
                                       num_sessions=200_000, where=MASK, chunk_size=60_000)
   assert log.num_sessions == 200_000
   rho, betabar = jax.vmap(lambda k, m, w: estimators.policy_aware_propensities(
-      k, m, MODEL, num_samples=400_000, where=w))(jax.random.split(jax.random.key(1), 2), LOGITS, MASK)
+      m, MODEL, key=k, num_samples=400_000, where=w))(
+          jax.random.split(jax.random.key(1), 2), LOGITS, MASK)
   expected = np.asarray(rho * LABELS / 4 + betabar)
   counts = np.asarray(log.session_counts)[:, None]
   frequency = np.asarray(log.click_counts) / counts
@@ -68,23 +86,23 @@ def test_a_query_without_sessions_contributes_nothing():
 
 @pytest.fixture(scope="module")
 def ltr_log():
-  data = make_ltr_dataset(jax.random.key(3), n_queries=40, max_docs=8, min_docs=4, n_features=5)
+  data = make_ltr_dataset(jax.random.key(3), num_queries=40, max_docs=8, min_docs=4, num_features=5)
   logits = 30.0 * data.features[..., 0]  # a near-deterministic logger: some documents never shown
-  log = click_logs.simulate_click_log(jax.random.key(4), logits, data.labels, trust_bias(4),
-                                      num_sessions=5_000, where=data.mask)
+  log = click_logs.simulate_click_log(logits, data.labels, trust_bias(4), key=jax.random.key(4),
+                                      num_sessions=5_000, where=data.where)
   return data, log
 
 
 def test_unclipped_dr_equals_ips_where_the_logger_exposes(ltr_log):
   data, log = ltr_log
   ips = click_logs.estimated_rewards(log, estimator="ips", min_propensity=0.0)
-  dr = click_logs.estimated_rewards(log, estimator="dr", features=data.features, where=data.mask,
+  dr = click_logs.estimated_rewards(log, estimator="dr", features=data.features, where=data.where,
                                     min_propensity=0.0)
   exposed = np.asarray(log.rho > 0)
-  assert exposed.sum() > 50 and (~exposed & np.asarray(data.mask)).sum() > 10
+  assert exposed.sum() > 50 and (~exposed & np.asarray(data.where)).sum() > 10
   np.testing.assert_allclose(np.asarray(dr)[exposed], np.asarray(ips)[exposed], rtol=1e-4, atol=1e-3)
   # Documents never displayed get the regression model's estimate, n_q Rhat(d), not 0.
-  unexposed = ~exposed & np.asarray(data.mask) & (np.asarray(log.session_counts)[:, None] > 0)
+  unexposed = ~exposed & np.asarray(data.where) & (np.asarray(log.session_counts)[:, None] > 0)
   assert np.all(np.asarray(dr)[unexposed] >= 0) and np.any(np.asarray(dr)[unexposed] > 0)
   np.testing.assert_array_equal(np.asarray(ips)[unexposed], 0.0)
 
@@ -99,9 +117,9 @@ def test_estimated_rewards_reject_bad_options(ltr_log):
 
 def test_simulate_click_log_rejects_bad_input():
   with pytest.raises(ValueError, match="num_sessions"):
-    click_logs.simulate_click_log(jax.random.key(0), LOGITS, LABELS, MODEL, num_sessions=0)
+    click_logs.simulate_click_log(LOGITS, LABELS, MODEL, key=jax.random.key(0), num_sessions=0)
   with pytest.raises(ValueError, match="labels"):
-    click_logs.simulate_click_log(jax.random.key(0), LOGITS, LABELS[:1], MODEL, num_sessions=5)
+    click_logs.simulate_click_log(LOGITS, LABELS[:1], MODEL, key=jax.random.key(0), num_sessions=5)
 
 
 def test_ridge_recovers_a_linear_relevance_and_ignores_zero_weights():

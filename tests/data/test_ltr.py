@@ -14,19 +14,20 @@ from saferl_jax.data import ltr
 
 @pytest.fixture(scope="module")
 def data():
-  return ltr.make_ltr_dataset(jax.random.key(0), n_queries=400, max_docs=12, min_docs=3, n_features=6)
+  return ltr.make_ltr_dataset(jax.random.key(0), num_queries=400, max_docs=12, min_docs=3,
+                              num_features=6)
 
 
 def test_shapes_and_dtypes(data):
   assert data.features.shape == (400, 12, 6) and data.features.dtype == np.float32
   assert data.labels.shape == (400, 12) and data.labels.dtype == np.int32
-  assert data.mask.shape == (400, 12) and data.mask.dtype == bool
+  assert data.where.shape == (400, 12) and data.where.dtype == bool
   np.testing.assert_array_equal(data.query_ids, np.arange(400))
   assert data.num_queries == 400
 
 
 def test_masks_are_prefixes_with_lengths_in_range(data):
-  mask = np.asarray(data.mask)
+  mask = np.asarray(data.where)
   lengths = mask.sum(1)
   np.testing.assert_array_equal(mask, np.arange(12)[None, :] < lengths[:, None])
   assert lengths.min() >= 3 and lengths.max() <= 12
@@ -37,7 +38,7 @@ def test_masks_are_prefixes_with_lengths_in_range(data):
 
 
 def test_label_range_and_distribution(data):
-  labels = np.asarray(data.labels)[np.asarray(data.mask)]
+  labels = np.asarray(data.labels)[np.asarray(data.where)]
   assert labels.min() >= 0 and labels.max() <= 4
   counts = np.bincount(labels, minlength=5)
   assert np.all(counts > 0)
@@ -48,21 +49,21 @@ def test_label_range_and_distribution(data):
 def test_labels_follow_the_features():
   # Without noise the labels are a function of the features: equal features, equal labels,
   # and a regression on the features explains a good share of the label variance.
-  data = ltr.make_ltr_dataset(jax.random.key(1), n_queries=300, noise=0.0)
-  mask = np.asarray(data.mask)
+  data = ltr.make_ltr_dataset(jax.random.key(1), num_queries=300, noise=0.0)
+  mask = np.asarray(data.where)
   x, y = np.asarray(data.features)[mask], np.asarray(data.labels)[mask]
   design = np.c_[x, np.ones(len(x))]
   residual = y - design @ np.linalg.lstsq(design, y, rcond=None)[0]
   assert 1 - residual.var() / y.var() > 0.3
-  noisy = ltr.make_ltr_dataset(jax.random.key(1), n_queries=300, noise=2.0)
+  noisy = ltr.make_ltr_dataset(jax.random.key(1), num_queries=300, noise=2.0)
   np.testing.assert_array_equal(noisy.features, data.features)  # same key: same documents
   assert not np.array_equal(noisy.labels, data.labels)
 
 
 def test_same_key_same_data_other_key_other_data():
-  a = ltr.make_ltr_dataset(jax.random.key(5), n_queries=20)
-  b = ltr.make_ltr_dataset(jax.random.key(5), n_queries=20)
-  c = ltr.make_ltr_dataset(jax.random.key(6), n_queries=20)
+  a = ltr.make_ltr_dataset(jax.random.key(5), num_queries=20)
+  b = ltr.make_ltr_dataset(jax.random.key(5), num_queries=20)
+  c = ltr.make_ltr_dataset(jax.random.key(6), num_queries=20)
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x, y)
   assert not np.array_equal(a.features, c.features)
@@ -70,8 +71,8 @@ def test_same_key_same_data_other_key_other_data():
 
 def test_bad_generator_arguments_raise():
   key = jax.random.key(0)
-  with pytest.raises(ValueError, match="n_queries"):
-    ltr.make_ltr_dataset(key, n_queries=0)
+  with pytest.raises(ValueError, match="num_queries"):
+    ltr.make_ltr_dataset(key, num_queries=0)
   with pytest.raises(ValueError, match="min_docs"):
     ltr.make_ltr_dataset(key, min_docs=10, max_docs=5)
   with pytest.raises(ValueError, match="noise"):
@@ -144,7 +145,7 @@ def test_loader_reads_sparse_unordered_non_contiguous_queries(tmp_path):
   np.testing.assert_array_equal(data.query_ids, [10, 3, 7])  # order of first appearance
   assert data.features.shape == (3, 3, 4)
   np.testing.assert_array_equal(data.labels, [[2, 0, 4], [1, 0, 0], [3, 0, 0]])
-  np.testing.assert_array_equal(data.mask, [[True, True, True], [True, True, False],
+  np.testing.assert_array_equal(data.where, [[True, True, True], [True, True, False],
                                             [True, False, False]])
   features = np.asarray(data.features)
   np.testing.assert_allclose(features[0, 0], [1.5, 0.0, 0.5, 0.0])
@@ -163,7 +164,7 @@ def test_loader_truncates_and_pads_to_max_docs(tmp_path):
   np.testing.assert_array_equal(short.labels, [[2, 0], [1, 0], [3, 0]])  # first documents kept
   long = ltr.load_letor(path, max_docs=5, num_features=6)
   assert long.features.shape == (3, 5, 6)
-  assert int(np.asarray(long.mask).sum()) == 6
+  assert int(np.asarray(long.where).sum()) == 6
 
 
 def test_loader_string_query_ids_gzip_and_max_label(tmp_path):
@@ -180,8 +181,8 @@ def test_loader_output_feeds_the_click_simulator(tmp_path):
   from saferl_jax import cltr
   data = ltr.load_letor(write(tmp_path, SAMPLE))
   rankings = np.tile(np.arange(3), (4, 1)).astype(np.int32)
-  clicks = cltr.simulate_sessions(jax.random.key(0), cltr.position_based(3), np.array([0, 1, 2, 0]),
-                                  rankings, data.labels, where=data.mask)
+  clicks = cltr.simulate_sessions(cltr.position_based(3), np.array([0, 1, 2, 0]), rankings,
+                                  data.labels, key=jax.random.key(0), where=data.where)
   assert clicks.shape == (4, 3)
   assert float(clicks[2, 1]) == 0.0 and float(clicks[1, 2]) == 0.0  # padded slots
 

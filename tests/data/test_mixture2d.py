@@ -71,7 +71,7 @@ def test_far_points_stay_finite():
 def test_sample_moments_and_quadrant_frequencies():
   mixture = mx.default_mixture()
   n = 40_000
-  x = np.asarray(mx.sample_mixture(jax.random.key(1), mixture, n), np.float64)
+  x = np.asarray(mx.sample_mixture(mixture, key=jax.random.key(1), num_samples=n), np.float64)
   mean = np.asarray(mx.mixture_mean(mixture))
   second = sum(w * (c + np.outer(m, m)) for w, m, c in zip(np.asarray(mixture.weights),
                                                             np.asarray(mixture.means),
@@ -88,12 +88,12 @@ def test_sample_moments_and_quadrant_frequencies():
       assert abs(observed - exact) < 4 * np.sqrt(exact * (1 - exact) / n)
 
 
-def test_sampling_is_deterministic_and_checks_n():
+def test_sampling_is_deterministic_and_checks_num_samples():
   mixture = mx.default_mixture()
-  np.testing.assert_array_equal(mx.sample_mixture(jax.random.key(2), mixture, 7),
-                                mx.sample_mixture(jax.random.key(2), mixture, 7))
-  with pytest.raises(ValueError, match="n:"):
-    mx.sample_mixture(jax.random.key(0), mixture, 0)
+  np.testing.assert_array_equal(mx.sample_mixture(mixture, key=jax.random.key(2), num_samples=7),
+                                mx.sample_mixture(mixture, key=jax.random.key(2), num_samples=7))
+  with pytest.raises(ValueError, match="num_samples:"):
+    mx.sample_mixture(mixture, key=jax.random.key(0), num_samples=0)
 
 
 @pytest.mark.parametrize("direction, beta", [((1.0, 0.5), 1.0), ((-0.5, 2.0), 2.5), ((1.0, 1.0), 0.7)])
@@ -149,7 +149,7 @@ def test_mmd_cross_term_against_monte_carlo(anisotropic):
   """E_{y~p} k(x, y) in closed form equals a Monte Carlo average over 200k draws."""
   x = jnp.array([[0.3, -0.2], [2.0, 1.0]])
   closed = jax.jit(mx._kernel_against_gaussians)(x, anisotropic.means, anisotropic.covariances, 0.5) @ anisotropic.weights
-  y = mx.sample_mixture(jax.random.key(5), anisotropic, 200_000)
+  y = mx.sample_mixture(anisotropic, key=jax.random.key(5), num_samples=200_000)
   kernel = np.exp(-np.sum((np.asarray(x)[:, None] - np.asarray(y)[None]) ** 2, -1) / (2 * 0.25))
   standard_error = kernel.std(1) / np.sqrt(kernel.shape[1])
   assert np.all(np.abs(np.asarray(closed) - kernel.mean(1)) < 4 * standard_error)
@@ -158,7 +158,8 @@ def test_mmd_cross_term_against_monte_carlo(anisotropic):
 def test_mmd_is_unbiased_over_seeds(anisotropic):
   """The mean of the U-statistic over 200 sample sets is the exact MMD^2 (within 4 standard errors)."""
   keys = jax.random.split(jax.random.key(7), 200)
-  many = jax.jit(jax.vmap(lambda k, sampled: mx.mixture_mmd(mx.sample_mixture(k, sampled, 100), anisotropic),
+  many = jax.jit(jax.vmap(lambda k, sampled: mx.mixture_mmd(mx.sample_mixture(sampled, key=k,
+                                                                              num_samples=100), anisotropic),
                           in_axes=(0, None)))
   for shift in (0.0, 0.5):
     shifted = anisotropic._replace(means=anisotropic.means + shift)
@@ -173,7 +174,7 @@ def test_mmd_is_unbiased_over_seeds(anisotropic):
 def test_mmd_v_statistic_relation_and_checks():
   prior = mx.default_mixture()
   n = 100
-  x = mx.sample_mixture(jax.random.key(0), prior, n)
+  x = mx.sample_mixture(prior, key=jax.random.key(0), num_samples=n)
   u = float(mx.mixture_mmd(x, prior))
   v = float(mx.mixture_mmd(x, prior, unbiased=False))
   # V = U + (1 - mean off-diagonal kernel) / n.

@@ -15,7 +15,7 @@ def test_shipped_samples_load():
   for policy in ("bts", "random"):
     log = load_obd(behavior_policy=policy)
     assert log.actions.shape == (10_000,)
-    assert log.n_actions == 80 and log.n_positions == 3
+    assert log.num_actions == 80 and log.num_positions == 3
     assert set(np.unique(log.positions)) == {0, 1, 2}
     assert np.all((log.logging_probs > 0) & (log.logging_probs <= 1))
     assert log.contexts.shape[0] == 10_000 and set(np.unique(log.contexts)) <= {0.0, 1.0}

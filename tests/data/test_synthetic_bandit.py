@@ -16,7 +16,8 @@ from saferl_jax.data import synthetic_bandit as sb
 
 @pytest.fixture(scope="module")
 def problem():
-  return sb.make_problem(jax.random.key(3), n_actions=4, n_contexts=5, logger_inverse_temperature=-2.0)
+  return sb.make_problem(jax.random.key(3), num_actions=4, num_contexts=5,
+                         logger_inverse_temperature=-2.0)
 
 
 def test_policy_value_is_the_exact_mean(problem):
@@ -34,7 +35,7 @@ def test_adversarial_logger_prefers_bad_actions(problem):
 
 def test_log_frequencies_match_the_logging_policy(problem):
   n = 200_000
-  log = sb.simulate_log(jax.random.key(0), problem, n)
+  log = sb.simulate_log(problem, key=jax.random.key(0), num_rounds=n)
   counts = np.zeros((5, 4))
   np.add.at(counts, (np.asarray(log.context_ids), np.asarray(log.actions)), 1)
   expected = np.asarray(problem.logging_dist, np.float64) * counts.sum(1, keepdims=True)
@@ -49,25 +50,25 @@ def test_log_frequencies_match_the_logging_policy(problem):
 
 def test_same_key_same_log_and_vmap_equals_loop(problem):
   keys = jax.random.split(jax.random.key(1), 3)
-  batched = sb.simulate_logs(keys, problem, 50)
+  batched = sb.simulate_logs(problem, keys=keys, num_rounds=50)
   for i, key in enumerate(keys):
-    single = sb.simulate_log(key, problem, 50)
+    single = sb.simulate_log(problem, key=key, num_rounds=50)
     for a, b in zip(single, batched):
       np.testing.assert_array_equal(a, b[i])
-  again = sb.simulate_logs(keys, problem, 50)
+  again = sb.simulate_logs(problem, keys=keys, num_rounds=50)
   np.testing.assert_array_equal(again.actions, batched.actions)
 
 
 def test_estimator_inputs_feed_the_estimators(problem):
   from saferl_jax import ope
-  log = sb.simulate_log(jax.random.key(2), problem, 100)
+  log = sb.simulate_log(problem, key=jax.random.key(2), num_rounds=100)
   estimate = ope.dr(*sb.estimator_inputs(problem, log))
   assert np.isfinite(estimate.value)
 
 
 def test_bad_problem_arguments_raise():
-  with pytest.raises(ValueError, match="n_actions"):
-    sb.make_problem(jax.random.key(0), n_actions=0)
+  with pytest.raises(ValueError, match="num_actions"):
+    sb.make_problem(jax.random.key(0), num_actions=0)
   with pytest.raises(ValueError, match="reward_model_noise"):
     sb.make_problem(jax.random.key(0), reward_model_noise=-1.0)
 
@@ -75,10 +76,10 @@ def test_bad_problem_arguments_raise():
 SHARDING_SCRIPT = textwrap.dedent("""
     import json, jax, numpy as np
     from saferl_jax.data import synthetic_bandit as sb
-    problem = sb.make_problem(jax.random.key(3), n_actions=4, n_contexts=5)
+    problem = sb.make_problem(jax.random.key(3), num_actions=4, num_contexts=5)
     keys = jax.random.split(jax.random.key(1), 16)
-    logs = sb.simulate_logs(keys, problem, 32)
-    loop = np.stack([np.asarray(sb.simulate_log(k, problem, 32).rewards) for k in keys])
+    logs = sb.simulate_logs(problem, keys=keys, num_rounds=32)
+    loop = np.stack([np.asarray(sb.simulate_log(problem, key=k, num_rounds=32).rewards) for k in keys])
     print(json.dumps({
         "devices": jax.device_count(),
         "shards": len(logs.rewards.sharding.device_set),

@@ -7,8 +7,8 @@ import pytest
 
 from saferl_jax.experiments import ope_variance
 
-TINY = ope_variance.Config(logger_inverse_temperatures=(-1.0, 1.0), n_actions=(5,),
-                           sample_sizes=(50, 200), n_seeds=16, n_contexts=50)
+TINY = ope_variance.Config(logger_inverse_temperatures=(-1.0, 1.0), num_actions=(5,),
+                           sample_sizes=(50, 200), num_seeds=16, num_contexts=50)
 
 
 def test_results_file_has_the_documented_schema(tmp_path):
@@ -17,7 +17,7 @@ def test_results_file_has_the_documented_schema(tmp_path):
   assert len(results["settings"]) == 2
   for setting in results["settings"]:
     assert setting["n"] == [50, 200]
-    assert {"logger_inverse_temperature", "n_actions", "true_value", "estimators"} <= set(setting)
+    assert {"logger_inverse_temperature", "num_actions", "true_value", "estimators"} <= set(setting)
     for name in ("ips", "snips", "dm", "dr", "sndr", "switch_dr", "dr_os", "beta_ips"):
       stats = setting["estimators"][name]
       assert len(stats["mse"]) == 2

@@ -146,13 +146,13 @@ def test_bootstrap_interval_covers_the_true_value():
 def test_bootstrap_interval_is_the_percentile_of_refitted_estimates():
   rounds = logged_rounds(*simulate(jax.random.key(3), GOOD, 50))
   key = jax.random.key(4)
-  ci = estimator_bootstrap_interval(ips_from_rounds, rounds, key=key, num_resamples=64,
-                                    alpha=0.1, clip=3.0)
-  indices = np.asarray(resample_indices(key, 64, 50))
+  ci = estimator_bootstrap_interval(ips_from_rounds, rounds, key=key, num_resamples=64, delta=0.1,
+                                    clip=3.0)
+  indices = np.asarray(resample_indices(key, num_resamples=64, num_rows=50))
   w, r = np.asarray(rounds.weights), np.asarray(rounds.rewards)
   replicates = np.mean(np.minimum(w[indices], 3.0) * r[indices], axis=1)
   np.testing.assert_allclose(ci, np.quantile(replicates, [0.05, 0.95]), rtol=1e-5)
-  expected = percentile_interval(jnp.asarray(replicates), alpha=0.1)
+  expected = percentile_interval(jnp.asarray(replicates), delta=0.1)
   np.testing.assert_allclose(ci, expected, rtol=1e-5)
 
 

@@ -71,8 +71,8 @@ def test_jit_equals_eager_and_vmap_equals_a_loop():
 
 def test_top_k_samples_are_prefixes_of_full_samples_from_the_same_key():
   key = jax.random.key(11)
-  full = sample_rankings(key, LOGITS, sample_shape=200)
-  np.testing.assert_array_equal(sample_rankings(key, LOGITS, sample_shape=200, k=2), full[:, :2])
+  full = sample_rankings(LOGITS, key=key, sample_shape=200)
+  np.testing.assert_array_equal(sample_rankings(LOGITS, key=key, sample_shape=200, k=2), full[:, :2])
 
 
 def test_exposure_closed_form_and_mass():
@@ -97,7 +97,7 @@ def test_exposure_from_samples_matches_enumeration(k):
   exact = probs @ per_perm
   variance = probs @ per_perm**2 - exact**2
   n = 20_000
-  samples = sample_rankings(jax.random.key(3), LOGITS, sample_shape=n, k=k)
+  samples = sample_rankings(LOGITS, key=jax.random.key(3), sample_shape=n, k=k)
   estimate = np.asarray(exposure_from_samples(samples, weights, 4))
   if k == 2:  # only two weighted ranks observed
     per_perm[:, :] = 0
@@ -112,7 +112,7 @@ def test_exposure_from_samples_matches_enumeration(k):
 
 def test_exposure_batched_lists():
   logits = np.stack([LOGITS, -LOGITS])
-  samples = sample_rankings(jax.random.key(0), logits, sample_shape=100)
+  samples = sample_rankings(logits, key=jax.random.key(0), sample_shape=100)
   batched = exposure_from_samples(samples, dcg_rank_weights(2), 4)
   assert batched.shape == (2, 4)
   for b in range(2):

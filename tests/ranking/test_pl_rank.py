@@ -230,6 +230,45 @@ def test_vmap_over_queries_equals_a_loop(estimator):
   np.testing.assert_allclose(batched, np.stack(looped), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=IDS)
+def test_leading_batch_axes_equal_a_loop_with_split_keys(estimator):
+  # Lists [2, 3, D] in one call: list i of the flattened batch uses split(key, 6)[i].
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.normal(size=(2, 3, 5)), jnp.float32)
+  relevance = jnp.asarray(rng.integers(0, 3, size=(2, 3, 5)), jnp.float32)
+  where = jnp.asarray(rng.random((2, 3, 5)) < 0.8).at[..., 0].set(True)
+  key = jax.random.key(3)
+  batched = estimator(logits, relevance, RANK_WEIGHTS, key=key, num_samples=4, where=where)
+  assert batched.shape == (2, 3, 5)
+  keys = jax.random.split(key, 6)
+  looped = [estimator(m, r, RANK_WEIGHTS, key=k, num_samples=4, where=w) for m, r, k, w in
+            zip(logits.reshape(6, 5), relevance.reshape(6, 5), keys, where.reshape(6, 5))]
+  np.testing.assert_allclose(batched, np.stack(looped).reshape(2, 3, 5), rtol=1e-5, atol=1e-6)
+  # A mask [D] is shared by every list; jit of the batched call equals eager.
+  shared = estimator(logits, relevance, RANK_WEIGHTS, key=key, num_samples=4, where=where[0, 0])
+  np.testing.assert_allclose(
+      shared, estimator(logits, relevance, RANK_WEIGHTS, key=key, num_samples=4,
+                        where=jnp.broadcast_to(where[0, 0], logits.shape)), rtol=1e-6)
+  jitted = jax.jit(lambda m, r, k: estimator(m, r, RANK_WEIGHTS, key=k, num_samples=4,
+                                             where=where))(logits, relevance, key)
+  np.testing.assert_allclose(jitted, batched, rtol=1e-5, atol=1e-6)
+
+
+def test_exact_functions_take_leading_batch_axes():
+  logits = jnp.stack([jnp.stack([LOGITS, -LOGITS]), jnp.stack([2 * LOGITS, LOGITS[::-1]])])
+  relevance = jnp.broadcast_to(RELEVANCE, logits.shape)
+  where = jnp.array([True, True, False, True, True])
+  values = exact_objective(logits, relevance, RANK_WEIGHTS, where=where)
+  grads = exact_gradient(logits, relevance, RANK_WEIGHTS, where=where)
+  assert values.shape == (2, 2) and grads.shape == (2, 2, 5)
+  for i in range(2):
+    for j in range(2):
+      np.testing.assert_allclose(values[i, j], exact_objective(logits[i, j], RELEVANCE, RANK_WEIGHTS,
+                                                               where=where), rtol=1e-6)
+      np.testing.assert_allclose(grads[i, j], exact_gradient(logits[i, j], RELEVANCE, RANK_WEIGHTS,
+                                                             where=where), rtol=1e-5, atol=1e-7)
+
+
 def test_exact_gradient_vmaps_and_jits():
   logits = jnp.stack([LOGITS, -LOGITS])
   batched = jax.jit(jax.vmap(lambda m: exact_gradient(m, RELEVANCE, RANK_WEIGHTS)))(logits)
@@ -283,8 +322,12 @@ def test_bad_inputs_raise_value_error(estimator):
     estimator(LOGITS, RELEVANCE, jnp.ones((3, 1)), **ok)
   with pytest.raises(ValueError, match="relevance"):
     estimator(LOGITS, RELEVANCE[:4], RANK_WEIGHTS, **ok)
-  with pytest.raises(ValueError, match="logits"):
-    estimator(LOGITS[None], RELEVANCE[None], RANK_WEIGHTS, **ok)
+  with pytest.raises(ValueError, match="logits"):  # a scalar is not a list
+    estimator(LOGITS[0], RELEVANCE[0], RANK_WEIGHTS, **ok)
+  with pytest.raises(ValueError, match="relevance"):  # batch axes must agree
+    estimator(jnp.stack([LOGITS] * 2), jnp.stack([RELEVANCE] * 3), RANK_WEIGHTS, **ok)
+  with pytest.raises(ValueError, match="key: expected a typed PRNG key"):
+    estimator(LOGITS, RELEVANCE, RANK_WEIGHTS, key=jax.random.PRNGKey(0), num_samples=4)
   with pytest.raises(ValueError, match="where"):
     estimator(LOGITS, RELEVANCE, RANK_WEIGHTS, where=jnp.ones(4, bool), **ok)
   with pytest.raises(ValueError, match="where"):

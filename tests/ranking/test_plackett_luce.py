@@ -98,7 +98,7 @@ def test_gradient_matches_the_exact_score_function():
 @pytest.mark.parametrize("generator", ["hash", "threefry"])
 def test_full_ranking_frequencies_match_probabilities(generator):
   n = 100_000
-  samples = np.asarray(sample_rankings(jax.random.key(0), LOGITS, sample_shape=n,
+  samples = np.asarray(sample_rankings(LOGITS, key=jax.random.key(0), sample_shape=n,
                                        generator=generator))
   assert samples.shape == (n, 4) and samples.dtype == np.int32
   codes = samples @ np.array([64, 16, 4, 1])
@@ -112,7 +112,7 @@ def test_full_ranking_frequencies_match_probabilities(generator):
 @pytest.mark.parametrize("generator", ["hash", "threefry"])
 def test_top_k_frequencies_match_prefix_probabilities(generator):
   n = 100_000
-  samples = np.asarray(sample_rankings(jax.random.key(1), LOGITS, sample_shape=n, k=2,
+  samples = np.asarray(sample_rankings(LOGITS, key=jax.random.key(1), sample_shape=n, k=2,
                                        generator=generator))
   assert samples.shape == (n, 2)
   prefixes = list(itertools.permutations(range(4), 2))
@@ -124,7 +124,7 @@ def test_top_k_frequencies_match_prefix_probabilities(generator):
 
 def test_chi_square_detects_a_wrong_distribution():
   """The frequency test can fail: samples from other logits are rejected."""
-  samples = np.asarray(sample_rankings(jax.random.key(0), LOGITS * 1.1, sample_shape=100_000))
+  samples = np.asarray(sample_rankings(LOGITS * 1.1, key=jax.random.key(0), sample_shape=100_000))
   codes = samples @ np.array([64, 16, 4, 1])
   counts = np.array([(codes == c).sum() for c in np.array(PERMS) @ np.array([64, 16, 4, 1])])
   probs = np.exp([np_log_prob(LOGITS, p) for p in PERMS])
@@ -132,9 +132,9 @@ def test_chi_square_detects_a_wrong_distribution():
 
 
 def test_same_key_same_samples_and_different_keys_differ():
-  a = sample_rankings(jax.random.key(3), LOGITS, sample_shape=50)
-  b = sample_rankings(jax.random.key(3), LOGITS, sample_shape=50)
-  c = sample_rankings(jax.random.key(4), LOGITS, sample_shape=50)
+  a = sample_rankings(LOGITS, key=jax.random.key(3), sample_shape=50)
+  b = sample_rankings(LOGITS, key=jax.random.key(3), sample_shape=50)
+  c = sample_rankings(LOGITS, key=jax.random.key(4), sample_shape=50)
   np.testing.assert_array_equal(a, b)
   assert np.any(np.asarray(a) != np.asarray(c))
 
@@ -147,7 +147,7 @@ WHERE = np.array([True, False, True, False, True, True])
 
 @pytest.mark.parametrize("k", [None, 3, 5])
 def test_padded_items_are_never_ranked_above_valid_ones(k):
-  samples = np.asarray(sample_rankings(jax.random.key(2), MASKED_LOGITS, where=WHERE,
+  samples = np.asarray(sample_rankings(MASKED_LOGITS, key=jax.random.key(2), where=WHERE,
                                        sample_shape=10_000, k=k))
   valid_positions = samples[:, :4]
   assert np.all(WHERE[valid_positions])
@@ -173,7 +173,7 @@ def test_all_masked_list_has_log_prob_zero_and_no_nan_gradient():
         jnp.asarray(LOGITS))
     assert float(value) == 0.0
     np.testing.assert_array_equal(grad, np.zeros(4))
-  samples = sample_rankings(jax.random.key(0), LOGITS, where=where, sample_shape=3)
+  samples = sample_rankings(LOGITS, key=jax.random.key(0), where=where, sample_shape=3)
   np.testing.assert_array_equal(samples, np.tile(np.arange(4), (3, 1)))
 
 
@@ -197,7 +197,7 @@ def test_huge_logits_stay_finite_and_exact(scale):
     expected = np_log_prob(logits, ranking)
     assert np.isfinite(value) and np.all(np.isfinite(grad))
     np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-3)
-  samples = np.asarray(sample_rankings(jax.random.key(0), logits, sample_shape=100))
+  samples = np.asarray(sample_rankings(logits, key=jax.random.key(0), sample_shape=100))
   np.testing.assert_array_equal(samples, np.tile([0, 3, 1, 2], (100, 1)))
   # With padding (item 3 masked) the exact path gives the sub-list's log-prob.
   where = np.array([True, True, True, False])
@@ -228,9 +228,9 @@ def test_jit_equals_eager():
   np.testing.assert_allclose(jit_where(MASKED_LOGITS, np.array([5, 0]), WHERE),
                              ranking_log_prob(MASKED_LOGITS, np.array([5, 0]), where=WHERE),
                              rtol=1e-6)
-  sample = jax.jit(lambda key, m: sample_rankings(key, m, sample_shape=20, k=2))
+  sample = jax.jit(lambda key, m: sample_rankings(m, key=key, sample_shape=20, k=2))
   np.testing.assert_array_equal(sample(jax.random.key(5), LOGITS),
-                                sample_rankings(jax.random.key(5), LOGITS, sample_shape=20, k=2))
+                                sample_rankings(LOGITS, key=jax.random.key(5), sample_shape=20, k=2))
 
 
 def test_vmap_over_lists_equals_a_loop():
@@ -245,9 +245,9 @@ def test_vmap_over_lists_equals_a_loop():
   np.testing.assert_allclose(ranking_log_prob(logits, rankings, where=where), looped, rtol=1e-5,
                              atol=1e-6)
   keys = jax.random.split(jax.random.key(0), 5)
-  sampled = jax.vmap(lambda key, m, w: sample_rankings(key, m, where=w, k=3))(keys, logits, where)
+  sampled = jax.vmap(lambda key, m, w: sample_rankings(m, key=key, where=w, k=3))(keys, logits, where)
   for key, m, w, s in zip(keys, logits, where, sampled):
-    np.testing.assert_array_equal(s, sample_rankings(key, m, where=w, k=3))
+    np.testing.assert_array_equal(s, sample_rankings(m, key=key, where=w, k=3))
 
 
 @settings(max_examples=12)
@@ -258,7 +258,7 @@ def test_shapes_permutations_and_bounds(num_items, batch, data):
   rng = np.random.default_rng(seed)
   logits = rng.normal(size=(batch, num_items)) * 5
   where = rng.random((batch, num_items)) < 0.6
-  samples = np.asarray(sample_rankings(jax.random.key(seed), logits, where=where,
+  samples = np.asarray(sample_rankings(logits, key=jax.random.key(seed), where=where,
                                        sample_shape=(2,), k=k))
   assert samples.shape == (2, batch, num_items if k is None else k)
   for s, w in zip(samples.reshape(-1, samples.shape[-1]), np.tile(where, (2, 1))):
@@ -287,12 +287,12 @@ def test_distribution_agrees_with_functions_and_tfp():
   key = jax.random.key(7)
   samples = pl.sample(seed=key, sample_shape=(4,))
   assert samples.shape == (4, 3, 5)
-  np.testing.assert_array_equal(samples, sample_rankings(key, logits, sample_shape=(4,)))
+  np.testing.assert_array_equal(samples, sample_rankings(logits, key=key, sample_shape=(4,)))
   s2, lp = pl.sample_and_log_prob(seed=key, sample_shape=(4,))
   np.testing.assert_array_equal(s2, samples)
   np.testing.assert_allclose(lp, tfp_pl.log_prob(samples), rtol=1e-5)
 
-  top = pl.sample_top_k(key, 2, sample_shape=6)
+  top = pl.sample_top_k(k=2, sample_shape=6, key=key)
   assert top.shape == (6, 3, 2)
   np.testing.assert_allclose(pl.log_prob_top_k(top), ranking_log_prob(logits, top), rtol=1e-6)
   np.testing.assert_allclose(pl[1].log_prob(rankings[1]), pl.log_prob(rankings)[1], rtol=1e-6)
@@ -312,6 +312,25 @@ def test_distribution_under_jit_and_vmap():
   np.testing.assert_allclose(per_list, pl.log_prob(y), rtol=1e-6)
 
 
+def test_distribution_takes_the_key_as_key_or_seed():
+  pl = PlackettLuce(jnp.asarray(np.random.default_rng(3).normal(size=(2, 5)), jnp.float32))
+  key = jax.random.key(11)
+  np.testing.assert_array_equal(pl.sample(key=key, sample_shape=4), pl.sample(seed=key, sample_shape=4))
+  by_key, by_seed = (pl.sample_and_log_prob(key=key, sample_shape=2),
+                     pl.sample_and_log_prob(seed=key, sample_shape=2))
+  np.testing.assert_array_equal(by_key[0], by_seed[0])
+  np.testing.assert_array_equal(by_key[1], by_seed[1])
+  np.testing.assert_array_equal(pl.sample_top_k(k=2, key=key), pl.sample_top_k(k=2, seed=key))
+  np.testing.assert_array_equal(pl.sample_top_k(k=2, key=key),
+                                sample_rankings(pl.logits, key=key, k=2))
+  with pytest.raises(ValueError, match="key"):
+    pl.sample(key=key, seed=key)
+  with pytest.raises(ValueError, match="key"):
+    pl.sample_top_k(k=2)
+  with pytest.raises(ValueError, match="key: expected a typed PRNG key"):
+    pl.sample(seed=jax.random.PRNGKey(0))
+
+
 # Bad inputs.
 
 
@@ -329,17 +348,19 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
   with pytest.raises(ValueError, match="where"):
     ranking_log_prob(LOGITS, np.array([0, 1]), where=np.ones(3, bool))
   with pytest.raises(ValueError, match="where"):
-    sample_rankings(jax.random.key(0), LOGITS, where=np.ones((2, 5), bool))
+    sample_rankings(LOGITS, key=jax.random.key(0), where=np.ones((2, 5), bool))
   with pytest.raises(ValueError, match="where"):
-    sample_rankings(jax.random.key(0), LOGITS, where=np.ones(4))
+    sample_rankings(LOGITS, key=jax.random.key(0), where=np.ones(4))
   with pytest.raises(ValueError, match="logits"):
     ranking_log_prob(np.array([0.0, np.nan]), np.array([0, 1]))
   with pytest.raises(ValueError, match="logits"):
-    sample_rankings(jax.random.key(0), np.array([0.0, -np.inf]))
+    sample_rankings(np.array([0.0, -np.inf]), key=jax.random.key(0))
   with pytest.raises(ValueError, match="k"):
-    sample_rankings(jax.random.key(0), LOGITS, k=5)
+    sample_rankings(LOGITS, key=jax.random.key(0), k=5)
   with pytest.raises(ValueError, match="generator"):
-    sample_rankings(jax.random.key(0), LOGITS, generator="mt19937")
+    sample_rankings(LOGITS, key=jax.random.key(0), generator="mt19937")
+  with pytest.raises(ValueError, match="key: expected a typed PRNG key"):
+    sample_rankings(LOGITS, key=jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="value"):
     PlackettLuce(LOGITS).log_prob(np.array([0, 1]))
   # Padding may hold anything, even NaN, when it is masked.

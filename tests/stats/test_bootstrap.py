@@ -15,41 +15,48 @@ GENERATORS = ["hash", "threefry"]
 
 @pytest.mark.parametrize("generator", GENERATORS)
 def test_resample_indices_shape_range_and_reproducibility(generator):
-  idx = resample_indices(jax.random.key(0), 7, 13, generator=generator)
+  idx = resample_indices(jax.random.key(0), num_resamples=7, num_rows=13, generator=generator)
   assert idx.shape == (7, 13)
   assert jnp.issubdtype(idx.dtype, jnp.integer)
   assert int(idx.min()) >= 0 and int(idx.max()) < 13
-  np.testing.assert_array_equal(idx, resample_indices(jax.random.key(0), 7, 13,
-                                                      generator=generator))
-  other = resample_indices(jax.random.key(1), 7, 13, generator=generator)
+  np.testing.assert_array_equal(idx, resample_indices(jax.random.key(0), num_resamples=7,
+                                                      num_rows=13, generator=generator))
+  other = resample_indices(jax.random.key(1), num_resamples=7, num_rows=13, generator=generator)
   assert np.mean(np.asarray(idx) != np.asarray(other)) > 0.5
 
 
 def test_resample_indices_default_is_hash_and_differs_from_threefry():
   key = jax.random.key(3)
-  np.testing.assert_array_equal(resample_indices(key, 4, 50),
-                                resample_indices(key, 4, 50, generator="hash"))
-  assert not np.array_equal(resample_indices(key, 4, 50, generator="threefry"),
-                            resample_indices(key, 4, 50, generator="hash"))
+  np.testing.assert_array_equal(resample_indices(key, num_resamples=4, num_rows=50),
+                                resample_indices(key, num_resamples=4, num_rows=50,
+                                                 generator="hash"))
+  assert not np.array_equal(resample_indices(key, num_resamples=4, num_rows=50,
+                                             generator="threefry"),
+                            resample_indices(key, num_resamples=4, num_rows=50, generator="hash"))
 
 
-def test_resample_indices_accept_legacy_keys():
-  idx = resample_indices(jax.random.PRNGKey(0), 3, 20)
-  assert idx.shape == (3, 20) and int(idx.max()) < 20
+def test_resample_indices_refuse_legacy_keys_and_take_them_wrapped():
+  with pytest.raises(ValueError, match="key: expected a typed PRNG key.*wrap_key_data"):
+    resample_indices(jax.random.PRNGKey(0), num_resamples=3, num_rows=20)
+  idx = resample_indices(jax.random.wrap_key_data(jax.random.PRNGKey(0)), num_resamples=3,
+                         num_rows=20)
+  np.testing.assert_array_equal(idx, resample_indices(jax.random.key(0), num_resamples=3,
+                                                      num_rows=20))
 
 
 def test_resample_indices_of_one_row():
-  np.testing.assert_array_equal(resample_indices(jax.random.key(0), 3, 1), np.zeros((3, 1)))
+  np.testing.assert_array_equal(resample_indices(jax.random.key(0), num_resamples=3, num_rows=1),
+                                np.zeros((3, 1)))
 
 
 def test_resample_indices_unknown_generator():
   with pytest.raises(ValueError, match="generator"):
-    resample_indices(jax.random.key(0), 2, 5, generator="mersenne")
+    resample_indices(jax.random.key(0), num_resamples=2, num_rows=5, generator="mersenne")
 
 
 def test_resample_indices_negative_count_raises_value_error():
   with pytest.raises(ValueError, match="num_resamples"):
-    resample_indices(jax.random.key(0), -1, 5)
+    resample_indices(jax.random.key(0), num_resamples=-1, num_rows=5)
 
 
 # Statistical quality of the indices: 200 resamples of n = 1000.
@@ -59,7 +66,8 @@ B_Q, N_Q = 200, 1000
 
 @pytest.fixture(scope="module", params=GENERATORS)
 def indices(request):
-  return np.asarray(resample_indices(jax.random.key(42), B_Q, N_Q, generator=request.param))
+  return np.asarray(resample_indices(jax.random.key(42), num_resamples=B_Q, num_rows=N_Q,
+                                     generator=request.param))
 
 
 def test_indices_are_uniform(indices):
@@ -100,7 +108,8 @@ def test_number_of_distinct_rows_varies_as_for_a_multinomial(generator, n):
   # over B resamples has relative standard error about sqrt(2 / (B - 1)). (A
   # generator that permuted one fixed multiset of counts, as (hash(j) xor s) mod n
   # does for n a power of two, would give variance 0.)
-  idx = np.asarray(resample_indices(jax.random.key(7), B_Q, n, generator=generator))
+  idx = np.asarray(resample_indices(jax.random.key(7), num_resamples=B_Q, num_rows=n,
+                                    generator=generator))
   left_out = np.array([n - len(np.unique(row)) for row in idx])
   variance = n * (n - 1) * (1 - 2 / n)**n + n * (1 - 1 / n)**n - n**2 * (1 - 1 / n)**(2 * n)
   np.testing.assert_allclose(left_out.mean(), n * (1 - 1 / n)**n,
@@ -147,7 +156,8 @@ def test_bootstrap_replicates_equal_a_loop_over_resample_indices(generator):
                                     generator=generator)
   x, y = np.asarray(data["x"]), np.asarray(data["y"])
   expected = [np.sum(x[i] * y[i, 0]) / np.sum(y[i, 1]**2)
-              for i in np.asarray(resample_indices(key, 7, 30, generator=generator))]
+              for i in np.asarray(resample_indices(key, num_resamples=7, num_rows=30,
+                                                   generator=generator))]
   np.testing.assert_allclose(replicates, expected, rtol=1e-5)
 
 
@@ -189,28 +199,28 @@ def test_bootstrap_replicates_empty_data_raises():
 
 
 def test_percentile_interval_closed_form():
-  ci = percentile_interval(jnp.arange(101.0), alpha=0.1)
+  ci = percentile_interval(jnp.arange(101.0), delta=0.1)
   np.testing.assert_allclose(ci, [5.0, 95.0], rtol=1e-6)
-  ci = percentile_interval(jnp.array([3.0, 1.0, 2.0]), alpha=0.5)  # linear interpolation
+  ci = percentile_interval(jnp.array([3.0, 1.0, 2.0]), delta=0.5)  # linear interpolation
   np.testing.assert_allclose(ci, [1.5, 2.5], rtol=1e-6)
 
 
 def test_percentile_interval_bad_inputs():
-  with pytest.raises(ValueError, match="alpha"):
-    percentile_interval(jnp.arange(5.0), alpha=0.0)
+  with pytest.raises(ValueError, match="delta"):
+    percentile_interval(jnp.arange(5.0), delta=0.0)
   with pytest.raises(ValueError, match="replicates"):
     percentile_interval(jnp.ones((2, 2)))
 
 
-def test_percentile_interval_alpha_above_one_raises():
-  with pytest.raises(ValueError, match="alpha"):
-    percentile_interval(jnp.arange(5.0), alpha=1.5)
+def test_percentile_interval_delta_above_one_raises():
+  with pytest.raises(ValueError, match="delta"):
+    percentile_interval(jnp.arange(5.0), delta=1.5)
 
 
 def test_bootstrap_interval_is_the_percentile_of_the_replicates():
   x = jnp.asarray(np.random.default_rng(7).normal(2.0, 1.0, size=60), jnp.float32)
   key = jax.random.key(8)
-  ci = bootstrap_interval(jnp.mean, x, key=key, num_resamples=500, alpha=0.1)
+  ci = bootstrap_interval(jnp.mean, x, key=key, num_resamples=500, delta=0.1)
   replicates = bootstrap_replicates(jnp.mean, x, key=key, num_resamples=500)
   np.testing.assert_allclose(ci, np.quantile(np.asarray(replicates), [0.05, 0.95]), rtol=1e-5)
   # Close to the normal interval mean +- 1.645 s / sqrt(n). A 5% quantile of B = 500 replicates has

@@ -44,14 +44,14 @@ def test_lower_bound_closed_form(method, half_width):
      + 7 * 2.0 * math.log(4 / 0.05) / (3 * (N - 1))),
 ], ids=["normal", "t", "hoeffding", "bernstein"])
 def test_confidence_interval_closed_form(method, half_width):
-  ci = interval_jit(X, alpha=0.05, method=method, max_value=2.0)
+  ci = interval_jit(X, delta=0.05, method=method, max_value=2.0)
   np.testing.assert_allclose(ci.lower, MEAN - half_width, rtol=1e-5)
   np.testing.assert_allclose(ci.upper, MEAN + half_width, rtol=1e-5)
 
 
 def test_t_interval_with_three_degrees_of_freedom():
   x = np.array([1.0, 3.0, 2.0, 6.0])
-  ci = interval_jit(x, alpha=0.05, method="t")
+  ci = interval_jit(x, delta=0.05, method="t")
   half = T3_975 * x.std(ddof=1) / 2.0
   np.testing.assert_allclose(ci.lower, x.mean() - half, rtol=1e-5)
   np.testing.assert_allclose(ci.upper, x.mean() + half, rtol=1e-5)
@@ -111,9 +111,9 @@ def test_lower_bound_bad_inputs(kwargs, argument):
     lower_bound(samples, **kwargs)
 
 
-def test_confidence_interval_bad_alpha():
-  with pytest.raises(ValueError, match="alpha"):
-    confidence_interval(X, alpha=0.0)
+def test_confidence_interval_bad_delta():
+  with pytest.raises(ValueError, match="delta"):
+    confidence_interval(X, delta=0.0)
 
 
 def test_delta_of_one_or_more_raises():
@@ -159,7 +159,7 @@ def exact_t_miss(quantile, two_sided):
 
 
 def test_t_interval_coverage(bernoulli_samples):
-  ci = jax.vmap(functools.partial(confidence_interval, alpha=0.05, method="t"))(
+  ci = jax.vmap(functools.partial(confidence_interval, delta=0.05, method="t"))(
       bernoulli_samples)
   covered = np.mean((np.asarray(ci.lower) <= P_TRUE) & (P_TRUE <= np.asarray(ci.upper)))
   exact = 1.0 - exact_t_miss(T199_975, two_sided=True)
