@@ -7,7 +7,7 @@ advantages (`losses`) and rewards of final samples (`rewards`). The NNX denoiser
 """
 
 from saferl_jax._lazy import lazy_exports
-from saferl_jax.diffusion.losses import (PPOLoss, RewardStats, RewardStatsState, loop_advantages,
+from saferl_jax.diffusion.losses import (PPOLoss, epsilon_loss, RewardStats, RewardStatsState, loop_advantages,
                                          ppo_advantages, ppo_loss, reinforce_loss, reward_stats)
 from saferl_jax.diffusion.rewards import (compressibility_reward, prompt_alignment_reward,
                                           quality_reward, tilt_reward)
@@ -29,7 +29,7 @@ __all__ = [
     "Trajectory", "Transitions", "sample", "select_samples", "select_step",
     "stepwise_value_and_grad", "trajectory_log_probs", "trajectory_transitions",
     # Policy-gradient losses and advantages (losses.py).
-    "PPOLoss", "RewardStats", "RewardStatsState", "loop_advantages", "ppo_advantages", "ppo_loss",
+    "PPOLoss", "epsilon_loss", "RewardStats", "RewardStatsState", "loop_advantages", "ppo_advantages", "ppo_loss",
     "reinforce_loss", "reward_stats",
     # Rewards (rewards.py).
     "compressibility_reward", "prompt_alignment_reward", "quality_reward", "tilt_reward",
@@ -41,7 +41,6 @@ _LAZY = {
     "ConvDenoiser": "saferl_jax.models.denoisers",
     "DigitClassifier": "saferl_jax.models.classifier",
     "pretrain": "saferl_jax.training.pretraining",
-    "epsilon_loss": "saferl_jax.training.pretraining",
     "train_classifier": "saferl_jax.training.classifier",
     "finetune": "saferl_jax.training.finetuning",
     "Sampling": "saferl_jax.training.finetuning",

@@ -27,12 +27,14 @@ References:
   [DDPO] Black, Janner, Du, Kostrikov, Levine. Training Diffusion Models with Reinforcement Learning. ICLR 2024. https://arxiv.org/abs/2305.13301
   [LOOP] Gupta et al. A Simple and Effective Reinforcement Learning Method for Text-to-Image Diffusion Models. 2025. https://arxiv.org/abs/2503.00897
   Chan, Golub, LeVeque. Updating Formulae and a Pairwise Algorithm for Computing Sample Variances. 1979 (the batched Welford merge).
+  [DDPM] Ho, Jain, Abbeel. Denoising Diffusion Probabilistic Models. NeurIPS 2020. https://arxiv.org/abs/2006.11239
+  [CFG] Ho, Salimans. Classifier-Free Diffusion Guidance. 2022. https://arxiv.org/abs/2207.12598
 """
 
 # No `from __future__ import annotations`: pdoc evaluates NamedTuple fields outside this module.
 
 import functools
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +42,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from saferl_jax import checks
+from saferl_jax.diffusion.schedules import NoiseSchedule, check_schedule
 from saferl_jax.policy_gradient import clipped_surrogate, leave_one_out_baseline
 
 # exp(60) ~ 1e26 is finite in float32; a larger log-ratio would overflow to inf, and the clipped branch's
@@ -353,3 +356,62 @@ def _ppo_kernel(log_probs, old_log_probs, advantages, clip_range):
   log_ratio, ratio = jax.lax.stop_gradient(log_ratio), jax.lax.stop_gradient(ratio)
   return PPOLoss(loss=-jnp.mean(surrogate), approx_kl=jnp.mean(0.5 * jnp.square(log_ratio)),
                  clip_fraction=jnp.mean((jnp.abs(ratio - 1) > clip_range).astype(ratio.dtype)))
+
+
+# DDPM's training loss (pretraining), beside the fine-tuning losses above.
+
+
+def check_probability(name: str, value) -> None:
+  """Checks a probability option such as label dropout: it must lie in [0, 1]."""
+  if checks.is_concrete(value) and not 0 <= float(value) <= 1:
+    raise ValueError(f"{name}: must be in [0, 1], got {value}")
+
+
+def epsilon_loss(apply_fn: Callable, params: Any, x0: ArrayLike, condition: ArrayLike, *,
+                 key: jax.Array, alphas_cumprod: ArrayLike, label_dropout: float,
+                 null_condition: int) -> jax.Array:
+  """DDPM's simple loss mean (eps_theta(x_t, t, c') - eps)^2 with t, eps and label dropout drawn from `key`.
+
+  t ~ Uniform{0, ..., T-1},  eps ~ N(0, I),  x_t = sqrt(alphabar_t) x_0 + sqrt(1 - alphabar_t) eps,
+  c' = null_condition with probability label_dropout, else c [DDPM, Algorithm 1; CFG].
+
+  Args:
+    apply_fn: apply_fn(params, x_t [B, *shape], t [B] int32, condition [B] int32) -> eps [B, *shape].
+    params: the denoiser's parameters.
+    x0: [B, *shape] clean samples.
+    condition: [B] int classes.
+    key: PRNG key for t, eps and the dropout mask.
+    alphas_cumprod: [T] alphabar_t of the training schedule (the caller passes the schedule's array).
+    label_dropout: probability in [0, 1] of replacing a condition by `null_condition`.
+    null_condition: the null (unconditional) token, the denoiser's `num_classes`.
+
+  Returns:
+    The scalar loss, averaged over the batch and every dimension.
+
+  Example:
+    >>> zero = lambda params, x, t, c: jnp.zeros_like(x)  # loss = mean eps^2, about 1
+    >>> loss = epsilon_loss(zero, None, jnp.ones((1000, 2)), jnp.zeros(1000, jnp.int32),
+    ...                     key=jax.random.key(0), alphas_cumprod=jnp.linspace(0.99, 0.01, 50),
+    ...                     label_dropout=0.1, null_condition=1)
+    >>> bool(abs(loss - 1) < 0.1)
+    True
+  """
+  x0 = checks.as_float("x0", x0)
+  condition = checks.as_int("condition", condition)
+  alphas_cumprod = checks.as_float("alphas_cumprod", alphas_cumprod)
+  if x0.ndim < 2:
+    raise ValueError(f"x0: expected a batch [B, *shape], got shape {x0.shape}")
+  if condition.shape != x0.shape[:1]:
+    raise ValueError(f"condition: expected shape [B={x0.shape[0]}], got {condition.shape}")
+  check_schedule(NoiseSchedule(alphas_cumprod), name="alphas_cumprod")
+  check_probability("label_dropout", label_dropout)
+  batch = x0.shape[0]
+  t_key, noise_key, dropout_key = jax.random.split(key, 3)
+  t = jax.random.randint(t_key, (batch,), 0, alphas_cumprod.shape[0])
+  noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+  alphabar = alphas_cumprod[t].reshape((batch,) + (1,) * (x0.ndim - 1))
+  x_t = jnp.sqrt(alphabar) * x0 + jnp.sqrt(1 - alphabar) * noise
+  dropped = jax.random.bernoulli(dropout_key, label_dropout, (batch,))
+  condition = jnp.where(dropped, null_condition, condition).astype(jnp.int32)
+  predicted = apply_fn(params, x_t, t.astype(jnp.int32), condition)
+  return jnp.mean((predicted - noise) ** 2)

@@ -134,13 +134,15 @@ def cosine_schedule(num_train_steps: int = 1000, *, s: float = 0.008) -> NoiseSc
   return _from_alphas_cumprod(np.cumprod(1.0 - betas))
 
 
-def check_schedule(schedule: NoiseSchedule) -> None:
-  """Raises a ValueError (naming `schedule`) unless alphas_cumprod is 1-d, finite, in (0, 1) and strictly decreasing.
+def check_schedule(schedule: NoiseSchedule, *, name: str = "schedule") -> None:
+  """Raises a ValueError (naming `name`) unless alphas_cumprod is 1-d, finite, in (0, 1) and strictly decreasing.
 
-  The shape is always checked; values only when the schedule is concrete (not traced).
+  The shape is always checked; values only when the schedule is concrete (not traced). The one
+  validator of schedules: sampling, pretraining and the epsilon loss all use it.
 
   Args:
     schedule: a `NoiseSchedule`.
+    name: the argument to name in messages (pretraining passes "alphas_cumprod").
 
   Example:
     >>> import jax.numpy as jnp
@@ -151,26 +153,26 @@ def check_schedule(schedule: NoiseSchedule) -> None:
     ValueError: schedule: alphas_cumprod must be strictly decreasing, but alphas_cumprod[1] = 0.95 >= alphas_cumprod[0] = 0.9
   """
   if not isinstance(schedule, NoiseSchedule):
-    raise ValueError(f"schedule: must be a NoiseSchedule, got {type(schedule).__name__}")
+    raise ValueError(f"{name}: must be a NoiseSchedule, got {type(schedule).__name__}")
   a = jnp.asarray(schedule.alphas_cumprod)
   if a.ndim != 1 or a.shape[0] < 2:
-    raise ValueError(f"schedule: alphas_cumprod must be a 1-d array [T] with T >= 2, got shape "
+    raise ValueError(f"{name}: alphas_cumprod must be a 1-d array [T] with T >= 2, got shape "
                      f"{tuple(a.shape)}")
   if not checks.is_concrete(a):
     return
   values = np.asarray(a, np.float64)
   if not np.all(np.isfinite(values)):
-    raise ValueError(f"schedule: alphas_cumprod contains {int(np.sum(~np.isfinite(values)))} "
+    raise ValueError(f"{name}: alphas_cumprod contains {int(np.sum(~np.isfinite(values)))} "
                      "NaN or infinite value(s)")
   outside = ~((values > 0) & (values < 1))
   if np.any(outside):
     i = int(np.argmax(outside))
-    raise ValueError(f"schedule: alphas_cumprod must lie in (0, 1), but alphas_cumprod[{i}] = "
+    raise ValueError(f"{name}: alphas_cumprod must lie in (0, 1), but alphas_cumprod[{i}] = "
                      f"{values[i]:.6g}")
   rising = values[1:] >= values[:-1]
   if np.any(rising):
     i = int(np.argmax(rising)) + 1
-    raise ValueError(f"schedule: alphas_cumprod must be strictly decreasing, but alphas_cumprod[{i}] "
+    raise ValueError(f"{name}: alphas_cumprod must be strictly decreasing, but alphas_cumprod[{i}] "
                      f"= {values[i]:.6g} >= alphas_cumprod[{i - 1}] = {values[i - 1]:.6g}")
 
 

@@ -1,10 +1,7 @@
 """Pretraining a denoiser with DDPM's epsilon loss and label dropout, cached on disk (floor 3).
 
-The loss of one minibatch (x_0, c) [DDPM, Algorithm 1] with classifier-free label dropout [CFG]:
-
-  t ~ Uniform{0, ..., T-1},  eps ~ N(0, I),  x_t = sqrt(alphabar_t) x_0 + sqrt(1 - alphabar_t) eps,
-  c' = null_condition with probability label_dropout, else c,
-  L = mean over the batch and every dimension of (eps_theta(x_t, t, c') - eps)^2.
+The loss of one minibatch is DDPM's with classifier-free label dropout,
+`saferl_jax.diffusion.epsilon_loss` (floor 1).
 
 `pretrain` minimises it with Adam (gradients clipped to global norm 1, the learning rate decayed
 by a cosine to a tenth over the run), minibatches drawn with replacement, through the one
@@ -26,7 +23,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +33,8 @@ from flax import nnx
 from jax.typing import ArrayLike
 
 from saferl_jax import checks
+from saferl_jax.diffusion.losses import check_probability, epsilon_loss
+from saferl_jax.diffusion.schedules import NoiseSchedule, check_schedule
 from saferl_jax.training import checkpoints, driver
 
 CHUNK_STEPS = 100  # optimisation steps per compiled chunk (one progress tick, one checkpoint)
@@ -54,67 +53,6 @@ class PretrainResult(NamedTuple):
   params: Any
   losses: np.ndarray
   from_cache: bool
-
-
-def _check_schedule(alphas_cumprod: jax.Array) -> None:
-  if alphas_cumprod.ndim != 1 or alphas_cumprod.shape[0] == 0:
-    raise ValueError(f"alphas_cumprod: expected a non-empty [T] array, got shape {alphas_cumprod.shape}")
-  if checks.is_concrete(alphas_cumprod):
-    values = np.asarray(alphas_cumprod)
-    if not np.all((values > 0) & (values <= 1)):
-      raise ValueError("alphas_cumprod: every alphabar_t must be in (0, 1]")
-
-
-def _check_probability(name: str, value: float) -> None:
-  if checks.is_concrete(value) and not 0 <= float(value) <= 1:
-    raise ValueError(f"{name}: must be in [0, 1], got {value}")
-
-
-def epsilon_loss(apply_fn: Callable, params: Any, x0: ArrayLike, condition: ArrayLike, *,
-                 key: jax.Array, alphas_cumprod: ArrayLike, label_dropout: float,
-                 null_condition: int) -> jax.Array:
-  """DDPM's simple loss mean (eps_theta(x_t, t, c') - eps)^2 with t, eps and label dropout drawn from `key`.
-
-  Args:
-    apply_fn: apply_fn(params, x_t [B, *shape], t [B] int32, condition [B] int32) -> eps [B, *shape].
-    params: the denoiser's parameters.
-    x0: [B, *shape] clean samples.
-    condition: [B] int classes.
-    key: PRNG key for t, eps and the dropout mask.
-    alphas_cumprod: [T] alphabar_t of the training schedule (the caller passes the schedule's array).
-    label_dropout: probability in [0, 1] of replacing a condition by `null_condition`.
-    null_condition: the null (unconditional) token, the denoiser's `num_classes`.
-
-  Returns:
-    The scalar loss, averaged over the batch and every dimension.
-
-  Example:
-    >>> zero = lambda params, x, t, c: jnp.zeros_like(x)  # loss = mean eps^2, about 1
-    >>> loss = epsilon_loss(zero, None, jnp.ones((1000, 2)), jnp.zeros(1000, jnp.int32),
-    ...                     key=jax.random.key(0), alphas_cumprod=jnp.linspace(0.99, 0.01, 50),
-    ...                     label_dropout=0.1, null_condition=1)
-    >>> bool(abs(loss - 1) < 0.1)
-    True
-  """
-  x0 = checks.as_float("x0", x0)
-  condition = checks.as_int("condition", condition)
-  alphas_cumprod = checks.as_float("alphas_cumprod", alphas_cumprod)
-  if x0.ndim < 2:
-    raise ValueError(f"x0: expected a batch [B, *shape], got shape {x0.shape}")
-  if condition.shape != x0.shape[:1]:
-    raise ValueError(f"condition: expected shape [B={x0.shape[0]}], got {condition.shape}")
-  _check_schedule(alphas_cumprod)
-  _check_probability("label_dropout", label_dropout)
-  batch = x0.shape[0]
-  t_key, noise_key, dropout_key = jax.random.split(key, 3)
-  t = jax.random.randint(t_key, (batch,), 0, alphas_cumprod.shape[0])
-  noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
-  alphabar = alphas_cumprod[t].reshape((batch,) + (1,) * (x0.ndim - 1))
-  x_t = jnp.sqrt(alphabar) * x0 + jnp.sqrt(1 - alphabar) * noise
-  dropped = jax.random.bernoulli(dropout_key, label_dropout, (batch,))
-  condition = jnp.where(dropped, null_condition, condition).astype(jnp.int32)
-  predicted = apply_fn(params, x_t, t.astype(jnp.int32), condition)
-  return jnp.mean((predicted - noise) ** 2)
 
 
 def _optimizer(learning_rate, steps) -> optax.GradientTransformation:
@@ -194,7 +132,7 @@ def pretrain(model: nnx.Module, images: ArrayLike, labels: ArrayLike | None = No
   checks.check_positive_int("steps", steps)
   if not learning_rate > 0:
     raise ValueError(f"learning_rate: must be > 0, got {learning_rate}")
-  _check_probability("label_dropout", label_dropout)
+  check_probability("label_dropout", label_dropout)
   driver.check_seed_keys(key)
   if key.ndim:
     raise ValueError(f"key: expected one key, got shape {key.shape}")
@@ -216,7 +154,7 @@ def pretrain(model: nnx.Module, images: ArrayLike, labels: ArrayLike | None = No
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= n:
     raise ValueError(f"batch_size: must be an int in [1, N={n}], got {batch_size!r}")
   alphas_cumprod = checks.as_float("alphas_cumprod", alphas_cumprod)
-  _check_schedule(alphas_cumprod)
+  check_schedule(NoiseSchedule(alphas_cumprod), name="alphas_cumprod")
 
   graphdef, params = nnx.split(model)
   keys, params, _ = driver.seed_axis(key, params)

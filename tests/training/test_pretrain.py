@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from saferl_jax.data import mixture2d as mx
+from saferl_jax.diffusion import losses
 from saferl_jax.training import pretraining
 from saferl_jax.models.denoisers import MLPDenoiser
 from saferl_jax.models.functional import as_functional
@@ -18,7 +19,7 @@ ALPHAS_CUMPROD = jnp.cumprod(1 - jnp.linspace(1e-4, 0.2, T))
 
 
 def _loss(apply_fn, params, x0, condition, key, label_dropout=0.0, null_condition=4):
-  return pretraining.epsilon_loss(apply_fn, params, x0, condition, key=key, alphas_cumprod=ALPHAS_CUMPROD,
+  return losses.epsilon_loss(apply_fn, params, x0, condition, key=key, alphas_cumprod=ALPHAS_CUMPROD,
                                   label_dropout=label_dropout, null_condition=null_condition)
 
 
@@ -76,7 +77,7 @@ def test_epsilon_loss_jit_equals_eager_and_checks():
   with pytest.raises(ValueError, match="condition:"):
     _loss(apply_fn, params, x0, condition[:3], jax.random.key(3))
   with pytest.raises(ValueError, match="alphas_cumprod:"):
-    pretraining.epsilon_loss(apply_fn, params, x0, condition, key=jax.random.key(0),
+    losses.epsilon_loss(apply_fn, params, x0, condition, key=jax.random.key(0),
                              alphas_cumprod=jnp.array([0.5, 0.0]), label_dropout=0.0, null_condition=1)
 
 
