@@ -2,8 +2,10 @@
 gradients (floor 1); the NNX rankers of `saferl_jax.models` are re-exported lazily.
 
 Functions take one list of D items (logits [D], labels [D], a ranking [K]) with an
-optional bool mask `where` for padded items; leading batch axes broadcast, and
-`jax.vmap` batches any of them. Everything works under `jax.jit`.
+optional bool mask `where` for padded items. Every one of them also takes leading batch
+axes [..., D] (the PL-Rank estimators give list i of the flattened batch the key
+`jax.random.split(key, num_lists)[i]`), and `jax.vmap` batches any of them. Everything
+works under `jax.jit`.
 """
 
 from saferl_jax._lazy import lazy_exports
