@@ -22,6 +22,7 @@ TINY_LOOP = loop_finetuning.Config(train_steps=100, sampling_steps=4, channels=8
                                    num_seeds=2, mixture_pretrain_steps=20, mixture_rounds=2)
 
 
+@pytest.mark.slow
 def test_demo_runs_every_experiment(tmp_path, monkeypatch):
   monkeypatch.setattr(ope_variance, "QUICK", TINY)
   monkeypatch.setattr(opl_learning, "QUICK", TINY_OPL)
@@ -59,6 +60,7 @@ def test_ope_variance_command(tmp_path, monkeypatch, capsys):
   assert (tmp_path / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_opl_command(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(opl_learning, "QUICK", TINY_OPL)
   cli.main(["opl", "--quick", "--out", str(tmp_path)])
@@ -66,6 +68,7 @@ def test_opl_command(tmp_path, monkeypatch, capsys):
   assert json.loads((tmp_path / "results.json").read_text())["methods"]
 
 
+@pytest.mark.slow
 def test_cltr_command_on_a_letor_file(tmp_path, monkeypatch, capsys):
   """--data reads an SVMlight file; results.json has the schema of issue 4."""
   monkeypatch.setattr(cltr_safety, "QUICK", TINY_CLTR)

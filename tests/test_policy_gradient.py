@@ -61,6 +61,7 @@ def within_stderr(samples, expected, num_se=4.0):
   return np.all(np.abs(samples.mean(0) - expected) <= num_se * stderr)
 
 
+@pytest.mark.slow
 def test_leave_one_out_baselined_estimator_is_unbiased():
   probs = np.asarray(jax.nn.softmax(LOGITS), np.float64)
   exact = probs * (np.asarray(REWARDS) - probs @ np.asarray(REWARDS))

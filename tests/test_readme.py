@@ -6,6 +6,8 @@ import re
 import types
 from pathlib import Path
 
+import pytest
+
 import saferl_jax
 
 README = Path(__file__).parents[1] / "README.md"
@@ -15,6 +17,7 @@ def _python_blocks() -> list[str]:
   return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
+@pytest.mark.slow
 def test_readme_python_blocks_run(tmp_path, monkeypatch):
   blocks = _python_blocks()
   assert blocks, "the README has no Python example"

@@ -75,6 +75,7 @@ def _log(num_sessions, num_queries=6, num_docs=7, seed=0):
 
 @pytest.mark.parametrize("model", [cltr.trust_bias(5), cltr.adversarial(cltr.position_based(5), 0.4)],
                          ids=["trust_bias", "adversarial_pbm"])
+@pytest.mark.slow
 def test_click_frequencies_match_probabilities(model):
   n = 200_000
   query_ids, rankings, labels = _log(n, num_queries=3, num_docs=5, seed=1)
@@ -109,6 +110,7 @@ def test_deterministic_cells_give_exact_clicks():
   np.testing.assert_array_equal(clicks_, np.tile([[1.0, 0.0]], (100, 1)))
 
 
+@pytest.mark.slow
 def test_sessions_equal_simulate_clicks_on_gathered_relevance():
   model = cltr.trust_bias(3)
   query_ids, rankings, labels = _log(64)
@@ -128,6 +130,7 @@ def test_k_smaller_than_the_model_uses_its_first_ranks():
   np.testing.assert_array_equal(top3, small)
 
 
+@pytest.mark.slow
 def test_padded_documents_are_never_clicked():
   model = cltr.adversarial(cltr.trust_bias(4), 0.5)  # every real document has P(click) > 0
   labels = jnp.array([[0, 4, 2, 0, 0]])
@@ -140,6 +143,7 @@ def test_padded_documents_are_never_clicked():
   assert clicks_[:, [0, 2]].mean() > 0.2
 
 
+@pytest.mark.slow
 def test_jit_equals_eager():
   model = cltr.trust_bias(5)
   relevance = jnp.asarray(np.random.default_rng(0).random((10, 5)), jnp.float32)
@@ -229,6 +233,7 @@ def test_bad_inputs_raise():
 @settings(max_examples=15)
 @given(k=st.integers(1, 6), eta=st.floats(0.0, 3.0), eps=st.floats(0.0, 1.0),
        amount=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+@pytest.mark.slow
 def test_probabilities_stay_in_the_unit_interval(k, eta, eps, amount, seed):
   for base in (cltr.position_based(k, eta=eta), cltr.trust_bias(k)):
     model = cltr.misspecified(cltr.adversarial(base, eps), amount)
@@ -257,6 +262,7 @@ SHARDING_SCRIPT = IMPORTS + SESSIONS + textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_session_axis_is_sharded_over_eight_devices():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], env=env, capture_output=True,

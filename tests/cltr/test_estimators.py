@@ -48,6 +48,7 @@ def test_exact_propensities_are_exposures():
 
 
 @pytest.mark.parametrize("estimator", ["ips", "dr"])
+@pytest.mark.slow
 def test_document_rewards_are_unbiased(estimator):
   rho, betabar = exact_propensities()
   reward_hat = np.array([0.5, 0.5, 0.5, 0.5])  # a poor regression model: DR must still be unbiased
@@ -66,6 +67,7 @@ def test_document_rewards_are_unbiased(estimator):
   assert abs(float(values.mean()) - truth) < 4 * float(values.std()) / np.sqrt(clicks.shape[0])
 
 
+@pytest.mark.slow
 def test_without_clipping_dr_equals_ips():
   rho, betabar = exact_propensities()
   clicks = simulate_session_clicks(jax.random.key(1), 1_000)
@@ -74,6 +76,7 @@ def test_without_clipping_dr_equals_ips():
   np.testing.assert_allclose(dr, ips, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_with_clipping_dr_has_less_bias_than_ips_when_the_model_is_good():
   rho, betabar = exact_propensities()
   floor = 0.3  # above the smallest propensities: IPS is biased low there

@@ -47,6 +47,7 @@ def test_key_and_chunk_size_fix_the_log():
   assert not np.array_equal(other_key.session_counts, a.session_counts)
 
 
+@pytest.mark.slow
 def test_click_frequencies_match_the_click_model():
   """E[clicks on d] / n_q = rho(d) R(d) + betabar(d), within 4 standard errors."""
   log = click_logs.simulate_click_log(LOGITS, LABELS, MODEL, key=jax.random.key(0),
@@ -93,6 +94,7 @@ def ltr_log():
   return data, log
 
 
+@pytest.mark.slow
 def test_unclipped_dr_equals_ips_where_the_logger_exposes(ltr_log):
   data, log = ltr_log
   ips = click_logs.estimated_rewards(log, estimator="ips", min_propensity=0.0)
@@ -107,6 +109,7 @@ def test_unclipped_dr_equals_ips_where_the_logger_exposes(ltr_log):
   np.testing.assert_array_equal(np.asarray(ips)[unexposed], 0.0)
 
 
+@pytest.mark.slow
 def test_estimated_rewards_reject_bad_options(ltr_log):
   _, log = ltr_log
   with pytest.raises(ValueError, match="estimator"):
@@ -122,6 +125,7 @@ def test_simulate_click_log_rejects_bad_input():
     click_logs.simulate_click_log(LOGITS, LABELS[:1], MODEL, key=jax.random.key(0), num_sessions=5)
 
 
+@pytest.mark.slow
 def test_ridge_recovers_a_linear_relevance_and_ignores_zero_weights():
   x = jax.random.normal(jax.random.key(0), (50, 3))
   target = x @ jnp.array([0.1, -0.2, 0.05]) + 0.4
@@ -134,11 +138,13 @@ def test_ridge_recovers_a_linear_relevance_and_ignores_zero_weights():
   np.testing.assert_array_equal(prediction, [1.0, 0.0])  # clipped to probabilities
 
 
+@pytest.mark.slow
 def test_ridge_with_no_weight_predicts_zero_not_nan():
   model = reward_model.fit_reward_regression(jnp.ones((4, 2)), jnp.ones(4), jnp.zeros(4))
   assert np.all(np.isfinite(model.coef)) and float(model.intercept) == 0.0
 
 
+@pytest.mark.slow
 def test_logged_objective_matches_its_formula():
   exposure = jnp.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3]])
   logging_exposure = jnp.array([[0.4, 0.4, 0.2], [0.3, 0.3, 0.4]])
@@ -163,6 +169,7 @@ def test_logged_objective_matches_its_formula():
                                 num_sessions=8)
 
 
+@pytest.mark.slow
 def test_the_safe_objective_tends_to_the_value_as_sessions_grow():
   exposure = jnp.array([[0.6, 0.3, 0.1]])
   logging_exposure = jnp.array([[0.2, 0.3, 0.5]])
@@ -177,6 +184,7 @@ def test_the_safe_objective_tends_to_the_value_as_sessions_grow():
   np.testing.assert_allclose(gaps[0] / gaps[2], 100, rtol=1e-3)  # the penalty falls as 1 / sqrt(N)
 
 
+@pytest.mark.slow
 def test_drpo_imitates_only_the_documents_above_the_quantile():
   """Its gradient pushes exposure towards the kept documents and ignores the rest entirely."""
   exposure = jnp.array([[0.5, 0.3, 0.2, 0.0]])

@@ -35,6 +35,7 @@ def _rows(part):
   return sorted(map(tuple, np.concatenate([images, np.asarray(part.labels)[:, None]], axis=1)))
 
 
+@pytest.mark.slow
 def test_split_partitions_and_stratifies(data):
   train, test = digits.split(data, (0.8, 0.2), key=jax.random.key(0))
   assert train.num_images + test.num_images == 1797

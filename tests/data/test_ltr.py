@@ -18,6 +18,7 @@ def data():
                               num_features=6)
 
 
+@pytest.mark.slow
 def test_shapes_and_dtypes(data):
   assert data.features.shape == (400, 12, 6) and data.features.dtype == np.float32
   assert data.labels.shape == (400, 12) and data.labels.dtype == np.int32
@@ -46,6 +47,7 @@ def test_label_range_and_distribution(data):
   assert 0.35 < counts[0] / labels.size < 0.65
 
 
+@pytest.mark.slow
 def test_labels_follow_the_features():
   # Without noise the labels are a function of the features: equal features, equal labels,
   # and a regression on the features explains a good share of the label variance.
@@ -60,6 +62,7 @@ def test_labels_follow_the_features():
   assert not np.array_equal(noisy.labels, data.labels)
 
 
+@pytest.mark.slow
 def test_same_key_same_data_other_key_other_data():
   a = ltr.make_ltr_dataset(jax.random.key(5), num_queries=20)
   b = ltr.make_ltr_dataset(jax.random.key(5), num_queries=20)
@@ -79,6 +82,7 @@ def test_bad_generator_arguments_raise():
     ltr.make_ltr_dataset(key, noise=-1.0)
 
 
+@pytest.mark.slow
 def test_split_is_disjoint_and_covering(data):
   parts = ltr.split(data, key=jax.random.key(2))
   assert [p.num_queries for p in parts] == [240, 80, 80]
@@ -96,6 +100,7 @@ def test_split_is_disjoint_and_covering(data):
 @settings(max_examples=15)
 @given(n=st.integers(1, 12), weights=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=4),
        seed=st.integers(0, 1000))
+@pytest.mark.slow
 def test_split_covers_for_any_fractions(n, weights, seed):
   weights = np.asarray(weights)
   if weights.sum() == 0:
@@ -177,6 +182,7 @@ def test_loader_string_query_ids_gzip_and_max_label(tmp_path):
   np.testing.assert_array_equal(data.labels, [[7], [3]])
 
 
+@pytest.mark.slow
 def test_loader_output_feeds_the_click_simulator(tmp_path):
   from saferl_jax import cltr
   data = ltr.load_letor(write(tmp_path, SAMPLE))

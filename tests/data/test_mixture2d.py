@@ -44,6 +44,7 @@ def test_make_mixture_rejects_bad_inputs(kwargs, match):
     mx.make_mixture(kwargs.pop("weights"), kwargs.pop("means"), **kwargs)
 
 
+@pytest.mark.slow
 def test_log_density_matches_scipy(anisotropic):
   x = jax.random.normal(jax.random.key(0), (50, 2)) * 2
   expected = np.log(sum(w * stats.multivariate_normal(m, c).pdf(np.asarray(x)) for w, m, c in
@@ -145,6 +146,7 @@ def _exact_mmd(p, q, bandwidth):
   return _cross(p, p, bandwidth) - 2 * _cross(p, q, bandwidth) + _cross(q, q, bandwidth)
 
 
+@pytest.mark.slow
 def test_mmd_cross_term_against_monte_carlo(anisotropic):
   """E_{y~p} k(x, y) in closed form equals a Monte Carlo average over 200k draws."""
   x = jnp.array([[0.3, -0.2], [2.0, 1.0]])
@@ -155,6 +157,7 @@ def test_mmd_cross_term_against_monte_carlo(anisotropic):
   assert np.all(np.abs(np.asarray(closed) - kernel.mean(1)) < 4 * standard_error)
 
 
+@pytest.mark.slow
 def test_mmd_is_unbiased_over_seeds(anisotropic):
   """The mean of the U-statistic over 200 sample sets is the exact MMD^2 (within 4 standard errors)."""
   keys = jax.random.split(jax.random.key(7), 200)
@@ -171,6 +174,7 @@ def test_mmd_is_unbiased_over_seeds(anisotropic):
       assert exact > 10 * standard_error  # the test can tell the shift apart
 
 
+@pytest.mark.slow
 def test_mmd_v_statistic_relation_and_checks():
   prior = mx.default_mixture()
   n = 100

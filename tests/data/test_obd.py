@@ -11,6 +11,7 @@ from saferl_jax.data import load_obd, sample_path
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 
 
+@pytest.mark.slow
 def test_shipped_samples_load():
   for policy in ("bts", "random"):
     log = load_obd(behavior_policy=policy)

@@ -20,6 +20,7 @@ def problem():
                          logger_inverse_temperature=-2.0)
 
 
+@pytest.mark.slow
 def test_policy_value_is_the_exact_mean(problem):
   q = np.asarray(problem.expected_rewards, np.float64)
   pi = np.asarray(problem.target_dist, np.float64)
@@ -33,6 +34,7 @@ def test_adversarial_logger_prefers_bad_actions(problem):
   assert logging_value < uniform_value
 
 
+@pytest.mark.slow
 def test_log_frequencies_match_the_logging_policy(problem):
   n = 200_000
   log = sb.simulate_log(problem, key=jax.random.key(0), num_rounds=n)
@@ -48,6 +50,7 @@ def test_log_frequencies_match_the_logging_policy(problem):
   assert abs(np.mean(log.rewards) - q.mean()) < 5 * np.sqrt(np.mean(q * (1 - q)) / n)
 
 
+@pytest.mark.slow
 def test_same_key_same_log_and_vmap_equals_loop(problem):
   keys = jax.random.split(jax.random.key(1), 3)
   batched = sb.simulate_logs(problem, keys=keys, num_rounds=50)
@@ -59,6 +62,7 @@ def test_same_key_same_log_and_vmap_equals_loop(problem):
   np.testing.assert_array_equal(again.actions, batched.actions)
 
 
+@pytest.mark.slow
 def test_estimator_inputs_feed_the_estimators(problem):
   from saferl_jax import ope
   log = sb.simulate_log(problem, key=jax.random.key(2), num_rounds=100)
@@ -88,6 +92,7 @@ SHARDING_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_seed_axis_is_sharded_over_eight_devices():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], env=env, capture_output=True,

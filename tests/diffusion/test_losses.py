@@ -16,6 +16,7 @@ from saferl_jax.diffusion.losses import (PPOLoss, RewardStatsState, loop_advanta
 # Reward statistics.
 
 
+@pytest.mark.slow
 def test_reward_stats_against_numpy():
   stats = reward_stats()
   rng = np.random.default_rng(0)
@@ -46,6 +47,7 @@ def test_reward_stats_against_numpy():
   np.testing.assert_allclose(once.m2, state.m2, rtol=2e-3, atol=1e-2)
 
 
+@pytest.mark.slow
 def test_ppo_advantages_formula_and_clip():
   stats = reward_stats()
   prompts = jnp.array([0, 0, 0, 1, 1, 1, 1, 1])
@@ -70,6 +72,7 @@ def test_ppo_advantages_formula_and_clip():
 # LOOP advantages.
 
 
+@pytest.mark.slow
 def test_loop_advantages_against_the_definition():
   rng = np.random.default_rng(1)
   rewards = rng.normal(size=(3, 4)) * 3 + 10
@@ -89,6 +92,7 @@ def test_loop_advantages_against_the_definition():
 
 @settings(max_examples=15)
 @given(st.integers(1, 4), st.integers(2, 5), st.integers(0, 2**31 - 1), st.floats(-1e3, 1e3))
+@pytest.mark.slow
 def test_loop_advantages_properties(num_prompts, k, seed, offset):
   rewards = offset + np.random.default_rng(seed).normal(size=(num_prompts, k)).astype(np.float32)
   adv = np.asarray(loop_advantages(rewards), np.float64)
@@ -129,6 +133,7 @@ def estimates(advantage_fn):
   return np.asarray(jax.jit(jax.vmap(one))(keys), np.float64)
 
 
+@pytest.mark.slow
 def test_leave_one_out_gradient_is_unbiased():
   loo = estimates(lambda r: loop_advantages(r, samples_per_condition=K))
   stderr = loo.std(0, ddof=1) / np.sqrt(NUM_KEYS)

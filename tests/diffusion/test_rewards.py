@@ -27,6 +27,7 @@ def classifier(data, tmp_path_factory):
   return trained, path
 
 
+@pytest.mark.slow
 def test_classifier_held_out_accuracy(data, classifier):
   _, test = data
   trained, _ = classifier
@@ -36,6 +37,7 @@ def test_classifier_held_out_accuracy(data, classifier):
   assert accuracy > 0.95  # measured 0.986 on the 359 held-out digits
 
 
+@pytest.mark.slow
 def test_classifier_checkpoint(data, classifier, monkeypatch):
   train, _ = data
   trained, path = classifier
@@ -63,6 +65,7 @@ def test_train_classifier_checks(data):
     classifier_training.train_classifier(train.images[:10], train.labels[:10], key=jax.random.key(0), steps=5)
 
 
+@pytest.mark.slow
 def test_prompt_alignment_is_the_log_softmax(data, classifier):
   _, test = data
   trained, _ = classifier
@@ -86,6 +89,7 @@ def test_prompt_alignment_is_the_log_softmax(data, classifier):
     rewards.prompt_alignment_reward(trained.apply_fn, trained.params, x, jnp.zeros(3, jnp.int32))
 
 
+@pytest.mark.slow
 def test_quality_reward(data):
   train, test = data
   references = train.images
@@ -124,6 +128,7 @@ def test_compressibility_reward_eager_jit_and_vmap(data):
                                 looped)
 
 
+@pytest.mark.slow
 def test_constant_images_compress_better_than_noise():
   constant = jnp.full((4, 8, 8, 1), 0.3)
   noise = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1), minval=-1, maxval=1)
@@ -135,6 +140,7 @@ def test_constant_images_compress_better_than_noise():
     rewards.compressibility_reward(constant, level=10)
 
 
+@pytest.mark.slow
 def test_tilt_reward():
   x = jax.random.normal(jax.random.key(0), (5, 3, 2))
   a = jnp.array([0.5, -2.0])

@@ -86,6 +86,7 @@ K = 4000
 
 
 @pytest.mark.parametrize("eta", [1.0, 0.5])
+@pytest.mark.slow
 def test_marginal_matches_the_exact_discrete_chain(eta):
   traj = sample(gaussian_apply_fn, PARAMS, jnp.array([0, 1]), key=jax.random.key(0),
                 schedule=SCHEDULE, num_steps=50, eta=eta, samples_per_condition=K, shape=(D,))
@@ -121,6 +122,7 @@ def test_discrete_chain_converges_to_the_data_like_one_over_s():
 
 
 @pytest.mark.parametrize("eta", [1.0, 0.5])
+@pytest.mark.slow
 def test_marginal_matches_the_data(eta):
   k, num_steps = 2000, 999
   traj = sample(gaussian_apply_fn, PARAMS, jnp.array([0, 1]), key=jax.random.key(1),
@@ -149,6 +151,7 @@ def small_trajectory(seed=2, reduce="sum"):
                 reduce=reduce)
 
 
+@pytest.mark.slow
 def test_layout_and_determinism():
   traj = small_trajectory()
   assert isinstance(traj, Trajectory)
@@ -166,6 +169,7 @@ def test_layout_and_determinism():
 
 
 @pytest.mark.parametrize("reduce", ["sum", "mean"])
+@pytest.mark.slow
 def test_log_probs_are_the_step_densities(reduce):
   # Each recorded log-prob against the Gaussian density of the stored transition, float64 numpy.
   traj = small_trajectory(reduce=reduce)
@@ -186,6 +190,7 @@ def test_log_probs_are_the_step_densities(reduce):
 
 
 @pytest.mark.parametrize("reduce", ["sum", "mean"])
+@pytest.mark.slow
 def test_recomputed_log_probs_equal_the_sampled_ones(reduce):
   traj = small_trajectory(reduce=reduce)
   lp = trajectory_log_probs(gaussian_apply_fn, PARAMS, traj, schedule=SCHEDULE, eta=ETA, reduce=reduce)
@@ -202,6 +207,7 @@ def test_recomputed_log_probs_equal_the_sampled_ones(reduce):
   assert new.means.shape == (10, 6, D) and new.stds.shape == (10,)
 
 
+@pytest.mark.slow
 def test_minibatches_and_vmap_over_samples():
   traj = small_trajectory()
   index = jnp.array([4, 0, 2])
@@ -216,6 +222,7 @@ def test_minibatches_and_vmap_over_samples():
     np.testing.assert_allclose(one[:, 0], full[:, b], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_jit_equals_eager():
   jitted = jax.jit(functools.partial(sample, gaussian_apply_fn),
                    static_argnames=("num_steps", "samples_per_condition", "shape"))
@@ -229,6 +236,7 @@ def test_jit_equals_eager():
   np.testing.assert_allclose(lp_jit, b.log_probs, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_classifier_free_guidance():
   w = 3.0
 
@@ -253,6 +261,7 @@ def test_classifier_free_guidance():
   np.testing.assert_allclose(lp, guided.log_probs, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_score_function_gradient_through_recomputed_log_probs():
   # d E[sum_j x0_j] / d m_c[j] = sum_i (prod_{k > i} A_k) B_i from the exact chain. Estimate it with
   # REINFORCE and LOOP advantages from per-sample copies of the means (so one backward pass gives
@@ -282,6 +291,7 @@ def test_score_function_gradient_through_recomputed_log_probs():
     np.testing.assert_array_less(np.abs(g.mean(0) - exact), 4 * stderr)
 
 
+@pytest.mark.slow
 def test_stepwise_gradient_equals_the_whole_trajectory_gradient():
   # PPO's clipped loss (averaged over steps) plus a KL to the sampling parameters: the sum of
   # per-step gradients must equal the gradient of the loss over all steps at once, with the
@@ -312,6 +322,7 @@ def test_stepwise_gradient_equals_the_whole_trajectory_gradient():
   assert np.abs(np.asarray(whole_grads[0])).max() > 1e-3  # a gradient to compare
 
 
+@pytest.mark.slow
 def test_select_step():
   traj = sample(gaussian_apply_fn, PARAMS, jnp.array([0]), key=jax.random.key(1), schedule=SCHEDULE,
                 num_steps=5, eta=1.0, samples_per_condition=3, shape=(D,))

@@ -55,6 +55,7 @@ def test_sampling_timesteps_leading_with_offset():
     assert np.all(prev < t) and prev[-1] == 0 and np.all(prev[:-1] == t[1:])
 
 
+@pytest.mark.slow
 def test_alphabar_lookup_and_clean_data():
   s = linear_schedule(100)
   t = jnp.array([[-1, 0], [50, 99]])

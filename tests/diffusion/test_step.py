@@ -35,6 +35,7 @@ def np_log_density(x, mu, sigma):
 
 @pytest.mark.parametrize("t, t_prev", STEPS)
 @pytest.mark.parametrize("eta", [1.0, 0.5, 0.1])
+@pytest.mark.slow
 def test_against_the_ddim_formulas(t, t_prev, eta):
   mu, sigma = np_ddim(X_T, EPS, t, t_prev, eta)
   out = ddim_step(X_T, EPS, t, t_prev, SCHEDULE, key=jax.random.key(t), eta=eta)
@@ -62,6 +63,7 @@ def test_eta_one_is_the_ddpm_posterior():
     np.testing.assert_allclose(out.std, np.sqrt(var), rtol=5e-3)
 
 
+@pytest.mark.slow
 def test_samples_follow_the_gaussian():
   t, t_prev, n = 501, 481, 20000
   keys = jax.random.split(jax.random.key(1), n)
@@ -89,6 +91,7 @@ def test_mean_reduction_is_the_sum_over_dimensions():
                              mean.log_prob, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_any_shape_including_scalars():
   for shape in [(), (5,), (2, 2, 3)]:
     x, e = jnp.ones(shape), jnp.zeros(shape)
@@ -97,6 +100,7 @@ def test_any_shape_including_scalars():
     assert out.log_prob.shape == () and out.std.shape == ()
 
 
+@pytest.mark.slow
 def test_jit_and_vmap_equal_eager_and_a_loop():
   b = 4
   rng = np.random.default_rng(6)

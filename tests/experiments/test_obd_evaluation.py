@@ -19,6 +19,7 @@ def results(tmp_path_factory):
   return json.loads((out / "results.json").read_text()), out
 
 
+@pytest.mark.slow
 def test_schema_and_files(results):
   data, out = results
   assert data["truth"]["value"] == pytest.approx(0.0038)
@@ -29,6 +30,7 @@ def test_schema_and_files(results):
   assert "uniform policy" in (out / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_uniform_ips_matches_obp(results):
   data, _ = results
   obp = json.loads((FIXTURES / "obp_obd_bts.json").read_text())

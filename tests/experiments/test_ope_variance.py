@@ -11,6 +11,7 @@ TINY = ope_variance.Config(logger_inverse_temperatures=(-1.0, 1.0), num_actions=
                            sample_sizes=(50, 200), num_seeds=16, num_contexts=50)
 
 
+@pytest.mark.slow
 def test_results_file_has_the_documented_schema(tmp_path):
   ope_variance.run(tmp_path, TINY)
   results = json.loads((tmp_path / "results.json").read_text())
@@ -36,6 +37,7 @@ def test_results_file_has_the_documented_schema(tmp_path):
   assert "MSE" in (tmp_path / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_without_redoing_cells(tmp_path, monkeypatch):
   real_cell = ope_variance._cell
   calls = []
@@ -60,6 +62,7 @@ def test_an_interrupted_run_resumes_without_redoing_cells(tmp_path, monkeypatch)
   assert results["settings"] == fresh["settings"]  # resuming loses nothing and changes nothing
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_another_config_is_not_reused(tmp_path, monkeypatch):
   ope_variance.run(tmp_path, TINY)
   calls = []

@@ -19,6 +19,7 @@ def finished_run(tmp_path_factory):
   return out, opl_learning.run(out, TINY)
 
 
+@pytest.mark.slow
 def test_results_file_has_the_documented_schema(finished_run):
   tmp_path, _ = finished_run
   results = json.loads((tmp_path / "results.json").read_text())
@@ -41,6 +42,7 @@ def test_results_file_has_the_documented_schema(finished_run):
   assert "Off-policy learning" in (tmp_path / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_gradient_optimal_baseline_has_lower_variance_than_ips(finished_run):
   _, results = finished_run
   variances = {m: results["methods"][m]["grad_variance"] for m in results["methods"]}
@@ -48,6 +50,7 @@ def test_gradient_optimal_baseline_has_lower_variance_than_ips(finished_run):
   assert variances["beta_grad"] <= variances["beta_value"] * (1 + 1e-5)
 
 
+@pytest.mark.slow
 def test_a_rerun_resumes_from_checkpoints_and_changes_nothing(finished_run, monkeypatch):
   tmp_path, first = finished_run
   (config_directory,) = (tmp_path / "checkpoints").iterdir()  # one config, one directory
@@ -65,6 +68,7 @@ def test_a_rerun_resumes_from_checkpoints_and_changes_nothing(finished_run, monk
                                   second["methods"][name]["value_curve"])
 
 
+@pytest.mark.slow
 def test_a_rerun_with_another_config_into_the_same_directory_reports_its_own_runs(finished_run):
   tmp_path, first = finished_run
   changed = dataclasses.replace(TINY, learning_rate=TINY.learning_rate / 10)

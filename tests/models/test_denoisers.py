@@ -41,6 +41,7 @@ def models():
 
 
 @pytest.mark.parametrize("name", ["mlp", "conv"])
+@pytest.mark.slow
 def test_shapes_and_null_token_row(models, name):
   model, shape, num_classes, call = models[name]
   x, t, condition = _inputs(shape, num_classes=num_classes)
@@ -50,6 +51,7 @@ def test_shapes_and_null_token_row(models, name):
 
 
 @pytest.mark.parametrize("name", ["mlp", "conv"])
+@pytest.mark.slow
 def test_condition_and_time_change_the_output(models, name):
   model, shape, num_classes, call = models[name]
   x, t, _ = _inputs(shape, num_classes=num_classes)
@@ -62,6 +64,7 @@ def test_condition_and_time_change_the_output(models, name):
 
 
 @pytest.mark.parametrize("name", ["mlp", "conv"])
+@pytest.mark.slow
 def test_jit_equals_eager_and_examples_are_independent(models, name):
   model, shape, num_classes, _ = models[name]
   x, t, condition = _inputs(shape, num_classes=num_classes)
@@ -74,6 +77,7 @@ def test_jit_equals_eager_and_examples_are_independent(models, name):
   np.testing.assert_allclose(single, eager, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_input_checks(models):
   model, shape, _, _ = models["conv"]
   x, t, condition = _inputs(shape)
@@ -90,6 +94,7 @@ def test_input_checks(models):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.slow
 def test_patch_conv_equals_xla_convolution(stride):
   conv = dn.PatchConv(3, 5, stride=stride, rngs=nnx.Rngs(1))
   conv.bias[...] = jnp.arange(5.0)

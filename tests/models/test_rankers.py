@@ -3,12 +3,14 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from saferl_jax.models.functional import as_functional
 from saferl_jax.models.rankers import LinearRanker, MLPRanker
 
 
+@pytest.mark.slow
 def test_rankers_score_each_document_independently_of_padding():
   features = jax.random.normal(jax.random.key(0), (2, 5, 3))
   padded = jnp.concatenate([features, jnp.full((2, 3, 3), 1e3)], axis=1)

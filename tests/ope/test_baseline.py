@@ -121,6 +121,7 @@ def test_cross_fitted_baselines_are_independent_of_the_own_fold():
   assert not np.allclose(betas[1::2], betas2[1::2])
 
 
+@pytest.mark.slow
 def test_cross_fitted_baselines_jit_and_vmap():
   r, w = sample(11, n=12)
   f = lambda r, w: cross_fitted_baselines(r, w, num_folds=3)

@@ -354,6 +354,7 @@ def datasets(draw):
 
 @settings(max_examples=20)
 @given(datasets())
+@pytest.mark.slow
 def test_property_valid_data_never_nan(data):
   r, a, p, t, q = data
   for _, fn, needs_q, opt in CASES:

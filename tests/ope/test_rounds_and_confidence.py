@@ -131,6 +131,7 @@ def value(policy):
   return float(np.mean(np.sum(policy * Q_TRUE, axis=1)))
 
 
+@pytest.mark.slow
 def test_bootstrap_interval_covers_the_true_value():
   rounds = logged_rounds(*simulate(jax.random.key(1), GOOD, 400))
   for estimator in (ips_from_rounds, snips_from_rounds):
@@ -143,6 +144,7 @@ def test_bootstrap_interval_covers_the_true_value():
     assert 3.0 * stderr < width < 5.0 * stderr
 
 
+@pytest.mark.slow
 def test_bootstrap_interval_is_the_percentile_of_refitted_estimates():
   rounds = logged_rounds(*simulate(jax.random.key(3), GOOD, 50))
   key = jax.random.key(4)
@@ -156,6 +158,7 @@ def test_bootstrap_interval_is_the_percentile_of_refitted_estimates():
   np.testing.assert_allclose(ci, expected, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_bootstrap_interval_reproducible_and_key_dependent():
   rounds = logged_rounds(*simulate(jax.random.key(5), GOOD, 100))
   f = lambda key: estimator_bootstrap_interval(snips_from_rounds, rounds, key=key,
@@ -170,6 +173,7 @@ def test_bootstrap_interval_reproducible_and_key_dependent():
 improves_on_logging_normal = functools.partial(improves_on_logging, method="normal")
 
 
+@pytest.mark.slow
 def test_improves_on_logging_deploys_a_clearly_better_target():
   r, a, p, t = simulate(jax.random.key(8), GOOD, 1000)
   logged_rewards = simulate(jax.random.key(9), PI_0, 1000)[0]  # on-policy logs
@@ -204,6 +208,7 @@ def test_improves_on_logging_refuses_the_logging_policy_itself():
   assert float(test.lower_bound) < float(test.baseline_value)
 
 
+@pytest.mark.slow
 def test_improves_on_logging_false_deploy_rate_is_at_most_delta():
   # A target equal to the logger, evaluated on separate logs of the same size: it is not
   # better, so deploying is an error. Its rate over 2000 trials must stay below delta = 0.05

@@ -103,6 +103,7 @@ def test_baseline_corrected_closed_form():
                                np.mean((REWARDS - beta) * WEIGHTS), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_baseline_zero_is_ips():
   np.testing.assert_allclose(baseline_corrected_objective(LOG_PROBS, REWARDS, PROPS, 0.0),
                              ips_objective(LOG_PROBS, REWARDS, PROPS), rtol=1e-7)
@@ -212,6 +213,7 @@ def test_no_gradient_flows_into_the_baseline():
 # Per-example gradients and the corrected gradient.
 
 
+@pytest.mark.slow
 def test_per_example_weight_gradients_equal_a_loop_of_grads():
   with jax.enable_x64(True):
     apply_fn, params = tiny_policy()
@@ -274,6 +276,7 @@ def test_gradient_optimal_baseline_by_hand():
     assert LOGGED_REWARDS.min() <= expected <= LOGGED_REWARDS.max()
 
 
+@pytest.mark.slow
 def test_gradient_optimal_baseline_all_zero_gradients():
   zeros = {"kernel": jnp.zeros((N, D, NA)), "bias": jnp.zeros((N, NA))}
   r = jnp.asarray(LOGGED_REWARDS, jnp.float32)
@@ -423,6 +426,7 @@ def monte_carlo():
 
 
 @pytest.mark.parametrize("beta", ["0", "0.4"])
+@pytest.mark.slow
 def test_corrected_gradient_is_unbiased(monte_carlo, beta):
   exact, estimates = monte_carlo
   g = estimates[beta]
@@ -433,6 +437,7 @@ def test_corrected_gradient_is_unbiased(monte_carlo, beta):
   np.testing.assert_array_less(np.abs(g.mean(0) - exact), 4 * stderr)
 
 
+@pytest.mark.slow
 def test_optimal_gradient_baseline_lowers_the_mse(monte_carlo):
   exact, estimates = monte_carlo
   squared_error = {k: ((g - exact)**2).sum(1) for k, g in estimates.items()}
@@ -445,6 +450,7 @@ def test_optimal_gradient_baseline_lowers_the_mse(monte_carlo):
 # Extreme inputs.
 
 
+@pytest.mark.slow
 def test_snips_no_nan_gradient_when_every_weight_underflows():
   log_probs = jnp.full(4, -1e4, jnp.float32)
   assert np.all(np.asarray(policy_weights(log_probs, PROPS)) == 0.0)

@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from saferl_jax.cltr import estimators as cltr
 from saferl_jax.ranking.exposure_gradient import exposure_objective_gradient
@@ -37,11 +38,13 @@ def test_exact_exposure_sums_to_the_rank_weights():
   np.testing.assert_allclose(exact_exposure(LOGITS).sum(), RANK_WEIGHTS.sum(), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_linear_objective_matches_the_exact_gradient():
   exact, tolerance = check_against_exact(lambda e: e @ REWARDS)
   assert np.all(np.abs(exact).max() > 2 * tolerance)  # non-trivial, so the check can fail
 
 
+@pytest.mark.slow
 def test_safe_objective_matches_the_exact_gradient():
   logging_exposure = exact_exposure(jnp.zeros(5))
   objective = lambda e: cltr.safe_objective(  # noqa: E731
@@ -53,6 +56,7 @@ def test_safe_objective_matches_the_exact_gradient():
   assert np.any(np.abs(np.asarray(exact - plain)) > 2 * tolerance)
 
 
+@pytest.mark.slow
 def test_prpo_objective_matches_the_exact_gradient():
   logging_exposure = exact_exposure(LOGITS + jnp.array([0.3, 0.0, -0.3, 0.0, 0.2]))
   objective = functools.partial(cltr.prpo_objective, logging_exposure=logging_exposure,
@@ -62,6 +66,7 @@ def test_prpo_objective_matches_the_exact_gradient():
   assert np.any(np.abs(np.asarray(exact - plain)) > 2 * tolerance)  # clipping bites somewhere
 
 
+@pytest.mark.slow
 def test_masked_documents_get_no_gradient():
   where = jnp.array([True, True, True, False, True])
   grad, exposure = exposure_objective_gradient(LOGITS, lambda e: e @ REWARDS, RANK_WEIGHTS,
@@ -70,6 +75,7 @@ def test_masked_documents_get_no_gradient():
   assert np.all(np.isfinite(grad))
 
 
+@pytest.mark.slow
 def test_an_objective_coupling_two_lists_matches_the_exact_gradient():
   """[SAFE]'s penalty is a square root of the mean divergence over queries: not separable."""
   logits = jnp.stack([LOGITS, -LOGITS])

@@ -47,6 +47,7 @@ def test_masked_items_have_no_gain_and_leave_the_ideal():
   np.testing.assert_allclose(ndcg_at_k(LABELS, RANKING, k=3, where=where), dcg / ideal, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_no_relevant_item_gives_zero_ndcg_and_no_nan_gradient():
   for labels, where in [(np.zeros(4), None), (LABELS, np.zeros(4, bool))]:
     value, grad = jax.value_and_grad(lambda y: ndcg_at_k(y, RANKING, k=2, where=where))(
@@ -55,6 +56,7 @@ def test_no_relevant_item_gives_zero_ndcg_and_no_nan_gradient():
     assert np.all(np.isfinite(grad))
 
 
+@pytest.mark.slow
 def test_jit_equals_eager_and_vmap_equals_a_loop():
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 5, size=(6, 5)).astype(np.float32)
@@ -88,6 +90,7 @@ def test_exposure_closed_form_and_mass():
 
 
 @pytest.mark.parametrize("k", [None, 2])
+@pytest.mark.slow
 def test_exposure_from_samples_matches_enumeration(k):
   weights = np.asarray(dcg_rank_weights(3), np.float64)
   probs = exact_perm_probs(LOGITS)
@@ -110,6 +113,7 @@ def test_exposure_from_samples_matches_enumeration(k):
   np.testing.assert_allclose(estimate.sum(), weights[: (3 if k is None else 2)].sum(), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_exposure_batched_lists():
   logits = np.stack([LOGITS, -LOGITS])
   samples = sample_rankings(logits, key=jax.random.key(0), sample_shape=100)
@@ -140,6 +144,7 @@ def test_expected_metric_matches_enumeration(metric):
   assert abs(float(est.value) - exact) < 5 * float(est.stderr)
 
 
+@pytest.mark.slow
 def test_expected_metric_batched_and_jitted():
   logits = np.stack([LOGITS, -LOGITS, np.zeros(4)])
   labels = np.stack([LABELS, LABELS, np.zeros(4)])

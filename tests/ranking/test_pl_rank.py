@@ -74,6 +74,7 @@ def test_exact_objective_closed_forms():
                              float(jnp.sum(RELEVANCE) * jnp.sum(RANK_WEIGHTS) / 5), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_exact_gradient_matches_finite_differences():
   eps = 1e-2
   for where in MASKS.values():
@@ -85,6 +86,7 @@ def test_exact_gradient_matches_finite_differences():
     np.testing.assert_allclose(grad, numeric, atol=2e-4)
 
 
+@pytest.mark.slow
 def test_exact_masking_equals_removing_the_item():
   where = MASKS["one_masked"]
   keep = np.flatnonzero(np.asarray(where))
@@ -99,6 +101,7 @@ def test_exact_masking_equals_removing_the_item():
 
 @pytest.mark.parametrize("mask_name", list(MASKS))
 @pytest.mark.parametrize("estimator", ESTIMATORS, ids=IDS)
+@pytest.mark.slow
 def test_unbiased_against_enumeration(estimator, mask_name):
   where = MASKS[mask_name]
   exact = exact_gradient(LOGITS, RELEVANCE, RANK_WEIGHTS, where=where)
@@ -139,6 +142,7 @@ def ltr_list(num_items=20, cutoff=5, seed=0):
           jnp.asarray(relevance, jnp.float32), 1.0 / jnp.log2(jnp.arange(cutoff) + 2.0))
 
 
+@pytest.mark.slow
 def test_pl_rank_3_has_lower_variance_than_reinforce_and_pl_rank_1():
   logits, relevance, rank_weights = ltr_list()
   var3 = total_variance(pl_rank_gradient, logits, relevance, rank_weights)
@@ -149,6 +153,7 @@ def test_pl_rank_3_has_lower_variance_than_reinforce_and_pl_rank_1():
   assert var3 < 0.6 * var_reinforce
 
 
+@pytest.mark.slow
 def test_pl_rank_3_never_worse_than_pl_rank_1_on_the_small_list():
   # PL-Rank-3 replaces PL-Rank-1's sampled own-rank reward by its conditional expectation.
   for relevance in (RELEVANCE, jnp.array([0.0, 0.0, 1.0, 0.0, 3.0])):
@@ -156,6 +161,7 @@ def test_pl_rank_3_never_worse_than_pl_rank_1_on_the_small_list():
             < total_variance(pl_rank_1_gradient, LOGITS, relevance, RANK_WEIGHTS))
 
 
+@pytest.mark.slow
 def test_leave_one_out_reinforce_wins_on_a_short_list_with_dense_relevance():
   # PL-Rank has no baseline: when every item is relevant, REINFORCE's leave-one-out baseline
   # removes the common reward level and wins (measured 0.07 against 0.16 at N = 10).
@@ -216,6 +222,7 @@ def test_same_key_same_result_and_jit_equals_eager(estimator):
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS, ids=IDS)
+@pytest.mark.slow
 def test_vmap_over_queries_equals_a_loop(estimator):
   rng = np.random.default_rng(0)
   batch = 4
@@ -279,6 +286,7 @@ def test_exact_gradient_vmaps_and_jits():
 
 @settings(max_examples=15)
 @given(data=st.data())
+@pytest.mark.slow
 def test_property_masks_and_finiteness(data):
   # The list shape is fixed (D = 5, K = 3) so that every example reuses one compilation; the
   # mask, the logits' scale and the values vary. Other shapes are covered by the tests above.

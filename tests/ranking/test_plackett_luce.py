@@ -188,6 +188,7 @@ def test_partially_masked_gradient_is_finite_and_zero_on_padding():
 
 
 @pytest.mark.parametrize("scale", [1e2, 1e4])
+@pytest.mark.slow
 def test_huge_logits_stay_finite_and_exact(scale):
   """A spread of 100 or 1e4 nats takes the exact (log-space) path; values match float64."""
   logits = np.array([1.0, 0.0, -1.0, 0.5]) * scale
@@ -233,6 +234,7 @@ def test_jit_equals_eager():
                                 sample_rankings(LOGITS, key=jax.random.key(5), sample_shape=20, k=2))
 
 
+@pytest.mark.slow
 def test_vmap_over_lists_equals_a_loop():
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(5, 6)) * 3
@@ -252,6 +254,7 @@ def test_vmap_over_lists_equals_a_loop():
 
 @settings(max_examples=12)
 @given(num_items=st.integers(1, 6), batch=st.integers(1, 2), data=st.data())
+@pytest.mark.slow
 def test_shapes_permutations_and_bounds(num_items, batch, data):
   k = data.draw(st.one_of(st.none(), st.integers(1, num_items)))
   seed = data.draw(st.integers(0, 2**16))
@@ -273,6 +276,7 @@ def test_shapes_permutations_and_bounds(num_items, batch, data):
 # The distrax class and TensorFlow Probability.
 
 
+@pytest.mark.slow
 def test_distribution_agrees_with_functions_and_tfp():
   rng = np.random.default_rng(1)
   logits = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
@@ -298,6 +302,7 @@ def test_distribution_agrees_with_functions_and_tfp():
   np.testing.assert_allclose(pl[1].log_prob(rankings[1]), pl.log_prob(rankings)[1], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_distribution_under_jit_and_vmap():
   logits = jnp.asarray(np.random.default_rng(2).normal(size=(4, 5)), jnp.float32)
   where = jnp.asarray(np.arange(5) < np.array([[5], [3], [4], [1]]))

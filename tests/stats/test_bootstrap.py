@@ -128,6 +128,7 @@ def test_consecutive_positions_are_uncorrelated(indices):
 
 
 @pytest.mark.parametrize("generator", GENERATORS)
+@pytest.mark.slow
 def test_bootstrap_std_of_the_mean(generator):
   # The bootstrap variance of the mean is exactly var(x, ddof=0) / n; with B
   # resamples, the sample std of the replicates has relative error about 1/sqrt(2(B-1)).
@@ -145,6 +146,7 @@ def test_bootstrap_std_of_the_mean(generator):
 
 
 @pytest.mark.parametrize("generator", GENERATORS)
+@pytest.mark.slow
 def test_bootstrap_replicates_equal_a_loop_over_resample_indices(generator):
   rng = np.random.default_rng(2)
   data = {"x": jnp.asarray(rng.normal(size=(30,)), jnp.float32),
@@ -168,6 +170,7 @@ def test_bootstrap_replicates_do_not_depend_on_batch_size():
   np.testing.assert_allclose(f(5), f(100), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_bootstrap_replicates_under_jit():
   x = jnp.asarray(np.random.default_rng(5).normal(size=40), jnp.float32)
   f = lambda x, key: bootstrap_replicates(jnp.median, x, key=key, num_resamples=16)

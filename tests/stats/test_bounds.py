@@ -49,6 +49,7 @@ def test_confidence_interval_closed_form(method, half_width):
   np.testing.assert_allclose(ci.upper, MEAN + half_width, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_t_interval_with_three_degrees_of_freedom():
   x = np.array([1.0, 3.0, 2.0, 6.0])
   ci = interval_jit(x, delta=0.05, method="t")
