@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 
@@ -85,6 +86,13 @@ def main(argv: list[str] | None = None) -> None:
   finetuning.add_argument("--quick", action="store_true")
   finetuning.add_argument("--out", type=Path, required=True)
   args = parser.parse_args(argv)
+  # The training driver logs "resuming from step k of n" when a run picks up its checkpoint.
+  handler = logging.StreamHandler()
+  handler.setFormatter(logging.Formatter("saferl-jax: %(message)s"))
+  logger = logging.getLogger("saferl_jax")
+  logger.setLevel(logging.INFO)
+  if not logger.handlers:
+    logger.addHandler(handler)
 
   if args.command == "demo":
     demo(args.out, quick=not args.full)

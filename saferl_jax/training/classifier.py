@@ -114,7 +114,8 @@ def train_classifier(images: ArrayLike, labels: ArrayLike, *, key: jax.Array, st
   options = {"optimizer": CLASSIFIER_OPTIMIZER, "num_classes": int(num_classes),
              "batch_size": int(batch_size), "learning_rate": float(learning_rate),
              "model": f"{DigitClassifier.__module__}.{DigitClassifier.__qualname__}"}
-  fingerprint = driver.fingerprint(loop="train_classifier", state=state, data=(images, labels),
+  # Fingerprinting costs a few eager updates and checksums: only for checkpointed runs.
+  fingerprint = None if checkpoint_path is None else driver.fingerprint(loop="train_classifier", state=state, data=(images, labels),
                                    key=keys, num_steps=steps, eval_every=steps, options=options,
                                    evaluate=None)
   state, history, finished = driver.run(

@@ -152,7 +152,7 @@ def _compiled_evaluate(evaluate: Callable):
 
 
 def run(step_fn: Callable, state, data, key: jax.Array, *, num_steps: int, eval_every: int,
-        fingerprint: dict, data_axes=0, evaluate: Callable | None = None,
+        fingerprint: dict | None, data_axes=0, evaluate: Callable | None = None,
         checkpoint_path: str | Path | None = None, checkpoint_mismatch: str = "error",
         description: str = "training") -> tuple[Any, dict, bool]:
   """Runs `num_steps` steps of `step_fn` for S seeds: (final state, history, resumed_finished).
@@ -166,7 +166,7 @@ def run(step_fn: Callable, state, data, key: jax.Array, *, num_steps: int, eval_
     num_steps: steps to run, >= 1.
     eval_every: steps per compiled chunk; evaluation and checkpoints follow each chunk (the last
       chunk may be shorter).
-    fingerprint: the run's identity (`fingerprint(...)`).
+    fingerprint: the run's identity (`fingerprint(...)`); needed only with a checkpoint_path.
     data_axes: 0 (per-seed data), None (shared) or a tuple of them for a tuple of parts.
     evaluate: optional jittable evaluate(params) -> {name: scalar} for one seed, recorded before
       training and after every chunk.
@@ -193,6 +193,8 @@ def run(step_fn: Callable, state, data, key: jax.Array, *, num_steps: int, eval_
 
   start = 0
   if checkpoint_path is not None:
+    if fingerprint is None:
+      raise ValueError("fingerprint: a checkpointed run needs one (driver.fingerprint)")
     checkpoint_path = Path(checkpoint_path)
     try:
       saved = checkpoints.read(checkpoint_path, fingerprint, state)

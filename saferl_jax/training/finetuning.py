@@ -227,7 +227,8 @@ def finetune(
                  clip_range=float(clip_range), kl_weight=float(kl_weight),
                  normalize_advantages=bool(normalize_advantages))
   data = (params, schedule)  # the KL reference (per seed) and the schedule (shared)
-  fingerprint = driver.fingerprint(
+  # Fingerprinting costs a few eager updates and checksums: only for checkpointed runs.
+  fingerprint = None if checkpoint_path is None else driver.fingerprint(
       loop="finetune", state=state, data=data, key=key, num_steps=rounds, eval_every=eval_every,
       options={**options, "sampling": dataclasses.asdict(sampling)}, evaluate=evaluate,
       optimizer=optimizer, run_config=run_config, reward=_reward_fingerprint(reward_fn, sampling))

@@ -132,7 +132,8 @@ def train(
 
   state = TrainState(params, jax.vmap(optimizer.init)(params))
   options = {"method": method, "batch_size": batch_size, "banditnet_lambda": float(banditnet_lambda)}
-  fingerprint = driver.fingerprint(
+  # Fingerprinting costs a few eager updates and checksums: only for checkpointed runs.
+  fingerprint = None if checkpoint_path is None else driver.fingerprint(
       loop="opl.train", state=state, data=data, key=key, num_steps=epochs, eval_every=1,
       options=options, evaluate=evaluate, optimizer=optimizer, run_config=run_config)
   state, history, _ = driver.run(

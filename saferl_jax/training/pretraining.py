@@ -166,7 +166,8 @@ def pretrain(model: nnx.Module, images: ArrayLike, labels: ArrayLike | None = No
              "parameters": _parameter_shapes(params), "num_classes": num_classes,
              "batch_size": int(batch_size), "learning_rate": float(learning_rate),
              "label_dropout": float(label_dropout)}
-  fingerprint = driver.fingerprint(loop="pretrain", state=state, data=data, key=keys,
+  # Fingerprinting costs a few eager updates and checksums: only for checkpointed runs.
+  fingerprint = None if checkpoint_path is None else driver.fingerprint(loop="pretrain", state=state, data=data, key=keys,
                                    num_steps=steps, eval_every=CHUNK_STEPS, options=options,
                                    evaluate=None)
   state, history, finished = driver.run(

@@ -143,7 +143,8 @@ def train_ranker(
                  delta=float(delta), clip_low=float(clip_low), clip_high=float(clip_high),
                  quantile=float(quantile))
   run_data = (data, rank_weights)
-  fingerprint = driver.fingerprint(
+  # Fingerprinting costs a few eager updates and checksums: only for checkpointed runs.
+  fingerprint = None if checkpoint_path is None else driver.fingerprint(
       loop="train_ranker", state=state, data=run_data, key=key, num_steps=steps,
       eval_every=eval_every, options={**options, "batch_queries": batch_queries},
       evaluate=evaluate, optimizer=optimizer, run_config=run_config)
