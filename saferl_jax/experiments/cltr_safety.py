@@ -134,8 +134,7 @@ def run(out: Path, config: Config = QUICK, *, data_path: Path | None = None) -> 
 
   seeds = config.num_seeds
   seed_params = jax.tree_util.tree_map(lambda x: jnp.stack([x] * seeds), logger)
-  checkpoint = Checkpoint(out / "checkpoint.json", {**dataclasses.asdict(config),
-                                                    "data": str(data_path)})
+  checkpoint = Checkpoint(out, {**dataclasses.asdict(config), "data": str(data_path)})
   cells = [(m, n) for m in CLICK_MODELS for n in config.sessions]
   for model_name, num_sessions in progress(cells, "cltr cells"):
     cell = f"{model_name}/{num_sessions}"

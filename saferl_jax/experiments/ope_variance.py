@@ -88,7 +88,7 @@ def _cell(problem, n: int, num_seeds: int, key) -> dict:
 def run(out: Path, config: Config = QUICK) -> dict:
   """Runs the study, writes DIR/results.json, plots and summary.md, and returns the results."""
   out = Path(out)
-  checkpoint = Checkpoint(out / "checkpoint.json", dataclasses.asdict(config))
+  checkpoint = Checkpoint(out, dataclasses.asdict(config))
   cells = [(t, a, n) for t in config.logger_inverse_temperatures for a in config.num_actions
            for n in config.sample_sizes]
   settings = []
