@@ -9,7 +9,7 @@ a ValueError naming every field that differs, so a checkpoint is never reused fo
 overwritten by, another run. A directory that orbax cannot read raises a ValueError naming it.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: pdoc evaluates NamedTuple fields outside this module.
 
 import hashlib
 import json

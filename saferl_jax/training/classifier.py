@@ -4,7 +4,7 @@
 lax.scan chunk of the one training driver, checkpointed like every loop.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: pdoc evaluates NamedTuple fields outside this module.
 
 import functools
 from pathlib import Path

@@ -16,7 +16,7 @@ Data is either per seed (a leading seed axis, data_axes=0) or shared by every se
 axis, data_axes=None: it is never copied S times); a tuple of parts may mix the two.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: pdoc evaluates NamedTuple fields outside this module.
 
 import functools
 import json
@@ -57,10 +57,7 @@ def progress(items, description: str, total: int | None = None, initial: int = 0
 
 def check_seed_keys(key) -> None:
   """Checks `key`: one typed PRNG key, or [S] of them (one per seed)."""
-  if not isinstance(key, jax.Array) or not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    raise ValueError("key: expected a typed PRNG key from jax.random.key (or [S] of them, one per "
-                     f"seed), got {getattr(key, 'dtype', type(key).__name__)}; wrap legacy keys "
-                     "with jax.random.wrap_key_data")
+  checks.check_key("key", key)
   if key.ndim > 1:
     raise ValueError(f"key: expected one key or [S] keys, got shape {key.shape}")
 

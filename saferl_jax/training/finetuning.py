@@ -24,7 +24,7 @@ References:
   Diffusion Models. 2025. https://arxiv.org/abs/2503.00897
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: pdoc evaluates NamedTuple fields outside this module.
 
 import dataclasses
 import functools

@@ -19,7 +19,7 @@ References:
   Contextual Bandits. RecSys 2024. https://arxiv.org/abs/2405.05736
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: pdoc evaluates NamedTuple fields outside this module.
 
 import functools
 from pathlib import Path

@@ -19,7 +19,7 @@ References:
   [CFG] Ho, Salimans. Classifier-Free Diffusion Guidance. 2022. https://arxiv.org/abs/2207.12598
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: pdoc evaluates NamedTuple fields outside this module.
 
 import functools
 from pathlib import Path

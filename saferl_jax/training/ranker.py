@@ -20,7 +20,7 @@ References:
   [PLR] Oosterhuis. Learning-to-Rank at the Speed of Sampling. SIGIR 2022. https://arxiv.org/abs/2204.10872
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: pdoc evaluates NamedTuple fields outside this module.
 
 import functools
 from pathlib import Path
