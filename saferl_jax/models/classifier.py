@@ -27,6 +27,7 @@ class DigitClassifier(nnx.Module):
     rngs: `nnx.Rngs` for the initial parameters.
 
   Example:
+    >>> import jax.numpy as jnp
     >>> DigitClassifier(rngs=nnx.Rngs(0))(jnp.zeros((3, 8, 8, 1))).shape
     (3, 10)
   """
