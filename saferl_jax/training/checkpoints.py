@@ -11,6 +11,7 @@ overwritten by, another run. A directory that orbax cannot read raises a ValueEr
 
 # No `from __future__ import annotations`: pdoc evaluates NamedTuple fields outside this module.
 
+import functools
 import hashlib
 import json
 import logging
@@ -53,7 +54,6 @@ def fingerprint_digest(fingerprint: dict) -> str:
 
 def callable_name(fn) -> str:
   """A callable's identity as text: module.qualname, with a partial's arguments checksummed."""
-  import functools
   if fn is None:
     return "None"
   if isinstance(fn, functools.partial):

@@ -6,7 +6,6 @@ lax.scan chunk of the one training driver, checkpointed like every loop.
 
 # No `from __future__ import annotations`: pdoc evaluates NamedTuple fields outside this module.
 
-import functools
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -52,12 +51,6 @@ def _step(state: driver.TrainState, data: tuple, key: jax.Array, step: jax.Array
   loss, grads = jax.value_and_grad(loss_fn)(state.params, images[indices], labels[indices])
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   return driver.TrainState(optax.apply_updates(state.params, updates), opt_state), {"loss": loss}
-
-
-@functools.lru_cache(maxsize=32)
-def _step_fn(graphdef, batch_size, learning_rate):
-  return functools.partial(_step, graphdef=graphdef, batch_size=batch_size,
-                           learning_rate=learning_rate)
 
 
 def train_classifier(images: ArrayLike, labels: ArrayLike, *, key: jax.Array, steps: int,
@@ -119,7 +112,9 @@ def train_classifier(images: ArrayLike, labels: ArrayLike, *, key: jax.Array, st
                                    key=keys, num_steps=steps, eval_every=steps, options=options,
                                    evaluate=None)
   state, history, finished = driver.run(
-      _step_fn(graphdef, int(batch_size), float(learning_rate)), state, (images, labels), keys,
+      driver.step_function(_step, graphdef=graphdef, batch_size=int(batch_size),
+                           learning_rate=float(learning_rate)),
+      state, (images, labels), keys,
       num_steps=steps, eval_every=steps, fingerprint=fingerprint, data_axes=None,
       checkpoint_path=checkpoint_path, checkpoint_mismatch=checkpoint_mismatch,
       description="train_classifier")

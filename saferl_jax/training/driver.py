@@ -133,6 +133,23 @@ def _put(tree, axes, sharding: NamedSharding):
   return jax.device_put(tree, sharding if axes == 0 else replicated)
 
 
+def step_function(fn: Callable, **static) -> Callable:
+  """`fn` with its static options bound: one object per (fn, options), so every call of a loop
+  with the same configuration reuses the compiled chunk (options must be hashable).
+
+  Example:
+    >>> def step(state, data, key, step, *, scale): return state * scale, {}
+    >>> step_function(step, scale=2.0) is step_function(step, scale=2.0)
+    True
+  """
+  return _bound(fn, tuple(sorted(static.items())))
+
+
+@functools.lru_cache(maxsize=128)
+def _bound(fn: Callable, static: tuple) -> Callable:
+  return functools.partial(fn, **dict(static))
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled_chunk(step_fn: Callable, length: int, data_axes, sharding: NamedSharding):
   """jit(vmap(scan of `length` steps)) for one step function, kept across calls."""
@@ -156,7 +173,7 @@ def run(step_fn: Callable, state, data, key: jax.Array, *, num_steps: int, eval_
 
   Args:
     step_fn: step_fn(state, data, key, step) -> (state, {name: scalar}) for one seed; a stable
-      object (module-level or from an lru_cached factory) so that compilation is reused.
+      object (from `step_function`) so that compilation is reused across calls.
     state: the initial state, a NamedTuple with `params`, leading seed axis [S, ...].
     data: the data, per seed or shared (see `data_axes`).
     key: [S] typed PRNG keys.

@@ -27,7 +27,6 @@ References:
 # No `from __future__ import annotations`: pdoc evaluates NamedTuple fields outside this module.
 
 import dataclasses
-import functools
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -232,7 +231,8 @@ def finetune(
       loop="finetune", state=state, data=data, key=key, num_steps=rounds, eval_every=eval_every,
       options={**options, "sampling": dataclasses.asdict(sampling)}, evaluate=evaluate,
       optimizer=optimizer, run_config=run_config, reward=_reward_fingerprint(reward_fn, sampling))
-  step_fn = _round_fn(apply_fn, reward_fn, optimizer, sampling, tuple(sorted(options.items())))
+  step_fn = driver.step_function(_round, apply_fn=apply_fn, reward_fn=reward_fn, optimizer=optimizer,
+                                 sampling=sampling, **options)
   state, history, _ = driver.run(
       step_fn, state, data, key, num_steps=rounds, eval_every=eval_every, fingerprint=fingerprint,
       data_axes=(0, None), evaluate=evaluate, checkpoint_path=checkpoint_path,
@@ -253,8 +253,3 @@ def _reward_fingerprint(reward_fn, sampling: Sampling) -> dict:
           "probe": [float(v) if np.isfinite(v) else str(v) for v in values]}
 
 
-@functools.lru_cache(maxsize=32)
-def _round_fn(apply_fn, reward_fn, optimizer, sampling, options):
-  """One round as the driver's step function, one object per configuration (compiled once)."""
-  return functools.partial(_round, apply_fn=apply_fn, reward_fn=reward_fn, optimizer=optimizer,
-                           sampling=sampling, **dict(options))

@@ -21,7 +21,6 @@ References:
 
 # No `from __future__ import annotations`: pdoc evaluates NamedTuple fields outside this module.
 
-import functools
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,13 +56,6 @@ def _epoch(state: TrainState, data: obj.LoggedBatch, key: jax.Array, epoch: jax.
 
   state, baselines = jax.lax.scan(step, state, order)
   return state, {"baseline": jnp.mean(baselines)}
-
-
-@functools.lru_cache(maxsize=32)
-def _epoch_fn(apply_fn, optimizer, method, batch_size, banditnet_lambda):
-  """The epoch as the driver's step function, one object per configuration (compiled once)."""
-  return functools.partial(_epoch, apply_fn=apply_fn, optimizer=optimizer, method=method,
-                           batch_size=batch_size, banditnet_lambda=banditnet_lambda)
 
 
 def train(
@@ -137,7 +129,9 @@ def train(
       loop="opl.train", state=state, data=data, key=key, num_steps=epochs, eval_every=1,
       options=options, evaluate=evaluate, optimizer=optimizer, run_config=run_config)
   state, history, _ = driver.run(
-      _epoch_fn(apply_fn, optimizer, method, batch_size, float(banditnet_lambda)), state, data, key,
+      driver.step_function(_epoch, apply_fn=apply_fn, optimizer=optimizer, method=method,
+                           batch_size=batch_size, banditnet_lambda=float(banditnet_lambda)),
+      state, data, key,
       num_steps=epochs, eval_every=1, fingerprint=fingerprint, data_axes=0 if per_seed else None,
       evaluate=evaluate, checkpoint_path=checkpoint_path, checkpoint_mismatch=checkpoint_mismatch,
       description=f"opl.train ({method})")

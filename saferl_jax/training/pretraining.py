@@ -21,7 +21,6 @@ References:
 
 # No `from __future__ import annotations`: pdoc evaluates NamedTuple fields outside this module.
 
-import functools
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -35,7 +34,7 @@ from jax.typing import ArrayLike
 from saferl_jax import checks
 from saferl_jax.diffusion.losses import check_probability, epsilon_loss
 from saferl_jax.diffusion.schedules import NoiseSchedule, check_schedule
-from saferl_jax.training import checkpoints, driver
+from saferl_jax.training import driver
 
 CHUNK_STEPS = 100  # optimisation steps per compiled chunk (one progress tick, one checkpoint)
 # Part of the checkpoint fingerprint: change it whenever the optimiser or the loss changes.
@@ -85,12 +84,6 @@ def _step(state: driver.TrainState, data: tuple, key: jax.Array, step: jax.Array
                              null_condition=null_condition))(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   return driver.TrainState(optax.apply_updates(state.params, updates), opt_state), {"loss": loss}
-
-
-@functools.lru_cache(maxsize=32)
-def _step_fn(graphdef, batch_size, null_condition):
-  return functools.partial(_step, graphdef=graphdef, batch_size=batch_size,
-                           null_condition=null_condition)
 
 
 def _parameter_shapes(params) -> list:
@@ -171,7 +164,9 @@ def pretrain(model: nnx.Module, images: ArrayLike, labels: ArrayLike | None = No
                                    num_steps=steps, eval_every=CHUNK_STEPS, options=options,
                                    evaluate=None)
   state, history, finished = driver.run(
-      _step_fn(graphdef, int(batch_size), num_classes), state, data, keys, num_steps=steps,
+      driver.step_function(_step, graphdef=graphdef, batch_size=int(batch_size),
+                           null_condition=num_classes),
+      state, data, keys, num_steps=steps,
       eval_every=CHUNK_STEPS, fingerprint=fingerprint, data_axes=None,
       checkpoint_path=checkpoint_path, checkpoint_mismatch=checkpoint_mismatch,
       description=f"pretraining {type(model).__name__}")

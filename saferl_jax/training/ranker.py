@@ -22,7 +22,6 @@ References:
 
 # No `from __future__ import annotations`: pdoc evaluates NamedTuple fields outside this module.
 
-import functools
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,13 +55,6 @@ def _step(state: TrainState, data: tuple[RankingData, jax.Array], key: jax.Array
   descent = jax.tree_util.tree_map(jnp.negative, gradient)
   updates, opt_state = optimizer.update(descent, state.opt_state, state.params)
   return TrainState(optax.apply_updates(state.params, updates), opt_state), {"objective": value}
-
-
-@functools.lru_cache(maxsize=32)
-def _step_fn(apply_fn, optimizer, batch_queries, options):
-  """The step as the driver's step function, one object per configuration (compiled once)."""
-  return functools.partial(_step, apply_fn=apply_fn, optimizer=optimizer,
-                           batch_queries=batch_queries, options=options)
 
 
 def train_ranker(
@@ -148,7 +140,8 @@ def train_ranker(
       loop="train_ranker", state=state, data=run_data, key=key, num_steps=steps,
       eval_every=eval_every, options={**options, "batch_queries": batch_queries},
       evaluate=evaluate, optimizer=optimizer, run_config=run_config)
-  step_fn = _step_fn(apply_fn, optimizer, batch_queries, tuple(sorted(options.items())))
+  step_fn = driver.step_function(_step, apply_fn=apply_fn, optimizer=optimizer,
+                                 batch_queries=batch_queries, options=tuple(sorted(options.items())))
   state, history, _ = driver.run(
       step_fn, state, run_data, key, num_steps=steps, eval_every=eval_every,
       fingerprint=fingerprint, data_axes=(0 if per_seed else None, None), evaluate=evaluate,
