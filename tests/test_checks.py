@@ -92,6 +92,7 @@ CALLS = {
 
 
 @pytest.mark.parametrize("name", list(CALLS))
+@pytest.mark.slow
 def test_every_public_function_refuses_legacy_keys(name):
   with pytest.raises(ValueError, match="expected a typed PRNG key from jax.random.key.*wrap_key_data"):
     CALLS[name](LEGACY)
@@ -99,6 +100,7 @@ def test_every_public_function_refuses_legacy_keys(name):
 
 @pytest.mark.parametrize("name", ["simulate_log", "sample_rankings", "pl_rank_gradient", "gumbel",
                                   "resample_indices"])
+@pytest.mark.slow
 def test_wrapped_legacy_keys_are_accepted(name):
   out = CALLS[name](jax.random.wrap_key_data(LEGACY))
   assert all(np.all(np.isfinite(np.asarray(x, float))) for x in jax.tree_util.tree_leaves(out))

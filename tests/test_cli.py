@@ -53,6 +53,7 @@ def test_demo_runs_every_experiment(tmp_path, monkeypatch):
     assert (tmp_path / "loop" / name).exists()
 
 
+@pytest.mark.slow
 def test_ope_variance_command(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(ope_variance, "QUICK", TINY)
   cli.main(["ope-variance", "--quick", "--out", str(tmp_path)])

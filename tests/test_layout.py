@@ -82,6 +82,7 @@ def test_lazy_tables_point_to_modules_that_exist_and_name_real_attributes(module
     assert hasattr(package, name), f"{module}.__all__ names {name!r}, which it does not have"
 
 
+@pytest.mark.slow
 def test_floor_one_loads_no_flax_optax_plotting_or_progress():
   """Every floor-1 module, imported together in a fresh interpreter, loads none of HEAVY."""
   script = (f"import importlib, json, sys\nfor m in {FLOOR_ONE!r}: importlib.import_module(m)\n"
@@ -91,6 +92,7 @@ def test_floor_one_loads_no_flax_optax_plotting_or_progress():
   assert loaded == [], f"floor 1 loaded {loaded}"
 
 
+@pytest.mark.slow
 def test_import_saferl_jax_loads_nothing_heavy():
   script = ("import json, sys, saferl_jax as sj\nsj.ope; sj.ranking; sj.diffusion; sj.cltr; sj.opl\n"
             f"print(json.dumps([h for h in {HEAVY + ('jax',)!r} if h in sys.modules]))")

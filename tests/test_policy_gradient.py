@@ -19,6 +19,7 @@ def test_definition_against_a_loop():
   assert abs(float(jnp.sum(advantages))) < 1e-5
 
 
+@pytest.mark.slow
 def test_axis_and_batches():
   values = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)), jnp.float32)
   along_1 = leave_one_out_baseline(values, axis=1)

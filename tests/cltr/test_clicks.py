@@ -101,6 +101,7 @@ def test_click_frequencies_match_probabilities(model):
       assert abs(freq - q) <= 5 * np.sqrt(q * (1 - q) / count) + 1e-12, (rank, label, freq, q)
 
 
+@pytest.mark.slow
 def test_deterministic_cells_give_exact_clicks():
   # PBM at rank 0 with label 4 clicks with probability 1, label 0 never.
   model = cltr.position_based(2)
@@ -164,6 +165,7 @@ def test_jit_equals_eager():
   np.testing.assert_allclose(probs[1], 1 - probs[0], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_vmap_equals_loop():
   model = cltr.adversarial(cltr.trust_bias(5), 0.2)
   relevance = jnp.asarray(np.random.default_rng(0).random((6, 5)), jnp.float32)
@@ -176,6 +178,7 @@ def test_vmap_equals_loop():
     np.testing.assert_allclose(probs[i], cltr.click_probabilities(model, relevance[i]), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_same_key_same_clicks():
   model = cltr.trust_bias()
   query_ids, rankings, labels = _log(50)
@@ -186,6 +189,7 @@ def test_same_key_same_clicks():
   assert not np.array_equal(a, c)
 
 
+@pytest.mark.slow
 def test_bad_inputs_raise():
   model = cltr.trust_bias(5)
   query_ids, rankings, labels = _log(8)

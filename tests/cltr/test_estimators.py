@@ -97,6 +97,7 @@ def test_with_clipping_dr_has_less_bias_than_ips_when_the_model_is_good():
   assert np.all(np.abs(dr_expected - RELEVANCE) <= np.abs(rho / clipped * RELEVANCE - RELEVANCE))
 
 
+@pytest.mark.slow
 def test_unexposed_documents_give_no_nan():
   rho = jnp.array([0.5, 0.0])
   betabar = jnp.array([0.1, 0.0])
@@ -137,6 +138,7 @@ def test_safe_objective_penalty_vanishes_with_data():
     est.safe_objective(0.5, 1.0, 100, delta=1.5)
 
 
+@pytest.mark.slow
 def test_prpo_gradient_vanishes_outside_the_clip_range():
   logging_exposure = jnp.array([0.5, 0.5, 0.4])
   rewards = jnp.array([1.0, -1.0, 0.5])
@@ -160,6 +162,7 @@ def test_prpo_ignores_documents_the_logger_never_exposes():
   assert np.all(np.isfinite(grad)) and float(grad[1]) == 0.0
 
 
+@pytest.mark.slow
 def test_policy_aware_propensities_match_enumeration():
   from saferl_jax.cltr.clicks import ClickModel
   model = ClickModel(alpha=jnp.asarray(ALPHA, jnp.float32), beta=jnp.asarray(BETA, jnp.float32),

@@ -16,6 +16,7 @@ MASK = jnp.array([[True] * 5, [True, True, True, True, False]])
 MODEL = click_model(jnp.array([0.7, 0.4, 0.2]), jnp.array([0.2, 0.1, 0.05]))
 
 
+@pytest.mark.slow
 def test_aggregate_sessions_matches_a_loop():
   query_ids = jnp.array([0, 1, 0, 0])
   rankings = jnp.array([[0, 1], [2, 0], [1, 0], [0, 2]])
@@ -30,6 +31,7 @@ def test_aggregate_sessions_matches_a_loop():
   np.testing.assert_array_equal(click_counts, expected)
 
 
+@pytest.mark.slow
 def test_key_and_chunk_size_fix_the_log():
   """As documented: same key and chunk_size, same log; another chunk_size draws other sessions
   from the same distribution, with the same propensities (drawn before chunking)."""
@@ -67,6 +69,7 @@ def test_click_frequencies_match_the_click_model():
   np.testing.assert_allclose(log.rho, rho, atol=4 * 0.35 * (1 / np.sqrt(10_000) + 1 / np.sqrt(400_000)))
 
 
+@pytest.mark.slow
 def test_query_rewards_are_the_sum_of_the_sessions_estimates():
   clicks = jnp.array([[1., 0., 1.], [0., 0., 1.], [1., 1., 0.]])
   rho, betabar = jnp.array([0.6, 0.3, 0.1]), jnp.array([0.1, 0.05, 0.02])

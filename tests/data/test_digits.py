@@ -45,6 +45,7 @@ def test_split_partitions_and_stratifies(data):
                                 np.round(0.2 * counts).astype(int))
 
 
+@pytest.mark.slow
 def test_split_is_deterministic_and_depends_on_the_key(data):
   a, _ = digits.split(data, key=jax.random.key(3))
   b, _ = digits.split(data, key=jax.random.key(3))

@@ -27,6 +27,7 @@ def test_shapes_and_dtypes(data):
   assert data.num_queries == 400
 
 
+@pytest.mark.slow
 def test_masks_are_prefixes_with_lengths_in_range(data):
   mask = np.asarray(data.where)
   lengths = mask.sum(1)

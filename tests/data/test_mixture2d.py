@@ -69,6 +69,7 @@ def test_far_points_stay_finite():
   assert np.isfinite(log_density).all() and float(log_density[0]) < -1e6
 
 
+@pytest.mark.slow
 def test_sample_moments_and_quadrant_frequencies():
   mixture = mx.default_mixture()
   n = 40_000
@@ -89,6 +90,7 @@ def test_sample_moments_and_quadrant_frequencies():
       assert abs(observed - exact) < 4 * np.sqrt(exact * (1 - exact) / n)
 
 
+@pytest.mark.slow
 def test_sampling_is_deterministic_and_checks_num_samples():
   mixture = mx.default_mixture()
   np.testing.assert_array_equal(mx.sample_mixture(mixture, key=jax.random.key(2), num_samples=7),
@@ -98,6 +100,7 @@ def test_sampling_is_deterministic_and_checks_num_samples():
 
 
 @pytest.mark.parametrize("direction, beta", [((1.0, 0.5), 1.0), ((-0.5, 2.0), 2.5), ((1.0, 1.0), 0.7)])
+@pytest.mark.slow
 def test_tilted_mixture_against_grid_integration(anisotropic, direction, beta):
   """q*(x) = p(x) exp(a^T x / beta) / Z on a grid: density, mean and per-mode mass all match."""
   grid, cell = _grid()
@@ -118,6 +121,7 @@ def test_tilted_mixture_against_grid_integration(anisotropic, direction, beta):
   np.testing.assert_allclose(tilted.covariances, anisotropic.covariances)
 
 
+@pytest.mark.slow
 def test_tilted_mixture_limits():
   prior = mx.default_mixture()
   # A negligible tilt is the prior; a strong tilt towards (1, 1) puts the mass on the mode at (1.5, 1.5).

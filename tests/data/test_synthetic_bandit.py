@@ -28,6 +28,7 @@ def test_policy_value_is_the_exact_mean(problem):
   assert float(sb.policy_value(problem.target_dist, problem.expected_rewards)) == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_adversarial_logger_prefers_bad_actions(problem):
   logging_value = sb.policy_value(problem.logging_dist, problem.expected_rewards)
   uniform_value = jnp.mean(problem.expected_rewards)

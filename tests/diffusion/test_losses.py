@@ -171,6 +171,7 @@ def test_ppo_loss_values_and_diagnostics():
     np.testing.assert_allclose(x, y, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_ppo_clipping_gradients():
   e = 0.2
   # Columns: ratio 1.5 with A > 0 (clipped: no push further up), ratio 0.5 with A < 0 (clipped: no
@@ -191,6 +192,7 @@ def test_ppo_clipping_gradients():
   np.testing.assert_array_equal(g_adv, 0.0)
 
 
+@pytest.mark.slow
 def test_on_policy_ppo_gradient_is_reinforce_per_step():
   # At rho = 1 (the first minibatch of a round) PPO's gradient is REINFORCE's divided by S: LOOP's
   # first step is REINFORCE with the leave-one-out baseline.

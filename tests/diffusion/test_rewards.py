@@ -55,6 +55,7 @@ def test_classifier_checkpoint(data, classifier, monkeypatch):
                                            checkpoint_path=path, **(dict(steps=500) | change))
 
 
+@pytest.mark.slow
 def test_train_classifier_checks(data):
   train, _ = data
   with pytest.raises(ValueError, match="steps:"):
@@ -114,6 +115,7 @@ def _expected_compressibility(images):
   return np.array([-len(zlib.compress(p.tobytes(), 9, wbits=-15)) / p.size for p in pixels], np.float32)
 
 
+@pytest.mark.slow
 def test_compressibility_reward_eager_jit_and_vmap(data):
   _, test = data
   x = test.images[:12]

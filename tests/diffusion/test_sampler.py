@@ -335,6 +335,7 @@ def test_select_step():
     select_step(traj, 5)
 
 
+@pytest.mark.slow
 def test_bad_arguments():
   base = dict(key=jax.random.key(0), schedule=SCHEDULE, num_steps=10, eta=1.0, shape=(D,))
   conditions = jnp.array([0, 1])

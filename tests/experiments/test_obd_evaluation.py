@@ -38,6 +38,7 @@ def test_uniform_ips_matches_obp(results):
   assert data["truth"]["value"] == pytest.approx(obp["random_all_mean_click"], rel=1e-9)
 
 
+@pytest.mark.slow
 def test_reward_model_is_cross_fitted():
   log = load_obd()
   reward_hat = obd_evaluation.cross_fitted_reward_hat(log)

@@ -22,6 +22,7 @@ def test_rankers_score_each_document_independently_of_padding():
     np.testing.assert_allclose(jax.jit(apply_fn)(params, features), logits, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_linear_ranker_is_linear():
   ranker = LinearRanker(2, rngs=nnx.Rngs(0))
   x = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])

@@ -45,6 +45,7 @@ def test_minimises_the_beta_ips_variance(seed):
 
 
 @pytest.mark.parametrize("weights", [np.ones(5), np.full(5, 2.5), np.zeros(5)])
+@pytest.mark.slow
 def test_constant_weights_give_zero_without_nan(weights):
   r = np.array([1., 0., 1., 1., 0.])
   assert float(optimal_baseline(r, weights)) == 0.0
@@ -53,6 +54,7 @@ def test_constant_weights_give_zero_without_nan(weights):
   assert np.all(np.isfinite(grad_w)) and np.all(np.isfinite(grad_r))
 
 
+@pytest.mark.slow
 def test_gradient_matches_finite_differences():
   r, w = sample(3, n=12)
   direction = np.random.default_rng(4).normal(size=w.shape)
@@ -63,6 +65,7 @@ def test_gradient_matches_finite_differences():
   np.testing.assert_allclose(analytic, fd, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_where_equals_the_subset():
   r, w = sample(5, n=30)
   mask = np.random.default_rng(6).random(30) < 0.6
@@ -79,6 +82,7 @@ def test_where_ignores_masked_out_values():
                              optimal_baseline(r[:20], w[:20]), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_all_masked_gives_zero_without_nan():
   r, w = sample(7, n=6)
   mask = np.zeros(6, bool)
@@ -87,6 +91,7 @@ def test_all_masked_gives_zero_without_nan():
   assert np.all(np.isfinite(grad))
 
 
+@pytest.mark.slow
 def test_jit_and_vmap():
   r, w = sample(8, n=20)
   np.testing.assert_allclose(jax.jit(optimal_baseline)(r, w), optimal_baseline(r, w), rtol=1e-6)
@@ -98,6 +103,7 @@ def test_jit_and_vmap():
 
 
 @pytest.mark.parametrize("num_folds", [2, 3, 5])
+@pytest.mark.slow
 def test_cross_fitted_baselines_use_the_other_folds(num_folds):
   r, w = sample(9, n=23)
   betas = cross_fitted_baselines(r, w, num_folds=num_folds)
@@ -112,6 +118,7 @@ def test_cross_fitted_baselines_use_the_other_folds(num_folds):
   assert len(np.unique(np.asarray(betas))) == num_folds
 
 
+@pytest.mark.slow
 def test_cross_fitted_baselines_are_independent_of_the_own_fold():
   r, w = sample(10, n=20)
   betas = cross_fitted_baselines(r, w)
@@ -170,6 +177,7 @@ def test_population_rounds_are_exact():
   np.testing.assert_allclose(np.mean(w * r), v, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_variance_identity_by_enumeration():
   r, a, p, t = population_rounds()
   n = len(r)

@@ -197,6 +197,7 @@ def test_beta_ips_optimal_is_the_default_and_matches_the_variance_minimiser():
   assert float(optimal.stderr) <= min(grid_stderr) + 1e-6
 
 
+@pytest.mark.slow
 def test_beta_ips_cross_fit_three_folds():
   r = np.array([1.0, 0.0, 0.5, 1.0, 0.0, 1.0, 0.2])
   a = np.array([0, 2, 1, 1, 0, 2, 1])
@@ -235,6 +236,7 @@ def test_jit_equals_eager(name, fn, needs_q, opt):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_dm_jit_and_vmap():
   np.testing.assert_allclose(jax.jit(dm)(T, Q).value, dm(T, Q).value, rtol=1e-6)
   _, _, _, t, q = random_datasets(3, batch=4)
@@ -245,6 +247,7 @@ def test_dm_jit_and_vmap():
 
 
 @pytest.mark.parametrize("name,fn,needs_q,opt", CASES, ids=IDS)
+@pytest.mark.slow
 def test_vmap_equals_loop(name, fn, needs_q, opt):
   del name
   f = functools.partial(call, fn, needs_q, **opt)
@@ -261,6 +264,7 @@ def test_vmap_equals_loop(name, fn, needs_q, opt):
 
 @pytest.mark.parametrize("name,fn,needs_q,opt", CASES + [("dm", None, True, {})],
                          ids=IDS + ["dm"])
+@pytest.mark.slow
 def test_float64(name, fn, needs_q, opt):
   r, a, p, t, q = (x[0] for x in random_datasets(2, batch=1, n=9))
   with jax.enable_x64(True):
@@ -415,6 +419,7 @@ def zero_target_mass_data():
 @pytest.mark.parametrize("name,f", EXTREME, ids=[e[0] for e in EXTREME])
 @pytest.mark.parametrize("make", [tiny_propensity_data, zero_target_mass_data],
                          ids=["tiny_propensity", "zero_target_mass"])
+@pytest.mark.slow
 def test_extreme_inputs_stay_finite(name, f, make):
   del name
   est = f(*make())
@@ -439,12 +444,14 @@ def test_zero_target_mass_values():
     lambda t, d: beta_ips(d[0], d[1], d[2], t, baseline="cross_fit").value,
     lambda t, d: dr_os(d[0], d[1], d[2], t, d[4], lambda_=0.0).value,
 ], ids=["snips", "sndr", "beta_ips", "beta_ips_cross_fit", "dr_os_0"])
+@pytest.mark.slow
 def test_gradients_without_weight_mass_have_no_nan(f):
   data = zero_target_mass_data()
   grad = jax.grad(f)(jnp.asarray(data[3]), data)
   assert np.all(np.isfinite(grad))
 
 
+@pytest.mark.slow
 def test_snips_gradient_matches_finite_differences():
   direction = np.random.default_rng(0).normal(size=T.shape)
   direction -= direction.mean(1, keepdims=True)  # keeps rows summing to 1
@@ -507,6 +514,7 @@ def test_agrees_with_open_bandit_pipeline(obp, key):
   np.testing.assert_allclose(value, reference[key], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_agrees_with_open_bandit_pipeline_in_float32(obp):
   # Default precision too, with a tolerance for float32 sums over 1e4 rounds;
   # dr and sndr cancel to near zero, so they are compared on the scale of dm.
@@ -645,6 +653,7 @@ def test_monte_carlo_setup_is_exact():
 
 
 @pytest.mark.parametrize("name", ["ips", "dr", "beta_ips_fixed", "beta_ips_cross_fit"])
+@pytest.mark.slow
 def test_unbiased_by_monte_carlo(monte_carlo, name):
   values = monte_carlo[name]
   standard_error = values.std(ddof=1) / np.sqrt(M)
@@ -679,6 +688,7 @@ def test_plug_in_bias_is_detectable(monte_carlo):
     assert abs(values.mean() - V_TRUE) > 4 * values.std(ddof=1) / np.sqrt(M), name
 
 
+@pytest.mark.slow
 def test_snips_bias_matches_the_delta_method(monte_carlo):
   # E[SNIPS] = V + b/n + O(1/n^2); the remainder is O(1/n) relative to b/n, so
   # at n = 50 allow a quarter of it. An unbiased SNIPS would fail by |b/n|.
@@ -689,6 +699,7 @@ def test_snips_bias_matches_the_delta_method(monte_carlo):
   assert abs(values.mean() - (V_TRUE + bias)) <= 4 * standard_error + 0.25 * abs(bias)
 
 
+@pytest.mark.slow
 def test_plug_in_beta_ips_bias_is_first_order(monte_carlo):
   # beta* is itself a ratio with heavy-tailed terms (w^2 r), so its second-order
   # term is not small at n = 50: allow the remainder up to the first-order term.

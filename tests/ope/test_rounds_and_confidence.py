@@ -82,6 +82,7 @@ def test_weight_diagnostics_closed_form():
   assert float(diag.mean_weight) == 1.5
 
 
+@pytest.mark.slow
 def test_weight_diagnostics_zero_weights_and_grad():
   diag = weight_diagnostics(jnp.zeros(4))
   assert float(diag.effective_sample_size) == 0.0
@@ -89,6 +90,7 @@ def test_weight_diagnostics_zero_weights_and_grad():
   assert np.all(np.isfinite(grad))
 
 
+@pytest.mark.slow
 def test_weight_diagnostics_jit_and_vmap():
   w = jnp.asarray(np.random.default_rng(0).lognormal(size=(3, 10)), jnp.float32)
   batched = jax.vmap(weight_diagnostics)(w)
@@ -190,6 +192,7 @@ def test_improves_on_logging_deploys_a_clearly_better_target():
                              x.mean() - z_quantile * x.std(ddof=1) / np.sqrt(1000), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_improves_on_logging_refuses_a_worse_target():
   logged_rewards = simulate(jax.random.key(9), PI_0, 1000)[0]
   assert value(BAD) < value(PI_0) - 0.1

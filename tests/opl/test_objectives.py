@@ -129,6 +129,7 @@ def test_logged_log_probs_closed_form():
                                               jnp.asarray(actions)), expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_logged_log_probs_of_a_linear_policy():
   with jax.enable_x64(True):
     apply_fn, params = tiny_policy()
@@ -138,6 +139,7 @@ def test_logged_log_probs_of_a_linear_policy():
                                                 jnp.asarray(ACTIONS)), expected, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_value_optimal_baseline_is_ope_optimal_baseline():
   np.testing.assert_allclose(value_optimal_baseline(LOG_PROBS, REWARDS, PROPS),
                              optimal_baseline(REWARDS, WEIGHTS), rtol=1e-6)
@@ -151,6 +153,7 @@ def test_value_optimal_baseline_is_ope_optimal_baseline():
                                np.cov(LOGGED_REWARDS * w, w)[0, 1] / np.var(w, ddof=1), rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_jit_and_vmap_of_the_objectives():
   rng = np.random.default_rng(1)
   log_probs = np.log(rng.uniform(0.05, 1.0, size=(5, 4)))
@@ -178,6 +181,7 @@ OBJECTIVES = {
 
 
 @pytest.mark.parametrize("name", list(OBJECTIVES))
+@pytest.mark.slow
 def test_gradient_matches_finite_differences(name):
   objective = OBJECTIVES[name]
   with jax.enable_x64(True):
@@ -195,6 +199,7 @@ def test_gradient_matches_finite_differences(name):
     np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_no_gradient_flows_into_the_baseline():
   g = jax.grad(baseline_corrected_objective, argnums=3)(
       jnp.asarray(LOG_PROBS, jnp.float32), REWARDS, PROPS, jnp.float32(0.7))
@@ -290,6 +295,7 @@ def test_gradient_optimal_baseline_all_zero_gradients():
     np.testing.assert_array_equal(leaf, 0.0)
 
 
+@pytest.mark.slow
 def test_gradient_optimal_baseline_saturated_policy_is_finite():
   # A policy so confident in the logged actions that every weight gradient underflows to 0.
   apply_fn = lambda params, contexts: params * contexts
@@ -326,6 +332,7 @@ def test_gradient_variance_is_the_trace_of_the_sample_covariance_over_n(beta):
                                np_gradient_variance(LOGGED_REWARDS, g, beta), rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_gradient_variance_is_minimised_at_the_optimal_baseline_when_mean_gradient_is_zero():
   # E[grad w] = 0 under the logging policy; on a batch whose per-example gradients have sample
   # mean exactly 0 (pairs g, -g) the variance's minimiser is exactly beta*_grad.
@@ -468,6 +475,7 @@ def test_snips_no_nan_gradient_when_every_weight_underflows():
   assert np.isfinite(float(jax.grad(objective)(jnp.float32(1.0))))
 
 
+@pytest.mark.slow
 def test_tiny_propensities_and_huge_logits_stay_finite():
   apply_fn = lambda params, contexts: params * contexts
   contexts = jnp.asarray(1e4 * np.eye(NA)[ACTIONS] - 1e4 * np.eye(NA)[(ACTIONS + 1) % NA],

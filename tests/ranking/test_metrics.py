@@ -125,6 +125,7 @@ def test_exposure_batched_lists():
 
 
 @pytest.mark.parametrize("metric", ["dcg", "ndcg"])
+@pytest.mark.slow
 def test_expected_metric_matches_enumeration(metric):
   fn = dcg_at_k if metric == "dcg" else ndcg_at_k
   where = np.array([True, True, False, True])

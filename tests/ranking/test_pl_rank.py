@@ -109,6 +109,7 @@ def test_unbiased_against_enumeration(estimator, mask_name):
   assert_mean_within_stderr(samples, exact)
 
 
+@pytest.mark.slow
 def test_unbiasedness_test_detects_a_wrong_gradient():
   # The same check rejects a wrong target: the exact gradient under other relevance labels.
   wrong = exact_gradient(LOGITS, RELEVANCE[::-1], RANK_WEIGHTS)
@@ -173,6 +174,7 @@ def test_leave_one_out_reinforce_wins_on_a_short_list_with_dense_relevance():
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS, ids=IDS)
+@pytest.mark.slow
 def test_masked_items_get_zero_gradient_and_their_logits_do_not_matter(estimator):
   where = MASKS["one_masked"]
   key = jax.random.key(3)
@@ -238,6 +240,7 @@ def test_vmap_over_queries_equals_a_loop(estimator):
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS, ids=IDS)
+@pytest.mark.slow
 def test_leading_batch_axes_equal_a_loop_with_split_keys(estimator):
   # Lists [2, 3, D] in one call: list i of the flattened batch uses split(key, 6)[i].
   rng = np.random.default_rng(1)
@@ -261,6 +264,7 @@ def test_leading_batch_axes_equal_a_loop_with_split_keys(estimator):
   np.testing.assert_allclose(jitted, batched, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_exact_functions_take_leading_batch_axes():
   logits = jnp.stack([jnp.stack([LOGITS, -LOGITS]), jnp.stack([2 * LOGITS, LOGITS[::-1]])])
   relevance = jnp.broadcast_to(RELEVANCE, logits.shape)
@@ -309,6 +313,7 @@ def test_property_masks_and_finiteness(data):
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS, ids=IDS)
+@pytest.mark.slow
 def test_single_item_list(estimator):
   grad = estimator(jnp.array([0.3]), jnp.array([1.0]), jnp.array([1.0]), key=jax.random.key(0),
                    num_samples=2)
@@ -349,6 +354,7 @@ def test_bad_inputs_raise_value_error(estimator):
       estimator(LOGITS, RELEVANCE, RANK_WEIGHTS, key=key, num_samples=bad)
 
 
+@pytest.mark.slow
 def test_reinforce_needs_two_samples_for_its_baseline():
   with pytest.raises(ValueError, match="num_samples.*leave-one-out"):
     reinforce_gradient(LOGITS, RELEVANCE, RANK_WEIGHTS, key=jax.random.key(0), num_samples=1)

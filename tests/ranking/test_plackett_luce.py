@@ -78,6 +78,7 @@ def test_prefix_log_prob_is_the_marginal_of_full_rankings(k):
   np.testing.assert_allclose(got.sum(), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_gradient_matches_the_exact_score_function():
   """d log pi(y)/dm_d = 1{d in prefix} - sum_k softmax over the items left at step k."""
   y = np.array([3, 0])
@@ -157,6 +158,7 @@ def test_padded_items_are_never_ranked_above_valid_ones(k):
     assert np.all(~WHERE[samples[:, 4]])
 
 
+@pytest.mark.slow
 def test_masked_log_prob_equals_the_log_prob_of_the_valid_sublist():
   sub = MASKED_LOGITS[WHERE]  # items 0, 2, 4, 5 become 0, 1, 2, 3
   to_sub = {0: 0, 2: 1, 4: 2, 5: 3}
@@ -166,6 +168,7 @@ def test_masked_log_prob_equals_the_log_prob_of_the_valid_sublist():
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_all_masked_list_has_log_prob_zero_and_no_nan_gradient():
   where = np.zeros(4, bool)
   for ranking in [np.array([2, 0, 3, 1]), np.array([1, 2])]:
@@ -177,6 +180,7 @@ def test_all_masked_list_has_log_prob_zero_and_no_nan_gradient():
   np.testing.assert_array_equal(samples, np.tile(np.arange(4), (3, 1)))
 
 
+@pytest.mark.slow
 def test_partially_masked_gradient_is_finite_and_zero_on_padding():
   grad = jax.grad(lambda m: ranking_log_prob(m, np.array([5, 1, 0, 3, 2, 4]), where=WHERE))(
       jnp.asarray(MASKED_LOGITS))
@@ -221,6 +225,7 @@ def test_fast_and_exact_paths_agree_at_the_switch():
 # jit, vmap, shapes.
 
 
+@pytest.mark.slow
 def test_jit_equals_eager():
   y = np.array(PERMS[:7])
   np.testing.assert_allclose(jax.jit(ranking_log_prob)(LOGITS, y), ranking_log_prob(LOGITS, y),
@@ -317,6 +322,7 @@ def test_distribution_under_jit_and_vmap():
   np.testing.assert_allclose(per_list, pl.log_prob(y), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_distribution_takes_the_key_as_key_or_seed():
   pl = PlackettLuce(jnp.asarray(np.random.default_rng(3).normal(size=(2, 5)), jnp.float32))
   key = jax.random.key(11)
@@ -373,6 +379,7 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
                                       where=np.array([True, False])))
 
 
+@pytest.mark.slow
 def test_indexing_selects_batch_lists():
   logits = jnp.array([[0.0, 1.0, 2.0], [2.0, 1.0, 0.0]])
   where = jnp.array([[True, True, False], [True, True, True]])

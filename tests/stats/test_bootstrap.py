@@ -14,6 +14,7 @@ GENERATORS = ["hash", "threefry"]
 
 
 @pytest.mark.parametrize("generator", GENERATORS)
+@pytest.mark.slow
 def test_resample_indices_shape_range_and_reproducibility(generator):
   idx = resample_indices(jax.random.key(0), num_resamples=7, num_rows=13, generator=generator)
   assert idx.shape == (7, 13)
@@ -25,6 +26,7 @@ def test_resample_indices_shape_range_and_reproducibility(generator):
   assert np.mean(np.asarray(idx) != np.asarray(other)) > 0.5
 
 
+@pytest.mark.slow
 def test_resample_indices_default_is_hash_and_differs_from_threefry():
   key = jax.random.key(3)
   np.testing.assert_array_equal(resample_indices(key, num_resamples=4, num_rows=50),
@@ -35,6 +37,7 @@ def test_resample_indices_default_is_hash_and_differs_from_threefry():
                             resample_indices(key, num_resamples=4, num_rows=50, generator="hash"))
 
 
+@pytest.mark.slow
 def test_resample_indices_refuse_legacy_keys_and_take_them_wrapped():
   with pytest.raises(ValueError, match="key: expected a typed PRNG key.*wrap_key_data"):
     resample_indices(jax.random.PRNGKey(0), num_resamples=3, num_rows=20)
@@ -70,6 +73,7 @@ def indices(request):
                                      generator=request.param))
 
 
+@pytest.mark.slow
 def test_indices_are_uniform(indices):
   # Pearson chi-square over all 200 000 indices; under uniformity chi2 has mean df
   # and standard deviation sqrt(2 df).
@@ -102,6 +106,7 @@ def test_resamples_are_uncorrelated(indices):
 
 @pytest.mark.parametrize("generator", GENERATORS)
 @pytest.mark.parametrize("n", [1000, 1024])
+@pytest.mark.slow
 def test_number_of_distinct_rows_varies_as_for_a_multinomial(generator, n):
   # The number of rows left out of a resample, E = sum_j 1{count_j = 0}, has
   # Var(E) = n (n-1) (1-2/n)^n + n (1-1/n)^n - n^2 (1-1/n)^(2n). Its sample variance
@@ -163,6 +168,7 @@ def test_bootstrap_replicates_equal_a_loop_over_resample_indices(generator):
   np.testing.assert_allclose(replicates, expected, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_bootstrap_replicates_do_not_depend_on_batch_size():
   x = jnp.arange(20.0)
   f = lambda b: bootstrap_replicates(jnp.mean, x, key=jax.random.key(4), num_resamples=12,
@@ -220,6 +226,7 @@ def test_percentile_interval_delta_above_one_raises():
     percentile_interval(jnp.arange(5.0), delta=1.5)
 
 
+@pytest.mark.slow
 def test_bootstrap_interval_is_the_percentile_of_the_replicates():
   x = jnp.asarray(np.random.default_rng(7).normal(2.0, 1.0, size=60), jnp.float32)
   key = jax.random.key(8)

@@ -122,6 +122,7 @@ def test_delta_of_one_or_more_raises():
     lower_bound(X, delta=1.5, method="normal")
 
 
+@pytest.mark.slow
 def test_jit_and_vmap_equal_eager():
   xs = np.random.default_rng(0).uniform(size=(3, 20))
   for method in ("normal", "hoeffding", "bernstein"):
@@ -159,6 +160,7 @@ def exact_t_miss(quantile, two_sided):
   return miss
 
 
+@pytest.mark.slow
 def test_t_interval_coverage(bernoulli_samples):
   ci = jax.vmap(functools.partial(confidence_interval, delta=0.05, method="t"))(
       bernoulli_samples)

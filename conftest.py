@@ -1,0 +1,40 @@
+"""Marks for items no test file can mark: the docstring examples (doctests) of saferl_jax."""
+
+import pytest
+
+# Examples that take 0.6 s or more on 2 CPU cores (mostly XLA compilation); they run in the slow
+# tier, so `pytest -m "not slow"` stays under 2 minutes.
+SLOW_DOCTESTS = {
+    "saferl_jax.cltr.estimators.policy_aware_propensities",
+    "saferl_jax.cltr.reward_model.fit_reward_regression",
+    "saferl_jax.data.click_logs.simulate_click_log",
+    "saferl_jax.data.digits.split",
+    "saferl_jax.data.ltr.make_ltr_dataset",
+    "saferl_jax.data.ltr.split",
+    "saferl_jax.data.mixture2d.mixture_mmd",
+    "saferl_jax.data.mixture2d.sample_mixture",
+    "saferl_jax.data.obd.load_obd",
+    "saferl_jax.data.synthetic_bandit.make_problem",
+    "saferl_jax.data.synthetic_bandit.simulate_log",
+    "saferl_jax.diffusion.losses.epsilon_loss",
+    "saferl_jax.diffusion.sampler.sample",
+    "saferl_jax.diffusion.sampler.select_samples",
+    "saferl_jax.diffusion.sampler.select_step",
+    "saferl_jax.diffusion.sampler.stepwise_value_and_grad",
+    "saferl_jax.diffusion.sampler.trajectory_log_probs",
+    "saferl_jax.diffusion.sampler.trajectory_transitions",
+    "saferl_jax.fast_random.gumbel",
+    "saferl_jax.models.classifier.DigitClassifier",
+    "saferl_jax.models.denoisers.ConvDenoiser",
+    "saferl_jax.models.denoisers.MLPDenoiser",
+    "saferl_jax.ope.confidence.estimator_bootstrap_interval",
+    "saferl_jax.ranking.exposure_gradient.exposure_objective_gradient",
+    "saferl_jax.ranking.metrics.expected_metric_from_samples",
+    "saferl_jax.ranking.pl_rank.pl_rank_gradient",
+}
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if isinstance(item, pytest.DoctestItem) and item.name in SLOW_DOCTESTS:
+      item.add_marker(pytest.mark.slow)
