@@ -680,6 +680,7 @@ def beta_ips_statistic(m):
   return m[2] - beta * (m[0] - 1.0)
 
 
+@pytest.mark.slow
 def test_plug_in_bias_is_detectable(monte_carlo):
   # The power check for test_unbiased_by_monte_carlo: the same test rejects the
   # plug-in beta* and SNIPS, whose O(1/n) bias is known to be nonzero here.
