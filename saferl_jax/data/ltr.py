@@ -23,6 +23,7 @@ References:
 
 import functools
 import gzip
+import zlib
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -37,6 +38,9 @@ from saferl_jax import checks
 LABEL_THRESHOLDS = (0.0, 0.85, 1.5, 2.05)
 HIDDEN_UNITS = 32
 QUERY_FEATURE_SCALE = 0.5  # std of a per-query shift shared by its documents' features
+# The largest feature index `load_letor` reads without num_features (MSLR-WEB30K has 136, Yahoo!
+# LTR 700): features are dense, so the bound keeps a damaged index from sizing a huge array.
+MAX_FEATURES = 100_000
 
 
 class LTRData(NamedTuple):
@@ -202,35 +206,56 @@ def _read_lines(path: Path) -> list[str]:
     raise ValueError(f"path: {path} is not a file")
   raw = path.read_bytes()
   if path.suffix == ".gz":
-    raw = gzip.decompress(raw)
-  return raw.decode("utf-8", errors="replace").splitlines()
+    try:
+      raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError
+      raise ValueError(f"{path}: not a readable gzip file, truncated or corrupted ({err})") from err
+  # Split the bytes, not the text: str.splitlines also breaks at \x1c, \x85, ..., which would
+  # shift the line numbers of errors. Bad bytes become U+FFFD: fine in comments, an error elsewhere.
+  return [line.decode("utf-8", errors="replace") for line in raw.splitlines()]
 
 
-def _parse_features(where: str, tokens: list[str]) -> tuple[np.ndarray, np.ndarray]:
-  """Feature indices (0-based) and values of one line's "i:v" tokens."""
+def _parse_features(where: str, tokens: list[str], bound: int,
+                    bound_name: str) -> tuple[np.ndarray, np.ndarray]:
+  """Feature indices (0-based) and values of one line's "i:v" tokens, indices at most `bound`."""
   try:
     pairs = [token.split(":") for token in tokens]
     if any(len(pair) != 2 for pair in pairs):
       raise ValueError
     indices = np.array([pair[0] for pair in pairs], dtype=np.int64)
     values = np.array([pair[1] for pair in pairs], dtype=np.float64)
-  except ValueError:
-    for token in tokens:  # find the culprit to name it
-      parts = token.split(":")
-      try:
-        if len(parts) != 2:
-          raise ValueError
-        int(parts[0]), float(parts[1])
-      except ValueError:
-        raise ValueError(f"{where}: bad feature token {token!r}, expected index:value") from None
-    raise
-  if indices.size and indices.min() < 1:
-    raise ValueError(f"{where}: feature indices start at 1, found {int(indices.min())}")
-  if not np.all(np.isfinite(values)):
-    raise ValueError(f"{where}: feature values must be finite")
-  if np.unique(indices).size != indices.size:
-    raise ValueError(f"{where}: a feature index appears twice")
+    ok = np.isfinite(values).all() and (not indices.size or (
+        indices.min() >= 1 and indices.max() <= bound and np.unique(indices).size == indices.size))
+  except (ValueError, OverflowError):  # OverflowError: an index beyond int64
+    ok = False
+  if not ok:
+    _raise_bad_feature(where, tokens, bound, bound_name)
   return indices - 1, values
+
+
+def _raise_bad_feature(where: str, tokens: list[str], bound: int, bound_name: str):
+  """Names the first bad token of a line, token by token (the slow path, taken only on errors)."""
+  seen = set()
+  for field, token in enumerate(tokens, start=3):  # fields 1 and 2 are the label and qid
+    parts = token.split(":")
+    try:
+      if len(parts) != 2:
+        raise ValueError
+      index, value = int(parts[0]), float(parts[1])
+    except ValueError:
+      raise ValueError(f"{where}: bad feature token {token!r} (field {field}), "
+                       "expected index:value") from None
+    if index < 1:
+      raise ValueError(f"{where}: feature indices start at 1, found {index} (field {field})")
+    if index > bound:
+      raise ValueError(f"{where}: feature index {index} (field {field}) exceeds {bound_name}")
+    if index in seen:
+      raise ValueError(f"{where}: a feature index appears twice, {index} (field {field})")
+    if not np.isfinite(value):
+      raise ValueError(f"{where}: feature values must be finite, feature {index} is {parts[1]!r} "
+                       f"(field {field})")
+    seen.add(index)
+  raise ValueError(f"{where}: malformed features")  # unreachable while both paths agree
 
 
 def load_letor(path: str | Path, *, max_docs: int | None = None, num_features: int | None = None,
@@ -247,8 +272,9 @@ def load_letor(path: str | Path, *, max_docs: int | None = None, num_features: i
     max_docs: if given, every list is padded or truncated (keeping its first
       documents) to exactly this length, so several files share one shape;
       otherwise lists are padded to the longest.
-    num_features: F; defaults to the largest feature index in the file. An
-      index above it is an error.
+    num_features: F; defaults to the largest feature index in the file, which
+      may then be at most `MAX_FEATURES` (100,000). An index above the bound is
+      an error, raised before any array is allocated.
     max_label: the largest allowed label (4 for MSLR-WEB30K and Yahoo! LTR).
 
   Returns:
@@ -256,9 +282,11 @@ def load_letor(path: str | Path, *, max_docs: int | None = None, num_features: i
     integers, strings otherwise).
 
   Raises:
-    ValueError: naming the file and line of a malformed line (non-numeric or
-      out-of-range label, missing qid, bad feature token), or when the file has
-      no data.
+    ValueError: naming the file, and the line (and field) where there is one:
+      a truncated or corrupted .gz file, bytes that are not UTF-8 outside a
+      comment, a label that is not an integer in 0..max_label, a missing qid, a
+      bad feature token, a feature index below 1, above the bound or repeated,
+      a feature value that is not finite, or a file with no data lines.
 
   Example:
     >>> import pathlib, tempfile
@@ -276,6 +304,11 @@ def load_letor(path: str | Path, *, max_docs: int | None = None, num_features: i
   if not isinstance(max_label, (int, np.integer)) or max_label < 1:
     raise ValueError(f"max_label: must be a positive int, got {max_label!r}")
 
+  # Bound the indices before allocating [Q, D, F]: one damaged "99999999999:1" would ask for terabytes.
+  if num_features is None:
+    bound, bound_name = MAX_FEATURES, f"MAX_FEATURES={MAX_FEATURES} (pass num_features to read more)"
+  else:
+    bound, bound_name = num_features, f"num_features={num_features}"
   docs_of_query: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
   largest_index = 0
   for line_number, line in enumerate(_read_lines(path), start=1):
@@ -283,6 +316,9 @@ def load_letor(path: str | Path, *, max_docs: int | None = None, num_features: i
     if not body:
       continue
     where = f"{path}: line {line_number}"
+    if "\ufffd" in body:
+      column = body.index("\ufffd") + 1
+      raise ValueError(f"{where}: bytes that are not UTF-8 text at character {column}")
     tokens = body.split()
     try:
       label_value = float(tokens[0])
@@ -296,12 +332,9 @@ def load_letor(path: str | Path, *, max_docs: int | None = None, num_features: i
     if len(tokens) < 2 or not tokens[1].startswith("qid:") or len(tokens[1]) == 4:
       raise ValueError(f"{where}: missing qid (expected 'label qid:Q i:v ...')")
     qid = tokens[1][4:]
-    indices, values = _parse_features(where, tokens[2:])
+    indices, values = _parse_features(where, tokens[2:], bound, bound_name)
     if indices.size:
       largest_index = max(largest_index, int(indices.max()) + 1)
-      if num_features is not None and indices.max() >= num_features:
-        raise ValueError(f"{where}: feature index {int(indices.max()) + 1} exceeds "
-                         f"num_features={num_features}")
     docs_of_query.setdefault(qid, []).append((label, indices, values))
   if not docs_of_query:
     raise ValueError(f"path: {path} holds no data lines")

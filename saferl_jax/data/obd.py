@@ -17,6 +17,7 @@ References:
 import csv
 import gzip
 import io
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,6 +26,10 @@ import numpy as np
 SAMPLE_DIR = Path(__file__).parent / "obd_sample"
 REQUIRED_COLUMNS = ("item_id", "position", "click", "propensity_score")
 USER_FEATURES = ("user_feature_0", "user_feature_1", "user_feature_2", "user_feature_3")
+AFFINITY_PREFIX = "user-item_affinity_"
+# Bounds for files that set none themselves, so that a damaged cell cannot size a huge array.
+MAX_ACTIONS = 100_000  # item ids, when there are no affinity columns (else their number)
+MAX_POSITIONS = 1_000
 
 
 class OBDLog(NamedTuple):
@@ -59,24 +64,56 @@ def sample_path(behavior_policy: str = "bts", campaign: str = "all") -> Path:
   return path
 
 
-def _read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
+def _decode(csv_path: Path, raw: bytes) -> str:
+  """The file's text; damaged gzip or non-UTF-8 bytes become a ValueError naming the file."""
+  if csv_path.suffix == ".gz":
+    try:
+      raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError
+      raise ValueError(f"{csv_path}: not a readable gzip file, truncated or corrupted ({err})") from err
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as err:
+    line = raw.count(b"\n", 0, err.start) + 1
+    byte = err.start - raw.rfind(b"\n", 0, err.start)
+    raise ValueError(f"{csv_path}: line {line}, byte {byte}: not UTF-8 text ({err.reason})") from err
+
+
+def _read_rows(path: Path) -> tuple[Path, list[str], list[list[str]], list[int]]:
+  """The file read, its header, its rows and each row's line number in the file."""
   csv_path = path / "all.csv"
-  if csv_path.exists():
-    text = csv_path.read_text()
-  elif csv_path.with_suffix(".csv.gz").exists():
+  if not csv_path.exists():
     csv_path = csv_path.with_suffix(".csv.gz")
-    text = gzip.decompress(csv_path.read_bytes()).decode()
-  else:
-    raise ValueError(f"path: {path} has neither all.csv nor all.csv.gz")
-  reader = csv.reader(io.StringIO(text))
-  header = next(reader, None)
-  if header is None:
-    raise ValueError(f"path: {csv_path} is empty")
-  rows = list(reader)
-  for line_number, row in enumerate(rows, start=2):
-    if len(row) != len(header):
-      raise ValueError(f"{csv_path}: line {line_number} has {len(row)} fields, the header has {len(header)}")
-  return header, rows
+    if not csv_path.exists():
+      raise ValueError(f"path: {path} has neither all.csv nor all.csv.gz")
+  reader = csv.reader(io.StringIO(_decode(csv_path, csv_path.read_bytes())))
+  rows, lines = [], []
+  try:
+    header = next(reader, None)
+    if header is None:
+      raise ValueError(f"path: {csv_path} is empty")
+    for row in reader:
+      if len(row) != len(header):
+        raise ValueError(f"{csv_path}: line {reader.line_num} has {len(row)} fields, the header has "
+                         f"{len(header)}")
+      rows.append(row)
+      lines.append(reader.line_num)  # a quoted field may span lines
+  except csv.Error as err:  # e.g. a field over csv's size limit, from garbage with a stray quote
+    raise ValueError(f"{csv_path}: line {reader.line_num}: {err}") from err
+  if not rows:
+    raise ValueError(f"{csv_path}: has a header but no data rows")
+  return csv_path, header, rows, lines
+
+
+def _affinity_columns(csv_path: Path, header: list[str]) -> list[str]:
+  """The user-item_affinity_a columns in order of a, which must run 0..A-1 (a column per item)."""
+  columns = [c for c in header if c.startswith(AFFINITY_PREFIX)]
+  numbers = {str(a) for a in range(len(columns))}  # columns are distinct, so no strays means all
+  strays = [c for c in columns if c[len(AFFINITY_PREFIX):] not in numbers]
+  if strays:
+    raise ValueError(f"{csv_path}: line 1: the {AFFINITY_PREFIX}a columns must number a from 0 "
+                     f"to {len(columns) - 1}, found {strays}")
+  return sorted(columns, key=lambda c: int(c[len(AFFINITY_PREFIX):]))
 
 
 def _one_hot(codes: np.ndarray) -> np.ndarray:
@@ -99,7 +136,12 @@ def load_obd(path: str | Path | None = None, *, behavior_policy: str = "bts",
     An `OBDLog`.
 
   Raises:
-    ValueError: naming the file and line or column when the data is malformed.
+    ValueError: naming the file, and the line and column where there is one, when the file is
+      damaged (a truncated or corrupted gzip stream, bytes that are not UTF-8, a wrong number
+      of fields, no rows) or a value is out of its domain: item ids must be integers in
+      0..A-1 for A user-item_affinity columns (0..MAX_ACTIONS-1 without them), positions
+      integers in 1..MAX_POSITIONS, clicks 0 or 1, propensity scores in (0, 1], affinities
+      finite.
 
   Example:
     >>> log = load_obd(behavior_policy="random")
@@ -107,36 +149,53 @@ def load_obd(path: str | Path | None = None, *, behavior_policy: str = "bts",
     (80, 3, (10000,))
   """
   path = sample_path(behavior_policy, campaign) if path is None else Path(path)
-  header, rows = _read_rows(path)
+  csv_path, header, rows, lines = _read_rows(path)
   missing = [c for c in REQUIRED_COLUMNS + USER_FEATURES if c not in header]
   if missing:
-    raise ValueError(f"{path}/all.csv: missing columns {missing}")
+    raise ValueError(f"{csv_path}: line 1: missing columns {missing}")
+  repeated = sorted({c for c in header if header.count(c) > 1})
+  if repeated:
+    raise ValueError(f"{csv_path}: line 1: columns {repeated} appear more than once")
+  affinity_columns = _affinity_columns(csv_path, header)
   table = np.array(rows, dtype=object).reshape(len(rows), len(header))
   column = {name: table[:, i] for i, name in enumerate(header)}
 
-  def numeric(name: str, dtype) -> np.ndarray:
+  def numeric(name: str) -> np.ndarray:
     try:
-      return column[name].astype(np.float64).astype(dtype)
+      return column[name].astype(np.float64)
     except ValueError as err:
-      bad = next(i for i, v in enumerate(column[name]) if not _is_number(v))
-      raise ValueError(f"{path}/all.csv: line {bad + 2}, column {name}: not a number "
+      bad = next((i for i, v in enumerate(column[name]) if not _is_number(v)), 0)
+      raise ValueError(f"{csv_path}: line {lines[bad]}, column {name}: not a number "
                        f"({column[name][bad]!r})") from err
 
-  actions = numeric("item_id", np.int64)
-  positions = numeric("position", np.int64)
-  rewards = numeric("click", np.float64)
-  logging_probs = numeric("propensity_score", np.float64)
-  affinity_columns = sorted((c for c in header if c.startswith("user-item_affinity_")),
-                            key=lambda c: int(c.rsplit("_", 1)[1]))
+  def require(name: str, ok: np.ndarray, problem: str):
+    bad = np.flatnonzero(~ok)  # NaN fails every comparison, so it lands here too
+    if bad.size:
+      raise ValueError(f"{csv_path}: line {lines[bad[0]]}, column {name}: {column[name][bad[0]]!r} "
+                       f"{problem}")
+
+  def integers(name: str, low: int, high: int, what: str) -> np.ndarray:
+    values = numeric(name)
+    require(name, (values == np.round(values)) & (values >= low) & (values <= high),
+            f"is not {what}, an integer in {low}..{high}")
+    return values.astype(np.int64)
+
+  # Without affinity columns nothing bounds the item ids, and num_actions sizes the affinity array.
+  actions = integers("item_id", 0, (len(affinity_columns) or MAX_ACTIONS) - 1, "an item id")
+  positions = integers("position", 1, MAX_POSITIONS, "a 1-based position")
+  rewards = numeric("click")
+  require("click", (rewards == 0) | (rewards == 1), "is not a click, 0 or 1")
+  logging_probs = numeric("propensity_score")
+  require("propensity_score", (logging_probs > 0) & (logging_probs <= 1), "is outside (0, 1]")
   num_actions = max(int(actions.max()) + 1, len(affinity_columns))
-  if positions.min() < 1:
-    raise ValueError(f"{path}/all.csv: positions must start at 1, found {positions.min()}")
-  bad = np.flatnonzero(~((logging_probs > 0) & (logging_probs <= 1)))
-  if bad.size:
-    raise ValueError(f"{path}/all.csv: line {bad[0] + 2}, column propensity_score: "
-                     f"{logging_probs[bad[0]]} is outside (0, 1]")
-  affinity = (np.stack([column[c].astype(np.float64) for c in affinity_columns], axis=1)
-              if affinity_columns else np.zeros((len(rows), num_actions)))
+  if affinity_columns:
+    affinity = np.stack([numeric(c) for c in affinity_columns], axis=1)
+    finite = np.isfinite(affinity)
+    if not finite.all():
+      col = np.argwhere(~finite)[0, 1]  # the column of the first bad cell in file order
+      require(affinity_columns[col], finite[:, col], "is not finite")
+  else:
+    affinity = np.zeros((len(rows), num_actions))
   contexts = np.concatenate([_one_hot(column[c]) for c in USER_FEATURES], axis=1)
   return OBDLog(actions=actions, positions=positions - 1, rewards=rewards,
                 logging_probs=logging_probs, contexts=contexts,

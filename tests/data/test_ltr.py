@@ -2,12 +2,13 @@
 and the LETOR/SVMlight loader on small files, including malformed lines."""
 
 import gzip
+import zlib
 
 import hypothesis.strategies as st
 import jax
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 
 from saferl_jax.data import ltr
 
@@ -209,6 +210,23 @@ def test_loader_output_feeds_the_click_simulator(tmp_path):
     ("2 qid:1 0:1.0", "start at 1"),
     ("2 qid:1 1:1 1:2", "appears twice"),
     ("2 qid:1 1:nan", "finite"),
+    # Damage of every kind names the line, and the field when a feature is at fault.
+    ("nan qid:1 1:0.5", "not an integer"),
+    ("inf qid:1 1:0.5", "not an integer"),
+    ("1e999 qid:1 1:0.5", "not an integer"),
+    ("2 qid1 1:0.5", "missing qid"),
+    ("2 qid:1 1:0.5 a:1", r"bad feature token 'a:1' \(field 4\)"),
+    ("2 qid:1 1.5:1", r"bad feature token '1.5:1' \(field 3\)"),
+    ("2 qid:1 :1", "bad feature token"),
+    ("2 qid:1 1:", "bad feature token"),
+    ("2 qid:1 1:0.5 -3:1", r"start at 1, found -3 \(field 4\)"),
+    ("2 qid:1 1:0.5 2:1 1:2", r"appears twice, 1 \(field 5\)"),
+    ("2 qid:1 1:inf", "finite, feature 1 is 'inf'"),
+    ("2 qid:1 2:0.5 1:-inf", r"finite, feature 1 is '-inf' \(field 4\)"),
+    ("2 qid:1 1:1e999", "finite"),
+    ("2 qid:1 99999999999:1.0", r"index 99999999999 \(field 3\) exceeds MAX_FEATURES=100000"),
+    ("2 qid:1 1:1 100001:1.0", "exceeds MAX_FEATURES"),
+    ("2 qid:1 99999999999999999999999:1.0", "exceeds MAX_FEATURES"),  # beyond int64
 ])
 def test_malformed_lines_name_the_line(tmp_path, line, message):
   path = write(tmp_path, f"# comment\n1 qid:1 1:0.1\n\n{line} # trailing comment\n0 qid:1 2:1\n")
@@ -227,3 +245,73 @@ def test_loader_rejects_bad_files_and_options(tmp_path):
     ltr.load_letor(path, num_features=3)
   with pytest.raises(ValueError, match="max_docs"):
     ltr.load_letor(path, max_docs=0)
+
+
+def test_feature_index_bound_is_checked_before_allocating(tmp_path):
+  # Without the bound, this line asks for a [1, 2, 99999999999] float32 array: 800 GB.
+  path = write(tmp_path, "1 qid:1 1:0.5\n0 qid:1 99999999999:1.0\n")
+  with pytest.raises(ValueError, match="line 2: .*exceeds num_features=10"):
+    ltr.load_letor(path, num_features=10)
+  with pytest.raises(ValueError, match="line 2: .*pass num_features"):
+    ltr.load_letor(path)
+  data = ltr.load_letor(write(tmp_path, f"1 qid:1 {ltr.MAX_FEATURES}:1\n"))  # the bound is inclusive
+  assert data.features.shape == (1, 1, ltr.MAX_FEATURES)
+  wide = ltr.load_letor(write(tmp_path, "1 qid:1 200000:1\n"), num_features=200_000)
+  assert wide.features.shape == (1, 1, 200_000)  # num_features lifts the bound
+
+
+def _gz_cases(data: bytes) -> dict[str, bytes]:
+  cases = {f"cut at {n}": data[:n] for n in (3, 10, len(data) // 2, len(data) - 4, len(data) - 1)}
+  for offset in (0, 2, len(data) // 2, len(data) - 6, len(data) - 2):  # magic, stream, CRC, length
+    damaged = bytearray(data)
+    damaged[offset] ^= 0x10
+    cases[f"flip at {offset}"] = bytes(damaged)
+  cases["garbage"] = np.random.default_rng(0).bytes(512)
+  return cases
+
+
+def test_damaged_gzip_names_the_file(tmp_path):
+  for name, damaged in _gz_cases(gzip.compress(SAMPLE.encode(), mtime=0)).items():
+    path = tmp_path / "data.txt.gz"
+    path.write_bytes(damaged)
+    with pytest.raises(ValueError, match="not a readable gzip file") as info:
+      ltr.load_letor(path)
+    assert str(path) in str(info.value), name
+    assert isinstance(info.value.__cause__, (OSError, EOFError, zlib.error)), name
+  path.write_bytes(b"")
+  with pytest.raises(ValueError, match="no data lines"):
+    ltr.load_letor(path)
+
+
+def test_bytes_that_are_not_utf8_name_the_line(tmp_path):
+  path = tmp_path / "data.txt"
+  path.write_bytes(b"1 qid:1 1:0.1 # caf\xe9, latin-1 in a comment is fine\n2 qid:\xff7 1:1\n")
+  with pytest.raises(ValueError, match="line 2: bytes that are not UTF-8 text at character 7"):
+    ltr.load_letor(path)
+  path.write_bytes(np.random.default_rng(0).bytes(512))
+  with pytest.raises(ValueError, match="line [0-9]+: ") as info:
+    ltr.load_letor(path)
+  assert str(path) in str(info.value)
+
+
+def test_line_numbers_count_only_line_breaks(tmp_path):
+  # str.splitlines would also break at \x1c or \x85 and push the error to line 3.
+  path = tmp_path / "data.txt"
+  path.write_bytes("1 qid:1 1:0.1 # a \x1c b \x85 c\r\n2 qid:1 1:x\r\n".encode())
+  with pytest.raises(ValueError, match="line 2: bad feature token '1:x'"):
+    ltr.load_letor(path)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(gz=st.booleans(), cut=st.integers(0, 10_000), flips=st.lists(st.tuples(st.integers(0, 10_000),
+       st.integers(1, 255)), max_size=3))
+def test_any_damage_is_a_value_error_naming_the_file(tmp_path, gz, cut, flips):
+  data = bytearray(gzip.compress(SAMPLE.encode(), mtime=0) if gz else SAMPLE.encode())
+  for offset, mask in flips:
+    data[offset % len(data)] ^= mask
+  path = tmp_path / ("data.txt.gz" if gz else "data.txt")
+  path.write_bytes(bytes(data[:cut % (len(data) + 1)]))
+  try:
+    ltr.load_letor(path)  # some damage leaves a valid file
+  except ValueError as err:
+    assert str(path) in str(err)
