@@ -25,6 +25,7 @@ def tilt(x0, conditions):
   return x0 @ jnp.array([1.0, 0.5])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_raises_the_reward(method):
   result = finetune(APPLY_FN, PARAMS, tilt, key=jax.random.key(0), method=method, rounds=30,
@@ -39,6 +40,7 @@ def test_every_method_raises_the_reward(method):
     assert np.all(result.history["approx_kl"] >= 0) and np.all(result.history["clip_fraction"] <= 1)
 
 
+@pytest.mark.slow
 def test_a_black_box_reward_on_the_host_is_raised_for_every_seed():
   # The reward runs in numpy through jax.pure_callback: no gradient exists, only its values (as
   # compressibility_reward). Two seeds exercise the callback under the seed vmap.
@@ -65,6 +67,7 @@ def distance_moved(kl_weight):
   return float(jnp.linalg.norm(ravel_pytree(result.params)[0] - ravel_pytree(PARAMS)[0]))
 
 
+@pytest.mark.slow
 def test_normalized_advantages_make_the_update_invariant_to_the_reward_scale():
   # Under plain SGD the step is proportional to the advantages, so only normalised advantages
   # give the same run for rewards scaled by 10. (REINFORCE takes its advantages from the same line.)
@@ -79,10 +82,12 @@ def test_normalized_advantages_make_the_update_invariant_to_the_reward_scale():
   assert not np.allclose(run(10.0, False), run(1.0, False), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_kl_term_keeps_the_model_near_the_reference():
   assert distance_moved(10.0) < 0.5 * distance_moved(0.0)
 
 
+@pytest.mark.slow
 def test_resume_after_an_interrupt_equals_the_uninterrupted_run(tmp_path, interrupt_checkpoints):
   options = dict(key=jax.random.split(jax.random.key(2), 2), method="ppo", rounds=6,
                  schedule=SCHEDULE, sampling=SAMPLING, optimizer=OPTIMIZER, eval_every=2,

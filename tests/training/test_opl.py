@@ -130,6 +130,7 @@ def test_train_rejects_an_action_beyond_the_policy():
 # The seed axis.
 
 
+@pytest.mark.slow
 def test_single_key_and_three_seeds_equal_separate_runs():
   data = simulated_data(2, 3, 16)
   params = stacked_params([0, 1, 2])
@@ -156,6 +157,7 @@ def test_single_key_and_three_seeds_equal_separate_runs():
 # Learning.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_improves_the_true_value(method):
   data = simulated_data(4, 2, 200)

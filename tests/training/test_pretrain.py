@@ -23,6 +23,7 @@ def _loss(apply_fn, params, x0, condition, key, label_dropout=0.0, null_conditio
                                   label_dropout=label_dropout, null_condition=null_condition)
 
 
+@pytest.mark.slow
 def test_epsilon_loss_closed_forms_on_gaussian_data():
   """x_0 ~ N(0, I): predicting 0 costs E[eps^2] = 1; the Bayes predictor E[eps | x_t] = sqrt(1 - abar_t) x_t
   costs E_t[abar_t] (the posterior variance of eps given x_t, per dimension)."""
@@ -62,6 +63,7 @@ def _model(seed=0):
   return MLPDenoiser(2, num_classes=4, hidden=(32, 32), rngs=nnx.Rngs(seed))
 
 
+@pytest.mark.slow
 def test_epsilon_loss_jit_equals_eager_and_checks():
   # A cheap stand-in denoiser that depends on x, t and the condition (eager NNX calls are slow).
   apply_fn = lambda params, x, t, c: params * x + (t[:, None] + c[:, None]) / 100.0
@@ -101,6 +103,7 @@ def mixture_data():
   return mixture, mx.sample_mixture(mixture, key=jax.random.key(0), num_samples=4096)
 
 
+@pytest.mark.slow
 def test_pretraining_learns_the_mixture(mixture_data):
   mixture, x = mixture_data
   model = _model()

@@ -30,6 +30,7 @@ def supervised():
   return cltr.relevance_data(DATA.features, DATA.labels, DATA.where)
 
 
+@pytest.mark.slow
 def test_the_ascent_direction_matches_the_exact_gradient():
   """Mean over keys of the sampled parameter gradient = the gradient by enumerating rankings."""
   data, num_sessions = supervised()
@@ -61,6 +62,7 @@ def expected_value(params):
   return float(jnp.sum(exposure * data.rewards) / num_sessions)
 
 
+@pytest.mark.slow
 def test_supervised_learning_raises_the_exact_value():
   data, num_sessions = supervised()
   result = training.train_ranker(APPLY_FN, PARAMS, data, key=jax.random.key(2), objective="value",
@@ -72,6 +74,7 @@ def test_supervised_learning_raises_the_exact_value():
   assert result.history["objective"].shape == (60,) and result.history["w"].shape == (4,)
 
 
+@pytest.mark.slow
 def test_seeds_run_together_equal_seeds_run_alone():
   data, num_sessions = supervised()
   keys = jax.random.split(jax.random.key(3), 2)
@@ -85,6 +88,7 @@ def test_seeds_run_together_equal_seeds_run_alone():
                                ravel_pytree(alone.params)[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_prpo_keeps_exposures_near_the_logging_policy():
   """With rewards that favour reversing the logger, the plain objective moves exposures far.
   PRPO's clipping stops each document's own push once its ratio leaves [0.8, 1.2], but the
@@ -153,6 +157,7 @@ def test_bad_input_is_named():
                           **options)
 
 
+@pytest.mark.slow
 def test_mini_batches_of_queries_also_learn():
   data, num_sessions = supervised()
   result = training.train_ranker(APPLY_FN, PARAMS, data, key=jax.random.key(6), objective="value",
