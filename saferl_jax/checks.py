@@ -28,11 +28,42 @@ def as_float(name: str, x: ArrayLike) -> jax.Array:
 
 
 def as_int(name: str, x: ArrayLike) -> jax.Array:
-  """Converts an integer array to JAX's default int; floats are refused."""
+  """Converts an integer array to JAX's default int; floats are refused.
+
+  Concrete host values (numpy arrays, Python ints) are range-checked before the conversion: an
+  int64 value above 2^31 - 1 would otherwise wrap silently to a small (valid-looking) int32.
+  """
+  target = jnp.result_type(int)
+  if not isinstance(x, jax.Array):
+    try:
+      host = np.asarray(x)
+    except (TypeError, ValueError, OverflowError) as err:
+      raise ValueError(f"{name}: cannot be read as an integer array ({err})") from err
+    if host.dtype == object:
+      raise ValueError(f"{name}: cannot be read as an integer array (got Python objects)")
+    if np.issubdtype(host.dtype, np.integer) and host.size:
+      info = np.iinfo(target)
+      low, high = host.min(), host.max()
+      if low < info.min or high > info.max:
+        raise ValueError(f"{name}: values must fit in {np.dtype(target).name} "
+                         f"[{info.min}, {info.max}], found {low if low < info.min else high} "
+                         "(it would wrap around)")
+    x = host
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.integer):
     raise ValueError(f"{name}: must be an integer array, got dtype {x.dtype}")
-  return x.astype(jnp.result_type(int))
+  return x.astype(target)
+
+
+def as_index(name: str, x: ArrayLike, size: int, *, what: str = "index") -> jax.Array:
+  """An integer index array checked to lie in [0, size) on concrete input.
+
+  JAX's gather clamps out-of-range indices and wraps negative ones, so an index that is not
+  checked silently reads the wrong entry; inside `jax.jit` the caller answers for its indices.
+  """
+  x = as_int(name, x)
+  check_indices(name, x, size, what=what)
+  return x
 
 
 def check_key(name: str, key) -> None:
@@ -70,9 +101,17 @@ def check_same_length(**arrays: jax.Array) -> int:
   return n
 
 
-def check_finite(name: str, x: jax.Array) -> None:
-  if is_concrete(x):
-    values = np.asarray(x)
+def _valid(values: np.ndarray, where) -> np.ndarray:
+  """The values where the mask is True (all of them without a mask)."""
+  if where is None:
+    return values
+  return values[np.broadcast_to(np.asarray(where, bool), values.shape)]
+
+
+def check_finite(name: str, x: jax.Array, *, where=None) -> None:
+  """No NaN or infinite value (only where `where` is True, when a mask is given)."""
+  if is_concrete(x, where):
+    values = _valid(np.asarray(x), where)
     if not np.all(np.isfinite(values)):
       bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
       raise ValueError(f"{name}: contains {bad} NaN or infinite value(s)")
@@ -146,3 +185,47 @@ def check_nonnegative_option(name: str, value, *, strictly_positive: bool = Fals
   if np.isnan(v) or v < 0 or (strictly_positive and v == 0):
     need = "> 0" if strictly_positive else ">= 0"
     raise ValueError(f"{name}: must be {need}, got {value}")
+
+
+def check_nonnegative(name: str, x: jax.Array, *, where=None, upper: float | None = None) -> None:
+  """Finite and >= 0 everywhere (where `where` is True): counts, exposures, weights, propensities
+  that may be 0. With `upper`, also <= upper."""
+  if not is_concrete(x, where):
+    return
+  check_finite(name, x, where=where)
+  values = _valid(np.asarray(x), where)
+  bad = values < 0 if upper is None else (values < 0) | (values > upper)
+  if np.any(bad):
+    span = "in [0, %g]" % upper if upper is not None else ">= 0"
+    raise ValueError(f"{name}: every value must be {span}, found {int(bad.sum())} outside "
+                     f"(e.g. {values[bad].ravel()[0]})")
+
+
+def check_log_probs(name: str, x: jax.Array, *, tolerance: float = 1e-4) -> None:
+  """Log-probabilities: no NaN, no +inf, none above 0 (beyond rounding); -inf (probability 0) is fine."""
+  if not is_concrete(x):
+    return
+  values = np.asarray(x)
+  bad = np.isnan(values) | (values > tolerance)
+  if np.any(bad):
+    raise ValueError(f"{name}: log-probabilities must be <= 0 and not NaN, found {int(bad.sum())} "
+                     f"bad (e.g. {values[bad].ravel()[0]})")
+
+
+def check_scalar(name: str, value, *, low: float | None = None, high: float | None = None,
+                 strict_low: bool = False) -> None:
+  """A finite scalar (numbers and 0-d arrays), optionally bounded; checked only when concrete."""
+  if value is None or not is_concrete(value):
+    return
+  if np.ndim(value) != 0:
+    raise ValueError(f"{name}: must be a scalar, got shape {np.shape(value)}")
+  try:
+    v = float(np.asarray(value))
+  except (TypeError, ValueError) as err:
+    raise ValueError(f"{name}: must be a number, got {value!r}") from err
+  if not np.isfinite(v):
+    raise ValueError(f"{name}: must be finite, got {value}")
+  if low is not None and (v < low or (strict_low and v == low)):
+    raise ValueError(f"{name}: must be {'>' if strict_low else '>='} {low:g}, got {value}")
+  if high is not None and v > high:
+    raise ValueError(f"{name}: must be <= {high:g}, got {value}")

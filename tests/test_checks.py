@@ -104,3 +104,28 @@ def test_every_public_function_refuses_legacy_keys(name):
 def test_wrapped_legacy_keys_are_accepted(name):
   out = CALLS[name](jax.random.wrap_key_data(LEGACY))
   assert all(np.all(np.isfinite(np.asarray(x, float))) for x in jax.tree_util.tree_leaves(out))
+
+
+def test_as_int_refuses_int64_values_that_would_wrap():
+  assert checks.as_int("ids", np.array([0, 2**31 - 1], np.int64)).tolist() == [0, 2**31 - 1]
+  with pytest.raises(ValueError, match="^ids:.*wrap"):
+    checks.as_int("ids", np.array([2**32 + 1], np.int64))  # jnp.asarray would give 1
+  with pytest.raises(ValueError, match="^ids:.*wrap"):
+    checks.as_int("ids", -(2**40))
+  with pytest.raises(ValueError, match="^ids: every item must be in \\[0, 3\\)"):
+    checks.as_index("ids", np.array([0, 3]), 3, what="item")
+
+
+def test_value_check_helpers_name_the_argument():
+  with pytest.raises(ValueError, match="^counts: every value must be >= 0"):
+    checks.check_nonnegative("counts", jnp.array([1.0, -1.0]))
+  with pytest.raises(ValueError, match="^counts: contains 1 NaN"):
+    checks.check_nonnegative("counts", jnp.array([1.0, jnp.nan]))
+  checks.check_nonnegative("counts", jnp.array([1.0, jnp.nan]), where=jnp.array([True, False]))
+  with pytest.raises(ValueError, match="^log_probs: log-probabilities must be <= 0"):
+    checks.check_log_probs("log_probs", jnp.array([-1.0, 0.5]))
+  checks.check_log_probs("log_probs", jnp.array([-jnp.inf, 0.0]))
+  with pytest.raises(ValueError, match="^num_sessions: must be > 0"):
+    checks.check_scalar("num_sessions", 0, low=0.0, strict_low=True)
+  # Inside jit the caller answers for its data: no check, no error.
+  jax.jit(lambda x: checks.check_nonnegative("counts", x) or x)(jnp.array([-1.0]))

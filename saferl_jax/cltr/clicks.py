@@ -71,11 +71,24 @@ def _check_unit_interval(name: str, value) -> None:
     raise ValueError(f"{name}: must be a scalar in [0, 1], got {value!r}")
 
 
-def check_click_model(model: ClickModel) -> None:
+def check_click_model(model: ClickModel, *, name: str = "model") -> None:
   """Raises a ValueError unless alpha and beta are [K] and every click probability lies in [0, 1].
 
-  Shapes are always checked; values only when the model is concrete (not traced).
+  Shapes are always checked; values only when the model is concrete (not traced). Messages name
+  `name` (the caller's argument, e.g. "click_model").
   """
+  if not isinstance(model, ClickModel):
+    raise ValueError(f"{name}: must be a ClickModel, got {type(model).__name__}")
+  try:
+    _check_click_model(model)
+  except ValueError as err:
+    message = str(err)
+    if name != "model" and message.startswith("model"):
+      message = name + message[len("model"):]
+    raise ValueError(message) from None
+
+
+def _check_click_model(model: ClickModel) -> None:
   alpha, beta = jnp.asarray(model.alpha), jnp.asarray(model.beta)
   if alpha.ndim != 1 or alpha.shape[0] == 0:
     raise ValueError(f"model.alpha: expected a non-empty [K] array, got shape {tuple(alpha.shape)}")
@@ -88,6 +101,9 @@ def check_click_model(model: ClickModel) -> None:
   _check_unit_interval("model.flip_probability", model.flip_probability)
   if checks.is_concrete(alpha, beta):
     a, b = np.asarray(alpha, np.float64), np.asarray(beta, np.float64)
+    for field, values in (("alpha", a), ("beta", b)):
+      if not np.all(np.isfinite(values)):
+        raise ValueError(f"model.{field}: contains NaN or infinite values")
     # P(click) is affine in R in [0, 1]: it stays in [0, 1] iff it does at R = 0 and R = 1.
     tolerance = 1e-6
     bad = ~((b >= -tolerance) & (b <= 1 + tolerance) & (a + b >= -tolerance) & (a + b <= 1 + tolerance))
@@ -263,9 +279,25 @@ def simulate_clicks(model: ClickModel, relevance_at_ranks: ArrayLike, *, key: ja
 
 def relevance_at_ranks(query_ids: ArrayLike, rankings: ArrayLike, labels: ArrayLike, *,
                        max_label: int = 4) -> jax.Array:
-  """R = labels[q, ranking] / max_label, shape [N, K], for sessions (query id, displayed ranking)."""
+  """R = labels[q, ranking] / max_label, shape [N, K], for sessions (query id, displayed ranking).
+
+  Query ids and rankings are checked against labels [Q, D] on concrete input: a gather would
+  clamp an out-of-range index (and wrap a negative one) to some other document's label.
+  """
+  if isinstance(max_label, bool) or not isinstance(max_label, (int, np.integer)) or max_label < 1:
+    raise ValueError(f"max_label: must be a positive int, got {max_label!r}")
   labels = jnp.asarray(labels)
-  query_ids, rankings = jnp.asarray(query_ids), jnp.asarray(rankings)
+  if labels.ndim != 2:
+    raise ValueError(f"labels: expected [Q, D], got shape {tuple(labels.shape)}")
+  if checks.is_concrete(labels) and labels.size:
+    values = np.asarray(labels)
+    if not np.all(np.isfinite(values)) or values.min() < 0 or values.max() > max_label:
+      raise ValueError(f"labels: must be finite and in [0, {max_label}]")
+  query_ids = checks.as_index("query_ids", query_ids, labels.shape[0], what="query id")
+  rankings = checks.as_index("rankings", rankings, labels.shape[1], what="document index")
+  if query_ids.ndim != 1 or rankings.ndim != 2 or rankings.shape[0] != query_ids.shape[0]:
+    raise ValueError(f"rankings: expected [N, K] for query_ids [N], got shapes "
+                     f"{tuple(rankings.shape)} and {tuple(query_ids.shape)}")
   return labels[query_ids[:, None], rankings].astype(jnp.result_type(float)) / max_label
 
 
@@ -312,12 +344,14 @@ def simulate_sessions(model: ClickModel, query_ids: ArrayLike, rankings: ArrayLi
     raise ValueError(f"k: {k} ranks asked for but the click model has only {num_model_ranks}")
   if not isinstance(max_label, (int, np.integer)) or max_label < 1:
     raise ValueError(f"max_label: must be a positive int, got {max_label!r}")
-  query_ids, rankings, labels = jnp.asarray(query_ids), jnp.asarray(rankings), jnp.asarray(labels)
+  arrays = {}
   for name, x, ndim in (("query_ids", query_ids, 1), ("rankings", rankings, 2), ("labels", labels, 2)):
-    if x.ndim != ndim:
-      raise ValueError(f"{name}: expected a {ndim}-d array, got shape {tuple(x.shape)}")
-    if not jnp.issubdtype(x.dtype, jnp.integer):
-      raise ValueError(f"{name}: must be an integer array, got dtype {x.dtype}")
+    if jnp.ndim(x) != ndim:
+      raise ValueError(f"{name}: expected a {ndim}-d array, got shape {tuple(jnp.shape(x))}")
+    # as_int refuses floats and int64 values that would wrap in int32 (a wrapped id passes the
+    # range check below as some other, valid-looking id).
+    arrays[name] = checks.as_int(name, x)
+  query_ids, rankings, labels = arrays["query_ids"], arrays["rankings"], arrays["labels"]
   n = query_ids.shape[0]
   if rankings.shape[0] != n:
     raise ValueError(f"rankings: has {rankings.shape[0]} sessions but query_ids has {n}")

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from saferl_jax import checks
-from saferl_jax.cltr.clicks import ClickModel
+from saferl_jax.cltr.clicks import ClickModel, check_click_model
 from saferl_jax.policy_gradient import clipped_surrogate, hard_filter
 from saferl_jax.ranking.metrics import exposure_from_samples
 from saferl_jax.ranking.plackett_luce import sample_rankings
@@ -53,6 +53,45 @@ def _safe_divide(numerator, denominator):
   """numerator / denominator, 0 where the denominator is 0 (no NaN value or gradient)."""
   positive = denominator > 0
   return jnp.where(positive, numerator / jnp.where(positive, denominator, 1.0), 0.0)
+
+
+def _nonnegative(name: str, x: ArrayLike, where=None, upper: float | None = None) -> jax.Array:
+  """A float array of finite values >= 0 (checked where `where` is True, on concrete input)."""
+  x = checks.as_float(name, x)
+  checks.check_nonnegative(name, x, where=where, upper=upper)
+  return x
+
+
+def _finite(name: str, x: ArrayLike, where=None) -> jax.Array:
+  x = checks.as_float(name, x)
+  checks.check_finite(name, x, where=where)
+  return x
+
+
+def _same_shape(**arrays) -> None:
+  (first, x), *rest = arrays.items()
+  for name, y in rest:
+    if y is not None and jnp.shape(y) != jnp.shape(x):
+      raise ValueError(f"{name}: expected the shape of {first} {tuple(jnp.shape(x))}, got "
+                       f"{tuple(jnp.shape(y))}")
+
+
+def _check_min_propensity(min_propensity) -> None:
+  checks.check_scalar("min_propensity", min_propensity, low=0.0, high=1.0)
+
+
+def _check_num_sessions(num_sessions) -> None:
+  """N, a count of logged sessions: a finite number > 0 (a zero would divide by zero)."""
+  if isinstance(num_sessions, bool):
+    raise ValueError(f"num_sessions: must be a number > 0, got {num_sessions!r}")
+  checks.check_scalar("num_sessions", num_sessions, low=0.0, strict_low=True)
+
+
+def _check_clip_range(clip_low, clip_high) -> None:
+  checks.check_scalar("clip_low", clip_low, low=0.0)
+  checks.check_scalar("clip_high", clip_high, low=0.0)
+  if checks.is_concrete(clip_low, clip_high) and not float(clip_low) <= float(clip_high):
+    raise ValueError(f"clip_low: must be <= clip_high, got {clip_low} > {clip_high}")
 
 
 class Propensities(NamedTuple):
@@ -77,8 +116,19 @@ def policy_aware_propensities(logging_logits: ArrayLike, click_model: ClickModel
     [0.5, 0.5, 0.5]
   """
   checks.check_key("key", key)
+  check_click_model(click_model, name="click_model")
+  checks.check_positive_int("num_samples", num_samples)
+  logging_logits = checks.as_float("logging_logits", logging_logits)
+  if logging_logits.ndim == 0 or logging_logits.shape[-1] == 0:
+    raise ValueError(f"logging_logits: expected a non-empty list [..., D], got shape "
+                     f"{tuple(logging_logits.shape)}")
+  if where is not None:
+    where = jnp.asarray(where, bool)
+    if where.shape != logging_logits.shape:
+      raise ValueError(f"where: expected the shape of logging_logits {tuple(logging_logits.shape)}, "
+                       f"got {tuple(where.shape)}")
+  checks.check_finite("logging_logits", logging_logits, where=where)
   displayed = click_model.alpha.shape[0]
-  logging_logits = jnp.asarray(logging_logits)
   k = min(displayed, logging_logits.shape[-1])
   rankings = sample_rankings(logging_logits, key=key, where=where, sample_shape=num_samples, k=k)
   num_items = logging_logits.shape[-1]
@@ -89,6 +139,8 @@ def policy_aware_propensities(logging_logits: ArrayLike, click_model: ClickModel
 
 def propensity_floor(num_sessions: int, *, scale: float = 10.0) -> float:
   """The usual clipping threshold for propensities: min(1, scale / sqrt(N))."""
+  _check_num_sessions(num_sessions)
+  checks.check_scalar("scale", scale, low=0.0, strict_low=True)
   return min(1.0, scale / float(num_sessions) ** 0.5)
 
 
@@ -115,8 +167,17 @@ def ips_document_rewards(clicks: ArrayLike, rho: ArrayLike, betabar: ArrayLike, 
     >>> [round(v, 4) for v in rewards.tolist()]
     [1.8, -0.2]
   """
-  clicks, rho, betabar = jnp.asarray(clicks), jnp.asarray(rho), jnp.asarray(betabar)
+  clicks, rho, betabar = _check_session(clicks, rho, betabar, min_propensity)
   return _safe_divide(clicks - betabar, _clipped(rho, min_propensity))
+
+
+def _check_session(clicks, rho, betabar, min_propensity, reward_hat=None):
+  """clicks >= 0, rho and betabar propensities in [0, 1], all [D] alike (values when concrete)."""
+  clicks = _nonnegative("clicks", clicks)
+  rho, betabar = _nonnegative("rho", rho, upper=1.0), _nonnegative("betabar", betabar, upper=1.0)
+  _same_shape(clicks=clicks, rho=rho, betabar=betabar, reward_hat=reward_hat)
+  _check_min_propensity(min_propensity)
+  return clicks, rho, betabar
 
 
 def dr_document_rewards(clicks: ArrayLike, rho: ArrayLike, betabar: ArrayLike,
@@ -126,15 +187,17 @@ def dr_document_rewards(clicks: ArrayLike, rho: ArrayLike, betabar: ArrayLike,
   Documents never exposed (rho = 0) keep the regression estimate Rhat(d). Args as
   `ips_document_rewards`, plus reward_hat [D], the regression model's relevance estimates.
   """
-  clicks, rho, betabar = jnp.asarray(clicks), jnp.asarray(rho), jnp.asarray(betabar)
-  reward_hat = jnp.asarray(reward_hat)
+  reward_hat = _finite("reward_hat", reward_hat)
+  clicks, rho, betabar = _check_session(clicks, rho, betabar, min_propensity, reward_hat)
   return reward_hat + _safe_divide(clicks - betabar - rho * reward_hat, _clipped(rho, min_propensity))
 
 
 def policy_value(exposure: ArrayLike, document_rewards: ArrayLike, *,
                  where: ArrayLike | None = None) -> jax.Array:
   """sum_d omega(d|pi) Rhat(d) for one query (mean this over sessions for Uhat(pi))."""
-  product = jnp.asarray(exposure) * jnp.asarray(document_rewards)
+  exposure = _nonnegative("exposure", exposure, where)
+  document_rewards = _finite("document_rewards", document_rewards, where)
+  product = exposure * document_rewards
   if where is not None:
     product = jnp.where(where, product, 0.0)
   return jnp.sum(product, axis=-1)
@@ -147,7 +210,9 @@ def exposure_divergence(exposure: ArrayLike, logging_exposure: ArrayLike, *,
   Documents the logging policy never exposes contribute nothing (their ratio is undefined);
   keep the target's exposure on exposed documents for the bound to hold.
   """
-  exposure, logging_exposure = jnp.asarray(exposure), jnp.asarray(logging_exposure)
+  exposure = _nonnegative("exposure", exposure, where)
+  logging_exposure = _nonnegative("logging_exposure", logging_exposure, where)
+  _same_shape(exposure=exposure, logging_exposure=logging_exposure)
   if where is not None:
     exposure = jnp.where(where, exposure, 0.0)
     logging_exposure = jnp.where(where, logging_exposure, 0.0)
@@ -170,10 +235,14 @@ def safe_objective(value_estimate: ArrayLike, divergence: ArrayLike, num_session
     >>> round(float(safe_objective(0.5, 1.0, 100, delta=0.2)), 4)
     0.3
   """
-  if not 0 < delta < 1:
-    raise ValueError(f"delta: must be in (0, 1), got {delta}")
-  penalty = jnp.sqrt((1 - delta) / delta) * jnp.sqrt(jnp.asarray(divergence) / num_sessions)
-  return jnp.asarray(value_estimate) - penalty
+  if delta is None:
+    raise ValueError("delta: must be in (0, 1), got None")
+  checks.check_level_option("delta", delta)
+  _check_num_sessions(num_sessions)
+  value_estimate = _finite("value_estimate", value_estimate)
+  divergence = _nonnegative("divergence", divergence)
+  penalty = jnp.sqrt((1 - delta) / delta) * jnp.sqrt(divergence / num_sessions)
+  return value_estimate - penalty
 
 
 def prpo_objective(exposure: ArrayLike, logging_exposure: ArrayLike, document_rewards: ArrayLike, *,
@@ -197,7 +266,12 @@ def prpo_objective(exposure: ArrayLike, logging_exposure: ArrayLike, document_re
     >>> round(float(prpo_objective(jnp.array([0.9, 0.1]), jnp.array([0.5, 0.5]), jnp.array([1., 0.]))), 4)
     0.6
   """
-  exposure, logging_exposure = jnp.asarray(exposure), jnp.asarray(logging_exposure)
+  exposure = _nonnegative("exposure", exposure, where)
+  logging_exposure = _nonnegative("logging_exposure", logging_exposure, where)
+  document_rewards = _finite("document_rewards", document_rewards, where)
+  _same_shape(exposure=exposure, logging_exposure=logging_exposure,
+              document_rewards=document_rewards)
+  _check_clip_range(clip_low, clip_high)
   ratio = _safe_divide(exposure, logging_exposure)
   surrogate = clipped_surrogate(ratio, document_rewards, clip_low=clip_low, clip_high=clip_high)
   valid = logging_exposure > 0 if where is None else (logging_exposure > 0) & jnp.asarray(where)
@@ -230,7 +304,11 @@ def query_rewards(session_count: ArrayLike, click_count: ArrayLike, rho: ArrayLi
     >>> [round(v, 4) for v in rewards.tolist()]  # 2 sessions, 1 click: 2 (0.5 - 0.1) / 0.5, ...
     [1.6, -0.4]
   """
-  session_count, click_count = jnp.asarray(session_count), jnp.asarray(click_count)
+  session_count = _nonnegative("session_count", session_count)
+  if session_count.ndim != 0:
+    raise ValueError(f"session_count: must be a scalar n_q for one query, got shape "
+                     f"{tuple(session_count.shape)}")
+  click_count = _nonnegative("click_count", click_count)
   mean_clicks = _safe_divide(click_count, session_count)
   if reward_hat is None:
     per_session = ips_document_rewards(mean_clicks, rho, betabar, min_propensity=min_propensity)
@@ -279,8 +357,20 @@ def logged_objective(exposure: ArrayLike, logging_exposure: ArrayLike, rewards: 
     1.25
   """
   checks.check_choice("objective", objective, OBJECTIVES)
-  exposure, logging_exposure = jnp.asarray(exposure), jnp.asarray(logging_exposure)
-  rewards, session_counts = jnp.asarray(rewards), jnp.asarray(session_counts)
+  _check_num_sessions(num_sessions)
+  checks.check_level_option("delta", delta)
+  _check_clip_range(clip_low, clip_high)
+  checks.check_scalar("quantile", quantile, low=0.0)
+  if where is not None:
+    where = jnp.asarray(where, bool)
+  exposure = _nonnegative("exposure", exposure, where)
+  logging_exposure = _nonnegative("logging_exposure", logging_exposure, where)
+  rewards = _finite("rewards", rewards, where)
+  session_counts = _nonnegative("session_counts", session_counts)
+  _same_shape(exposure=exposure, logging_exposure=logging_exposure, rewards=rewards, where=where)
+  if exposure.ndim != 2 or session_counts.shape != exposure.shape[:1]:
+    raise ValueError(f"session_counts: expected [Q] for exposure [Q, D] {tuple(exposure.shape)}, "
+                     f"got {tuple(session_counts.shape)}")
   if where is None:
     where = jnp.ones(exposure.shape, bool)
   if objective == "prpo":

@@ -15,6 +15,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from saferl_jax import checks
@@ -63,8 +64,16 @@ def relevance_data(features: ArrayLike, labels: ArrayLike, where: ArrayLike, *,
     where: [Q, D] bool, True for real documents.
     max_label: the label with relevance 1.
   """
-  features, where = jnp.asarray(features), jnp.asarray(where, bool)
-  relevance = jnp.where(where, jnp.asarray(labels) / max_label, 0.0)
+  if isinstance(max_label, bool) or not isinstance(max_label, (int, np.integer)) or max_label < 1:
+    raise ValueError(f"max_label: must be a positive int, got {max_label!r}")
+  features, where = checks.as_float("features", features), jnp.asarray(where, bool)
+  labels = checks.as_float("labels", labels)
+  if features.ndim != 3 or labels.shape != features.shape[:2] or where.shape != labels.shape:
+    raise ValueError(f"features/labels/where: expected [Q, D, F], [Q, D], [Q, D], got shapes "
+                     f"{tuple(features.shape)}, {tuple(labels.shape)}, {tuple(where.shape)}")
+  checks.check_finite("features", features, where=where[..., None])
+  checks.check_nonnegative("labels", labels, where=where, upper=max_label)
+  relevance = jnp.where(where, labels / max_label, 0.0)
   num_queries = relevance.shape[0]
   data = RankingData(features, where, relevance, jnp.ones(num_queries), jnp.zeros_like(relevance))
   return SupervisedData(data, num_queries)
@@ -84,8 +93,10 @@ def check_ranking_data(data: RankingData) -> None:
                      f"{tuple(data.session_counts.shape)}")
   if where.dtype != jnp.bool_:
     raise ValueError(f"data.where: must be bool, got {where.dtype}")
-  for name in ("features", "rewards", "session_counts", "logging_exposure"):
+  for name in ("features", "rewards"):
     checks.check_finite(f"data.{name}", getattr(data, name))
+  for name in ("session_counts", "logging_exposure"):
+    checks.check_nonnegative(f"data.{name}", getattr(data, name))
 
 
 def ascent_direction(apply_fn: Callable, params, data: RankingData, *, key: jax.Array,
@@ -94,6 +105,8 @@ def ascent_direction(apply_fn: Callable, params, data: RankingData, *, key: jax.
                      quantile: float = 0.5) -> AscentDirection:
   """(gradient of the objective w.r.t. params, the objective at the estimated exposures)."""
   checks.check_key("key", key)
+  check_ranking_data(data)
+  checks.check_positive_int("num_samples", num_samples)
   logits, pullback = jax.vjp(lambda p: apply_fn(p, data.features), params)
 
   def objective_fn(exposure):

@@ -50,7 +50,14 @@ def fit_reward_regression(features: ArrayLike, targets: ArrayLike, weights: Arra
   if features.shape[:-1] != targets.shape or targets.shape != weights.shape:
     raise ValueError(f"features/targets/weights: shapes {features.shape}, {targets.shape}, "
                      f"{weights.shape} do not match ([..., F], [...], [...])")
-  checks.check_nonnegative_option("l2", l2)
+  checks.check_scalar("l2", l2, low=0.0)
+  if targets.size == 0:
+    raise ValueError("targets: is empty; the regression needs at least one document")
+  checks.check_nonnegative("weights", weights)
+  # Padding (weight 0) may hold anything finite-or-not: only weighted rows enter the fit.
+  checks.check_finite("features", features, where=(weights > 0)[..., None])
+  checks.check_finite("targets", targets, where=weights > 0)
+  features = jnp.where((weights > 0)[..., None], features, 0.0)
   num_features = features.shape[-1]
   design = jnp.concatenate([features.reshape(-1, num_features),
                             jnp.ones((targets.size, 1), features.dtype)], axis=1)
@@ -67,6 +74,15 @@ def fit_reward_regression(features: ArrayLike, targets: ArrayLike, weights: Arra
 def predict_rewards(model: RidgeModel, features: ArrayLike, *,
                     where: ArrayLike | None = None) -> jax.Array:
   """Rhat [...] = clip(features . coef + intercept, 0, 1); 0 where `where` is False."""
-  features = jnp.asarray(features)
+  if not isinstance(model, RidgeModel):
+    raise ValueError(f"model: must be a RidgeModel, got {type(model).__name__}")
+  features = checks.as_float("features", features)
+  if features.ndim == 0 or features.shape[-1] != jnp.shape(model.coef)[0]:
+    raise ValueError(f"features: expected [..., F] with F = {jnp.shape(model.coef)[0]} like "
+                     f"model.coef, got shape {tuple(features.shape)}")
+  checks.check_finite("model.coef", model.coef)
+  checks.check_finite("model.intercept", model.intercept)
+  checks.check_finite("features", features,
+                      where=None if where is None else jnp.asarray(where, bool)[..., None])
   prediction = jnp.clip(features @ model.coef + model.intercept, 0.0, 1.0)
   return prediction if where is None else jnp.where(where, prediction, 0.0)

@@ -90,12 +90,15 @@ def _check_prompts_rewards(prompts: ArrayLike, rewards: ArrayLike,
   return prompts, rewards
 
 
-def _check_state(state: RewardStatsState) -> int:
+def _check_state(state: RewardStatsState, name: str = "state") -> int:
   if not isinstance(state, RewardStatsState):
-    raise ValueError(f"state: must be a RewardStatsState, got {type(state).__name__}")
+    raise ValueError(f"{name}: must be a RewardStatsState, got {type(state).__name__}")
   if jnp.ndim(state.mean) != 1 or jnp.shape(state.count) != jnp.shape(state.mean) \
       or jnp.shape(state.m2) != jnp.shape(state.mean):
-    raise ValueError("state: count, mean and m2 must be 1-d arrays [P] of the same shape")
+    raise ValueError(f"{name}: count, mean and m2 must be 1-d arrays [P] of the same shape")
+  checks.check_nonnegative(f"{name}.count", state.count)
+  checks.check_finite(f"{name}.mean", state.mean)
+  checks.check_nonnegative(f"{name}.m2", state.m2)
   return jnp.shape(state.mean)[0]
 
 
@@ -179,7 +182,7 @@ def ppo_advantages(stats_state: RewardStatsState, prompts: ArrayLike, rewards: A
   References:
     Black et al. Training Diffusion Models with Reinforcement Learning. ICLR 2024. https://arxiv.org/abs/2305.13301
   """
-  num_prompts = _check_state(stats_state)
+  num_prompts = _check_state(stats_state, "stats_state")
   prompts, rewards = _check_prompts_rewards(prompts, rewards, num_prompts)
   checks.check_nonnegative_option("clip", clip, strictly_positive=True)
   return _ppo_advantages_kernel(stats_state, prompts, rewards, clip)
@@ -256,6 +259,7 @@ def _check_log_probs(log_probs: ArrayLike, advantages: ArrayLike,
   if advantages.shape != log_probs.shape[1:]:
     raise ValueError(f"advantages: expected [B] = {log_probs.shape[1:]} like log_probs [S, B], got "
                      f"{tuple(advantages.shape)}")
+  checks.check_finite("log_probs", log_probs)
   checks.check_finite("advantages", advantages)
   if old_log_probs is None:
     return log_probs, advantages
@@ -363,7 +367,7 @@ def _ppo_kernel(log_probs, old_log_probs, advantages, clip_range):
 
 def check_probability(name: str, value) -> None:
   """Checks a probability option such as label dropout: it must lie in [0, 1]."""
-  if checks.is_concrete(value) and not 0 <= float(value) <= 1:
+  if checks.is_concrete(value) and not 0 <= float(np.asarray(value)) <= 1:
     raise ValueError(f"{name}: must be in [0, 1], got {value}")
 
 
@@ -396,6 +400,7 @@ def epsilon_loss(apply_fn: Callable, params: Any, x0: ArrayLike, condition: Arra
     >>> bool(abs(loss - 1) < 0.1)
     True
   """
+  checks.check_key("key", key)
   x0 = checks.as_float("x0", x0)
   condition = checks.as_int("condition", condition)
   alphas_cumprod = checks.as_float("alphas_cumprod", alphas_cumprod)
@@ -403,8 +408,16 @@ def epsilon_loss(apply_fn: Callable, params: Any, x0: ArrayLike, condition: Arra
     raise ValueError(f"x0: expected a batch [B, *shape], got shape {x0.shape}")
   if condition.shape != x0.shape[:1]:
     raise ValueError(f"condition: expected shape [B={x0.shape[0]}], got {condition.shape}")
+  if isinstance(null_condition, bool) or not isinstance(null_condition, (int, np.integer)) \
+      or null_condition < 0 or null_condition > np.iinfo(np.int32).max:
+    raise ValueError(f"null_condition: must be an int >= 0 (the denoiser's num_classes), got "
+                     f"{null_condition!r}")
   check_schedule(NoiseSchedule(alphas_cumprod), name="alphas_cumprod")
   check_probability("label_dropout", label_dropout)
+  checks.check_finite("x0", x0)
+  # The denoiser's embedding gathers with the condition, and a gather clamps out-of-range ids:
+  # class ids lie in [0, num_classes), the null token is num_classes itself.
+  checks.check_indices("condition", condition, int(null_condition) + 1, what="class id")
   batch = x0.shape[0]
   t_key, noise_key, dropout_key = jax.random.split(key, 3)
   t = jax.random.randint(t_key, (batch,), 0, alphas_cumprod.shape[0])

@@ -55,6 +55,7 @@ from saferl_jax.diffusion.schedules import NoiseSchedule, alphabar, check_schedu
 Reduce = Literal["sum", "mean"]
 REDUCTIONS = ("sum", "mean")
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+_MIN_ETA = 1e-30  # the smallest eta whose sigma_t stays a normal float32 on usual schedules
 
 
 class Step(NamedTuple):
@@ -83,6 +84,9 @@ def _check_eta(eta) -> None:
   value = float(np.asarray(eta))
   if not value > 0:  # also catches NaN
     raise ValueError(f"eta: must be > 0 for a log-probability to exist, got {value}")
+  if value < _MIN_ETA:
+    raise ValueError(f"eta: must be >= {_MIN_ETA:g} (below it sigma_t underflows to 0 in float32 "
+                     f"and the step has no log-probability), got {value}")
   if value > 1:
     raise ValueError(f"eta: must be <= 1 (above it 1 - alphabar_t' - sigma_t^2 can be negative), "
                      f"got {value}")
@@ -107,10 +111,14 @@ def _check_steps(t: jax.Array, t_prev: jax.Array, num_train_steps: int) -> tuple
   return t, t_prev
 
 
-def _check_pair(x_name: str, x: ArrayLike, eps: ArrayLike) -> tuple[jax.Array, jax.Array]:
-  x, eps = checks.as_float(x_name, x), checks.as_float("eps", eps)
+def _check_pair(x_name: str, x: ArrayLike, eps: ArrayLike,
+                eps_name: str = "eps") -> tuple[jax.Array, jax.Array]:
+  x, eps = checks.as_float(x_name, x), checks.as_float(eps_name, eps)
   if x.shape != eps.shape:
-    raise ValueError(f"eps: must have the shape of {x_name} {tuple(x.shape)}, got {tuple(eps.shape)}")
+    raise ValueError(f"{eps_name}: must have the shape of {x_name} {tuple(x.shape)}, got "
+                     f"{tuple(eps.shape)}")
+  checks.check_finite(x_name, x)
+  checks.check_finite(eps_name, eps)
   return x, eps
 
 
@@ -120,12 +128,14 @@ def _check_pair(x_name: str, x: ArrayLike, eps: ArrayLike) -> tuple[jax.Array, j
 def _mean_std(x_t, eps, t, t_prev, alphas_cumprod, eta):
   schedule = NoiseSchedule(alphas_cumprod)
   a, a_prev = alphabar(schedule, t), alphabar(schedule, t_prev)
-  var = eta**2 * (1 - a_prev) / (1 - a) * ((a_prev - a) / a_prev)
-  direction = jnp.sqrt(jnp.maximum(1 - a_prev - var, 0.0))
+  # sigma_t = eta sqrt(...), not sqrt(eta^2 ...): eta^2 underflows to 0 for eta below about 1e-19
+  # in float32, and a zero std gave NaN log-probabilities.
+  std = eta * jnp.sqrt((1 - a_prev) / (1 - a) * ((a_prev - a) / a_prev))
+  direction = jnp.sqrt(jnp.maximum(1 - a_prev - jnp.square(std), 0.0))
   coef_x = jnp.sqrt(a_prev / a)
   coef_eps = direction - jnp.sqrt(a_prev * (1 - a) / a)
   mean = coef_x * x_t + coef_eps * eps
-  return mean, jnp.sqrt(var).astype(mean.dtype)
+  return mean, std.astype(mean.dtype)
 
 
 def _reduce(values, reduce):
@@ -133,6 +143,8 @@ def _reduce(values, reduce):
 
 
 def _gaussian_log_prob(x, mean, std, reduce):
+  # Finite for every std > 0 that float32 holds (eta down to about 1e-30); a stored x_prev more
+  # than about 1e19 stds from the mean gives z^2 = inf and log_prob = -inf, the Gaussian's limit.
   z = (x - mean) / std
   per_dim = jnp.log(std) + _HALF_LOG_2PI  # the normalising constant of one dimension
   if reduce == "sum":
@@ -177,9 +189,10 @@ def guided_eps(eps_uncond: ArrayLike, eps_cond: ArrayLike, guidance_scale: Array
   References:
     Ho, Salimans. Classifier-Free Diffusion Guidance. 2022. https://arxiv.org/abs/2207.12598
   """
-  eps_uncond, eps_cond = _check_pair("eps_uncond", eps_uncond, eps_cond)
+  eps_uncond, eps_cond = _check_pair("eps_uncond", eps_uncond, eps_cond, "eps_cond")
   if jnp.ndim(guidance_scale) != 0:
     raise ValueError(f"guidance_scale: must be a scalar, got shape {jnp.shape(guidance_scale)}")
+  checks.check_scalar("guidance_scale", guidance_scale)
   return eps_uncond + jnp.asarray(guidance_scale, eps_uncond.dtype) * (eps_cond - eps_uncond)
 
 
@@ -198,7 +211,7 @@ def ddim_step(x_t: ArrayLike, eps: ArrayLike, t: ArrayLike, t_prev: ArrayLike,
     t_prev: int scalar, the step to go to, in [0, t).
     schedule: the `NoiseSchedule`.
     key: a PRNG key for z.
-    eta: scalar in (0, 1]; 1 is DDPM's ancestral sampler.
+    eta: scalar in [1e-30, 1]; 1 is DDPM's ancestral sampler (below 1e-30 sigma_t underflows).
     reduce: "sum" (the exact log-density) or "mean" (DDPO's per-dimension average); see the module
       docstring for what a PPO clip range means with each.
 
@@ -258,6 +271,7 @@ def step_log_prob(x_prev: ArrayLike, x_t: ArrayLike, eps: ArrayLike, t: ArrayLik
   if x_prev.shape != x_t.shape:
     raise ValueError(f"x_prev: must have the shape of x_t {tuple(x_t.shape)}, got "
                      f"{tuple(x_prev.shape)}")
+  checks.check_finite("x_prev", x_prev)
   check_schedule(schedule)
   t, t_prev = _check_steps(t, t_prev, schedule.alphas_cumprod.shape[0])
   _check_eta(eta)
@@ -276,7 +290,7 @@ def step_kl(mean: ArrayLike, reference_mean: ArrayLike, std: ArrayLike, *,
   Args:
     mean: [*shape] mu under the current parameters.
     reference_mean: [*shape] mu under the reference parameters.
-    std: scalar sigma_t > 0 (`Step.std`).
+    std: scalar sigma_t > 0 (`Step.std`), at least the dtype's smallest normal number.
     reduce: "sum" or "mean" over dimensions.
 
   Returns:
@@ -287,11 +301,19 @@ def step_kl(mean: ArrayLike, reference_mean: ArrayLike, std: ArrayLike, *,
     >>> step_kl(jnp.array([1.0, 0.0]), jnp.zeros(2), 0.5).item()
     2.0
   """
-  mean, reference_mean = _check_pair("mean", mean, reference_mean)
+  mean, reference_mean = _check_pair("mean", mean, reference_mean, "reference_mean")
   _check_reduce(reduce)
   std = checks.as_float("std", std)
   if std.ndim != 0:
     raise ValueError(f"std: must be a scalar for one step, got shape {tuple(std.shape)}")
-  if checks.is_concrete(std) and not float(std) > 0:
-    raise ValueError(f"std: must be > 0, got {float(std)}")
-  return _reduce(jnp.square(mean - reference_mean), reduce) / (2 * jnp.square(std))
+  if checks.is_concrete(std):
+    value, tiny = float(std), float(jnp.finfo(std.dtype).tiny)
+    if not (value > 0 and np.isfinite(value)):
+      raise ValueError(f"std: must be finite and > 0, got {value}")
+    if value < tiny:
+      raise ValueError(f"std: must be >= {tiny:g}, the smallest normal {std.dtype} (a subnormal "
+                       f"std flushes to 0 in XLA's arithmetic), got {value:g}")
+  # Divide before squaring: sigma^2 underflows to 0 for sigma below about 1e-19 in float32, and
+  # equal means then gave 0 / 0 = NaN. The KL is 0 for equal means at any sigma > 0, and +inf
+  # (its float32 limit) once ||mu - mu_ref|| / sigma exceeds about 1e19.
+  return 0.5 * _reduce(jnp.square((mean - reference_mean) / std), reduce)

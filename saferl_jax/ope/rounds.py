@@ -120,7 +120,7 @@ def importance_weights(
     actions: ArrayLike, logging_probs: ArrayLike, target_dist: ArrayLike
 ) -> jax.Array:
   """w_i = pi(a_i|x_i) / pi0(a_i|x_i), shape [n]; E_pi0[w] = 1 under full support."""
-  actions = jnp.asarray(actions)
+  actions = checks.as_int("actions", actions)  # before any jnp.asarray: int64 ids must not wrap
   return logged_rounds(jnp.zeros(actions.shape), actions, logging_probs, target_dist).weights
 
 
@@ -134,7 +134,7 @@ def weight_diagnostics(weights: ArrayLike) -> WeightDiagnostics:
   weights = checks.as_float("weights", weights)
   checks.check_ndim("weights", weights, 1)
   checks.check_same_length(weights=weights)
-  checks.check_finite("weights", weights)
+  checks.check_nonnegative("weights", weights)
   sum_sq = jnp.sum(weights**2)
   safe_sum_sq = jnp.where(sum_sq > 0, sum_sq, 1.0)
   ess = jnp.where(sum_sq > 0, jnp.sum(weights)**2 / safe_sum_sq, 0.0)

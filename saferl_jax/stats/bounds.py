@@ -89,14 +89,18 @@ def _quantile(distribution: str, df: float, q) -> jax.Array:
 def _half_width(samples: jax.Array, delta, method: str, max_value) -> jax.Array:
   """Width of a one-sided bound at level 1 - delta."""
   n = samples.shape[0]
-  std = jnp.std(samples, ddof=1)
+  # std on samples / max|X|: the squares of importance-weighted contributions near 1e20 (a
+  # propensity of 1e-20) overflow float32, their std does not.
+  scale = jax.lax.stop_gradient(jnp.max(jnp.abs(samples)))
+  scale = jnp.where(scale > 0, scale, 1.0)
+  std = scale * jnp.std(samples / scale, ddof=1)
   if method in ("normal", "t"):
     quantile = _quantile(method, float(n - 1), 1.0 - delta)
     return quantile.astype(samples.dtype) * std / jnp.sqrt(n)
   log_term = jnp.log(1.0 / delta) if method == "hoeffding" else jnp.log(2.0 / delta)
   if method == "hoeffding":
     return max_value * jnp.sqrt(log_term / (2.0 * n))
-  return jnp.sqrt(2.0 * log_term * std**2 / n) + 7.0 * max_value * log_term / (3.0 * (n - 1))
+  return jnp.sqrt(2.0 * log_term / n) * std + 7.0 * max_value * log_term / (3.0 * (n - 1))
 
 
 def lower_bound(
@@ -176,6 +180,7 @@ def safe_improvement_test(
   Returns:
     An `ImprovementTest` (deploy is a bool array, usable under jit).
   """
+  checks.check_scalar("baseline_value", baseline_value)
   bound = lower_bound(samples, delta=delta, method=method, max_value=max_value, truncate=truncate)
   baseline_value = jnp.asarray(baseline_value, bound.dtype)
   return ImprovementTest(bound > baseline_value, bound, baseline_value)

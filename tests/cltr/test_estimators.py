@@ -179,3 +179,43 @@ def test_policy_aware_propensities_match_enumeration():
                                                 num_samples=1000,
                                                 where=jnp.array([True, True, True, False]))
   assert float(masked_rho[3]) == 0.0
+
+
+def test_bad_values_are_refused_by_name():
+  exposure = jnp.array([0.5, 0.3, 0.2])
+  with pytest.raises(ValueError, match="^exposure:"):
+    est.exposure_divergence(exposure.at[0].set(jnp.nan), exposure)  # was 0.0
+  with pytest.raises(ValueError, match="^logging_exposure:"):
+    est.prpo_objective(exposure, exposure.at[1].set(-0.1), jnp.ones(3))
+  with pytest.raises(ValueError, match="^num_sessions:"):
+    est.propensity_floor(0)  # was a ZeroDivisionError
+  with pytest.raises(ValueError, match="^num_sessions:"):
+    est.safe_objective(0.5, 1.0, 0)
+  with pytest.raises(ValueError, match="^session_count:"):
+    est.query_rewards(-2.0, jnp.ones(3), jnp.full(3, 0.5), jnp.zeros(3))
+  with pytest.raises(ValueError, match="^rho:"):
+    est.ips_document_rewards(jnp.ones(3), jnp.array([0.5, -0.5, 0.5]), jnp.zeros(3))
+  # Masked documents may hold anything: only the valid ones are checked.
+  where = jnp.array([True, True, False])
+  value = est.policy_value(exposure, jnp.array([1.0, 2.0, jnp.nan]), where=where)
+  np.testing.assert_allclose(value, 1.1, rtol=1e-6)
+
+
+def test_policy_aware_propensities_names_the_callers_arguments():
+  from saferl_jax.cltr.clicks import ClickModel, position_based
+  with pytest.raises(ValueError, match="^logging_logits:"):
+    est.policy_aware_propensities(jnp.array([0.0, jnp.nan]), position_based(2), key=jax.random.key(0))
+  with pytest.raises(ValueError, match="^click_model.alpha:"):
+    est.policy_aware_propensities(jnp.zeros(3), ClickModel(jnp.zeros(0), jnp.zeros(0)),
+                                  key=jax.random.key(0))
+
+
+def test_session_ids_out_of_range_are_refused_not_clamped():
+  from saferl_jax.cltr.clicks import relevance_at_ranks
+  labels = jnp.array([[4, 0], [0, 4]])
+  with pytest.raises(ValueError, match="^query_ids:"):
+    relevance_at_ranks(jnp.array([0, 2]), jnp.array([[0, 1], [1, 0]]), labels)
+  with pytest.raises(ValueError, match="^rankings:"):
+    relevance_at_ranks(jnp.array([0, 1]), jnp.array([[0, -1], [1, 0]]), labels)
+  with pytest.raises(ValueError, match="^query_ids:.*wrap"):
+    relevance_at_ranks(np.array([0, 2**32], np.int64), jnp.array([[0, 1], [1, 0]]), labels)

@@ -159,7 +159,7 @@ def test_guided_eps():
   np.testing.assert_allclose(guided_eps(u, c, 0.0), u)
   np.testing.assert_allclose(guided_eps(u, c, 1.0), c)
   np.testing.assert_allclose(guided_eps(u, c, 7.5), u + 7.5 * (c - u))
-  with pytest.raises(ValueError, match="^eps:"):
+  with pytest.raises(ValueError, match="^eps_cond:"):
     guided_eps(u, c[:2], 1.0)
   with pytest.raises(ValueError, match="^guidance_scale:"):
     guided_eps(u, c, jnp.ones(3))
@@ -211,3 +211,38 @@ def test_bad_arguments():
     ddim_step(X_T, EPS, 501, 481, ABAR, key=key, eta=1.0)
   with pytest.raises(ValueError, match="^std:"):
     step_kl(X_T, EPS, 0.0)
+
+
+def test_step_kl_of_equal_means_is_zero_at_any_tiny_std():
+  # sigma^2 underflows to 0 in float32 below about 1e-19: dividing first keeps 0 / 0 out.
+  for std in (1e-20, 1e-30, 1.2e-38):
+    assert float(step_kl(jnp.ones(3), jnp.ones(3), std)) == 0.0
+  with pytest.raises(ValueError, match="^std:.*subnormal"):
+    step_kl(jnp.ones(3), jnp.ones(3), 1e-39)
+  # The documented limit: a KL beyond float32's range is +inf, not NaN.
+  assert float(step_kl(jnp.ones(3), jnp.zeros(3), 1e-30)) == np.inf
+
+
+def test_tiny_eta_gives_finite_log_probabilities_and_below_1e_30_is_refused():
+  schedule = linear_schedule()
+  x, e = jnp.zeros(3), jnp.ones(3)
+  for eta in (1e-20, 1e-30):
+    out = ddim_step(x, e, 981, 961, schedule, key=jax.random.key(0), eta=eta)
+    assert float(out.std) > 0 and np.isfinite(float(out.log_prob))
+    np.testing.assert_allclose(step_log_prob(out.x_prev, x, e, 981, 961, schedule, eta=eta),
+                               out.log_prob, rtol=1e-6)
+  with pytest.raises(ValueError, match="^eta:.*underflows"):
+    ddim_step(x, e, 981, 961, schedule, key=jax.random.key(0), eta=1e-40)
+
+
+def test_non_finite_inputs_are_refused_by_name():
+  schedule = linear_schedule()
+  x, e = jnp.zeros(3), jnp.ones(3)
+  with pytest.raises(ValueError, match="^eps:"):
+    ddim_step(x, e.at[0].set(jnp.nan), 981, 961, schedule, key=jax.random.key(0), eta=1.0)
+  with pytest.raises(ValueError, match="^x_prev:"):
+    step_log_prob(x.at[1].set(jnp.inf), x, e, 981, 961, schedule, eta=1.0)
+  with pytest.raises(ValueError, match="^reference_mean:"):
+    step_kl(x, e[:2], 1.0)
+  with pytest.raises(ValueError, match="^t:.*wrap"):
+    ddim_step(x, e, np.int64(2**32 + 981), 961, schedule, key=jax.random.key(0), eta=1.0)

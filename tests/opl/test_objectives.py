@@ -508,3 +508,22 @@ def test_drpo_hard_filter_keeps_the_top_rounds_and_imitates_them():
   np.testing.assert_allclose(grad, [0.0, 0.5, 0.0, 0.5])
   with pytest.raises(ValueError, match="quantile"):
     hard_filter(rewards, quantile=1.0)
+
+
+def test_bad_values_are_refused_by_name_and_tiny_propensities_stay_finite():
+  from saferl_jax.opl import objectives
+  log_probs, rewards = jnp.log(jnp.array([0.5, 0.25, 0.25])), jnp.array([1.0, 0.0, 1.0])
+  probs = jnp.array([0.5, 0.5, 0.5])
+  with pytest.raises(ValueError, match="^logging_probs:"):
+    objectives.ips_objective(log_probs, rewards, probs.at[0].set(0.0))
+  with pytest.raises(ValueError, match="^rewards:"):
+    objectives.snips_objective(log_probs, rewards.at[1].set(jnp.nan), probs)
+  with pytest.raises(ValueError, match="^log_probs:"):
+    objectives.baseline_corrected_objective(log_probs.at[0].set(0.5), rewards, probs, 0.5)
+  with pytest.raises(ValueError, match="^actions:"):
+    objectives.logged_log_probs(lambda p, x: x @ p, jnp.ones((2, 3)), jnp.ones((3, 2)),
+                                jnp.array([0, 1, 3]))  # a gather would clamp 3 to 2
+  tiny = probs.at[0].set(1e-20)
+  for fn in (objectives.ips_objective, objectives.snips_objective,
+             objectives.value_optimal_baseline):
+    assert np.isfinite(float(fn(log_probs, rewards, tiny)))

@@ -215,3 +215,16 @@ def test_safe_improvement_test_vmapped_baselines():
   out = jax.vmap(lambda b: safe_improvement_test(x, b, method="normal"))(baselines)
   bound = float(lower_bound(x, method="normal"))
   np.testing.assert_array_equal(out.deploy, np.asarray(baselines) < bound)
+
+
+def test_contributions_near_1e20_give_finite_bounds():
+  # A propensity of 1e-20 makes a contribution near 1e20; its square overflows float32, the
+  # std computed on samples / max|X| does not.
+  samples = jnp.array([8e19, 0.0, 1.6, 0.4], jnp.float32)
+  for method in ("normal", "t"):
+    interval = confidence_interval(samples, method=method)
+    assert np.isfinite(float(interval.lower)) and np.isfinite(float(interval.upper))
+    assert float(interval.lower) < float(jnp.mean(samples)) < float(interval.upper)
+  assert np.isfinite(float(lower_bound(samples, method="bernstein", max_value=1e20)))
+  with pytest.raises(ValueError, match="^baseline_value:"):
+    safe_improvement_test(samples, jnp.nan)
