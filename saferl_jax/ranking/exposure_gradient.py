@@ -29,7 +29,7 @@ from jax.typing import ArrayLike
 from saferl_jax import checks
 from saferl_jax.ranking.metrics import exposure_from_samples
 from saferl_jax.ranking.pl_rank import pl_rank_gradient
-from saferl_jax.ranking.plackett_luce import sample_rankings
+from saferl_jax.ranking.plackett_luce import _check_count, sample_rankings
 
 
 class ExposureGradient(NamedTuple):
@@ -76,13 +76,20 @@ def exposure_objective_gradient(
     True
   """
   checks.check_key("key", key)
+  _check_count("num_samples", num_samples)
+  if num_exposure_samples is None:
+    num_exposure_samples = num_samples
+  _check_count("num_exposure_samples", num_exposure_samples)
+  if not callable(objective):
+    raise TypeError(f"objective: must be a callable F(exposure) -> scalar, got "
+                    f"{type(objective).__name__}")
   logits = jnp.asarray(logits)
   rank_weights = jnp.asarray(rank_weights)
   exposure_key, gradient_key = jax.random.split(key)
   num_items = logits.shape[-1]
   k = min(rank_weights.shape[0], num_items)
   rankings = sample_rankings(logits, key=exposure_key, where=where, k=k,
-                             sample_shape=num_exposure_samples or num_samples)
+                             sample_shape=num_exposure_samples)
   exposure = exposure_from_samples(rankings, rank_weights[:k], num_items, where=where)
   document_weights = jax.grad(objective)(exposure)
   valid = jnp.ones(logits.shape, bool) if where is None else jnp.broadcast_to(where, logits.shape)
