@@ -16,6 +16,7 @@ from jax.typing import ArrayLike
 from saferl_jax import checks
 from saferl_jax.ope.estimators import Estimate
 from saferl_jax.ope.rounds import LoggedRounds
+from saferl_jax.stats.bootstrap import _check_options, _rows
 from saferl_jax.stats import (ImprovementTest, Interval, bootstrap_interval, safe_improvement_test,
                               upper_bound)
 
@@ -43,6 +44,16 @@ def estimator_bootstrap_interval(
     >>> bool(ci.lower <= 0.5 <= ci.upper)
     True
   """
+  checks.check_key("key", key)
+  if not callable(estimator_from_rounds):
+    raise TypeError(f"estimator_from_rounds: must be a callable such as snips_from_rounds, got "
+                    f"{type(estimator_from_rounds).__name__}")
+  if not isinstance(rounds, LoggedRounds):
+    raise TypeError(f"rounds: must be a LoggedRounds (see ope.logged_rounds), got "
+                    f"{type(rounds).__name__}")
+  _check_options(num_resamples=num_resamples, batch_size=batch_size, generator=generator,
+                 delta=delta)
+  rounds, _ = _rows("rounds", rounds)
   return bootstrap_interval(
       lambda resampled: estimator_from_rounds(resampled, **estimator_options).value,
       rounds, key=key, num_resamples=num_resamples, delta=delta, batch_size=batch_size,

@@ -20,6 +20,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from saferl_jax import checks
@@ -28,12 +29,55 @@ from saferl_jax.stats.bounds import Interval
 
 
 
+def _check_count(name: str, value) -> int:
+  """A count option (it sets a shape or a loop length): an int >= 1, never a bool or a float."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    if isinstance(value, (float, np.floating)):
+      raise ValueError(f"{name}: must be a whole number >= 1, got {value!r}")
+    raise TypeError(f"{name}: must be an int, got {type(value).__name__} {value!r}")
+  if value < 1:
+    raise ValueError(f"{name}: must be >= 1, got {value}")
+  return int(value)
+
+
+def _check_options(*, num_resamples, batch_size=1, generator="hash", delta=None) -> None:
+  """Checks the scalar options of the bootstrap up front, before any resample is drawn."""
+  _check_count("num_resamples", num_resamples)
+  _check_count("batch_size", batch_size)
+  if not isinstance(generator, str):
+    raise TypeError(f"generator: must be 'hash' or 'threefry', got {type(generator).__name__}")
+  check_generator(generator)
+  if delta is not None:
+    if isinstance(delta, (bool, np.bool_, str, bytes)):
+      raise TypeError(f"delta: must be a number in (0, 1), got {delta!r}")
+    checks.check_level_option("delta", delta)
+
+
+def _rows(name: str, data):
+  """`data` with every leaf a JAX array (numpy leaves cannot be indexed by traced indices), and
+  its number of rows n, checked to be shared by every leaf and >= 1; messages name `name`."""
+  try:
+    data = jax.tree_util.tree_map(jnp.asarray, data)
+  except (TypeError, ValueError) as err:
+    raise TypeError(f"{name}: every leaf must be an array ({err})") from err
+  leaves = jax.tree_util.tree_leaves(data)
+  if not leaves:
+    raise ValueError(f"{name}: needs at least one array")
+  for leaf in leaves:
+    if leaf.ndim == 0:
+      raise ValueError(f"{name}: every array needs a leading axis of rows, got a scalar")
+  n = leaves[0].shape[0]
+  for leaf in leaves:
+    if leaf.shape[0] != n:
+      raise ValueError(f"{name}: every array must have the same leading length, got "
+                       f"{leaf.shape[0]} and {n}")
+  if n < 1:
+    raise ValueError(f"{name}: needs at least one row to resample, got n={n}")
+  return data, n
+
+
 def _index_sampler(key: jax.Array, num_resamples: int, n: int, generator: str):
   """Per-resample inputs, and the function that turns one of them into [n] row indices."""
-  if num_resamples < 1:
-    raise ValueError(f"num_resamples: must be >= 1, got {num_resamples}")
-  if n < 1:
-    raise ValueError(f"data: needs at least one row to resample, got n={n}")
   if generator == "threefry":
     return jax.random.split(key, num_resamples), lambda k: jax.random.randint(k, (n,), 0, n)
   check_generator(generator)
@@ -55,6 +99,8 @@ def resample_indices(
     (2, 5)
   """
   checks.check_key("key", key)
+  _check_options(num_resamples=num_resamples, generator=generator)
+  num_rows = _check_count("num_rows", num_rows)
   per_resample, to_indices = _index_sampler(key, num_resamples, num_rows, generator)
   return jax.vmap(to_indices)(per_resample)
 
@@ -82,13 +128,10 @@ def bootstrap_replicates(
     [B] replicates of the statistic.
   """
   checks.check_key("key", key)
-  leaves = jax.tree_util.tree_leaves(data)
-  if not leaves:
-    raise ValueError("data: needs at least one array")
-  n = leaves[0].shape[0]
-  for leaf in leaves:
-    if leaf.shape[0] != n:
-      raise ValueError(f"data: every array must have the same leading length, got {leaf.shape[0]} and {n}")
+  if not callable(statistic):
+    raise TypeError(f"statistic: must be a callable, got {type(statistic).__name__}")
+  _check_options(num_resamples=num_resamples, batch_size=batch_size, generator=generator)
+  data, n = _rows("data", data)
 
   def on_resample(indices):
     # The barrier makes XLA compute the indices once; otherwise it fuses the hash into
@@ -103,9 +146,13 @@ def bootstrap_replicates(
 
 def percentile_interval(replicates: ArrayLike, *, delta: float = 0.05) -> Interval:
   """The delta/2 and 1 - delta/2 quantiles of bootstrap replicates (linear interpolation)."""
+  if isinstance(delta, (bool, np.bool_, str, bytes)):
+    raise TypeError(f"delta: must be a number in (0, 1), got {delta!r}")
+  checks.check_level_option("delta", delta)
   replicates = checks.as_float("replicates", replicates)
   checks.check_ndim("replicates", replicates, 1)
-  checks.check_level_option("delta", delta)
+  if replicates.shape[0] == 0:
+    raise ValueError("replicates: is empty; at least one replicate is needed")
   lower, upper = jnp.quantile(replicates, jnp.array([delta / 2, 1 - delta / 2]))
   return Interval(lower, upper)
 
@@ -129,6 +176,8 @@ def bootstrap_interval(
     >>> bool(ci.lower < 49.5 < ci.upper)
     True
   """
+  _check_options(num_resamples=num_resamples, batch_size=batch_size, generator=generator,
+                delta=delta)
   replicates = bootstrap_replicates(statistic, data, key=key, num_resamples=num_resamples,
                                     batch_size=batch_size, generator=generator)
   return percentile_interval(replicates, delta=delta)
