@@ -135,6 +135,10 @@ def compressibility_reward(x0: ArrayLike, *, level: int = 9) -> jax.Array:
   x0 = checks.as_float("x0", x0)
   if x0.ndim < 2:
     raise ValueError(f"x0: expected a batch [B, *shape], got shape {x0.shape}")
+  if isinstance(level, (bool, np.bool_)) or not isinstance(level, (int, np.integer)):
+    if isinstance(level, (float, np.floating)):
+      raise ValueError(f"level: must be an int in 0..9, got {level!r}")
+    raise TypeError(f"level: must be an int in 0..9, got {type(level).__name__} {level!r}")
   if not 0 <= level <= 9:
     raise ValueError(f"level: must be in 0..9, got {level}")
   callback = functools.partial(_compressed_fractions, sample_ndim=x0.ndim - 1, level=level)

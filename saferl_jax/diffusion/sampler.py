@@ -50,7 +50,8 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from saferl_jax import checks
-from saferl_jax.diffusion.schedules import NoiseSchedule, check_schedule, sampling_timesteps
+from saferl_jax.diffusion.schedules import (NoiseSchedule, _check_count, _check_real, check_schedule,
+                                            sampling_timesteps)
 from saferl_jax.diffusion.step import (Reduce, _check_eta, _check_reduce, _gaussian_log_prob,
                                        _mean_std)
 
@@ -95,11 +96,12 @@ class Transitions(NamedTuple):
 def _check_guidance(guidance_scale, null_condition) -> bool:
   if guidance_scale is None:
     return False
-  if jnp.ndim(guidance_scale) != 0:
-    raise ValueError(f"guidance_scale: must be a scalar, got shape {jnp.shape(guidance_scale)}")
+  _check_real("guidance_scale", guidance_scale, low=0.0)  # 0: unconditional, 1: conditional
   if null_condition is None:
     raise ValueError("null_condition: classifier-free guidance (guidance_scale is set) needs the "
                      "integer condition that stands for 'no condition'")
+  if isinstance(null_condition, (bool, np.bool_, str, bytes)):
+    raise TypeError(f"null_condition: must be an integer scalar, got {null_condition!r}")
   null = jnp.asarray(null_condition)
   if null.ndim != 0 or not jnp.issubdtype(null.dtype, jnp.integer):
     raise ValueError(f"null_condition: must be an integer scalar, got {null_condition!r}")
@@ -192,7 +194,7 @@ def sample(apply_fn: ApplyFn, params: Any, conditions: ArrayLike, *, key: jax.Ar
     eta: scalar in (0, 1]; 1 is DDPM's ancestral sampler, as in DDPO and LOOP.
     samples_per_condition: K >= 1 (static).
     shape: one sample's shape, a tuple of ints (static).
-    guidance_scale: None for no guidance, else the classifier-free guidance weight w.
+    guidance_scale: None for no guidance, else the classifier-free guidance weight w >= 0, finite.
     null_condition: the condition id of "no condition"; needed with guidance_scale, ignored without.
     reduce: "sum" (exact log-density) or "mean" (DDPO's); see `saferl_jax.diffusion.step`.
 
@@ -218,14 +220,12 @@ def sample(apply_fn: ApplyFn, params: Any, conditions: ArrayLike, *, key: jax.Ar
   conditions = _check_conditions(conditions)
   check_schedule(schedule)
   num_train_steps = schedule.alphas_cumprod.shape[0]
-  if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) \
-      or not 1 <= num_steps < num_train_steps:
+  if not 1 <= _check_count("num_steps", num_steps) < num_train_steps:
     raise ValueError(f"num_steps: must be an int in [1, {num_train_steps - 1}] for a schedule of "
                      f"{num_train_steps} steps, got {num_steps!r}")
-  if not isinstance(samples_per_condition, (int, np.integer)) or isinstance(samples_per_condition, bool) \
-      or samples_per_condition < 1:
-    raise ValueError(f"samples_per_condition: must be an int >= 1, got {samples_per_condition!r}")
+  _check_count("samples_per_condition", samples_per_condition)
   shape = _check_shape(shape)
+  _check_real("eta", eta)
   _check_eta(eta)
   _check_reduce(reduce)
   guided = _check_guidance(guidance_scale, null_condition)
@@ -303,6 +303,7 @@ def trajectory_transitions(apply_fn: ApplyFn, params: Any, trajectory: Trajector
   """
   _check_trajectory(trajectory)
   check_schedule(schedule)
+  _check_real("eta", eta)
   _check_eta(eta)
   _check_reduce(reduce)
   guided = _check_guidance(guidance_scale, null_condition)
