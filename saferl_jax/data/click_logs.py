@@ -19,6 +19,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from saferl_jax import checks
+from saferl_jax.data.synthetic_bandit import _check_count, _check_real
 from saferl_jax.cltr.clicks import ClickModel, check_click_model, simulate_sessions
 from saferl_jax.cltr.estimators import policy_aware_propensities, propensity_floor, query_rewards
 from saferl_jax.cltr.reward_model import fit_reward_regression, predict_rewards
@@ -99,8 +100,8 @@ def simulate_click_log(logging_logits: ArrayLike, labels: ArrayLike, click_model
     raise ValueError(f"labels: expected shape {tuple(logging_logits.shape)} like logging_logits, "
                      f"got {tuple(labels.shape)}")
   for name, value in (("num_sessions", num_sessions), ("propensity_samples", propensity_samples),
-                      ("chunk_size", chunk_size)):
-    checks.check_positive_int(name, value)
+                      ("chunk_size", chunk_size), ("max_label", max_label)):
+    _check_count(name, value)
   num_queries, num_docs = logging_logits.shape
   k = min(int(jnp.shape(click_model.alpha)[0]), num_docs)
   valid = jnp.ones(labels.shape, bool) if where is None else jnp.asarray(where, bool)
@@ -151,6 +152,9 @@ def estimated_rewards(log: ClickLog, *, estimator: str, features: ArrayLike | No
   """
   if estimator not in ("ips", "dr"):
     raise ValueError(f"estimator: must be 'ips' or 'dr', got {estimator!r}")
+  if min_propensity is not None:
+    _check_real("min_propensity", min_propensity, low=0.0, high=1.0)
+  _check_real("l2", l2, low=0.0)
   if min_propensity is None:
     min_propensity = propensity_floor(max(log.num_sessions, 1))
   ips = jax.vmap(lambda n, c, r, b: query_rewards(n, c, r, b, min_propensity=min_propensity))(

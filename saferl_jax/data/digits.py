@@ -87,7 +87,15 @@ def split(data: Digits, fractions: Sequence[float] = (0.8, 0.2), *, key: jax.Arr
     (1797, 359)
   """
   checks.check_key("key", key)
-  fractions = np.asarray(fractions, dtype=np.float64)
+  if isinstance(fractions, (str, bytes)):
+    raise TypeError(f"fractions: must be a sequence of numbers, got {fractions!r}")
+  try:
+    raw = np.asarray(fractions)
+  except (TypeError, ValueError) as err:
+    raise TypeError(f"fractions: must be a sequence of numbers ({err})") from err
+  if raw.dtype.kind not in "iuf":
+    raise TypeError(f"fractions: must be a sequence of numbers, got dtype {raw.dtype}")
+  fractions = raw.astype(np.float64)
   if fractions.ndim != 1 or fractions.size == 0:
     raise ValueError(f"fractions: expected a non-empty sequence, got {fractions.tolist()!r}")
   if np.any(~np.isfinite(fractions)) or np.any(fractions < 0) or abs(fractions.sum() - 1) > 1e-6:
