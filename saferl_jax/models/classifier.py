@@ -12,6 +12,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from saferl_jax.models.functional import _check_count, _check_sizes
+
 
 class DigitClassifier(nnx.Module):
   """Logits [B, num_classes] of images [B, H, W, C]: an MLP with SiLU on the flattened pixels.
@@ -34,8 +36,9 @@ class DigitClassifier(nnx.Module):
 
   def __init__(self, *, num_classes: int = 10, hidden: Sequence[int] = (128, 128),
                image_shape: tuple[int, int, int] = (8, 8, 1), rngs: nnx.Rngs):
-    if num_classes < 2:
-      raise ValueError(f"num_classes: must be >= 2, got {num_classes}")
+    _check_count("num_classes", num_classes, low=2)
+    hidden = _check_sizes("hidden", hidden)
+    image_shape = _check_sizes("image_shape", image_shape, length=3)
     self.num_classes = num_classes
     self.image_shape = tuple(image_shape)
     sizes = [int(np.prod(image_shape)), *hidden]

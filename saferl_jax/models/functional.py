@@ -9,6 +9,7 @@ differentiated and optimised with optax.
 
 from typing import Any, Callable, NamedTuple
 
+import numpy as np
 from flax import nnx
 
 
@@ -25,3 +26,29 @@ def as_functional(model: nnx.Module) -> Functional:
   def apply_fn(params, *inputs):
     return nnx.merge(graphdef, params)(*inputs)
   return Functional(apply_fn, params)
+
+
+def _check_count(name: str, value, *, low: int = 1) -> int:
+  """A size option of a module (a layer width, a class count): an int >= low, never a bool or a
+  float; TypeError for a non-number."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    if isinstance(value, (float, np.floating)):
+      raise ValueError(f"{name}: must be a whole number >= {low}, got {value!r}")
+    raise TypeError(f"{name}: must be an int, got {type(value).__name__} {value!r}")
+  if value < low:
+    raise ValueError(f"{name}: must be >= {low}, got {value}")
+  return int(value)
+
+
+def _check_sizes(name: str, sizes, *, length: int | None = None, allow_empty: bool = True) -> tuple:
+  """A sequence of sizes (hidden widths, an image shape), each an int >= 1."""
+  if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__iter__"):
+    raise TypeError(f"{name}: must be a sequence of ints, got {type(sizes).__name__} {sizes!r}")
+  sizes = tuple(sizes)
+  if length is not None and len(sizes) != length:
+    raise ValueError(f"{name}: expected {length} sizes, got {sizes!r}")
+  if not sizes and not allow_empty:
+    raise ValueError(f"{name}: expected at least one size, got {sizes!r}")
+  for size in sizes:
+    _check_count(name, size)
+  return tuple(int(size) for size in sizes)
