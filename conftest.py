@@ -3,7 +3,7 @@
 import pytest
 
 # Examples that take 0.6 s or more on 2 CPU cores (mostly XLA compilation); they run in the slow
-# tier, so `pytest -m "not slow"` stays under 2 minutes.
+# tier, so `pytest -m "not slow"` stays near 2 minutes.
 SLOW_DOCTESTS = {
     "saferl_jax.cltr.estimators.policy_aware_propensities",
     "saferl_jax.cltr.reward_model.fit_reward_regression",
@@ -31,6 +31,9 @@ SLOW_DOCTESTS = {
     "saferl_jax.ranking.exposure_gradient.exposure_objective_gradient",
     "saferl_jax.ranking.metrics.expected_metric_from_samples",
     "saferl_jax.ranking.pl_rank.pl_rank_gradient",
+    "saferl_jax.ranking.pl_rank.reinforce_gradient",
+    "saferl_jax.ranking.plackett_luce.ranking_log_prob",
+    "saferl_jax.stats.bootstrap.bootstrap_interval",
 }
 
 

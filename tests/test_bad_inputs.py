@@ -389,6 +389,7 @@ def _bad_cases(row: Row) -> list:
 
 
 @pytest.mark.parametrize("name", sorted(TABLE))
+@pytest.mark.slow
 def test_valid_call_is_finite(name):
   row = TABLE[name]
   assert _leaves_finite(row.fn(**row.make()))

@@ -121,6 +121,7 @@ def test_sessions_equal_simulate_clicks_on_gathered_relevance():
   np.testing.assert_array_equal(by_sessions, cltr.simulate_clicks(model, relevance, key=key))
 
 
+@pytest.mark.slow
 def test_k_smaller_than_the_model_uses_its_first_ranks():
   model = cltr.trust_bias(5)
   query_ids, rankings, labels = _log(32)

@@ -117,6 +117,7 @@ def test_propensity_floor_and_clipping():
   np.testing.assert_allclose(rewards, [2.0, 10.0, 0.0])
 
 
+@pytest.mark.slow
 def test_exposure_divergence():
   exposure = jnp.array([0.5, 0.3, 0.2])
   assert float(est.exposure_divergence(exposure, exposure)) == pytest.approx(1.0)
@@ -154,6 +155,7 @@ def test_prpo_gradient_vanishes_outside_the_clip_range():
   assert float(objective(inside)) == pytest.approx(float(inside @ rewards), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_prpo_ignores_documents_the_logger_never_exposes():
   value = est.prpo_objective(jnp.array([0.5, 0.5]), jnp.array([0.5, 0.0]), jnp.array([1.0, 5.0]))
   assert float(value) == pytest.approx(0.5)

@@ -82,6 +82,7 @@ def test_query_rewards_are_the_sum_of_the_sessions_estimates():
     np.testing.assert_allclose(summed, sum(per_session(c) for c in clicks), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_query_without_sessions_contributes_nothing():
   rewards = estimators.query_rewards(0.0, jnp.zeros(3), jnp.array([0.5, 0.2, 0.]), jnp.zeros(3),
                                      reward_hat=jnp.ones(3))

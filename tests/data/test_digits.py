@@ -54,6 +54,7 @@ def test_split_is_deterministic_and_depends_on_the_key(data):
   assert not np.array_equal(np.asarray(a.labels), np.asarray(c.labels))
 
 
+@pytest.mark.slow
 def test_three_way_split_sizes(data):
   parts = digits.split(data, (0.6, 0.2, 0.2), key=jax.random.key(0))
   assert [p.num_images for p in parts] == [1078, 360, 359]

@@ -40,6 +40,7 @@ def test_masks_are_prefixes_with_lengths_in_range(data):
   assert np.all(np.asarray(data.labels)[~mask] == 0)
 
 
+@pytest.mark.slow
 def test_label_range_and_distribution(data):
   labels = np.asarray(data.labels)[np.asarray(data.where)]
   assert labels.min() >= 0 and labels.max() <= 4
@@ -305,6 +306,7 @@ def test_line_numbers_count_only_line_breaks(tmp_path):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(gz=st.booleans(), cut=st.integers(0, 10_000), flips=st.lists(st.tuples(st.integers(0, 10_000),
        st.integers(1, 255)), max_size=3))
+@pytest.mark.slow
 def test_any_damage_is_a_value_error_naming_the_file(tmp_path, gz, cut, flips):
   data = bytearray(gzip.compress(SAMPLE.encode(), mtime=0) if gz else SAMPLE.encode())
   for offset, mask in flips:

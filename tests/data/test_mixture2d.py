@@ -24,6 +24,7 @@ def _grid(low=-7.0, high=7.0, step=0.025):
   return np.stack([xx, yy], -1), step ** 2
 
 
+@pytest.mark.slow
 def test_make_mixture_from_stds():
   mixture = mx.make_mixture([0.25, 0.75], [[0.0, 0.0], [1.0, 1.0]], stds=[0.5, 2.0])
   np.testing.assert_allclose(mixture.covariances, [np.eye(2) * 0.25, np.eye(2) * 4.0])

@@ -52,6 +52,7 @@ def test_against_the_ddim_formulas(t, t_prev, eta):
                              out.log_prob, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_eta_one_is_the_ddpm_posterior():
   # Ho et al. 2020, eq. 11 and the posterior variance beta-tilde: for consecutive steps t -> t - 1,
   # mu = (x_t - beta_t / sqrt(1 - alphabar_t) eps) / sqrt(alpha_t), sigma^2 = (1 - abar_{t-1}) / (1 - abar_t) beta_t.
@@ -81,6 +82,7 @@ def test_samples_follow_the_gaussian():
   assert abs(lp.mean() - expected) < 4 * np.sqrt(3.0 / n)
 
 
+@pytest.mark.slow
 def test_mean_reduction_is_the_sum_over_dimensions():
   key = jax.random.key(2)
   total = ddim_step(X_T, EPS, 501, 481, SCHEDULE, key=key, eta=1.0, reduce="sum")
@@ -223,6 +225,7 @@ def test_step_kl_of_equal_means_is_zero_at_any_tiny_std():
   assert float(step_kl(jnp.ones(3), jnp.zeros(3), 1e-30)) == np.inf
 
 
+@pytest.mark.slow
 def test_tiny_eta_gives_finite_log_probabilities_and_below_1e_30_is_refused():
   schedule = linear_schedule()
   x, e = jnp.zeros(3), jnp.ones(3)

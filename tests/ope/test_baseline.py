@@ -73,6 +73,7 @@ def test_where_equals_the_subset():
                              optimal_baseline(r[mask], w[mask]), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_where_ignores_masked_out_values():
   r, w = sample(5, n=30)
   mask = np.arange(30) < 20

@@ -185,6 +185,7 @@ def test_beta_ips_zero_is_ips_and_constant_model_dr_is_beta_ips():
                              beta_ips(R, A, P, T, baseline=beta).per_sample, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_beta_ips_optimal_is_the_default_and_matches_the_variance_minimiser():
   default = beta_ips(R, A, P, T)
   optimal = beta_ips(R, A, P, T, baseline="optimal")
@@ -372,6 +373,7 @@ def test_property_valid_data_never_nan(data):
 
 @settings(max_examples=30)
 @given(datasets(), st.data())
+@pytest.mark.slow
 def test_property_invalid_propensity_raises(data, draw):
   r, a, p, t, _ = data
   i = draw.draw(st.integers(0, len(p) - 1))
@@ -427,6 +429,7 @@ def test_extreme_inputs_stay_finite(name, f, make):
   assert np.all(np.isfinite(est.per_sample))
 
 
+@pytest.mark.slow
 def test_zero_target_mass_values():
   data = zero_target_mass_data()
   assert float(ips(*data[:4]).value) == 0.0
@@ -462,6 +465,7 @@ def test_snips_gradient_matches_finite_differences():
   np.testing.assert_allclose(analytic, fd, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_dr_os_infinite_lambda_gradient_has_no_nan():
   f_inf = lambda t: dr_os(R, A, P, t, Q, lambda_=np.inf).value
   f_dr = lambda t: dr(R, A, P, t, Q).value
@@ -506,6 +510,7 @@ def obp():
 
 
 @pytest.mark.parametrize("key", sorted(OBP_CASES))
+@pytest.mark.slow
 def test_agrees_with_open_bandit_pipeline(obp, key):
   data, reference = obp
   assert data[3].shape == (10000, 80)
@@ -529,6 +534,7 @@ def test_agrees_with_open_bandit_pipeline_in_float32(obp):
 # estimate_all.
 
 
+@pytest.mark.slow
 def test_estimate_all_matches_the_individual_estimators():
   options = {"ips": {"clip": 1.5}, "switch_dr": {"tau": 2.0}, "dr_os": {"lambda_": 3.0},
              "beta_ips": {"baseline": "cross_fit"}, "dr": {"clip": 2.2}}
@@ -546,6 +552,7 @@ def test_estimate_all_matches_the_individual_estimators():
       np.testing.assert_allclose(x, y, rtol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow
 def test_estimate_all_defaults():
   assert sorted(estimate_all(R, A, P, T)) == ["beta_ips", "ips", "snips"]
   with_model = estimate_all(R, A, P, T, Q)
@@ -731,6 +738,7 @@ def _beta_ips_float64(rewards, actions, probs, target):
 
 
 @pytest.mark.parametrize("seed,n", [(6, 23), (21, 17), (3, 5)])
+@pytest.mark.slow
 def test_beta_ips_with_a_weight_near_1e6_is_stable_in_float32(seed, n):
   # r_m - beta* at the dominant weight is O(1 / w_m): subtracting it lost every digit (eager and
   # jit differed by up to 20%); the pivoted form keeps float32 within 1e-5 of float64.
@@ -742,6 +750,7 @@ def test_beta_ips_with_a_weight_near_1e6_is_stable_in_float32(seed, n):
   np.testing.assert_allclose(jitted, exact, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_propensity_of_1e_20_gives_finite_estimates_and_stderrs():
   args = (jnp.array([1., 0., 1., 1.]), jnp.array([0, 1, 0, 1]), jnp.array([1e-20, 0.5, 0.5, 0.5]),
           jnp.tile(jnp.array([0.8, 0.2]), (4, 1)))

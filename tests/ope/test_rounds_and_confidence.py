@@ -200,6 +200,7 @@ def test_improves_on_logging_refuses_a_worse_target():
   assert not bool(improves_on_logging_normal(ips(r, a, p, t), logged_rewards).deploy)
 
 
+@pytest.mark.slow
 def test_improves_on_logging_refuses_the_logging_policy_itself():
   # Evaluated on its own logs, the logging policy's IPS contributions are its
   # rewards: the lower bound sits below their mean, so it never deploys.

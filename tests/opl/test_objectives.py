@@ -253,6 +253,7 @@ def test_per_example_weight_gradients_closed_form_for_a_linear_policy():
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.4, -1.3])
+@pytest.mark.slow
 def test_corrected_gradient_is_the_gradient_of_the_corrected_objective(beta):
   with jax.enable_x64(True):
     apply_fn, params = tiny_policy()

@@ -118,6 +118,7 @@ def test_unbiasedness_test_detects_a_wrong_gradient():
     assert_mean_within_stderr(samples, wrong)
 
 
+@pytest.mark.slow
 def test_gradient_sums_to_zero():
   # PL is invariant to adding a constant to every logit, so the gradient sums to 0: exactly for
   # the exact gradient, in expectation for PL-Rank-3 (a single estimate need not).
@@ -187,6 +188,7 @@ def test_masked_items_get_zero_gradient_and_their_logits_do_not_matter(estimator
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS + [None], ids=IDS + ["exact"])
+@pytest.mark.slow
 def test_all_masked_gives_zeros_without_nan(estimator):
   where = jnp.zeros(5, bool)
   if estimator is None:
@@ -209,6 +211,7 @@ def test_huge_logits_stay_finite(estimator):
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS, ids=IDS)
+@pytest.mark.slow
 def test_same_key_same_result_and_jit_equals_eager(estimator):
   key = jax.random.key(7)
   where = MASKS["one_masked"]
@@ -280,6 +283,7 @@ def test_exact_functions_take_leading_batch_axes():
                                                              where=where), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_exact_gradient_vmaps_and_jits():
   logits = jnp.stack([LOGITS, -LOGITS])
   batched = jax.jit(jax.vmap(lambda m: exact_gradient(m, RELEVANCE, RANK_WEIGHTS)))(logits)

@@ -57,6 +57,7 @@ def test_full_rankings_enumerate_to_one_and_match_the_definition():
   np.testing.assert_allclose(log_probs, expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_hand_products():
   w = np.exp(LOGITS)
   # Ranking (2, 0, 3, 1): w2/(all) * w0/(w0+w1+w3) * w3/(w1+w3) * 1.
@@ -69,6 +70,7 @@ def test_hand_products():
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.slow
 def test_prefix_log_prob_is_the_marginal_of_full_rankings(k):
   full = np.exp(np.asarray(ranking_log_prob(LOGITS, np.array(PERMS))))
   prefixes = sorted({p[:k] for p in PERMS})
@@ -97,6 +99,7 @@ def test_gradient_matches_the_exact_score_function():
 
 
 @pytest.mark.parametrize("generator", ["hash", "threefry"])
+@pytest.mark.slow
 def test_full_ranking_frequencies_match_probabilities(generator):
   n = 100_000
   samples = np.asarray(sample_rankings(LOGITS, key=jax.random.key(0), sample_shape=n,
@@ -111,6 +114,7 @@ def test_full_ranking_frequencies_match_probabilities(generator):
 
 
 @pytest.mark.parametrize("generator", ["hash", "threefry"])
+@pytest.mark.slow
 def test_top_k_frequencies_match_prefix_probabilities(generator):
   n = 100_000
   samples = np.asarray(sample_rankings(LOGITS, key=jax.random.key(1), sample_shape=n, k=2,
@@ -213,6 +217,7 @@ def test_huge_logits_stay_finite_and_exact(scale):
     np.testing.assert_allclose(value, np_log_prob(logits, ranking, where), rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_fast_and_exact_paths_agree_at_the_switch():
   """Spreads just below and above the switch to the exact path give the same log-probs."""
   for spread in [55.0, 65.0]:

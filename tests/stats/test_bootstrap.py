@@ -47,6 +47,7 @@ def test_resample_indices_refuse_legacy_keys_and_take_them_wrapped():
                                                       num_rows=20))
 
 
+@pytest.mark.slow
 def test_resample_indices_of_one_row():
   np.testing.assert_array_equal(resample_indices(jax.random.key(0), num_resamples=3, num_rows=1),
                                 np.zeros((3, 1)))
@@ -84,6 +85,7 @@ def test_indices_are_uniform(indices):
   assert abs(chi2 - df) <= 5 * math.sqrt(2 * df)
 
 
+@pytest.mark.slow
 def test_per_resample_counts_have_multinomial_variance(indices):
   # Within one resample the counts are Multinomial(n, 1/n): each has variance 1 - 1/n.
   counts = np.stack([np.bincount(row, minlength=N_Q) for row in indices])

@@ -58,12 +58,14 @@ def test_t_interval_with_three_degrees_of_freedom():
   np.testing.assert_allclose(ci.upper, x.mean() + half, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_docstring_examples():
   x = jnp.array([0., 1., 0., 1.])
   np.testing.assert_allclose(lower_bound(x, method="hoeffding", max_value=1.0),
                              0.5 - math.sqrt(math.log(20) / 8), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_smaller_delta_gives_a_lower_bound():
   bounds = [float(lower_bound(X, delta=d, method="bernstein", max_value=1.0))
             for d in (0.2, 0.05, 0.01)]
@@ -171,6 +173,7 @@ def test_t_interval_coverage(bernoulli_samples):
 
 
 @pytest.mark.parametrize("method", ["hoeffding", "bernstein"])
+@pytest.mark.slow
 def test_high_confidence_lower_bound_fails_at_most_delta(bernoulli_samples, method):
   delta = 0.05
   bounds = jax.vmap(functools.partial(lower_bound, delta=delta, method=method, max_value=1.0))(
@@ -193,6 +196,7 @@ def test_t_lower_bound_fails_about_delta(bernoulli_samples):
 # The safe improvement test.
 
 
+@pytest.mark.slow
 def test_safe_improvement_test_under_jit():
   x = np.random.default_rng(1).uniform(0.4, 1.0, size=50)
   f = jax.jit(functools.partial(safe_improvement_test, delta=0.05, method="hoeffding",
@@ -209,6 +213,7 @@ def test_safe_improvement_test_under_jit():
                              rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_safe_improvement_test_vmapped_baselines():
   x = jnp.asarray(np.random.default_rng(2).normal(1.0, 0.5, size=40), jnp.float32)
   baselines = jnp.array([0.0, 0.5, 1.0, 2.0])
