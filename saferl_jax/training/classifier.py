@@ -75,9 +75,11 @@ def train_classifier(images: ArrayLike, labels: ArrayLike, *, key: jax.Array, st
   Returns:
     A `TrainedClassifier` (apply_fn, params, losses, from_cache).
   """
-  checks.check_positive_int("steps", steps)
-  if not learning_rate > 0:
-    raise ValueError(f"learning_rate: must be > 0, got {learning_rate}")
+  driver._check_count("steps", steps)
+  driver._check_count("batch_size", batch_size)
+  driver._check_real("learning_rate", learning_rate, low=0.0, open_low=True)
+  driver._check_count("num_classes", num_classes, low=2)
+  checks.check_choice("checkpoint_mismatch", checkpoint_mismatch, driver.CHECKPOINT_MISMATCH)
   driver.check_seed_keys(key)
   if key.ndim:
     raise ValueError(f"key: expected one key, got shape {key.shape}")
@@ -88,8 +90,7 @@ def train_classifier(images: ArrayLike, labels: ArrayLike, *, key: jax.Array, st
   n = images.shape[0]
   if labels.shape != (n,):
     raise ValueError(f"labels: expected shape [N={n}], got {labels.shape}")
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= n:
-    raise ValueError(f"batch_size: must be an int in [1, N={n}], got {batch_size!r}")
+  batch_size = driver._check_batch("batch_size", batch_size, n)
   checks.check_finite("images", images)
   checks.check_indices("labels", labels, num_classes, what="class")
 

@@ -61,6 +61,21 @@ class Sampling:
   null_condition: int | None = None
 
 
+def _check_sampling(sampling) -> None:
+  """The scalar fields of `Sampling`, named as `sampling.<field>` (the user's argument)."""
+  if not isinstance(sampling, Sampling):
+    raise TypeError(f"sampling: must be a Sampling, got {type(sampling).__name__}")
+  for field in ("num_classes", "prompts_per_round", "samples_per_prompt", "num_steps"):
+    driver._check_count(f"sampling.{field}", getattr(sampling, field))
+  driver._check_real("sampling.eta", sampling.eta, low=0.0, high=1.0, open_low=True)
+  if sampling.guidance_scale is not None:
+    driver._check_real("sampling.guidance_scale", sampling.guidance_scale, low=0.0)
+    if sampling.null_condition is None:
+      raise ValueError("sampling.null_condition: guidance (sampling.guidance_scale) needs the "
+                       "condition id that stands for 'no condition'")
+    driver._check_count("sampling.null_condition", sampling.null_condition, low=0)
+
+
 class FinetuneState(NamedTuple):
   params: Any
   opt_state: Any
@@ -201,7 +216,12 @@ def finetune(
   checks.check_choice("method", method, METHODS)
   driver.check_chunks("rounds", rounds, eval_every)
   for name, value in (("epochs", epochs), ("minibatches", minibatches)):
-    checks.check_positive_int(name, value)
+    driver._check_count(name, value)
+  _check_sampling(sampling)
+  driver._check_real("clip_range", clip_range, low=0.0, open_low=True)
+  driver._check_real("kl_weight", kl_weight, low=0.0)
+  checks.check_choice("checkpoint_mismatch", checkpoint_mismatch, driver.CHECKPOINT_MISMATCH)
+  driver.check_finite_params(params)
   if sampling.samples_per_prompt < 2 and method != "ppo":
     raise ValueError(f"sampling.samples_per_prompt: {method} needs K >= 2 for its leave-one-out "
                      f"baseline, got {sampling.samples_per_prompt}")

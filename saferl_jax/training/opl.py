@@ -103,7 +103,12 @@ def train(
     evaluate's names is [epochs + 1, S] (before training, then after each epoch).
   """
   checks.check_choice("method", method, METHODS)
-  checks.check_positive_int("epochs", epochs)
+  driver._check_count("epochs", epochs)
+  if batch_size is not None:
+    driver._check_count("batch_size", batch_size)
+  driver._check_real("banditnet_lambda", banditnet_lambda)
+  checks.check_choice("checkpoint_mismatch", checkpoint_mismatch, driver.CHECKPOINT_MISMATCH)
+  driver.check_finite_params(params)
   key, params, single_seed = driver.seed_axis(key, params)
   data = logged_batch(*data)
   per_seed = data.rewards.ndim == 2
@@ -114,9 +119,7 @@ def train(
     raise ValueError(f"data: has {data.rewards.shape[0]} seeds but key has {num_seeds}")
   n = data.rewards.shape[-1]
   batch_size = n if batch_size is None else batch_size
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= n:
-    raise ValueError(f"batch_size: must be an int in [1, n={n}], got {batch_size!r}")
-  checks.check_nonnegative_option("banditnet_lambda", abs(banditnet_lambda))
+  batch_size = driver._check_batch("batch_size", batch_size, n, what="n")
   one_seed_params = driver.one_seed(params)
   one_seed_contexts = data.contexts[0, :1] if per_seed else data.contexts[:1]
   num_actions = jax.eval_shape(apply_fn, one_seed_params, one_seed_contexts).shape[-1]

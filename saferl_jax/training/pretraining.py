@@ -122,10 +122,12 @@ def pretrain(model: nnx.Module, images: ArrayLike, labels: ArrayLike | None = No
   Returns:
     A `PretrainResult` (params, per-step losses, from_cache).
   """
-  checks.check_positive_int("steps", steps)
-  if not learning_rate > 0:
-    raise ValueError(f"learning_rate: must be > 0, got {learning_rate}")
+  driver._check_count("steps", steps)
+  driver._check_count("batch_size", batch_size)
+  driver._check_real("learning_rate", learning_rate, low=0.0, open_low=True)
+  driver._check_real("label_dropout", label_dropout, low=0.0, high=1.0)
   check_probability("label_dropout", label_dropout)
+  checks.check_choice("checkpoint_mismatch", checkpoint_mismatch, driver.CHECKPOINT_MISMATCH)
   driver.check_seed_keys(key)
   if key.ndim:
     raise ValueError(f"key: expected one key, got shape {key.shape}")
@@ -144,8 +146,7 @@ def pretrain(model: nnx.Module, images: ArrayLike, labels: ArrayLike | None = No
     if conditions.shape != (n,):
       raise ValueError(f"labels: expected shape [N={n}], got {conditions.shape}")
     checks.check_indices("labels", conditions, num_classes, what="class")
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= n:
-    raise ValueError(f"batch_size: must be an int in [1, N={n}], got {batch_size!r}")
+  batch_size = driver._check_batch("batch_size", batch_size, n)
   alphas_cumprod = checks.as_float("alphas_cumprod", alphas_cumprod)
   check_schedule(NoiseSchedule(alphas_cumprod), name="alphas_cumprod")
 

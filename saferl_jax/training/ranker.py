@@ -117,8 +117,22 @@ def train_ranker(
   checks.check_choice("objective", objective, OBJECTIVES)
   driver.check_chunks("steps", steps, eval_every)
   for name, value in (("num_samples", num_samples), ("num_sessions", num_sessions)):
-    checks.check_positive_int(name, value)
-  checks.check_level_option("delta", delta)
+    driver._check_count(name, value)
+  if batch_queries is not None:
+    driver._check_count("batch_queries", batch_queries)
+  driver._check_real("delta", delta, low=0.0, high=1.0, open_low=True, open_high=True)
+  driver._check_real("clip_low", clip_low, low=0.0)
+  driver._check_real("clip_high", clip_high, low=float(clip_low))
+  driver._check_real("quantile", quantile, low=0.0, high=1.0)
+  checks.check_choice("checkpoint_mismatch", checkpoint_mismatch, driver.CHECKPOINT_MISMATCH)
+  # The rank weights enter every step: a NaN or a negative weight would otherwise surface as a
+  # FloatingPointError ("lower the learning rate") many steps later.
+  rank_weights = checks.as_float("rank_weights", rank_weights)
+  if rank_weights.ndim != 1 or rank_weights.shape[0] == 0:
+    raise ValueError(f"rank_weights: expected a non-empty 1-d array [K], got shape "
+                     f"{tuple(rank_weights.shape)}")
+  checks.check_nonnegative("rank_weights", rank_weights)
+  driver.check_finite_params(params)
   key, params, single_seed = driver.seed_axis(key, params)
   data = RankingData(*(jnp.asarray(x) for x in data))
   check_ranking_data(data)
@@ -128,7 +142,6 @@ def train_ranker(
   num_queries = data.session_counts.shape[-1]
   if batch_queries is not None and not 1 <= batch_queries <= num_queries:
     raise ValueError(f"batch_queries: must be in [1, {num_queries}], got {batch_queries}")
-  rank_weights = checks.as_float("rank_weights", rank_weights)
 
   state = TrainState(params, jax.vmap(optimizer.init)(params))
   options = dict(objective=objective, num_sessions=int(num_sessions), num_samples=int(num_samples),
