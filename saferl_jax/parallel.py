@@ -21,6 +21,12 @@ from saferl_jax import checks
 
 def seed_sharding(num_seeds: int) -> NamedSharding:
   """A sharding of a leading seed axis over all devices (replicated if they do not divide it)."""
+  if isinstance(num_seeds, (bool, np.bool_)) or not isinstance(num_seeds, (int, np.integer)):
+    if isinstance(num_seeds, (float, np.floating)):
+      raise ValueError(f"num_seeds: must be a whole number >= 1, got {num_seeds!r}")
+    raise TypeError(f"num_seeds: must be an int, got {type(num_seeds).__name__} {num_seeds!r}")
+  if num_seeds < 1:
+    raise ValueError(f"num_seeds: must be >= 1, got {num_seeds}")
   devices = jax.devices()
   mesh = Mesh(np.array(devices), ("seeds",))
   if num_seeds % len(devices):
