@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+
 @pytest.mark.slow
 def test_pdoc_builds_the_reference_without_warnings(tmp_path):
   run = subprocess.run([sys.executable, "-m", "pdoc", "-o", str(tmp_path), "saferl_jax"],
