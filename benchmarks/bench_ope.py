@@ -1,6 +1,6 @@
 """Benchmark: the OPE estimator suite and the bootstrap against Open Bandit Pipeline and numpy.
 
-    python benchmarks/bench_ope.py [--obp-python /work/obp-venv/bin/python] [--quick]
+    python benchmarks/bench_ope.py [--obp-python /work/obp-venv/bin/python] [--quick] [--eager-only]
 
 Measured in one run on the same arrays (A = 20 actions):
   - the machine's memory bandwidth (numpy copy and a jitted JAX sum over 512 MB);
@@ -8,6 +8,10 @@ Measured in one run on the same arrays (A = 20 actions):
     float32, data already on the device), plain numpy (float32 and float64), and OBP 0.5.7
     (float64, its own venv, in a subprocess through benchmarks/obp_side.py; n = 1e6 only);
     with the fraction of the memory bandwidth each reaches;
+  - the same three estimators called as the README calls them, eagerly: `ips`, `snips` and `dr`
+    one after the other on concrete device arrays, values checked (a fresh copy of the arrays for
+    every repeat, so no check is skipped as already passed), against the same three calls inside
+    one `jax.jit` and against OBP, as ratios;
   - the percentile bootstrap of IPS, 1000 resamples of n = 1e5: saferl_jax (hash and threefry
     index generators), a numpy loop in OBP's style, and OBP's own `estimate_interval`.
 Timings are medians of repeated calls after a warm-up (compilation excluded). Results go to
@@ -20,9 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -59,6 +65,58 @@ def numpy_suite(rewards, actions, logging_probs, target_dist, reward_hat):
   dm_terms = np.einsum("ij,ij->i", target_dist, reward_hat)
   dr = np.mean(dm_terms + weights * (rewards - reward_hat[rows, actions]))
   return ips, snips, dr
+
+
+def readme_calls(rewards, actions, logging_probs, target_dist, reward_hat):
+  """IPS, SNIPS and DR as the README calls them: three public calls on one logged dataset."""
+  return (ope.ips(rewards, actions, logging_probs, target_dist).value,
+          ope.snips(rewards, actions, logging_probs, target_dist).value,
+          ope.dr(rewards, actions, logging_probs, target_dist, reward_hat).value)
+
+
+jitted_readme_calls = jax.jit(readme_calls)
+
+
+def eager_time(data: dict, repeats: int) -> float:
+  """Median seconds of the three eager calls, each repeat on fresh device copies of the arrays
+  (copied outside the timed region): every value check runs, none is skipped as already passed."""
+  times = []
+  for _ in range(repeats + 1):  # the first one compiles the kernels
+    fresh = {k: jnp.array(v, copy=True) for k, v in data.items()}
+    jax.block_until_ready(fresh)
+    start = time.perf_counter()
+    jax.block_until_ready(readme_calls(**fresh))
+    times.append(time.perf_counter() - start)
+    del fresh
+  return statistics.median(times[1:])
+
+
+def bench_eager(n: int, repeats: int, obp_python: str | None) -> dict:
+  """Eager IPS + SNIPS + DR (validated) against the same calls inside jax.jit and OBP."""
+  raw = make_data(n)
+  data = {k: jnp.asarray(v) for k, v in raw.items()}
+  out = {"n": n, "n_actions": N_ACTIONS}
+  out["jit_s"] = median_time(lambda: jax.block_until_ready(jitted_readme_calls(**data)), repeats)
+  out["eager_s"] = eager_time(data, repeats)
+  out["eager_checks_passed_s"] = median_time(  # the same arrays again: their checks are skipped
+      lambda: jax.block_until_ready(readme_calls(**data)), repeats)
+  out["eager_over_jit"] = out["eager_s"] / out["jit_s"]
+  if obp_python:
+    obp = run_obp(obp_python, raw, repeats)
+    out["obp_s"] = obp["timings"]["ips_snips_dr"]["median_s"]
+    out["eager_speedup_vs_obp"] = out["obp_s"] / out["eager_s"]
+    out["jit_speedup_vs_obp"] = out["obp_s"] / out["jit_s"]
+  return out
+
+
+def eager_summary(e: dict) -> str:
+  """One line of ratios: eager against jit and OBP."""
+  line = (f"IPS+SNIPS+DR n={e['n']:.0e} A={e['n_actions']}: eager {1e3 * e['eager_s']:.1f} ms, "
+          f"jit {1e3 * e['jit_s']:.1f} ms, eager/jit {e['eager_over_jit']:.2f}x")
+  if "obp_s" in e:
+    line += (f"; OBP {1e3 * e['obp_s']:.1f} ms: eager {e['eager_speedup_vs_obp']:.1f}x faster, "
+             f"jit {e['jit_speedup_vs_obp']:.1f}x faster")
+  return line
 
 
 @jax.jit
@@ -157,6 +215,17 @@ def markdown(results: dict) -> str:
                  f"{s['numpy_f32_s']:.4f} ({frac['numpy_f32']:.0%}) | "
                  f"{s['numpy_f64_s']:.4f} ({frac['numpy_f64']:.0%}) | {obp} | {vs_obp} | {bound} | "
                  f"{s['speedup_vs_numpy_f64']:.1f}x |")
+  e = results["eager"]
+  obp = lambda key, fmt: format(e[key], fmt) if key in e else "n/a"
+  lines += ["", f"IPS + SNIPS + DR called as the README calls them (`ips`, `snips`, `dr` on concrete "
+            f"arrays), n = {e['n']:.0e}, A = {e['n_actions']} (median milliseconds):", "",
+            "| eager, values checked | eager, checks already passed | the three calls in jax.jit | "
+            "OBP 0.5.7 | eager / jit | OBP / eager | OBP / jit |",
+            "|---|---|---|---|---|---|---|",
+            f"| {1e3 * e['eager_s']:.1f} | {1e3 * e['eager_checks_passed_s']:.1f} | "
+            f"{1e3 * e['jit_s']:.1f} | " + (f"{1e3 * e['obp_s']:.1f}" if "obp_s" in e else "n/a")
+            + f" | {e['eager_over_jit']:.2f}x | {obp('eager_speedup_vs_obp', '.1f')}x | "
+            f"{obp('jit_speedup_vs_obp', '.1f')}x |"]
   b = results["bootstrap"]
   lines += ["", f"Percentile bootstrap of IPS, {b['num_resamples']} resamples of n = {b['n']:.0e} "
             "(median seconds):", "",
@@ -172,8 +241,15 @@ def main() -> None:
   parser.add_argument("--obp-python", default=os.environ.get("OBP_PYTHON"))
   parser.add_argument("--quick", action="store_true", help="n = 1e6 only, fewer repeats")
   parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--eager-only", action="store_true",
+                      help="only eager vs jit vs OBP at n = 1e6; prints, writes no results file")
   args = parser.parse_args()
   repeats = 3 if args.quick else args.repeats
+  if args.eager_only:
+    eager = bench_eager(1_000_000, repeats, args.obp_python)
+    print(json.dumps(eager, indent=1))
+    print(eager_summary(eager))
+    return
   results = {"platform": platform_description(),
              "bandwidth": memory_bandwidth(), "suite": []}
   for n in (1_000_000,) if args.quick else (1_000_000, 10_000_000):
@@ -181,6 +257,9 @@ def main() -> None:
     obp = args.obp_python if n == 1_000_000 else None
     results["suite"].append(bench_suite(n, repeats, obp, results["bandwidth"]))
     print(json.dumps(results["suite"][-1], indent=1), flush=True)
+  results["eager"] = bench_eager(1_000_000, repeats, args.obp_python)
+  print(json.dumps(results["eager"], indent=1), flush=True)
+  print(eager_summary(results["eager"]), flush=True)
   results["bootstrap"] = bench_bootstrap(100_000, 1000, repeats, args.obp_python)
   print(json.dumps(results["bootstrap"], indent=1))
   write_results("ope", results, markdown(results))

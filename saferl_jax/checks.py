@@ -8,6 +8,9 @@ that names the argument and the problem.
 
 from __future__ import annotations
 
+import weakref
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -229,3 +232,168 @@ def check_scalar(name: str, value, *, low: float | None = None, high: float | No
     raise ValueError(f"{name}: must be {'>' if strict_low else '>='} {low:g}, got {value}")
   if high is not None and v > high:
     raise ValueError(f"{name}: must be <= {high:g}, got {value}")
+
+
+# Fused value checks: every value check of one call in one jitted pass and one host transfer.
+#
+# An eager call used to run each check above on the host (np.asarray per array, one device-to-host
+# round trip per check). A public function that takes several arrays lists its checks as
+# `ValueCheck`s instead; `value_flags` computes one "bad" flag per check inside the compiled kernel
+# (or `check_values` in a jitted pass of its own), `raise_on_flags` brings the flags to the host in
+# one transfer and, only when one is set, reruns the host check of that argument, which builds the
+# same message as before. The host checks stay the authority on the message (and, for row sums, on
+# the rounding at the tolerance): a flag that the host check does not confirm raises nothing.
+
+
+class ValueCheck(NamedTuple):
+  """One value check of one argument.
+
+  Attributes:
+    name: the user's argument, as the message names it.
+    kind: "finite", "probability" (in (0, 1]), "index" (in [0, size)), "nonnegative" (finite and
+      >= 0) or "distribution_rows" (finite, >= 0, each row summing to 1).
+    size: the bound of an "index" check.
+    what: what an index counts ("action", "item"), for the message.
+  """
+  name: str
+  kind: str
+  size: int | None = None
+  what: str = "index"
+
+
+def _bad(check: ValueCheck, x: jax.Array) -> jax.Array:
+  """A traced scalar bool: True when some value of x fails `check`.
+
+  Built from plain min, max and sum reductions, which XLA's CPU backend vectorises (an
+  elementwise `isfinite` mask before a reduction is several times slower). Min and max propagate
+  NaN and every comparison with NaN is False, so a NaN anywhere fails every check; an infinite
+  value is caught by min or max, and in a distribution by its row sum.
+  """
+  if x.size == 0:
+    return jnp.asarray(False)
+  if check.kind == "distribution_rows":  # min >= 0 and |row sum - 1| <= tol: also no NaN or inf
+    tolerance = 1e-6 if x.dtype == jnp.float64 else 1e-4
+    worst_row = jnp.max(jnp.abs(jnp.sum(x, axis=-1) - 1.0))
+    return ~((jnp.min(x) >= 0) & (worst_row <= tolerance))
+  low, high = jnp.min(x), jnp.max(x)
+  if check.kind == "finite":
+    return ~(jnp.isfinite(low) & jnp.isfinite(high))
+  if check.kind == "probability":
+    return ~((low > 0) & (high <= 1))
+  if check.kind == "index":
+    return ~((low >= 0) & (high < check.size))
+  if check.kind == "nonnegative":
+    return ~((low >= 0) & jnp.isfinite(high))
+  raise ValueError(f"kind: must be one of {tuple(_HOST_CHECKS)}, got {check.kind!r}")
+
+
+def value_flags(specs: tuple[ValueCheck, ...], arrays: tuple) -> jax.Array:
+  """[len(specs)] bool, True where a check fails; traceable, so it fuses into a compiled kernel.
+
+  An array that is None (an optional argument left out) passes its check.
+  """
+  flags = [jnp.asarray(False) if x is None else _bad(spec, x) for spec, x in zip(specs, arrays)]
+  return jnp.stack(flags) if flags else jnp.zeros((0,), bool)
+
+
+def fetch_flags(flags: jax.Array) -> np.ndarray:
+  """The one device-to-host transfer of a validated eager call."""
+  return np.asarray(flags)
+
+
+def _host_check(check: ValueCheck, x: jax.Array) -> None:
+  """Today's host check of one argument: raises its ValueError with the message users know."""
+  if check.kind == "index":
+    check_indices(check.name, x, check.size, what=check.what)
+  else:
+    _HOST_CHECKS[check.kind](check.name, x)
+
+
+_HOST_CHECKS = {"finite": check_finite, "probability": check_probabilities, "index": check_indices,
+                "nonnegative": check_nonnegative, "distribution_rows": check_distribution_rows}
+
+
+def raise_on_flags(specs: tuple[ValueCheck, ...], flags: jax.Array, arrays: tuple) -> None:
+  """Raises the ValueError of the first failed check, in the order of `specs`.
+
+  One host transfer (`fetch_flags`) when every check passes; the message of a failure is built
+  by that argument's host check, so it names the argument and reads as it always has.
+  """
+  host = fetch_flags(flags)
+  if not host.any():
+    return
+  for spec, bad, x in zip(specs, host, arrays):
+    if bad and x is not None:
+      _host_check(spec, x)
+
+
+def host_checks(specs: tuple[ValueCheck, ...], arrays: tuple) -> None:
+  """The checks one by one on the host, each skipped where its array is a tracer (under jit,
+  vmap or grad only the concrete arrays can be inspected)."""
+  for spec, x in zip(specs, arrays):
+    if x is not None:
+      _host_check(spec, x)
+
+
+# Arrays that already passed a check. A jax.Array is immutable, so a check it passed once holds for
+# as long as it lives: a second estimator on the same arrays skips their pass. Keyed by (id, check)
+# and dropped by a weakref callback when the array is collected, so an id is never reused stale.
+_PASSED: dict[tuple[int, ValueCheck], weakref.ref] = {}
+
+
+def _has_passed(spec: ValueCheck, x) -> bool:
+  ref = _PASSED.get((id(x), spec))
+  return ref is not None and ref() is x
+
+
+def pending(specs: tuple[ValueCheck, ...], arrays: tuple) -> tuple[bool, ...]:
+  """Which checks still need a pass: not those of an absent (None) array, nor those a concrete
+  jax.Array has already passed (numpy inputs are converted afresh by each call, so never skip)."""
+  return tuple(x is not None and not _has_passed(spec, x) for spec, x in zip(specs, arrays))
+
+
+def remember_passed(specs: tuple[ValueCheck, ...], arrays: tuple, mask: tuple[bool, ...]) -> None:
+  """Records that the arrays selected by `mask` passed their checks (see `pending`)."""
+  for spec, x, selected in zip(specs, arrays, mask):
+    if selected and isinstance(x, jax.Array) and is_concrete(x):
+      key = (id(x), spec)
+      def forget(ref, key=key):
+        if _PASSED.get(key) is ref:
+          del _PASSED[key]
+      _PASSED[key] = weakref.ref(x, forget)
+
+
+def only_pending(arrays: tuple, mask: tuple[bool, ...]) -> tuple:
+  """The arrays whose checks are pending, None in place of the others (their flags stay False)."""
+  return tuple(x if selected else None for x, selected in zip(arrays, mask))
+
+
+_value_flags_jit = jax.jit(value_flags, static_argnums=0)
+
+
+def check_values(specs: tuple[ValueCheck, ...], *arrays) -> None:
+  """Runs every check of `specs` on the matching array of `arrays` in one jitted pass.
+
+  Concrete arrays: one compiled reduction, one host transfer, a ValueError naming the first bad
+  argument (none at all for jax.Arrays that already passed the same check). If some array is a
+  tracer, the concrete ones are checked on the host, as before.
+
+  Example:
+    >>> check_values((ValueCheck("weights", "nonnegative"),), jnp.array([0.5, 2.0]))
+    >>> check_values((ValueCheck("weights", "nonnegative"),), jnp.array([-1.0]))
+    Traceback (most recent call last):
+    ...
+    ValueError: weights: every value must be >= 0, found 1 outside (e.g. -1.0)
+  """
+  if not is_concrete(*arrays):
+    host_checks(specs, arrays)
+    return
+  mask = pending(specs, arrays)
+  if not any(mask):
+    return
+  flags = _value_flags_jit(specs, only_pending(arrays, mask))
+  if not is_concrete(flags):  # concrete data captured by an outer jax.jit
+    host_checks(specs, arrays)
+    return
+  raise_on_flags(specs, flags, arrays)
+  remember_passed(specs, arrays, mask)

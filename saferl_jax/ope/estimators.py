@@ -20,6 +20,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, NamedTuple
 
 import jax
@@ -28,6 +29,7 @@ from jax.typing import ArrayLike
 
 from saferl_jax import checks
 from saferl_jax.ope.baseline import cross_fitted_baselines, optimal_baseline
+from saferl_jax.ope import rounds as rounds_lib
 from saferl_jax.ope.rounds import LoggedRounds, logged_rounds
 
 
@@ -235,7 +237,7 @@ def ips(rewards: ArrayLike, actions: ArrayLike, logging_probs: ArrayLike,
     >>> round(float(est.value), 4)
     0.9
   """
-  return ips_from_rounds(logged_rounds(rewards, actions, logging_probs, target_dist), clip=clip)
+  return _estimate_one("ips", dict(clip=clip), rewards, actions, logging_probs, target_dist)
 
 
 def snips(rewards: ArrayLike, actions: ArrayLike, logging_probs: ArrayLike,
@@ -249,7 +251,7 @@ def snips(rewards: ArrayLike, actions: ArrayLike, logging_probs: ArrayLike,
     >>> round(float(est.value), 4)
     0.9
   """
-  return snips_from_rounds(logged_rounds(rewards, actions, logging_probs, target_dist))
+  return _estimate_one("snips", {}, rewards, actions, logging_probs, target_dist)
 
 
 def dm(target_dist: ArrayLike, reward_hat: ArrayLike) -> Estimate:
@@ -267,7 +269,7 @@ def dm(target_dist: ArrayLike, reward_hat: ArrayLike) -> Estimate:
   target_dist = jnp.asarray(target_dist)
   n = target_dist.shape[0] if target_dist.ndim else 0
   placeholders = jnp.zeros((n,)), jnp.zeros((n,), int), jnp.ones((n,))
-  return dm_from_rounds(logged_rounds(*placeholders, target_dist, reward_hat))
+  return _estimate_one("dm", {}, *placeholders, target_dist, reward_hat)
 
 
 def dr(rewards: ArrayLike, actions: ArrayLike, logging_probs: ArrayLike, target_dist: ArrayLike,
@@ -283,29 +285,28 @@ def dr(rewards: ArrayLike, actions: ArrayLike, logging_probs: ArrayLike, target_
     >>> round(float(est.value), 4)
     0.5
   """
-  rounds = logged_rounds(rewards, actions, logging_probs, target_dist, reward_hat)
-  return dr_from_rounds(rounds, clip=clip)
+  return _estimate_one("dr", dict(clip=clip), rewards, actions, logging_probs, target_dist,
+                       reward_hat)
 
 
 def sndr(rewards: ArrayLike, actions: ArrayLike, logging_probs: ArrayLike, target_dist: ArrayLike,
          reward_hat: ArrayLike) -> Estimate:
   """Self-normalised DR: V = mean_i dm_i + w_i (r_i - qhat(x_i, a_i)) / mean(w). Shapes as `dr`."""
-  rounds = logged_rounds(rewards, actions, logging_probs, target_dist, reward_hat)
-  return sndr_from_rounds(rounds)
+  return _estimate_one("sndr", {}, rewards, actions, logging_probs, target_dist, reward_hat)
 
 
 def switch_dr(rewards: ArrayLike, actions: ArrayLike, logging_probs: ArrayLike,
               target_dist: ArrayLike, reward_hat: ArrayLike, *, tau: float) -> Estimate:
   """Switch-DR: the DR correction only where w_i <= tau, DM alone elsewhere. Shapes as `dr`."""
-  rounds = logged_rounds(rewards, actions, logging_probs, target_dist, reward_hat)
-  return switch_dr_from_rounds(rounds, tau=tau)
+  return _estimate_one("switch_dr", dict(tau=tau), rewards, actions, logging_probs, target_dist,
+                       reward_hat)
 
 
 def dr_os(rewards: ArrayLike, actions: ArrayLike, logging_probs: ArrayLike,
           target_dist: ArrayLike, reward_hat: ArrayLike, *, lambda_: float) -> Estimate:
   """DR with optimistic shrinkage: w_i replaced by lambda_ w_i / (w_i^2 + lambda_). Shapes as `dr`."""
-  rounds = logged_rounds(rewards, actions, logging_probs, target_dist, reward_hat)
-  return dr_os_from_rounds(rounds, lambda_=lambda_)
+  return _estimate_one("dr_os", dict(lambda_=lambda_), rewards, actions, logging_probs,
+                       target_dist, reward_hat)
 
 
 def beta_ips(rewards: ArrayLike, actions: ArrayLike, logging_probs: ArrayLike,
@@ -326,8 +327,8 @@ def beta_ips(rewards: ArrayLike, actions: ArrayLike, logging_probs: ArrayLike,
     >>> bool(beta_ips(*args).stderr <= ips(*args).stderr)
     True
   """
-  rounds = logged_rounds(rewards, actions, logging_probs, target_dist)
-  return beta_ips_from_rounds(rounds, baseline=baseline, num_folds=num_folds)
+  return _estimate_one("beta_ips", dict(baseline=baseline, num_folds=num_folds), rewards, actions,
+                       logging_probs, target_dist)
 
 
 # Several estimators from one pass over the data.
@@ -382,5 +383,73 @@ def estimate_all(
       raise ValueError(f"options: {name} needs {option!r}, e.g. options={{'{name}': {{'{option}': ...}}}}")
   if reward_hat is None and set(estimators) & set(MODEL_BASED):
     raise ValueError(f"reward_hat: needed by {sorted(set(estimators) & set(MODEL_BASED))}")
-  rounds = logged_rounds(rewards, actions, logging_probs, target_dist, reward_hat)
-  return {name: FROM_ROUNDS[name](rounds, **options.get(name, {})) for name in estimators}
+  return _estimate(tuple(estimators), options, rewards, actions, logging_probs, target_dist,
+                   reward_hat)
+
+
+# The compiled path shared by every public estimator.
+
+
+def _check_options(name: str, options: dict) -> None:
+  """The option checks of FROM_ROUNDS[name], on the host before the kernel (where the options
+  are traced and their checks would be skipped)."""
+  if "clip" in options:
+    checks.check_nonnegative_option("clip", options["clip"], strictly_positive=True)
+  if "tau" in options:
+    checks.check_nonnegative_option("tau", options["tau"])
+  if "lambda_" in options:
+    checks.check_nonnegative_option("lambda_", options["lambda_"])
+  if name == "beta_ips":
+    baseline = options.get("baseline")
+    if isinstance(baseline, str) and baseline not in ("optimal", "cross_fit"):
+      raise ValueError(
+          f"baseline: must be None, 'optimal', 'cross_fit' or a number, got {baseline!r}")
+    if isinstance(baseline, str) and baseline == "cross_fit":
+      checks.check_positive_int("num_folds", options.get("num_folds", 2))
+    elif baseline is not None and not isinstance(baseline, str):
+      checks.check_scalar("baseline", baseline)
+
+
+def _split_options(name: str, options: dict) -> tuple[tuple, dict]:
+  """(static, dynamic): strings, None and num_folds select code and are compiled in; numbers
+  and arrays (clip, tau, lambda_, a numeric baseline) are traced, so a new value reuses the
+  compiled kernel."""
+  static, dynamic = [], {}
+  for key, value in options.items():
+    if key == "num_folds":
+      if options.get("baseline") == "cross_fit":
+        static.append((key, value))  # num_folds sets the folds; unused otherwise
+    elif value is None or isinstance(value, str):
+      static.append((key, value))
+    else:
+      dynamic[key] = value
+  return tuple(sorted(static)), dynamic
+
+
+@functools.partial(jax.jit, static_argnames=("requests", "check"))
+def _estimates_kernel(inputs: tuple, dynamic: dict, *, requests: tuple,
+                      check: tuple[bool, ...] | None) -> tuple[jax.Array | None, dict[str, Estimate]]:
+  """One compiled program: the value flags of the inputs (the checks selected by `check`) and
+  every requested estimate."""
+  rounds = rounds_lib.reduce_inputs(*inputs)
+  estimates = {name: FROM_ROUNDS[name](rounds, **dict(static), **dynamic[name])
+               for name, static in requests}
+  return (None if check is None else rounds_lib.input_flags(inputs, check, rounds)), estimates
+
+
+def _estimate(estimators: tuple[str, ...], options: dict[str, dict], rewards, actions,
+              logging_probs, target_dist, reward_hat=None) -> dict[str, Estimate]:
+  """Validates once (shapes while tracing, values in the kernel's single host transfer) and runs
+  the compiled estimators."""
+  inputs = rounds_lib.prepare_inputs(rewards, actions, logging_probs, target_dist, reward_hat)
+  requests, dynamic = [], {}
+  for name in estimators:
+    opts = options.get(name, {})
+    _check_options(name, opts)
+    static, dynamic[name] = _split_options(name, opts)
+    requests.append((name, static))
+  return rounds_lib.run_validated(_estimates_kernel, inputs, dynamic, requests=tuple(requests))
+
+
+def _estimate_one(name: str, options: dict, *arrays) -> Estimate:
+  return _estimate((name,), {name: options}, *arrays)[name]

@@ -11,6 +11,7 @@ dataset; batch several with `jax.vmap`.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -47,6 +48,128 @@ def _logged_action_values(values: jax.Array, actions: jax.Array) -> jax.Array:
   return jnp.take_along_axis(values, actions[:, None], axis=1)[:, 0]
 
 
+def prepare_inputs(
+    rewards: ArrayLike,
+    actions: ArrayLike,
+    logging_probs: ArrayLike,
+    target_dist: ArrayLike,
+    reward_hat: ArrayLike | None = None,
+) -> tuple:
+  """Converts one logged dataset to arrays and checks its shapes (no values are read).
+
+  Returns:
+    (rewards, actions, logging_probs, target_dist, reward_hat), reward_hat None when not given.
+  """
+  rewards = checks.as_float("rewards", rewards)
+  actions = checks.as_int("actions", actions)
+  logging_probs = checks.as_float("logging_probs", logging_probs)
+  target_dist = checks.as_float("target_dist", target_dist)
+  checks.check_ndim("rewards", rewards, 1)
+  checks.check_ndim("actions", actions, 1)
+  checks.check_ndim("logging_probs", logging_probs, 1)
+  checks.check_ndim("target_dist", target_dist, 2)
+  arrays = dict(rewards=rewards, actions=actions, logging_probs=logging_probs,
+                target_dist=target_dist)
+  if reward_hat is not None:
+    reward_hat = checks.as_float("reward_hat", reward_hat)
+    checks.check_ndim("reward_hat", reward_hat, 2)
+    arrays["reward_hat"] = reward_hat
+    if reward_hat.shape[1] != target_dist.shape[1]:
+      raise ValueError(
+          f"reward_hat: has {reward_hat.shape[1]} actions but target_dist has "
+          f"{target_dist.shape[1]}")
+  checks.check_same_length(**arrays)
+  return rewards, actions, logging_probs, target_dist, reward_hat
+
+
+def value_checks(inputs: tuple) -> tuple[checks.ValueCheck, ...]:
+  """The value checks of `prepare_inputs`' arrays, in the order their errors are reported."""
+  return (checks.ValueCheck("rewards", "finite"),
+          checks.ValueCheck("logging_probs", "probability"),
+          checks.ValueCheck("actions", "index", inputs[3].shape[1], "action"),
+          checks.ValueCheck("target_dist", "distribution_rows"),
+          checks.ValueCheck("reward_hat", "finite"))
+
+
+def _checked_order(inputs: tuple) -> tuple:
+  """The arrays of `prepare_inputs` in the order of `value_checks`."""
+  rewards, actions, logging_probs, target_dist, reward_hat = inputs
+  return rewards, logging_probs, actions, target_dist, reward_hat
+
+
+def input_flags(inputs: tuple, mask: tuple[bool, ...], rounds: LoggedRounds | None = None
+                ) -> jax.Array:
+  """The failed-check flags of one dataset (the checks selected by `mask`, see `checks.pending`);
+  traceable, so the checks fuse into the kernel that uses the data.
+
+  Given the `rounds` reduced from the same inputs, reward_hat is checked through their dm terms
+  instead of a pass of its own: with target_dist finite (checked before reward_hat), a NaN or
+  infinite qhat(x, a) makes sum_a pi(a|x) qhat(x, a) NaN or infinite (0 * inf is NaN). A finite
+  reward_hat whose dm overflows sets the flag too; its host check then finds nothing to report.
+  """
+  specs, ordered = value_checks(inputs), _checked_order(inputs)
+  model_flag = rounds is not None and inputs[4] is not None and mask[4]
+  own_pass = mask[:4] + (mask[4] and not model_flag,)
+  flags = checks.value_flags(specs, checks.only_pending(ordered, own_pass))
+  if model_flag:
+    flags = flags.at[4].set(~jnp.isfinite(jnp.max(jnp.abs(rounds.dm))))
+  return flags
+
+
+def host_input_checks(inputs: tuple) -> None:
+  """The value checks on the host, each on a concrete array only (the path under jit, vmap, grad)."""
+  checks.host_checks(value_checks(inputs), _checked_order(inputs))
+
+
+def reduce_inputs(rewards: jax.Array, actions: jax.Array, logging_probs: jax.Array,
+                  target_dist: jax.Array, reward_hat: jax.Array | None = None) -> LoggedRounds:
+  """The per-round terms of checked arrays; no validation (traceable)."""
+  weights = _logged_action_values(target_dist, actions) / logging_probs
+  if reward_hat is None:
+    zeros = jnp.zeros_like(rewards)
+    return LoggedRounds(rewards, weights, zeros, zeros)
+  return LoggedRounds(
+      rewards=rewards,
+      weights=weights,
+      reward_hat_logged=_logged_action_values(reward_hat, actions),
+      dm=jnp.sum(target_dist * reward_hat, axis=1),
+  )
+
+
+def run_validated(kernel, inputs: tuple, *args, **static):
+  """Runs a compiled kernel on `prepare_inputs`' arrays with the value checks fused into it.
+
+  `kernel(inputs, *args, check=mask, **static)` must return `(flags, result)`: flags from
+  `input_flags(inputs, mask)` when mask is a tuple with a True in it, None when mask is None. On
+  concrete data the checks cost one host transfer and raise (naming the argument) before the
+  result is returned; jax.Arrays that already passed skip their checks (`checks.pending`). Where
+  some input or option is a tracer (under jit, vmap or grad), the concrete arrays are checked on
+  the host, as every check always has been, and the kernel is traced into the caller's
+  computation.
+  """
+  specs, ordered = value_checks(inputs), _checked_order(inputs)
+  if checks.is_concrete(*inputs, *jax.tree.leaves(args)):
+    mask = checks.pending(specs, ordered)
+    if not any(mask):
+      return kernel(inputs, *args, check=None, **static)[1]
+    flags, result = kernel(inputs, *args, check=mask, **static)
+    if checks.is_concrete(flags):
+      checks.raise_on_flags(specs, flags, ordered)
+      checks.remember_passed(specs, ordered, mask)
+      return result
+    host_input_checks(inputs)  # concrete data captured by an outer jax.jit
+    return result
+  host_input_checks(inputs)
+  return kernel(inputs, *args, check=None, **static)[1]
+
+
+@functools.partial(jax.jit, static_argnames="check")
+def _rounds_kernel(inputs: tuple, *, check: tuple[bool, ...] | None
+                   ) -> tuple[jax.Array | None, LoggedRounds]:
+  rounds = reduce_inputs(*inputs)
+  return (None if check is None else input_flags(inputs, check, rounds)), rounds
+
+
 def logged_rounds(
     rewards: ArrayLike,
     actions: ArrayLike,
@@ -70,7 +193,8 @@ def logged_rounds(
   Raises:
     ValueError: on mismatched shapes, and (for concrete inputs) on a propensity
       outside (0, 1], a non-finite reward, an action outside [0, A), or target
-      rows that do not sum to 1.
+      rows that do not sum to 1. On concrete inputs the value checks and the
+      reduction run as one compiled pass with one host transfer.
 
   Example:
     >>> import jax.numpy as jnp
@@ -79,41 +203,8 @@ def logged_rounds(
     >>> rounds.weights.tolist()
     [2.0, 0.0]
   """
-  rewards = checks.as_float("rewards", rewards)
-  actions = checks.as_int("actions", actions)
-  logging_probs = checks.as_float("logging_probs", logging_probs)
-  target_dist = checks.as_float("target_dist", target_dist)
-  checks.check_ndim("rewards", rewards, 1)
-  checks.check_ndim("actions", actions, 1)
-  checks.check_ndim("logging_probs", logging_probs, 1)
-  checks.check_ndim("target_dist", target_dist, 2)
-  arrays = dict(rewards=rewards, actions=actions, logging_probs=logging_probs,
-                target_dist=target_dist)
-  if reward_hat is not None:
-    reward_hat = checks.as_float("reward_hat", reward_hat)
-    checks.check_ndim("reward_hat", reward_hat, 2)
-    arrays["reward_hat"] = reward_hat
-    if reward_hat.shape[1] != target_dist.shape[1]:
-      raise ValueError(
-          f"reward_hat: has {reward_hat.shape[1]} actions but target_dist has "
-          f"{target_dist.shape[1]}")
-  checks.check_same_length(**arrays)
-  checks.check_finite("rewards", rewards)
-  checks.check_probabilities("logging_probs", logging_probs)
-  checks.check_indices("actions", actions, target_dist.shape[1], what="action")
-  checks.check_distribution_rows("target_dist", target_dist)
-
-  weights = _logged_action_values(target_dist, actions) / logging_probs
-  if reward_hat is None:
-    zeros = jnp.zeros_like(rewards)
-    return LoggedRounds(rewards, weights, zeros, zeros)
-  checks.check_finite("reward_hat", reward_hat)
-  return LoggedRounds(
-      rewards=rewards,
-      weights=weights,
-      reward_hat_logged=_logged_action_values(reward_hat, actions),
-      dm=jnp.sum(target_dist * reward_hat, axis=1),
-  )
+  inputs = prepare_inputs(rewards, actions, logging_probs, target_dist, reward_hat)
+  return run_validated(_rounds_kernel, inputs)
 
 
 def importance_weights(
@@ -134,7 +225,7 @@ def weight_diagnostics(weights: ArrayLike) -> WeightDiagnostics:
   weights = checks.as_float("weights", weights)
   checks.check_ndim("weights", weights, 1)
   checks.check_same_length(weights=weights)
-  checks.check_nonnegative("weights", weights)
+  checks.check_values((checks.ValueCheck("weights", "nonnegative"),), weights)
   sum_sq = jnp.sum(weights**2)
   safe_sum_sq = jnp.where(sum_sq > 0, sum_sq, 1.0)
   ess = jnp.where(sum_sq > 0, jnp.sum(weights)**2 / safe_sum_sq, 0.0)
