@@ -36,8 +36,12 @@ def test_every_method_raises_the_reward(method):
   # The batch mean has a standard error of about 1 / sqrt(16); demand a gain of several.
   assert last.mean() - first.mean() > 1.0, (method, first, last)
   np.testing.assert_array_equal(result.history["reward_queries"], 16 * np.arange(1, 31))
-  if method != "reinforce":
-    assert np.all(result.history["approx_kl"] >= 0) and np.all(result.history["clip_fraction"] <= 1)
+  if method == "reinforce":  # one on-policy step per round: no ratio, nothing to report
+    assert not np.any(result.history["approx_kl"]) and not np.any(result.history["clip_fraction"])
+  else:
+    # The round's first minibatch sees ratio 1 (KL 0); the later ones follow moved parameters,
+    # so the round's mean KL is positive in every round.
+    assert np.all(result.history["approx_kl"] > 0), result.history["approx_kl"]
 
 
 @pytest.mark.slow
