@@ -82,9 +82,9 @@ def improves_on_logging(
   Returns:
     An `ImprovementTest`; its baseline_value is the logging policy's upper bound.
   """
+  _check_options(num_resamples=1, delta=delta)
   logged_rewards = checks.as_float("logged_rewards", logged_rewards)
   checks.check_finite("logged_rewards", logged_rewards)
-  checks.check_level_option("delta", delta)
   logging_upper = upper_bound(logged_rewards, delta=delta / 2, method=method, max_value=max_value,
                               truncate=truncate)
   return safe_improvement_test(estimate.per_sample, logging_upper, delta=delta / 2,
