@@ -9,6 +9,14 @@ whose `per_sample` contributions average to `value`. One dataset per call:
 batch datasets with `jax.vmap`. Clip, tau and lambda_ follow Open Bandit
 Pipeline's conventions.
 
+Eager calls on concrete arrays are a first-class path: the public form checks
+shapes in Python, then runs one module-level jitted kernel that computes the
+estimates and the value checks' flags together (min, max and row-sum
+reductions); the flags come back in one host transfer and a failed one raises a
+ValueError naming the argument. Device arrays that passed are not checked again
+by the next estimator. Under jit, vmap or grad (tracers) only shapes are checked
+and concrete arguments keep their host checks, as before.
+
 References:
   Dudik, Langford, Li. Doubly Robust Policy Evaluation and Learning. ICML 2011. https://arxiv.org/abs/1103.4601
   Swaminathan, Joachims. The Self-Normalized Estimator for Counterfactual Learning. NeurIPS 2015.
@@ -30,7 +38,7 @@ from jax.typing import ArrayLike
 from saferl_jax import checks
 from saferl_jax.ope.baseline import cross_fitted_baselines, optimal_baseline
 from saferl_jax.ope import rounds as rounds_lib
-from saferl_jax.ope.rounds import LoggedRounds, logged_rounds
+from saferl_jax.ope.rounds import LoggedRounds
 
 
 class Estimate(NamedTuple):
