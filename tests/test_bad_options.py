@@ -50,6 +50,7 @@ BAD = {
     "unit": {"negative": -0.1, "above 1": 1.5, "nan": NAN, **_TYPES},
     "open unit": {"zero": 0.0, "one": 1.0, "negative": -0.1, "nan": NAN, **_TYPES},
     "eta": {"zero": 0.0, "negative": -1.0, "above 1": 1.5, "nan": NAN, **_TYPES},
+    "step index": {"negative": -1, "too large": 2, "fraction": 1.5, **_TYPES},
     "zlib level": {"negative": -1, "above 9": 10, "fraction": 2.5, "nan": NAN, **_TYPES},
 }
 
@@ -317,6 +318,14 @@ TABLE = {
     "data.simulate_click_log": Row(click_logs.simulate_click_log, _click_log,
                                    {"num_sessions": "count", "propensity_samples": "count",
                                     "chunk_size": "count", "max_label": "count"}),
+    "data.aggregate_sessions": Row(click_logs.aggregate_sessions,
+                                   lambda: dict(query_ids=np.array([0, 1, 1]),
+                                                rankings=np.array([[0, 1], [2, 0], [1, 2]]),
+                                                clicks=np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], F32),
+                                                num_queries=2, num_docs=3),
+                                   {"num_queries": "count", "num_docs": "count"}),
+    "diffusion.select_step": Row(sampler.select_step, lambda: dict(trajectory=TRAJECTORY, index=1),
+                                 {"index": "step index"}),
     "data.estimated_rewards": Row(click_logs.estimated_rewards,
                                   lambda: dict(log=CLICK_LOG, estimator="ips", min_propensity=0.1, l2=1.0),
                                   {"min_propensity": "unit", "l2": "nonnegative"}),

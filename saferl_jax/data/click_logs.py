@@ -54,7 +54,11 @@ class SessionCounts(NamedTuple):
 def aggregate_sessions(query_ids: ArrayLike, rankings: ArrayLike, clicks: ArrayLike, *,
                        num_queries: int, num_docs: int) -> SessionCounts:
   """(session_counts [Q], click_counts [Q, D]) from sessions (q_i [N], displayed [N, K], clicks [N, K])."""
-  query_ids, rankings, clicks = jnp.asarray(query_ids), jnp.asarray(rankings), jnp.asarray(clicks)
+  num_queries = _check_count("num_queries", num_queries)
+  num_docs = _check_count("num_docs", num_docs)
+  query_ids = checks.as_index("query_ids", query_ids, num_queries, what="query")
+  rankings = checks.as_index("rankings", rankings, num_docs, what="document")
+  clicks = jnp.asarray(clicks)
   session_counts = jnp.zeros(num_queries, clicks.dtype).at[query_ids].add(1.0)
   click_counts = jnp.zeros((num_queries, num_docs), clicks.dtype).at[
       query_ids[:, None], rankings].add(clicks)

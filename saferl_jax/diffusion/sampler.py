@@ -423,6 +423,11 @@ def select_step(trajectory: Trajectory, index: ArrayLike) -> Trajectory:
   """
   _check_trajectory(trajectory)
   num_steps = trajectory.log_probs.shape[0]
+  if isinstance(index, (bool, np.bool_, str, bytes)) or not jnp.issubdtype(jnp.result_type(index),
+                                                                           jnp.integer):
+    raise TypeError(f"index: must be an integer scalar, got {index!r}")
+  if jnp.ndim(index) != 0:
+    raise ValueError(f"index: must be a scalar, got shape {jnp.shape(index)}")
   if checks.is_concrete(index) and not 0 <= int(index) < num_steps:
     raise ValueError(f"index: must be in [0, {num_steps}), got {int(index)}")
 
