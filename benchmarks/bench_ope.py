@@ -216,7 +216,7 @@ def markdown(results: dict) -> str:
                  f"{s['numpy_f64_s']:.4f} ({frac['numpy_f64']:.0%}) | {obp} | {vs_obp} | {bound} | "
                  f"{s['speedup_vs_numpy_f64']:.1f}x |")
   e = results["eager"]
-  obp = lambda key, fmt: format(e[key], fmt) if key in e else "n/a"
+  obp = lambda key: f"{e[key]:.1f}x" if key in e else "n/a"
   lines += ["", f"IPS + SNIPS + DR called as the README calls them (`ips`, `snips`, `dr` on concrete "
             f"arrays), n = {e['n']:.0e}, A = {e['n_actions']} (median milliseconds):", "",
             "| eager, values checked | eager, checks already passed | the three calls in jax.jit | "
@@ -224,8 +224,8 @@ def markdown(results: dict) -> str:
             "|---|---|---|---|---|---|---|",
             f"| {1e3 * e['eager_s']:.1f} | {1e3 * e['eager_checks_passed_s']:.1f} | "
             f"{1e3 * e['jit_s']:.1f} | " + (f"{1e3 * e['obp_s']:.1f}" if "obp_s" in e else "n/a")
-            + f" | {e['eager_over_jit']:.2f}x | {obp('eager_speedup_vs_obp', '.1f')}x | "
-            f"{obp('jit_speedup_vs_obp', '.1f')}x |"]
+            + f" | {e['eager_over_jit']:.2f}x | {obp('eager_speedup_vs_obp')} | "
+            f"{obp('jit_speedup_vs_obp')} |"]
   b = results["bootstrap"]
   lines += ["", f"Percentile bootstrap of IPS, {b['num_resamples']} resamples of n = {b['n']:.0e} "
             "(median seconds):", "",
