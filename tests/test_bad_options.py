@@ -443,3 +443,17 @@ def test_finetune_names_the_sampling_field(field, value):
   args["sampling"] = finetuning.Sampling(**{**sampling.__dict__, field: value, "null_condition": 2})
   with pytest.raises(ValueError, match=rf"^sampling\.{field}: "):
     finetuning.finetune(**args)
+
+
+def test_messages_name_the_callers_arguments_not_internal_ones():
+  """k beyond the list names k (not `rankings`, which expected_metric_from_samples draws itself); a
+  NaN gradient of the objective names `objective` (not PL-Rank's `relevance`)."""
+  with pytest.raises(ValueError, match="^k: must be <= the 3 items of logits"):
+    ranking.expected_metric_from_samples(np.zeros(3, F32), np.ones(3, F32), key=KEY, k=4, num_samples=2)
+  with pytest.raises(ValueError, match="^objective: "):
+    ranking.exposure_objective_gradient(np.zeros(3, F32), lambda e: jnp.sqrt(e[0] - 10.0),
+                                        np.ones(2, F32), key=KEY, num_samples=4)
+  args = _finetune()
+  args["sampling"] = args["sampling"].__class__(**{**args["sampling"].__dict__, "num_steps": 20})
+  with pytest.raises(ValueError, match=r"^sampling\.num_steps: "):
+    finetuning.finetune(**args)

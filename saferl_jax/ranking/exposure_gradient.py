@@ -94,6 +94,10 @@ def exposure_objective_gradient(
   document_weights = jax.grad(objective)(exposure)
   valid = jnp.ones(logits.shape, bool) if where is None else jnp.broadcast_to(where, logits.shape)
   document_weights = jnp.where(valid, document_weights, 0.0)
+  if checks.is_concrete(document_weights) and not bool(jnp.all(jnp.isfinite(document_weights))):
+    # PL-Rank would name its own `relevance`, which the caller never passed.
+    raise ValueError("objective: its gradient at the estimated exposure contains NaN or infinite "
+                     "values (more num_exposure_samples may keep a square root away from 0)")
   batch_shape = logits.shape[:-1]
   num_lists = int(np.prod(batch_shape, dtype=int))
   keys = jax.random.split(gradient_key, num_lists)

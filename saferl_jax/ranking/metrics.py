@@ -44,10 +44,12 @@ class MetricEstimate(NamedTuple):
   stderr: jax.Array
 
 
-def _check_k(k: int, length: int) -> None:
+def _check_k(k: int, length: int, *, of: str = "rankings") -> None:
   _check_count("k", k)
   if k > length:
-    raise ValueError(f"rankings: need at least k={k} positions, got {length}")
+    if of == "rankings":
+      raise ValueError(f"k: rankings need at least k={k} positions, got {length}")
+    raise ValueError(f"k: must be <= the {length} items of {of}, got {k}")
 
 
 def _check_labels(labels: ArrayLike, where: ArrayLike | None) -> tuple[jax.Array, jax.Array]:
@@ -259,7 +261,7 @@ def expected_metric_from_samples(
   logits = checks.as_float("logits", logits)
   if logits.shape[-1:] != labels.shape[-1:]:
     raise ValueError(f"labels: item axis {labels.shape[-1]} does not match logits {logits.shape[-1]}")
-  _check_k(k, logits.shape[-1])
+  _check_k(k, logits.shape[-1], of="logits")
   rankings = sample_rankings(logits, key=key, where=where, sample_shape=(num_samples,), k=k,
                              generator=generator)
   gains = _gains(labels, valid)

@@ -41,7 +41,7 @@ from saferl_jax.diffusion.losses import (RewardStatsState, loop_advantages, ppo_
                                          reinforce_loss, reward_stats)
 from saferl_jax.diffusion.sampler import (sample, select_samples, stepwise_value_and_grad,
                                           trajectory_transitions)
-from saferl_jax.diffusion.schedules import NoiseSchedule
+from saferl_jax.diffusion.schedules import NoiseSchedule, check_schedule
 from saferl_jax.diffusion.step import step_kl
 
 METHODS = ("reinforce", "ppo", "loop")
@@ -218,6 +218,11 @@ def finetune(
   for name, value in (("epochs", epochs), ("minibatches", minibatches)):
     driver._check_count(name, value)
   _check_sampling(sampling)
+  check_schedule(schedule)
+  num_train_steps = schedule.alphas_cumprod.shape[0]
+  if sampling.num_steps >= num_train_steps:
+    raise ValueError(f"sampling.num_steps: must be in [1, {num_train_steps - 1}] for a schedule of "
+                     f"{num_train_steps} steps, got {sampling.num_steps}")
   driver._check_real("clip_range", clip_range, low=0.0, open_low=True)
   driver._check_real("kl_weight", kl_weight, low=0.0)
   checks.check_choice("checkpoint_mismatch", checkpoint_mismatch, driver.CHECKPOINT_MISMATCH)
