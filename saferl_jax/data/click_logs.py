@@ -160,7 +160,10 @@ def estimated_rewards(log: ClickLog, *, estimator: str, features: ArrayLike | No
     _check_real("min_propensity", min_propensity, low=0.0, high=1.0)
   _check_real("l2", l2, low=0.0)
   if min_propensity is None:
-    min_propensity = propensity_floor(max(log.num_sessions, 1))
+    if log.num_sessions < 1:  # no silent floor of propensity_floor(1) = 1 for an empty log
+      raise ValueError("log: has no sessions, so the default min_propensity = propensity_floor(N) "
+                       "is undefined; pass min_propensity or a log with sessions")
+    min_propensity = propensity_floor(log.num_sessions)
   ips = jax.vmap(lambda n, c, r, b: query_rewards(n, c, r, b, min_propensity=min_propensity))(
       *log)
   if estimator == "ips":
