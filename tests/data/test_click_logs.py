@@ -120,6 +120,14 @@ def test_estimated_rewards_reject_bad_options(ltr_log):
     click_logs.estimated_rewards(log, estimator="snips")
   with pytest.raises(ValueError, match="features"):
     click_logs.estimated_rewards(log, estimator="dr")
+  empty = log._replace(session_counts=jnp.zeros_like(log.session_counts),
+                       click_counts=jnp.zeros_like(log.click_counts))
+  with pytest.raises(ValueError, match="^log: has no sessions"):  # no floor of propensity_floor(1)
+    click_logs.estimated_rewards(empty, estimator="ips")
+  with pytest.raises(ValueError, match="^min_propensity: "):
+    click_logs.estimated_rewards(log, estimator="ips", min_propensity=float("nan"))
+  with pytest.raises(TypeError, match="^l2: "):
+    click_logs.estimated_rewards(log, estimator="ips", l2="1")
 
 
 def test_simulate_click_log_rejects_bad_input():
