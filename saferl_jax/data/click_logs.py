@@ -19,7 +19,6 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from saferl_jax import checks
-from saferl_jax.data.synthetic_bandit import _check_count, _check_real
 from saferl_jax.cltr.clicks import ClickModel, check_click_model, simulate_sessions
 from saferl_jax.cltr.estimators import policy_aware_propensities, propensity_floor, query_rewards
 from saferl_jax.cltr.reward_model import fit_reward_regression, predict_rewards
@@ -54,8 +53,8 @@ class SessionCounts(NamedTuple):
 def aggregate_sessions(query_ids: ArrayLike, rankings: ArrayLike, clicks: ArrayLike, *,
                        num_queries: int, num_docs: int) -> SessionCounts:
   """(session_counts [Q], click_counts [Q, D]) from sessions (q_i [N], displayed [N, K], clicks [N, K])."""
-  num_queries = _check_count("num_queries", num_queries)
-  num_docs = _check_count("num_docs", num_docs)
+  num_queries = checks.check_count("num_queries", num_queries)
+  num_docs = checks.check_count("num_docs", num_docs)
   query_ids = checks.as_index("query_ids", query_ids, num_queries, what="query")
   rankings = checks.as_index("rankings", rankings, num_docs, what="document")
   clicks = jnp.asarray(clicks)
@@ -105,7 +104,7 @@ def simulate_click_log(logging_logits: ArrayLike, labels: ArrayLike, click_model
                      f"got {tuple(labels.shape)}")
   for name, value in (("num_sessions", num_sessions), ("propensity_samples", propensity_samples),
                       ("chunk_size", chunk_size), ("max_label", max_label)):
-    _check_count(name, value)
+    checks.check_count(name, value)
   num_queries, num_docs = logging_logits.shape
   k = min(int(jnp.shape(click_model.alpha)[0]), num_docs)
   valid = jnp.ones(labels.shape, bool) if where is None else jnp.asarray(where, bool)
@@ -157,8 +156,8 @@ def estimated_rewards(log: ClickLog, *, estimator: str, features: ArrayLike | No
   if estimator not in ("ips", "dr"):
     raise ValueError(f"estimator: must be 'ips' or 'dr', got {estimator!r}")
   if min_propensity is not None:
-    _check_real("min_propensity", min_propensity, low=0.0, high=1.0)
-  _check_real("l2", l2, low=0.0)
+    checks.check_real("min_propensity", min_propensity, low=0.0, high=1.0)
+  checks.check_real("l2", l2, low=0.0)
   if min_propensity is None:
     if log.num_sessions < 1:  # no silent floor of propensity_floor(1) = 1 for an empty log
       raise ValueError("log: has no sessions, so the default min_propensity = propensity_floor(N) "

@@ -50,7 +50,6 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from saferl_jax import checks
-from saferl_jax.data.synthetic_bandit import _check_count, _check_real
 
 
 class GaussianMixture(NamedTuple):
@@ -157,7 +156,7 @@ def sample_mixture(mixture: GaussianMixture, *, key: jax.Array, num_samples: int
     (5, 2)
   """
   checks.check_key("key", key)
-  _check_count("num_samples", num_samples)
+  checks.check_count("num_samples", num_samples)
   return _sample(key, mixture, num_samples)
 
 
@@ -243,7 +242,7 @@ def tilted_mixture(mixture: GaussianMixture, direction: ArrayLike, *, kl_weight:
   direction = checks.as_float("direction", direction)
   if direction.shape != (mixture.dim,):
     raise ValueError(f"direction: expected shape [D={mixture.dim}], got {tuple(direction.shape)}")
-  _check_real("kl_weight", kl_weight, low=0.0, open_low=True)
+  checks.check_real("kl_weight", kl_weight, low=0.0, open_low=True)
   shift = jnp.einsum("kij,j->ki", mixture.covariances, direction) / kl_weight  # Sigma_k a / beta
   log_weights = (jnp.log(mixture.weights) + mixture.means @ direction / kl_weight
                  + 0.5 * (shift @ direction) / kl_weight)
@@ -291,7 +290,7 @@ def mixture_mmd(samples: ArrayLike, mixture: GaussianMixture, *, bandwidth: floa
   n = samples.shape[0]
   if n < 2:
     raise ValueError(f"samples: need at least 2 samples, got {n}")
-  _check_real("bandwidth", bandwidth, low=0.0, open_low=True)
+  checks.check_real("bandwidth", bandwidth, low=0.0, open_low=True)
   if not isinstance(unbiased, (bool, np.bool_)):
     raise TypeError(f"unbiased: must be True or False, got {unbiased!r}")
   checks.check_finite("samples", samples)

@@ -23,49 +23,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
 from saferl_jax import checks
 from saferl_jax.parallel import map_over_seeds
-
-
-def _check_count(name: str, value, *, low: int = 1) -> int:
-  """A count option (it sets a shape or a loop length): an int >= low, never a bool or a float."""
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-    if isinstance(value, (float, np.floating)):
-      raise ValueError(f"{name}: must be a whole number >= {low}, got {value!r}")
-    raise TypeError(f"{name}: must be an int, got {type(value).__name__} {value!r}")
-  if value < low:
-    raise ValueError(f"{name}: must be >= {low}, got {value}")
-  return int(value)
-
-
-def _check_real(name: str, value, *, low: float | None = None, high: float | None = None,
-                open_low: bool = False, open_high: bool = False, finite: bool = True):
-  """A real scalar option: TypeError for a bool or a non-number, ValueError for NaN (and inf when
-  `finite`) or a value outside [low, high] (open ends with open_low / open_high). A traced value
-  is the caller's to check."""
-  if isinstance(value, jax.core.Tracer):
-    return value
-  if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
-    raise TypeError(f"{name}: must be a real number, got {type(value).__name__} {value!r}")
-  try:
-    array = np.asarray(value)
-  except Exception as err:  # noqa: BLE001 (any object numpy cannot read)
-    raise TypeError(f"{name}: must be a real number, got {type(value).__name__}") from err
-  if array.dtype.kind not in "iuf":
-    raise TypeError(f"{name}: must be a real number, got {type(value).__name__} {value!r}")
-  if array.ndim != 0:
-    raise ValueError(f"{name}: must be a scalar, got shape {array.shape}")
-  v = float(array)
-  if np.isnan(v) or (finite and not np.isfinite(v)):
-    raise ValueError(f"{name}: must be {'finite' if finite else 'a number, not NaN'}, got {value}")
-  if low is not None and (v < low or (open_low and v == low)):
-    raise ValueError(f"{name}: must be {'>' if open_low else '>='} {low:g}, got {value}")
-  if high is not None and (v > high or (open_high and v == high)):
-    raise ValueError(f"{name}: must be {'<' if open_high else '<='} {high:g}, got {value}")
-  return value
 
 
 class BanditProblem(NamedTuple):
@@ -95,7 +56,7 @@ class BanditLog(NamedTuple):
 
 def softmax_policy(expected_rewards: ArrayLike, inverse_temperature: float) -> jax.Array:
   """pi(a|x) = softmax(inverse_temperature * q(x, .)), shape [m, A]."""
-  _check_real("inverse_temperature", inverse_temperature)
+  checks.check_real("inverse_temperature", inverse_temperature)
   return jax.nn.softmax(inverse_temperature * jnp.asarray(expected_rewards), axis=-1)
 
 
@@ -134,10 +95,10 @@ def make_problem(
   checks.check_key("key", key)
   for name, value in (("num_actions", num_actions), ("dim_context", dim_context),
                       ("num_contexts", num_contexts)):
-    _check_count(name, value)
-  _check_real("logger_inverse_temperature", logger_inverse_temperature)
-  _check_real("target_inverse_temperature", target_inverse_temperature)
-  _check_real("reward_model_noise", reward_model_noise, low=0.0)
+    checks.check_count(name, value)
+  checks.check_real("logger_inverse_temperature", logger_inverse_temperature)
+  checks.check_real("target_inverse_temperature", target_inverse_temperature)
+  checks.check_real("reward_model_noise", reward_model_noise, low=0.0)
   context_key, theta_key, bias_key, model_key = jax.random.split(key, 4)
   contexts = jax.random.normal(context_key, (num_contexts, dim_context))
   theta = jax.random.normal(theta_key, (dim_context, num_actions)) / jnp.sqrt(dim_context)
@@ -173,7 +134,7 @@ def simulate_log(problem: BanditProblem, *, key: jax.Array, num_rounds: int) -> 
     (8,)
   """
   checks.check_key("key", key)
-  _check_count("num_rounds", num_rounds)
+  checks.check_count("num_rounds", num_rounds)
   return _simulate_log(key, problem, num_rounds)
 
 
@@ -197,7 +158,7 @@ def simulate_logs(problem: BanditProblem, *, keys: jax.Array, num_rounds: int) -
   Log s equals `simulate_log(problem, key=keys[s], num_rounds=num_rounds)`.
   """
   checks.check_key("keys", keys)
-  _check_count("num_rounds", num_rounds)
+  checks.check_count("num_rounds", num_rounds)
   return map_over_seeds(_simulate_log, keys, problem, n=num_rounds)
 
 

@@ -50,7 +50,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from saferl_jax import checks
-from saferl_jax.diffusion.schedules import (NoiseSchedule, _check_count, _check_real, check_schedule,
+from saferl_jax.diffusion.schedules import (NoiseSchedule, check_schedule,
                                             sampling_timesteps)
 from saferl_jax.diffusion.step import (Reduce, _check_eta, _check_reduce, _gaussian_log_prob,
                                        _mean_std)
@@ -96,7 +96,7 @@ class Transitions(NamedTuple):
 def _check_guidance(guidance_scale, null_condition) -> bool:
   if guidance_scale is None:
     return False
-  _check_real("guidance_scale", guidance_scale, low=0.0)  # 0: unconditional, 1: conditional
+  checks.check_real("guidance_scale", guidance_scale, low=0.0)  # 0: unconditional, 1: conditional
   if null_condition is None:
     raise ValueError("null_condition: classifier-free guidance (guidance_scale is set) needs the "
                      "integer condition that stands for 'no condition'")
@@ -220,12 +220,12 @@ def sample(apply_fn: ApplyFn, params: Any, conditions: ArrayLike, *, key: jax.Ar
   conditions = _check_conditions(conditions)
   check_schedule(schedule)
   num_train_steps = schedule.alphas_cumprod.shape[0]
-  if not 1 <= _check_count("num_steps", num_steps) < num_train_steps:
+  if not 1 <= checks.check_count("num_steps", num_steps) < num_train_steps:
     raise ValueError(f"num_steps: must be an int in [1, {num_train_steps - 1}] for a schedule of "
                      f"{num_train_steps} steps, got {num_steps!r}")
-  _check_count("samples_per_condition", samples_per_condition)
+  checks.check_count("samples_per_condition", samples_per_condition)
   shape = _check_shape(shape)
-  _check_real("eta", eta)
+  checks.check_real("eta", eta)
   _check_eta(eta)
   _check_reduce(reduce)
   guided = _check_guidance(guidance_scale, null_condition)
@@ -303,7 +303,7 @@ def trajectory_transitions(apply_fn: ApplyFn, params: Any, trajectory: Trajector
   """
   _check_trajectory(trajectory)
   check_schedule(schedule)
-  _check_real("eta", eta)
+  checks.check_real("eta", eta)
   _check_eta(eta)
   _check_reduce(reduce)
   guided = _check_guidance(guidance_scale, null_condition)

@@ -63,49 +63,11 @@ class SamplingTimesteps(NamedTuple):
 
 def _check_num_steps(name: str, value, low: int, high: int | None = None) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    _check_count(name, value, low=low)  # raises: an int, never a bool or a float
+    checks.check_count(name, value, low=low)  # raises: an int, never a bool or a float
   if value < low or (high is not None and value > high):
     upper = "" if high is None else f", {high}"
     raise ValueError(f"{name}: must be in [{low}{upper}], got {value}")
   return int(value)
-
-
-def _check_count(name: str, value, *, low: int = 1) -> int:
-  """A count option (it sets a shape or a loop length): an int >= low, never a bool or a float."""
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-    if isinstance(value, (float, np.floating)):
-      raise ValueError(f"{name}: must be a whole number >= {low}, got {value!r}")
-    raise TypeError(f"{name}: must be an int, got {type(value).__name__} {value!r}")
-  if value < low:
-    raise ValueError(f"{name}: must be >= {low}, got {value}")
-  return int(value)
-
-
-def _check_real(name: str, value, *, low: float | None = None, high: float | None = None,
-                open_low: bool = False, open_high: bool = False, finite: bool = True):
-  """A real scalar option: TypeError for a bool or a non-number, ValueError for NaN (and inf when
-  `finite`) or a value outside [low, high] (open ends with open_low / open_high). A traced value
-  is the caller's to check."""
-  if isinstance(value, jax.core.Tracer):
-    return value
-  if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
-    raise TypeError(f"{name}: must be a real number, got {type(value).__name__} {value!r}")
-  try:
-    array = np.asarray(value)
-  except Exception as err:  # noqa: BLE001 (any object numpy cannot read)
-    raise TypeError(f"{name}: must be a real number, got {type(value).__name__}") from err
-  if array.dtype.kind not in "iuf":
-    raise TypeError(f"{name}: must be a real number, got {type(value).__name__} {value!r}")
-  if array.ndim != 0:
-    raise ValueError(f"{name}: must be a scalar, got shape {array.shape}")
-  v = float(array)
-  if np.isnan(v) or (finite and not np.isfinite(v)):
-    raise ValueError(f"{name}: must be {'finite' if finite else 'a number, not NaN'}, got {value}")
-  if low is not None and (v < low or (open_low and v == low)):
-    raise ValueError(f"{name}: must be {'>' if open_low else '>='} {low:g}, got {value}")
-  if high is not None and (v > high or (open_high and v == high)):
-    raise ValueError(f"{name}: must be {'<' if open_high else '<='} {high:g}, got {value}")
-  return value
 
 
 def _from_alphas_cumprod(alphas_cumprod: np.ndarray) -> NoiseSchedule:
@@ -133,8 +95,8 @@ def linear_schedule(num_train_steps: int = 1000, *, beta_start: float = 1e-4,
     Ho, Jain, Abbeel. Denoising Diffusion Probabilistic Models. NeurIPS 2020. https://arxiv.org/abs/2006.11239
   """
   num_train_steps = _check_num_steps("num_train_steps", num_train_steps, 2)
-  _check_real("beta_start", beta_start)
-  _check_real("beta_end", beta_end)
+  checks.check_real("beta_start", beta_start)
+  checks.check_real("beta_end", beta_end)
   if not 0 < beta_start < 1:
     raise ValueError(f"beta_start: must be in (0, 1), got {beta_start}")
   if not beta_start <= beta_end < 1:
@@ -166,7 +128,7 @@ def cosine_schedule(num_train_steps: int = 1000, *, s: float = 0.008) -> NoiseSc
     Nichol, Dhariwal. Improved Denoising Diffusion Probabilistic Models. ICML 2021. https://arxiv.org/abs/2102.09672
   """
   num_train_steps = _check_num_steps("num_train_steps", num_train_steps, 2)
-  _check_real("s", s, low=0.0)
+  checks.check_real("s", s, low=0.0)
   u = np.arange(num_train_steps + 1, dtype=np.float64) / num_train_steps
   f = np.cos((u + s) / (1 + s) * np.pi / 2) ** 2
   betas = np.minimum(1.0 - f[1:] / f[:-1], 0.999)

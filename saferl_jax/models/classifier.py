@@ -12,7 +12,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from saferl_jax.models.functional import _check_count, _check_sizes
+from saferl_jax import checks
+from saferl_jax.models.functional import _check_sizes
 
 
 class DigitClassifier(nnx.Module):
@@ -36,7 +37,7 @@ class DigitClassifier(nnx.Module):
 
   def __init__(self, *, num_classes: int = 10, hidden: Sequence[int] = (128, 128),
                image_shape: tuple[int, int, int] = (8, 8, 1), rngs: nnx.Rngs):
-    _check_count("num_classes", num_classes, low=2)
+    checks.check_count("num_classes", num_classes, low=2)
     hidden = _check_sizes("hidden", hidden)
     image_shape = _check_sizes("image_shape", image_shape, length=3)
     self.num_classes = num_classes

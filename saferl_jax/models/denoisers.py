@@ -44,7 +44,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import ArrayLike
 
-from saferl_jax.models.functional import _check_count, _check_sizes
+from saferl_jax import checks
+from saferl_jax.models.functional import _check_sizes
 
 
 def sinusoidal_embedding(t: ArrayLike, dim: int, *, max_period: float = 10_000.0) -> jax.Array:
@@ -62,7 +63,7 @@ def sinusoidal_embedding(t: ArrayLike, dim: int, *, max_period: float = 10_000.0
     >>> sinusoidal_embedding(jnp.array([0]), 4).tolist()
     [[0.0, 0.0, 1.0, 1.0]]
   """
-  if _check_count("dim", dim, low=2) % 2:
+  if checks.check_count("dim", dim, low=2) % 2:
     raise ValueError(f"dim: must be even and >= 2, got {dim}")
   if isinstance(max_period, bool) or not isinstance(max_period, (int, float)):
     raise TypeError(f"max_period: must be a real number, got {type(max_period).__name__} "
@@ -91,10 +92,10 @@ class ConditionEmbedding(nnx.Module):
   """e(t, c) = MLP(sinusoidal(t)) + E[c], E with num_classes + 1 rows (the last is the null token)."""
 
   def __init__(self, *, num_classes: int, time_embedding_dim: int, features: int, rngs: nnx.Rngs):
-    _check_count("num_classes", num_classes)
-    if _check_count("time_embedding_dim", time_embedding_dim, low=2) % 2:
+    checks.check_count("num_classes", num_classes)
+    if checks.check_count("time_embedding_dim", time_embedding_dim, low=2) % 2:
       raise ValueError(f"time_embedding_dim: must be even and >= 2, got {time_embedding_dim}")
-    _check_count("features", features)
+    checks.check_count("features", features)
     self.time_embedding_dim = time_embedding_dim
     self.time_in = nnx.Linear(time_embedding_dim, features, rngs=rngs)
     self.time_out = nnx.Linear(features, features, rngs=rngs)
@@ -124,9 +125,9 @@ class MLPDenoiser(nnx.Module):
 
   def __init__(self, data_dim: int, *, num_classes: int, hidden: Sequence[int] = (128, 128, 128),
                time_embedding_dim: int = 32, rngs: nnx.Rngs):
-    _check_count("data_dim", data_dim)
+    checks.check_count("data_dim", data_dim)
     hidden = _check_sizes("hidden", hidden, allow_empty=False)
-    _check_count("num_classes", num_classes)
+    checks.check_count("num_classes", num_classes)
     self.data_dim = data_dim
     self.num_classes = num_classes
     self.embedding = ConditionEmbedding(num_classes=num_classes, time_embedding_dim=time_embedding_dim,
@@ -210,11 +211,11 @@ class PatchConv(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, *, kernel_size: int = 3, stride: int = 1,
                rngs: nnx.Rngs):
-    _check_count("in_features", in_features)
-    _check_count("out_features", out_features)
-    if _check_count("kernel_size", kernel_size) % 2 == 0:
+    checks.check_count("in_features", in_features)
+    checks.check_count("out_features", out_features)
+    if checks.check_count("kernel_size", kernel_size) % 2 == 0:
       raise ValueError(f"kernel_size: must be odd and >= 1, got {kernel_size}")
-    _check_count("stride", stride)
+    checks.check_count("stride", stride)
     self.kernel_size = kernel_size
     self.stride = stride
     self.in_features = in_features
@@ -271,8 +272,8 @@ class ConvDenoiser(nnx.Module):
   def __init__(self, *, num_classes: int = 10, channels: int = 32, time_embedding_dim: int = 32,
                image_shape: tuple[int, int, int] = (8, 8, 1), rngs: nnx.Rngs):
     groups = 8
-    _check_count("num_classes", num_classes)
-    if _check_count("channels", channels) < groups or channels % groups:
+    checks.check_count("num_classes", num_classes)
+    if checks.check_count("channels", channels) < groups or channels % groups:
       raise ValueError(f"channels: must be a positive multiple of {groups}, got {channels}")
     height, width, image_channels = _check_sizes("image_shape", image_shape, length=3)
     if height % 2 or width % 2:

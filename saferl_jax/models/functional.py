@@ -9,8 +9,9 @@ differentiated and optimised with optax.
 
 from typing import Any, Callable, NamedTuple
 
-import numpy as np
 from flax import nnx
+
+from saferl_jax import checks
 
 
 class Functional(NamedTuple):
@@ -28,16 +29,6 @@ def as_functional(model: nnx.Module) -> Functional:
   return Functional(apply_fn, params)
 
 
-def _check_count(name: str, value, *, low: int = 1) -> int:
-  """A size option of a module (a layer width, a class count): an int >= low, never a bool or a
-  float; TypeError for a non-number."""
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-    if isinstance(value, (float, np.floating)):
-      raise ValueError(f"{name}: must be a whole number >= {low}, got {value!r}")
-    raise TypeError(f"{name}: must be an int, got {type(value).__name__} {value!r}")
-  if value < low:
-    raise ValueError(f"{name}: must be >= {low}, got {value}")
-  return int(value)
 
 
 def _check_sizes(name: str, sizes, *, length: int | None = None, allow_empty: bool = True) -> tuple:
@@ -50,5 +41,5 @@ def _check_sizes(name: str, sizes, *, length: int | None = None, allow_empty: bo
   if not sizes and not allow_empty:
     raise ValueError(f"{name}: expected at least one size, got {sizes!r}")
   for size in sizes:
-    _check_count(name, size)
+    checks.check_count(name, size)
   return tuple(int(size) for size in sizes)

@@ -12,7 +12,8 @@ from typing import Sequence
 import jax
 from flax import nnx
 
-from saferl_jax.models.functional import _check_count, _check_sizes
+from saferl_jax import checks
+from saferl_jax.models.functional import _check_sizes
 from saferl_jax.models.functional import as_functional  # noqa: F401  (re-exported for opl users)
 
 
@@ -20,8 +21,8 @@ class LinearPolicy(nnx.Module):
   """Logits x W + b: one linear score per action."""
 
   def __init__(self, dim_context: int, num_actions: int, *, rngs: nnx.Rngs):
-    _check_count("dim_context", dim_context)
-    _check_count("num_actions", num_actions)
+    checks.check_count("dim_context", dim_context)
+    checks.check_count("num_actions", num_actions)
     self.linear = nnx.Linear(dim_context, num_actions, rngs=rngs)
 
   def __call__(self, contexts: jax.Array) -> jax.Array:
@@ -33,8 +34,8 @@ class MLPPolicy(nnx.Module):
 
   def __init__(self, dim_context: int, num_actions: int, *, hidden: Sequence[int] = (64,),
                rngs: nnx.Rngs):
-    _check_count("dim_context", dim_context)
-    _check_count("num_actions", num_actions)
+    checks.check_count("dim_context", dim_context)
+    checks.check_count("num_actions", num_actions)
     sizes = [dim_context, *_check_sizes("hidden", hidden)]
     self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
     self.out = nnx.Linear(sizes[-1], num_actions, rngs=rngs)

@@ -12,14 +12,15 @@ from typing import Sequence
 import jax
 from flax import nnx
 
-from saferl_jax.models.functional import _check_count, _check_sizes
+from saferl_jax import checks
+from saferl_jax.models.functional import _check_sizes
 
 
 class LinearRanker(nnx.Module):
   """Logit x . w + b per document."""
 
   def __init__(self, num_features: int, *, rngs: nnx.Rngs):
-    _check_count("num_features", num_features)
+    checks.check_count("num_features", num_features)
     self.linear = nnx.Linear(num_features, 1, rngs=rngs)
 
   def __call__(self, features: jax.Array) -> jax.Array:
@@ -30,7 +31,7 @@ class MLPRanker(nnx.Module):
   """Logit from an MLP with ReLU hidden layers, applied to each document."""
 
   def __init__(self, num_features: int, *, hidden: Sequence[int] = (32, 32), rngs: nnx.Rngs):
-    _check_count("num_features", num_features)
+    checks.check_count("num_features", num_features)
     sizes = [num_features, *_check_sizes("hidden", hidden)]
     self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
     self.out = nnx.Linear(sizes[-1], 1, rngs=rngs)

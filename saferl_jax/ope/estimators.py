@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from saferl_jax import checks
-from saferl_jax.ope.baseline import cross_fitted_baselines, optimal_baseline
+from saferl_jax.ope.baseline import cross_fitted_baselines
 from saferl_jax.ope import rounds as rounds_lib
 from saferl_jax.ope.rounds import LoggedRounds
 

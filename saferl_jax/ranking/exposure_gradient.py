@@ -29,7 +29,7 @@ from jax.typing import ArrayLike
 from saferl_jax import checks
 from saferl_jax.ranking.metrics import exposure_from_samples
 from saferl_jax.ranking.pl_rank import pl_rank_gradient
-from saferl_jax.ranking.plackett_luce import _check_count, sample_rankings
+from saferl_jax.ranking.plackett_luce import sample_rankings
 
 
 class ExposureGradient(NamedTuple):
@@ -76,10 +76,10 @@ def exposure_objective_gradient(
     True
   """
   checks.check_key("key", key)
-  _check_count("num_samples", num_samples)
+  checks.check_count("num_samples", num_samples)
   if num_exposure_samples is None:
     num_exposure_samples = num_samples
-  _check_count("num_exposure_samples", num_exposure_samples)
+  checks.check_count("num_exposure_samples", num_exposure_samples)
   if not callable(objective):
     raise TypeError(f"objective: must be a callable F(exposure) -> scalar, got "
                     f"{type(objective).__name__}")

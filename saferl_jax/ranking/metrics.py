@@ -27,7 +27,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from saferl_jax import checks
-from saferl_jax.ranking.plackett_luce import (Generator, _check_count, _check_rankings,
+from saferl_jax.ranking.plackett_luce import (Generator, _check_rankings,
                                               sample_rankings)
 
 
@@ -45,7 +45,7 @@ class MetricEstimate(NamedTuple):
 
 
 def _check_k(k: int, length: int, *, of: str = "rankings") -> None:
-  _check_count("k", k)
+  checks.check_count("k", k)
   if k > length:
     if of == "rankings":
       raise ValueError(f"k: rankings need at least k={k} positions, got {length}")
@@ -91,7 +91,7 @@ def dcg_rank_weights(k: int) -> jax.Array:
     >>> [round(float(w), 4) for w in dcg_rank_weights(3)]
     [1.0, 0.6309, 0.5]
   """
-  k = _check_count("k", k)
+  k = checks.check_count("k", k)
   ranks = jnp.arange(k, dtype=jnp.result_type(float))
   return 1.0 / jnp.log2(ranks + 2.0)
 
@@ -190,7 +190,7 @@ def exposure_from_samples(rankings: ArrayLike, rank_weights: ArrayLike, num_item
     [SAFE] Gupta, Oosterhuis, de Rijke. Safe Deployment for Counterfactual Learning to Rank with
     Exposure-Based Risk Minimization. SIGIR 2023. https://arxiv.org/abs/2305.01522
   """
-  num_items = _check_count("num_items", num_items)
+  num_items = checks.check_count("num_items", num_items)
   rankings = _check_rankings(rankings, num_items)
   if rankings.ndim < 2:
     raise ValueError(f"rankings: expected [N, ..., K] sampled rankings, got shape {tuple(rankings.shape)}")
@@ -256,7 +256,7 @@ def expected_metric_from_samples(
   checks.check_key("key", key)
   if metric not in ("ndcg", "dcg"):
     raise ValueError(f"metric: must be 'ndcg' or 'dcg', got {metric!r}")
-  _check_count("num_samples", num_samples)
+  checks.check_count("num_samples", num_samples)
   labels, valid = _check_labels(labels, where)
   logits = checks.as_float("logits", logits)
   if logits.shape[-1:] != labels.shape[-1:]:

@@ -68,7 +68,6 @@ from jax.typing import ArrayLike
 from saferl_jax import checks
 from saferl_jax.fast_random import gumbel
 from saferl_jax.policy_gradient import leave_one_out_baseline
-from saferl_jax.ranking.plackett_luce import _check_count
 
 MAX_EXACT_ITEMS = 8
 
@@ -121,7 +120,7 @@ def _check_num_samples(num_samples, minimum: int) -> int:
   if is_int and num_samples < minimum:
     why = " for the leave-one-out baseline" if minimum > 1 else ""
     raise ValueError(f"num_samples: must be >= {minimum}{why}, got {num_samples}")
-  return _check_count("num_samples", num_samples, low=minimum)  # an int (it sets a shape)
+  return checks.check_count("num_samples", num_samples, low=minimum)  # an int (it sets a shape)
 
 
 def _over_lists(kernel, key, logits, relevance, rank_weights, valid, num_samples):

@@ -112,44 +112,6 @@ def _check_rankings(rankings: ArrayLike, num_items: int) -> jax.Array:
   return rankings.astype(jnp.int32)
 
 
-def _check_count(name: str, value, *, low: int = 1) -> int:
-  """A count option (it sets a shape or a loop length): an int >= low, never a bool or a float."""
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-    if isinstance(value, (float, np.floating)):
-      raise ValueError(f"{name}: must be a whole number >= {low}, got {value!r}")
-    raise TypeError(f"{name}: must be an int, got {type(value).__name__} {value!r}")
-  if value < low:
-    raise ValueError(f"{name}: must be >= {low}, got {value}")
-  return int(value)
-
-
-def _check_real(name: str, value, *, low: float | None = None, high: float | None = None,
-                open_low: bool = False, open_high: bool = False, finite: bool = True):
-  """A real scalar option: TypeError for a bool or a non-number, ValueError for NaN (and inf when
-  `finite`) or a value outside [low, high] (open ends with open_low / open_high). A traced value
-  is the caller's to check."""
-  if isinstance(value, jax.core.Tracer):
-    return value
-  if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
-    raise TypeError(f"{name}: must be a real number, got {type(value).__name__} {value!r}")
-  try:
-    array = np.asarray(value)
-  except Exception as err:  # noqa: BLE001 (any object numpy cannot read)
-    raise TypeError(f"{name}: must be a real number, got {type(value).__name__}") from err
-  if array.dtype.kind not in "iuf":
-    raise TypeError(f"{name}: must be a real number, got {type(value).__name__} {value!r}")
-  if array.ndim != 0:
-    raise ValueError(f"{name}: must be a scalar, got shape {array.shape}")
-  v = float(array)
-  if np.isnan(v) or (finite and not np.isfinite(v)):
-    raise ValueError(f"{name}: must be {'finite' if finite else 'a number, not NaN'}, got {value}")
-  if low is not None and (v < low or (open_low and v == low)):
-    raise ValueError(f"{name}: must be {'>' if open_low else '>='} {low:g}, got {value}")
-  if high is not None and (v > high or (open_high and v == high)):
-    raise ValueError(f"{name}: must be {'<' if open_high else '<='} {high:g}, got {value}")
-  return value
-
-
 def _check_sample_shape(sample_shape) -> tuple[int, ...]:
   """An int or a sequence of ints >= 1 (no empty draws, no bools or fractions)."""
   if isinstance(sample_shape, (str, bytes)):
@@ -161,7 +123,7 @@ def _check_sample_shape(sample_shape) -> tuple[int, ...]:
   except TypeError:
     raise TypeError(f"sample_shape: must be an int or a sequence of ints, got "
                     f"{type(sample_shape).__name__}") from None
-  return tuple(_check_count("sample_shape", size) for size in sizes)
+  return tuple(checks.check_count("sample_shape", size) for size in sizes)
 
 
 # Random numbers.
@@ -209,7 +171,7 @@ def sample_rankings(
   logits, where = _check_logits(logits, where)
   sample_shape = _check_sample_shape(sample_shape)
   num_items = logits.shape[-1]
-  if k is not None and not 1 <= _check_count("k", k) <= num_items:
+  if k is not None and not 1 <= checks.check_count("k", k) <= num_items:
     raise ValueError(f"k: must be in [1, {num_items}] for lists of {num_items} items, got {k}")
   check_generator(generator)
   return _sample_rankings(key, logits, where, sample_shape, k, generator)

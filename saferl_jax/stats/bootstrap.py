@@ -29,21 +29,12 @@ from saferl_jax.stats.bounds import Interval
 
 
 
-def _check_count(name: str, value) -> int:
-  """A count option (it sets a shape or a loop length): an int >= 1, never a bool or a float."""
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-    if isinstance(value, (float, np.floating)):
-      raise ValueError(f"{name}: must be a whole number >= 1, got {value!r}")
-    raise TypeError(f"{name}: must be an int, got {type(value).__name__} {value!r}")
-  if value < 1:
-    raise ValueError(f"{name}: must be >= 1, got {value}")
-  return int(value)
 
 
 def _check_options(*, num_resamples, batch_size=1, generator="hash", delta=None) -> None:
   """Checks the scalar options of the bootstrap up front, before any resample is drawn."""
-  _check_count("num_resamples", num_resamples)
-  _check_count("batch_size", batch_size)
+  checks.check_count("num_resamples", num_resamples)
+  checks.check_count("batch_size", batch_size)
   if not isinstance(generator, str):
     raise TypeError(f"generator: must be 'hash' or 'threefry', got {type(generator).__name__}")
   check_generator(generator)
@@ -100,7 +91,7 @@ def resample_indices(
   """
   checks.check_key("key", key)
   _check_options(num_resamples=num_resamples, generator=generator)
-  num_rows = _check_count("num_rows", num_rows)
+  num_rows = checks.check_count("num_rows", num_rows)
   per_resample, to_indices = _index_sampler(key, num_resamples, num_rows, generator)
   return jax.vmap(to_indices)(per_resample)
 

@@ -75,10 +75,10 @@ def train_classifier(images: ArrayLike, labels: ArrayLike, *, key: jax.Array, st
   Returns:
     A `TrainedClassifier` (apply_fn, params, losses, from_cache).
   """
-  driver._check_count("steps", steps)
-  driver._check_count("batch_size", batch_size)
-  driver._check_real("learning_rate", learning_rate, low=0.0, open_low=True)
-  driver._check_count("num_classes", num_classes, low=2)
+  checks.check_count("steps", steps)
+  checks.check_count("batch_size", batch_size)
+  checks.check_real("learning_rate", learning_rate, low=0.0, open_low=True)
+  checks.check_count("num_classes", num_classes, low=2)
   checks.check_choice("checkpoint_mismatch", checkpoint_mismatch, driver.CHECKPOINT_MISMATCH)
   driver.check_seed_keys(key)
   if key.ndim:

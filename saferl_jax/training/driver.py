@@ -55,47 +55,9 @@ def progress(items, description: str, total: int | None = None, initial: int = 0
               disable=bool(os.environ.get("SAFERL_JAX_QUIET")), dynamic_ncols=True)
 
 
-def _check_count(name: str, value, *, low: int = 1) -> int:
-  """A count option (it sets a shape or a loop length): an int >= low, never a bool or a float."""
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-    if isinstance(value, (float, np.floating)):
-      raise ValueError(f"{name}: must be a whole number >= {low}, got {value!r}")
-    raise TypeError(f"{name}: must be an int, got {type(value).__name__} {value!r}")
-  if value < low:
-    raise ValueError(f"{name}: must be >= {low}, got {value}")
-  return int(value)
-
-
-def _check_real(name: str, value, *, low: float | None = None, high: float | None = None,
-                open_low: bool = False, open_high: bool = False, finite: bool = True):
-  """A real scalar option: TypeError for a bool or a non-number, ValueError for NaN (and inf when
-  `finite`) or a value outside [low, high] (open ends with open_low / open_high). A traced value
-  is the caller's to check."""
-  if isinstance(value, jax.core.Tracer):
-    return value
-  if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
-    raise TypeError(f"{name}: must be a real number, got {type(value).__name__} {value!r}")
-  try:
-    array = np.asarray(value)
-  except Exception as err:  # noqa: BLE001 (any object numpy cannot read)
-    raise TypeError(f"{name}: must be a real number, got {type(value).__name__}") from err
-  if array.dtype.kind not in "iuf":
-    raise TypeError(f"{name}: must be a real number, got {type(value).__name__} {value!r}")
-  if array.ndim != 0:
-    raise ValueError(f"{name}: must be a scalar, got shape {array.shape}")
-  v = float(array)
-  if np.isnan(v) or (finite and not np.isfinite(v)):
-    raise ValueError(f"{name}: must be {'finite' if finite else 'a number, not NaN'}, got {value}")
-  if low is not None and (v < low or (open_low and v == low)):
-    raise ValueError(f"{name}: must be {'>' if open_low else '>='} {low:g}, got {value}")
-  if high is not None and (v > high or (open_high and v == high)):
-    raise ValueError(f"{name}: must be {'<' if open_high else '<='} {high:g}, got {value}")
-  return value
-
-
 def _check_batch(name: str, value, n: int, what: str = "N") -> int:
   """A batch size: an int in [1, n]."""
-  if _check_count(name, value) > n:
+  if checks.check_count(name, value) > n:
     raise ValueError(f"{name}: must be an int in [1, {what}={n}], got {value!r}")
   return int(value)
 
@@ -109,8 +71,8 @@ def check_seed_keys(key) -> None:
 
 def check_chunks(name: str, total: int, eval_every: int) -> None:
   """Checks a run's length: positive ints, `total` a multiple of the chunk `eval_every`."""
-  _check_count(name, total)
-  _check_count("eval_every", eval_every)
+  checks.check_count(name, total)
+  checks.check_count("eval_every", eval_every)
   if total % eval_every:
     raise ValueError(f"{name}: must be a multiple of eval_every={eval_every}, got {total}")
 

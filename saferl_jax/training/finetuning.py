@@ -66,14 +66,14 @@ def _check_sampling(sampling) -> None:
   if not isinstance(sampling, Sampling):
     raise TypeError(f"sampling: must be a Sampling, got {type(sampling).__name__}")
   for field in ("num_classes", "prompts_per_round", "samples_per_prompt", "num_steps"):
-    driver._check_count(f"sampling.{field}", getattr(sampling, field))
-  driver._check_real("sampling.eta", sampling.eta, low=0.0, high=1.0, open_low=True)
+    checks.check_count(f"sampling.{field}", getattr(sampling, field))
+  checks.check_real("sampling.eta", sampling.eta, low=0.0, high=1.0, open_low=True)
   if sampling.guidance_scale is not None:
-    driver._check_real("sampling.guidance_scale", sampling.guidance_scale, low=0.0)
+    checks.check_real("sampling.guidance_scale", sampling.guidance_scale, low=0.0)
     if sampling.null_condition is None:
       raise ValueError("sampling.null_condition: guidance (sampling.guidance_scale) needs the "
                        "condition id that stands for 'no condition'")
-    driver._check_count("sampling.null_condition", sampling.null_condition, low=0)
+    checks.check_count("sampling.null_condition", sampling.null_condition, low=0)
 
 
 class FinetuneState(NamedTuple):
@@ -216,15 +216,15 @@ def finetune(
   checks.check_choice("method", method, METHODS)
   driver.check_chunks("rounds", rounds, eval_every)
   for name, value in (("epochs", epochs), ("minibatches", minibatches)):
-    driver._check_count(name, value)
+    checks.check_count(name, value)
   _check_sampling(sampling)
   check_schedule(schedule)
   num_train_steps = schedule.alphas_cumprod.shape[0]
   if sampling.num_steps >= num_train_steps:
     raise ValueError(f"sampling.num_steps: must be in [1, {num_train_steps - 1}] for a schedule of "
                      f"{num_train_steps} steps, got {sampling.num_steps}")
-  driver._check_real("clip_range", clip_range, low=0.0, open_low=True)
-  driver._check_real("kl_weight", kl_weight, low=0.0)
+  checks.check_real("clip_range", clip_range, low=0.0, open_low=True)
+  checks.check_real("kl_weight", kl_weight, low=0.0)
   checks.check_choice("checkpoint_mismatch", checkpoint_mismatch, driver.CHECKPOINT_MISMATCH)
   driver.check_finite_params(params)
   if sampling.samples_per_prompt < 2 and method != "ppo":

@@ -103,10 +103,10 @@ def train(
     evaluate's names is [epochs + 1, S] (before training, then after each epoch).
   """
   checks.check_choice("method", method, METHODS)
-  driver._check_count("epochs", epochs)
+  checks.check_count("epochs", epochs)
   if batch_size is not None:
-    driver._check_count("batch_size", batch_size)
-  driver._check_real("banditnet_lambda", banditnet_lambda)
+    checks.check_count("batch_size", batch_size)
+  checks.check_real("banditnet_lambda", banditnet_lambda)
   checks.check_choice("checkpoint_mismatch", checkpoint_mismatch, driver.CHECKPOINT_MISMATCH)
   driver.check_finite_params(params)
   key, params, single_seed = driver.seed_axis(key, params)

@@ -122,10 +122,10 @@ def pretrain(model: nnx.Module, images: ArrayLike, labels: ArrayLike | None = No
   Returns:
     A `PretrainResult` (params, per-step losses, from_cache).
   """
-  driver._check_count("steps", steps)
-  driver._check_count("batch_size", batch_size)
-  driver._check_real("learning_rate", learning_rate, low=0.0, open_low=True)
-  driver._check_real("label_dropout", label_dropout, low=0.0, high=1.0)
+  checks.check_count("steps", steps)
+  checks.check_count("batch_size", batch_size)
+  checks.check_real("learning_rate", learning_rate, low=0.0, open_low=True)
+  checks.check_real("label_dropout", label_dropout, low=0.0, high=1.0)
   check_probability("label_dropout", label_dropout)
   checks.check_choice("checkpoint_mismatch", checkpoint_mismatch, driver.CHECKPOINT_MISMATCH)
   driver.check_seed_keys(key)

@@ -117,13 +117,13 @@ def train_ranker(
   checks.check_choice("objective", objective, OBJECTIVES)
   driver.check_chunks("steps", steps, eval_every)
   for name, value in (("num_samples", num_samples), ("num_sessions", num_sessions)):
-    driver._check_count(name, value)
+    checks.check_count(name, value)
   if batch_queries is not None:
-    driver._check_count("batch_queries", batch_queries)
-  driver._check_real("delta", delta, low=0.0, high=1.0, open_low=True, open_high=True)
-  driver._check_real("clip_low", clip_low, low=0.0)
-  driver._check_real("clip_high", clip_high, low=float(clip_low))
-  driver._check_real("quantile", quantile, low=0.0, high=1.0)
+    checks.check_count("batch_queries", batch_queries)
+  checks.check_real("delta", delta, low=0.0, high=1.0, open_low=True, open_high=True)
+  checks.check_real("clip_low", clip_low, low=0.0)
+  checks.check_real("clip_high", clip_high, low=float(clip_low))
+  checks.check_real("quantile", quantile, low=0.0, high=1.0)
   checks.check_choice("checkpoint_mismatch", checkpoint_mismatch, driver.CHECKPOINT_MISMATCH)
   # The rank weights enter every step: a NaN or a negative weight would otherwise surface as a
   # FloatingPointError ("lower the learning rate") many steps later.
