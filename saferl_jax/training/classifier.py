@@ -90,7 +90,7 @@ def train_classifier(images: ArrayLike, labels: ArrayLike, *, key: jax.Array, st
   n = images.shape[0]
   if labels.shape != (n,):
     raise ValueError(f"labels: expected shape [N={n}], got {labels.shape}")
-  batch_size = driver._check_batch("batch_size", batch_size, n)
+  batch_size = driver.check_batch_size("batch_size", batch_size, n)
   checks.check_finite("images", images)
   checks.check_indices("labels", labels, num_classes, what="class")
 

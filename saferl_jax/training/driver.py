@@ -55,7 +55,7 @@ def progress(items, description: str, total: int | None = None, initial: int = 0
               disable=bool(os.environ.get("SAFERL_JAX_QUIET")), dynamic_ncols=True)
 
 
-def _check_batch(name: str, value, n: int, what: str = "N") -> int:
+def check_batch_size(name: str, value, n: int, what: str = "N") -> int:
   """A batch size: an int in [1, n]."""
   if checks.check_count(name, value) > n:
     raise ValueError(f"{name}: must be an int in [1, {what}={n}], got {value!r}")
@@ -86,11 +86,23 @@ def check_finite_params(params) -> None:
 
 
 def seed_axis(key: jax.Array, params) -> tuple[jax.Array, Any, bool]:
-  """(keys [S], params [S, ...], single_seed): adds the seed axis when one key was given."""
+  """(keys [S], params [S, ...], single_seed): checks the keys and the initial parameters (finite)
+  and adds the seed axis when one key was given. Every loop calls it first."""
   check_seed_keys(key)
+  check_finite_params(params)
   if key.ndim == 0:
     return key[None], jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], params), True
   return key, params, False
+
+
+def check_data_seeds(data_seeds: int | None, key: jax.Array, single_seed: bool) -> None:
+  """Per-seed data (`data_seeds` leading rows; None for shared data) must match the keys."""
+  if data_seeds is None:
+    return
+  if single_seed:
+    raise ValueError("data: has a seed axis but one key was given; pass [S] keys")
+  if data_seeds != key.shape[0]:
+    raise ValueError(f"data: has {data_seeds} seeds but key has {key.shape[0]}")
 
 
 def one_seed(tree):
@@ -204,7 +216,6 @@ def run(step_fn: Callable, state, data, key: jax.Array, *, num_steps: int, eval_
   checks.check_positive_int("num_steps", num_steps)
   checks.check_positive_int("eval_every", eval_every)
   checks.check_choice("checkpoint_mismatch", checkpoint_mismatch, CHECKPOINT_MISMATCH)
-  check_finite_params(state.params)
   num_seeds = key.shape[0]
   sharding = seed_sharding(num_seeds)
   state, key = jax.device_put((state, key), sharding)

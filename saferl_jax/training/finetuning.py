@@ -226,7 +226,6 @@ def finetune(
   checks.check_real("clip_range", clip_range, low=0.0, open_low=True)
   checks.check_real("kl_weight", kl_weight, low=0.0)
   checks.check_choice("checkpoint_mismatch", checkpoint_mismatch, driver.CHECKPOINT_MISMATCH)
-  driver.check_finite_params(params)
   if sampling.samples_per_prompt < 2 and method != "ppo":
     raise ValueError(f"sampling.samples_per_prompt: {method} needs K >= 2 for its leave-one-out "
                      f"baseline, got {sampling.samples_per_prompt}")

@@ -108,18 +108,13 @@ def train(
     checks.check_count("batch_size", batch_size)
   checks.check_real("banditnet_lambda", banditnet_lambda)
   checks.check_choice("checkpoint_mismatch", checkpoint_mismatch, driver.CHECKPOINT_MISMATCH)
-  driver.check_finite_params(params)
   key, params, single_seed = driver.seed_axis(key, params)
   data = logged_batch(*data)
   per_seed = data.rewards.ndim == 2
-  if single_seed and per_seed:
-    raise ValueError("data: has a seed axis but one key was given; pass [S] keys")
-  num_seeds = key.shape[0]
-  if per_seed and data.rewards.shape[0] != num_seeds:
-    raise ValueError(f"data: has {data.rewards.shape[0]} seeds but key has {num_seeds}")
+  driver.check_data_seeds(data.rewards.shape[0] if per_seed else None, key, single_seed)
   n = data.rewards.shape[-1]
   batch_size = n if batch_size is None else batch_size
-  batch_size = driver._check_batch("batch_size", batch_size, n, what="n")
+  batch_size = driver.check_batch_size("batch_size", batch_size, n, what="n")
   one_seed_params = driver.one_seed(params)
   one_seed_contexts = data.contexts[0, :1] if per_seed else data.contexts[:1]
   num_actions = jax.eval_shape(apply_fn, one_seed_params, one_seed_contexts).shape[-1]

@@ -146,7 +146,7 @@ def pretrain(model: nnx.Module, images: ArrayLike, labels: ArrayLike | None = No
     if conditions.shape != (n,):
       raise ValueError(f"labels: expected shape [N={n}], got {conditions.shape}")
     checks.check_indices("labels", conditions, num_classes, what="class")
-  batch_size = driver._check_batch("batch_size", batch_size, n)
+  batch_size = driver.check_batch_size("batch_size", batch_size, n)
   alphas_cumprod = checks.as_float("alphas_cumprod", alphas_cumprod)
   check_schedule(NoiseSchedule(alphas_cumprod), name="alphas_cumprod")
 

@@ -132,16 +132,14 @@ def train_ranker(
     raise ValueError(f"rank_weights: expected a non-empty 1-d array [K], got shape "
                      f"{tuple(rank_weights.shape)}")
   checks.check_nonnegative("rank_weights", rank_weights)
-  driver.check_finite_params(params)
   key, params, single_seed = driver.seed_axis(key, params)
   data = RankingData(*(jnp.asarray(x) for x in data))
   check_ranking_data(data)
   per_seed = data.session_counts.ndim == 2
-  if single_seed and per_seed:
-    raise ValueError("data: has a seed axis but one key was given; pass [S] keys")
+  driver.check_data_seeds(data.session_counts.shape[0] if per_seed else None, key, single_seed)
   num_queries = data.session_counts.shape[-1]
-  if batch_queries is not None and not 1 <= batch_queries <= num_queries:
-    raise ValueError(f"batch_queries: must be in [1, {num_queries}], got {batch_queries}")
+  if batch_queries is not None:
+    driver.check_batch_size("batch_queries", batch_queries, num_queries, what="Q")
 
   state = TrainState(params, jax.vmap(optimizer.init)(params))
   options = dict(objective=objective, num_sessions=int(num_sessions), num_samples=int(num_samples),
