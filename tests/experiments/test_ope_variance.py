@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -71,3 +72,26 @@ def test_a_checkpoint_from_another_config_is_not_reused(tmp_path, monkeypatch):
   other = ope_variance.Config(**{**TINY.__dict__, "seed": 1})
   ope_variance.run(tmp_path, other)
   assert len(calls) == 4
+
+
+@pytest.mark.slow
+def test_cell_statistics_are_the_shared_scores_in_float64(monkeypatch):
+  # _cell scores through ope.report.score_estimators; its numbers are the float64 formulas
+  # the study always used (bias and MSE of the errors, population variance, SE of the MSE).
+  from saferl_jax.data import synthetic_bandit as sb
+  seen = []
+  real = ope_variance.score_estimators
+  monkeypatch.setattr(ope_variance, "score_estimators",
+                      lambda values, truth: seen.append((np.asarray(values), truth)) or real(values, truth))
+  problem = sb.make_problem(jax.random.key(3), num_actions=5, dim_context=5, num_contexts=50,
+                            logger_inverse_temperature=-1.0, target_inverse_temperature=10.0,
+                            reward_model_noise=0.1)
+  cell = ope_variance._cell(problem, 50, 16, jax.random.key(0))
+  (values, truth), = seen
+  assert values.dtype == np.float64 and values.shape == (16, len(ope_variance.ESTIMATORS))
+  for i, name in enumerate(ope_variance.ESTIMATORS):
+    errors = values[:, i] - truth
+    expected = {"bias": errors.mean(), "variance": values[:, i].var(), "mse": (errors**2).mean(),
+                "mse_stderr": (errors**2).std(ddof=1) / np.sqrt(16)}
+    for stat, want in expected.items():
+      np.testing.assert_allclose(cell[name][stat], want, rtol=1e-12, err_msg=f"{name} {stat}")
