@@ -1,11 +1,25 @@
-"""A loader for logged data in the Open Bandit Dataset's CSV layout (floor 2).
+"""A loader for logged data in the Open Bandit Dataset's layout (floor 2).
 
-A log folder holds all.csv (or all.csv.gz) with the columns
-(index), timestamp, item_id, position, click, propensity_score,
-user_feature_0..3, user-item_affinity_0..{A-1}; and item_context.csv. The
-package ships a small sample (10,000 rounds each of the Bernoulli Thompson
-Sampling and uniform random loggers, "all" campaign), from the Open Bandit
-Dataset by ZOZO, Inc., licensed CC BY 4.0; see saferl_jax/data/obd_sample/README.md.
+OBD keeps each log at `<root>/<behavior_policy>/<campaign>/<campaign>.csv`, with
+behavior_policy "bts" (Bernoulli Thompson Sampling) or "random" (uniform) and campaign "all",
+"men" or "women", and the items' features beside it in `item_context.csv`. A log file has the
+columns (index), timestamp, item_id, position, click, propensity_score, user_feature_0..3,
+user-item_affinity_0..{A-1}. `load_obd` reads that layout (a `.csv.gz` works too), a folder
+holding `<campaign>.csv`, or one CSV file; with no root, the shipped sample: 10,000 rounds each
+of the BTS and uniform random loggers, "all" campaign, from the Open Bandit Dataset by ZOZO,
+Inc., licensed CC BY 4.0 (saferl_jax/data/obd_sample/README.md), in the same layout.
+
+The CSV is read with pyarrow.csv rather than pandas: multi-threaded and columnar, no pandas
+dependency, numeric columns become numpy arrays without a conversion copy, and no Python object
+is made per row. Memory follows the arrays returned (about 460 bytes a round with 80 items, so
+5.6 GB for the full BTS log's 12 million rounds): at 2 million rounds the peak was under 2x
+their bytes, and under half of pandas.read_csv's peak on the same file
+(benchmarks/bench_obd_loader.py measures time and memory against pandas.read_csv).
+
+User features are categorical (hashed strings): contexts one-hot encode them with an
+`OBDVocabulary`, the sorted values of each column, which the log carries so that another file
+can be encoded the same way (`load_obd(..., vocabulary=log.vocabulary)`). `split_by_time`
+splits a log into an earlier training part and a later test part.
 
 References:
   Saito, Aihara, Matsutani, Narita. Open Bandit Dataset and Pipeline: Towards Realistic and
@@ -14,36 +28,67 @@ References:
 
 # No `from __future__ import annotations`: pdoc evaluates NamedTuple fields outside this module.
 
-import csv
 import gzip
-import io
 import zlib
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 
 SAMPLE_DIR = Path(__file__).parent / "obd_sample"
-REQUIRED_COLUMNS = ("item_id", "position", "click", "propensity_score")
+BEHAVIOR_POLICIES = ("bts", "random")
+CAMPAIGNS = ("all", "men", "women")
+ITEM_CONTEXT = "item_context.csv"
+REQUIRED_COLUMNS = ("timestamp", "item_id", "position", "click", "propensity_score")
 USER_FEATURES = ("user_feature_0", "user_feature_1", "user_feature_2", "user_feature_3")
 AFFINITY_PREFIX = "user-item_affinity_"
 # Bounds for files that set none themselves, so that a damaged cell cannot size a huge array.
 MAX_ACTIONS = 100_000  # item ids, when there are no affinity columns (else their number)
 MAX_POSITIONS = 1_000
+TIMESTAMP = pa.timestamp("ns", tz="UTC")  # OBD writes 2019-11-24 00:00:17.004101+00:00
+_BLOCK_SIZE = 1 << 20  # bytes of CSV text per parallel block (and per record batch)
+_HEADER_LIMIT = 1 << 20  # longest header line read
+
+
+class OBDVocabulary(NamedTuple):
+  """The category values of each user-feature column: how contexts are one-hot encoded.
+
+  contexts hold one block per column, in the order of `columns`; column j's block has
+  len(categories[j]) entries, entry k being 1 when the round's value is categories[j][k].
+
+  Attributes:
+    columns: the user-feature column names, ("user_feature_0", ..., "user_feature_3").
+    categories: per column, its values (the cells' text), sorted.
+  """
+  columns: tuple[str, ...]
+  categories: tuple[tuple[str, ...], ...]
+
+  def as_dict(self) -> dict[str, tuple[str, ...]]:
+    """{column: its categories}."""
+    return dict(zip(self.columns, self.categories))
 
 
 class OBDLog(NamedTuple):
   """One OBD log as numpy arrays (host data; convert with jnp.asarray where needed).
 
   Attributes:
-    actions: [n] item ids in [0, num_actions).
-    positions: [n] 0-based slot of the displayed item.
-    rewards: [n] clicks (0 or 1).
-    logging_probs: [n] the logger's probability of the item at that slot.
-    contexts: [n, d] one-hot encoded user features.
-    user_item_affinity: [n, num_actions].
+    actions: [n] int64 item ids in [0, num_actions).
+    positions: [n] int64 0-based slot of the displayed item.
+    rewards: [n] float64 clicks (0 or 1).
+    logging_probs: [n] float64 the logger's probability of the item at that slot.
+    contexts: [n, d] float32 one-hot user features, encoded with `vocabulary` (d is the
+      total number of its categories); a value the vocabulary lacks leaves its block zero.
+    user_item_affinity: [n, num_actions] float32.
     num_actions: number of items.
     num_positions: number of slots.
+    timestamps: [n] datetime64[ns] (UTC) of each round.
+    item_features: [num_actions, F] float32 from item_context.csv (row a is item a): numeric
+      columns as they are, then the other (categorical) columns one-hot, each column's
+      values in order of first appearance by item id; [num_actions, 0] without the file.
+    vocabulary: the `OBDVocabulary` that encoded contexts.
   """
   actions: np.ndarray
   positions: np.ndarray
@@ -53,87 +98,404 @@ class OBDLog(NamedTuple):
   user_item_affinity: np.ndarray
   num_actions: int
   num_positions: int
+  timestamps: np.ndarray
+  item_features: np.ndarray
+  vocabulary: OBDVocabulary
+
+
+class OBDSplit(NamedTuple):
+  """A log split in time: `train` holds the earlier rounds, `test` the later ones."""
+  train: OBDLog
+  test: OBDLog
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise ValueError(f"{name}: {value!r} is not one of {choices}")
 
 
 def sample_path(behavior_policy: str = "bts", campaign: str = "all") -> Path:
-  """The folder of the shipped sample for a logger ("bts" or "random") and campaign ("all")."""
-  path = SAMPLE_DIR / f"{behavior_policy}_{campaign}"
+  """The folder of the shipped sample for a logger ("bts" or "random") and campaign ("all").
+
+  Args:
+    behavior_policy: "bts" or "random".
+    campaign: "all" (the only campaign shipped).
+
+  Returns:
+    obd_sample/<behavior_policy>/<campaign>, holding <campaign>.csv.gz and item_context.csv.
+
+  Example:
+    >>> sample_path("random").relative_to(SAMPLE_DIR).as_posix()
+    'random/all'
+  """
+  _check_choice("behavior_policy", behavior_policy, BEHAVIOR_POLICIES)
+  _check_choice("campaign", campaign, CAMPAIGNS)
+  path = SAMPLE_DIR / behavior_policy / campaign
   if not path.is_dir():
-    available = sorted(p.name for p in SAMPLE_DIR.iterdir() if p.is_dir())
-    raise ValueError(f"behavior_policy/campaign: no shipped sample {path.name}; available: {available}")
+    shipped = sorted(p.relative_to(SAMPLE_DIR).as_posix() for p in SAMPLE_DIR.glob("*/*") if p.is_dir())
+    raise ValueError(f"campaign: no shipped sample {behavior_policy}/{campaign}; shipped: {shipped} "
+                     f"(pass root= for the full dataset)")
   return path
 
 
-def _decode(csv_path: Path, raw: bytes) -> str:
-  """The file's text; damaged gzip or non-UTF-8 bytes become a ValueError naming the file."""
-  if csv_path.suffix == ".gz":
-    try:
-      raw = gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError
-      raise ValueError(f"{csv_path}: not a readable gzip file, truncated or corrupted ({err})") from err
+def _log_file(root, behavior_policy: str, campaign: str) -> Path:
+  """The CSV file that `load_obd`'s arguments name."""
+  _check_choice("behavior_policy", behavior_policy, BEHAVIOR_POLICIES)
+  _check_choice("campaign", campaign, CAMPAIGNS)
+  if root is None:
+    folders = [sample_path(behavior_policy, campaign)]
+  else:
+    root = Path(root)
+    if root.is_file():
+      return root
+    folders = [root / behavior_policy / campaign, root]
+  for folder in folders:
+    for name in (f"{campaign}.csv", f"{campaign}.csv.gz"):
+      if (folder / name).is_file():
+        return folder / name
+  raise ValueError(f"root: neither {folders[0]} nor {folders[-1]} holds {campaign}.csv or "
+                   f"{campaign}.csv.gz")
+
+
+def _gz(path: Path) -> bool:
+  return path.name.endswith(".gz")
+
+
+def _open_bytes(path: Path):
+  return gzip.open(path, "rb") if _gz(path) else open(path, "rb")
+
+
+def _gzip_error(path: Path, err: Exception) -> ValueError:
+  return ValueError(f"{path}: not a readable gzip file, truncated or corrupted ({err})")
+
+
+class _Csv(NamedTuple):
+  """A CSV file, its header, and whether `"` quotes fields (item_context.csv) or is text (logs)."""
+  path: Path
+  header: list[str]
+  quoted: bool
+
+
+def _read_header(path: Path, *, quoted: bool) -> _Csv:
+  """The column names on line 1; damaged gzip or non-UTF-8 bytes become a ValueError naming the file."""
   try:
-    return raw.decode("utf-8")
+    with _open_bytes(path) as stream:
+      line = stream.readline(_HEADER_LIMIT)
+  except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError
+    if not _gz(path):
+      raise
+    raise _gzip_error(path, err) from err
+  if not line:
+    raise ValueError(f"path: {path} is empty")
+  try:
+    text = line.decode("utf-8")
   except UnicodeDecodeError as err:
-    line = raw.count(b"\n", 0, err.start) + 1
-    byte = err.start - raw.rfind(b"\n", 0, err.start)
-    raise ValueError(f"{csv_path}: line {line}, byte {byte}: not UTF-8 text ({err.reason})") from err
+    raise ValueError(f"{path}: line 1, byte {err.start + 1}: not UTF-8 text ({err.reason})") from err
+  return _Csv(path, text.rstrip("\r\n").split(","), quoted)
 
 
-def _read_rows(path: Path) -> tuple[Path, list[str], list[list[str]], list[int]]:
-  """The file read, its header, its rows and each row's line number in the file."""
-  csv_path = path / "all.csv"
-  if not csv_path.exists():
-    csv_path = csv_path.with_suffix(".csv.gz")
-    if not csv_path.exists():
-      raise ValueError(f"path: {path} has neither all.csv nor all.csv.gz")
-  reader = csv.reader(io.StringIO(_decode(csv_path, csv_path.read_bytes())))
-  rows, lines = [], []
+def _check_gzip(path: Path) -> None:
+  """Decompresses the whole file, so a damaged stream raises a ValueError naming it."""
   try:
-    header = next(reader, None)
-    if header is None:
-      raise ValueError(f"path: {csv_path} is empty")
-    for row in reader:
-      if len(row) != len(header):
-        raise ValueError(f"{csv_path}: line {reader.line_num} has {len(row)} fields, the header has "
-                         f"{len(header)}")
-      rows.append(row)
-      lines.append(reader.line_num)  # a quoted field may span lines
-  except csv.Error as err:  # e.g. a field over csv's size limit, from garbage with a stray quote
-    raise ValueError(f"{csv_path}: line {reader.line_num}: {err}") from err
-  if not rows:
-    raise ValueError(f"{csv_path}: has a header but no data rows")
-  return csv_path, header, rows, lines
+    with gzip.open(path, "rb") as stream:
+      while stream.read(1 << 24):
+        pass
+  except (OSError, EOFError, zlib.error) as err:
+    raise _gzip_error(path, err) from err
 
 
-def _affinity_columns(csv_path: Path, header: list[str]) -> list[str]:
-  """The user-item_affinity_a columns in order of a, which must run 0..A-1 (a column per item)."""
+def _check_lines(csv: _Csv) -> None:
+  """Every line is UTF-8 and has as many fields as the header; else a ValueError naming it."""
+  number, num_fields = 0, len(csv.header)
+  with _open_bytes(csv.path) as stream:
+    for number, line in enumerate(stream, 1):
+      try:
+        line.decode("utf-8")
+      except UnicodeDecodeError as err:
+        raise ValueError(f"{csv.path}: line {number}, byte {err.start + 1}: not UTF-8 text "
+                         f"({err.reason})") from err
+      if number > 1 and not (csv.quoted and b'"' in line):  # a quoted field may hold commas
+        fields = line.count(b",") + 1 if line.rstrip(b"\r\n") else 0
+        if fields != num_fields:
+          raise ValueError(f"{csv.path}: line {number} has {fields} fields, the header has "
+                           f"{num_fields}")
+  if number < 2:
+    raise ValueError(f"{csv.path}: has a header but no data rows")
+
+
+def _options(csv: _Csv, types: dict, include: list[str], *, use_threads: bool = True):
+  read = pa_csv.ReadOptions(column_names=csv.header, skip_rows=1, use_threads=use_threads,
+                            block_size=_BLOCK_SIZE)
+  # An empty line is a row (with too few fields), not nothing; an empty cell is not a number.
+  # OBD's logs quote nothing: reading `"` as text spares the tokenizer a tenth of its work.
+  parse = pa_csv.ParseOptions(ignore_empty_lines=False, quote_char='"' if csv.quoted else False)
+  convert = pa_csv.ConvertOptions(column_types=types, include_columns=include, null_values=[],
+                                  strings_can_be_null=False, quoted_strings_can_be_null=False)
+  return dict(read_options=read, parse_options=parse, convert_options=convert)
+
+
+def _first_failure(cells: pa.Array, type_: pa.DataType) -> int | None:
+  """The index of the first cell that does not convert to type_, or None (bisection, C speed)."""
+  try:
+    pc.cast(cells, type_)
+    return None
+  except pa.ArrowInvalid:
+    pass
+  low, high = 0, len(cells)  # the first failure lies in [low, high)
+  while high - low > 1:
+    middle = (low + high) // 2
+    try:
+      pc.cast(cells.slice(low, middle - low), type_)
+      low = middle
+    except pa.ArrowInvalid:
+      high = middle
+  return low
+
+
+def _problem(type_: pa.DataType) -> str:
+  if pa.types.is_timestamp(type_):
+    return "not a timestamp with a zone offset (like 2019-11-24 00:00:17.004101+00:00)"
+  return "not a number"
+
+
+def _first_bad_value(csv: _Csv, types: dict) -> None:
+  """Raises a ValueError naming the line and column of the first cell that fails its type."""
+  checked = {name: t for name, t in types.items() if not pa.types.is_dictionary(t)}
+  options = _options(csv, {name: pa.string() for name in checked}, list(checked), use_threads=False)
+  first_row = 0
+  for batch in pa_csv.open_csv(csv.path, **options):
+    found = []
+    for name, type_ in checked.items():
+      row = _first_failure(batch.column(name), type_)
+      if row is not None:
+        found.append((row, csv.header.index(name), name))
+    if found:
+      row, _, name = min(found)  # first in the file: earliest row, then leftmost column
+      raise ValueError(f"{csv.path}: line {first_row + row + 2}, column {name}: "
+                       f"{_problem(types[name])} ({batch.column(name)[row].as_py()!r})")
+    first_row += batch.num_rows
+
+
+def _read_table(csv: _Csv, types: dict, include: list[str]) -> pa.Table:
+  """The columns in include (typed by types, the others inferred), read in parallel.
+
+  Reading stops at the first problem pyarrow meets, in whatever block a thread held: the
+  diagnosis then reads the file again in order to name its first damaged line (and column).
+  """
+  try:
+    return pa_csv.read_csv(csv.path, **_options(csv, types, include))
+  except (pa.ArrowException, OSError, EOFError, zlib.error) as err:
+    if _gz(csv.path):
+      _check_gzip(csv.path)
+    _check_lines(csv)
+    try:
+      _first_bad_value(csv, types)
+    except pa.ArrowException:  # damage the checks above cannot see: name the file and say what
+      pass
+    raise ValueError(f"{csv.path}: {err}") from err
+
+
+def _cell_text(csv: _Csv, row: int, name: str) -> str:
+  """The text of one cell (data row `row`, 0-based), for an error message."""
+  for batch in pa_csv.open_csv(csv.path, **_options(csv, {name: pa.string()}, [name], use_threads=False)):
+    if row < batch.num_rows:
+      return batch.column(name)[row].as_py()
+    row -= batch.num_rows
+  raise AssertionError("row past the end of the file")  # pragma: no cover
+
+
+class _Problems:
+  """The first out-of-domain cell in file order (earliest row, then leftmost column)."""
+
+  def __init__(self, csv: _Csv):
+    self.csv, self.first = csv, None
+
+  def check(self, names: str | list[str], ok: np.ndarray, problem: str, row_offset: int = 0) -> None:
+    """ok: [n] bool for column `names`, or [n, k] for the k columns `names`; False where bad."""
+    bad = ~ok  # NaN fails every comparison, so it lands here too
+    if not bad.any():
+      return
+    if bad.ndim == 1:
+      row, index = int(np.argmax(bad)), self.csv.header.index(names)
+    else:
+      row = int(np.argmax(bad.any(axis=1)))
+      index = min(self.csv.header.index(names[c]) for c in np.flatnonzero(bad[row]))
+    candidate = (row + row_offset, index, problem)
+    if self.first is None or candidate[:2] < self.first[:2]:
+      self.first = candidate
+
+  def raise_first(self) -> None:
+    if self.first is not None:
+      row, index, problem = self.first
+      name = self.csv.header[index]
+      raise ValueError(f"{self.csv.path}: line {row + 2}, column {name}: "
+                       f"{_cell_text(self.csv, row, name)!r} {problem}")
+
+
+_DTYPES = {pa.float64(): np.float64, pa.float32(): np.float32, pa.int64(): np.int64,
+           pa.int32(): np.int32}
+
+
+def _view(chunk: pa.Array) -> np.ndarray:
+  """A numeric chunk without nulls as a numpy view of its buffer: no copy, and no pandas import
+  (pyarrow's to_numpy imports pandas where it is installed)."""
+  assert chunk.null_count == 0, "null_values=[] leaves no nulls"
+  dtype = np.dtype(_DTYPES[chunk.type])
+  return np.frombuffer(chunk.buffers()[1], dtype, len(chunk), chunk.offset * dtype.itemsize)
+
+
+def _numpy(column: pa.ChunkedArray) -> np.ndarray:
+  """A numeric column as one numpy array (one copy, its chunks concatenated)."""
+  return np.concatenate([_view(c) for c in column.chunks]) if column.chunks else np.zeros(0)
+
+
+def _integers(problems: _Problems, name: str, values: np.ndarray, low: int, high: int,
+              what: str) -> np.ndarray:
+  problems.check(name, (values == np.round(values)) & (values >= low) & (values <= high),
+                 f"is not {what}, an integer in {low}..{high}")
+  return np.where((values >= low) & (values <= high), values, low).astype(np.int64)
+
+
+def _check_header(csv: _Csv, required: tuple[str, ...]) -> list[str]:
+  """The header's affinity columns in order; missing, repeated or misnumbered columns raise."""
+  path, header = csv.path, csv.header
+  missing = [c for c in required if c not in header]
+  if missing:
+    raise ValueError(f"{path}: line 1: missing columns {missing}")
+  repeated = sorted({c for c in header if header.count(c) > 1})
+  if repeated:
+    raise ValueError(f"{path}: line 1: columns {repeated} appear more than once")
   columns = [c for c in header if c.startswith(AFFINITY_PREFIX)]
   numbers = {str(a) for a in range(len(columns))}  # columns are distinct, so no strays means all
   strays = [c for c in columns if c[len(AFFINITY_PREFIX):] not in numbers]
   if strays:
-    raise ValueError(f"{csv_path}: line 1: the {AFFINITY_PREFIX}a columns must number a from 0 "
+    raise ValueError(f"{path}: line 1: the {AFFINITY_PREFIX}a columns must number a from 0 "
                      f"to {len(columns) - 1}, found {strays}")
   return sorted(columns, key=lambda c: int(c[len(AFFINITY_PREFIX):]))
 
 
-def _one_hot(codes: np.ndarray) -> np.ndarray:
-  _, index = np.unique(codes, return_inverse=True)
-  return np.eye(index.max() + 1, dtype=np.float32)[index]
+def _vocabulary(path: Path, columns: dict, vocabulary) -> OBDVocabulary:
+  """The given vocabulary, checked, or the sorted values of each user-feature column."""
+  if vocabulary is None:
+    return OBDVocabulary(columns=USER_FEATURES, categories=tuple(
+        tuple(sorted(columns[name].dictionary.to_pylist())) for name in USER_FEATURES))
+  if not isinstance(vocabulary, OBDVocabulary):
+    raise ValueError(f"vocabulary: expected an OBDVocabulary (a log's .vocabulary), got "
+                     f"{type(vocabulary).__name__}")
+  if tuple(vocabulary.columns) != USER_FEATURES or len(vocabulary.categories) != len(USER_FEATURES):
+    raise ValueError(f"vocabulary: columns {tuple(vocabulary.columns)} with "
+                     f"{len(vocabulary.categories)} category lists, but {path} has {USER_FEATURES}")
+  for name, values in zip(USER_FEATURES, vocabulary.categories):
+    if len(set(values)) != len(values) or not all(isinstance(v, str) for v in values):
+      raise ValueError(f"vocabulary: the categories of {name} must be distinct strings")
+  return OBDVocabulary(tuple(vocabulary.columns), tuple(tuple(v) for v in vocabulary.categories))
 
 
-def load_obd(path: str | Path | None = None, *, behavior_policy: str = "bts",
-             campaign: str = "all") -> OBDLog:
-  """Loads an OBD log folder; with no path, the shipped sample of that logger and campaign.
+def _encode(columns: dict, n: int, vocabulary: OBDVocabulary) -> np.ndarray:
+  """[n, d] float32 one-hot contexts; values the vocabulary lacks leave their block zero.
 
-  Rows keep the file's order (OBD files are already sorted by timestamp).
+  columns: each user feature as a DictionaryArray (one dictionary for the whole column).
+  """
+  width = sum(len(c) for c in vocabulary.categories)
+  contexts = np.zeros((n, width), np.float32)
+  flat = contexts.reshape(-1)
+  offset = 0
+  for name, categories in zip(vocabulary.columns, vocabulary.categories):
+    index = {value: k for k, value in enumerate(categories)}
+    lookup = np.array([index.get(v, -1) for v in columns[name].dictionary.to_pylist()] + [-1])
+    codes = lookup[_view(columns[name].indices)]
+    rows = np.flatnonzero(codes >= 0)
+    flat[rows * width + (offset + codes[rows])] = 1.0
+    offset += len(categories)
+  return contexts
+
+
+def _item_context(folder: Path):
+  """item_context.csv read (as `_Csv`, table), or None when the folder has none."""
+  path = folder / ITEM_CONTEXT
+  if not path.is_file():
+    return None
+  csv = _read_header(path, quoted=True)
+  _check_header(csv, ("item_id",))
+  # Item ids as numbers (then checked to be integers); the others typed by pyarrow: a column of
+  # numbers is numeric, any other categorical. The unnamed first column is the file's row index.
+  table = _read_table(csv, {"item_id": pa.float64()}, [c for c in csv.header if c])
+  if table.num_rows == 0:
+    raise ValueError(f"{path}: has a header but no data rows")
+  return csv, table
+
+
+def _item_ids(context, high: int) -> np.ndarray | None:
+  """item_context.csv's item ids, checked to be integers in 0..high."""
+  if context is None:
+    return None
+  csv, table = context
+  problems = _Problems(csv)
+  ids = _integers(problems, "item_id", _numpy(table.column("item_id")), 0, high, "an item id")
+  problems.raise_first()
+  return ids
+
+
+def _item_features(context, ids, num_actions: int) -> np.ndarray:
+  """[num_actions, F] float32: numeric columns, then the others one-hot (first appearance order)."""
+  if context is None:
+    return np.zeros((num_actions, 0), np.float32)
+  csv, table = context
+  order = np.argsort(ids, kind="stable")
+  repeats = np.flatnonzero(ids[order][1:] == ids[order][:-1])
+  if repeats.size:
+    first, again = sorted(order[repeats[0]:repeats[0] + 2])
+    raise ValueError(f"{csv.path}: line {again + 2}, column item_id: item {ids[again]} appears again "
+                     f"(first on line {first + 2})")
+  rows = np.full(num_actions, -1)
+  rows[ids] = np.arange(len(ids))  # rows[a]: the row of item a
+  if (rows < 0).any():
+    raise ValueError(f"{csv.path}: no row for items {np.flatnonzero(rows < 0)[:10].tolist()} (it "
+                     f"must list every item 0..{num_actions - 1} once)")
+  problems = _Problems(csv)
+  numeric, categorical = [], []
+  for name in table.column_names:
+    column = table.column(name)
+    if name == "item_id":
+      continue
+    if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
+      values = _numpy(column.cast(pa.float64()))  # in file order
+      problems.check(name, np.isfinite(values), "is not finite")
+      numeric.append(values[rows])
+    else:
+      values = np.asarray(column.cast(pa.string()).to_pylist(), dtype=object)[rows]
+      # Order of first appearance by item id: OBD hashes item features per file, and this order
+      # gives two files describing the same items the same encoding.
+      _, first, codes = np.unique(values, return_index=True, return_inverse=True)
+      rank = np.argsort(np.argsort(first))
+      categorical.append(np.eye(len(first), dtype=np.float32)[rank[codes]])
+  problems.raise_first()
+  numeric = [np.stack(numeric, axis=1).astype(np.float32)] if numeric else []
+  return np.concatenate(numeric + categorical + [np.zeros((num_actions, 0), np.float32)], axis=1)
+
+
+def load_obd(root: str | Path | None = None, *, behavior_policy: str = "bts", campaign: str = "all",
+             vocabulary: OBDVocabulary | None = None) -> OBDLog:
+  """Loads one OBD log: `<root>/<behavior_policy>/<campaign>/<campaign>.csv` and its item_context.csv.
+
+  root may be OBD's top folder (as downloaded and unzipped), a folder holding
+  `<campaign>.csv` (or `.csv.gz`) itself, or the CSV file; item_context.csv is read from the
+  log file's folder (without it, item_features has no columns). With root None, the shipped
+  sample. Rows keep the file's order (OBD files are sorted by timestamp).
 
   Args:
-    path: a folder holding all.csv or all.csv.gz in OBD's layout.
-    behavior_policy: "bts" or "random", for the shipped sample.
-    campaign: "all", for the shipped sample.
+    root: OBD's folder, a log's folder, a log file, or None for the shipped sample.
+    behavior_policy: "bts" or "random".
+    campaign: "all", "men" or "women" (only "all" is shipped).
+    vocabulary: encode contexts with this `OBDVocabulary`, usually another log's, so both
+      logs' contexts have the same columns; a value it lacks leaves that feature's block
+      zero (what a model fitted on the other log expects of a value it never saw). None
+      builds one from this file: each column's values, sorted.
 
   Returns:
-    An `OBDLog`.
+    An `OBDLog` with n rounds: actions, positions, rewards, logging_probs and timestamps
+    [n], contexts [n, d], user_item_affinity [n, num_actions], item_features
+    [num_actions, F], and its vocabulary.
 
   Raises:
     ValueError: naming the file, and the line and column where there is one, when the file is
@@ -141,71 +503,110 @@ def load_obd(path: str | Path | None = None, *, behavior_policy: str = "bts",
       of fields, no rows) or a value is out of its domain: item ids must be integers in
       0..A-1 for A user-item_affinity columns (0..MAX_ACTIONS-1 without them), positions
       integers in 1..MAX_POSITIONS, clicks 0 or 1, propensity scores in (0, 1], affinities
-      finite.
+      and numeric item features finite, timestamps ISO 8601 with a zone offset;
+      item_context.csv must list each item once. Line numbers count the header as line 1;
+      in a log file `"` is text, not a quote (OBD quotes nothing), so each row is one line.
 
   Example:
     >>> log = load_obd(behavior_policy="random")
-    >>> log.num_actions, log.num_positions, log.rewards.shape
-    (80, 3, (10000,))
+    >>> log.num_actions, log.num_positions, log.rewards.shape, log.item_features.shape
+    (80, 3, (10000,), (80, 41))
+    >>> bts = load_obd(behavior_policy="bts", vocabulary=log.vocabulary)
+    >>> bts.contexts.shape == log.contexts.shape
+    True
   """
-  path = sample_path(behavior_policy, campaign) if path is None else Path(path)
-  csv_path, header, rows, lines = _read_rows(path)
-  missing = [c for c in REQUIRED_COLUMNS + USER_FEATURES if c not in header]
-  if missing:
-    raise ValueError(f"{csv_path}: line 1: missing columns {missing}")
-  repeated = sorted({c for c in header if header.count(c) > 1})
-  if repeated:
-    raise ValueError(f"{csv_path}: line 1: columns {repeated} appear more than once")
-  affinity_columns = _affinity_columns(csv_path, header)
-  table = np.array(rows, dtype=object).reshape(len(rows), len(header))
-  column = {name: table[:, i] for i, name in enumerate(header)}
+  csv = _read_header(_log_file(root, behavior_policy, campaign), quoted=False)
+  path = csv.path
+  affinity_columns = _check_header(csv, REQUIRED_COLUMNS + USER_FEATURES)
+  context = _item_context(path.parent)
 
-  def numeric(name: str) -> np.ndarray:
-    try:
-      return column[name].astype(np.float64)
-    except ValueError as err:
-      bad = next((i for i, v in enumerate(column[name]) if not _is_number(v)), 0)
-      raise ValueError(f"{csv_path}: line {lines[bad]}, column {name}: not a number "
-                       f"({column[name][bad]!r})") from err
+  types = {"timestamp": TIMESTAMP, **{c: pa.float64() for c in REQUIRED_COLUMNS[1:]},
+           **{c: pa.dictionary(pa.int32(), pa.string()) for c in USER_FEATURES},
+           **{c: pa.float32() for c in affinity_columns}}
+  table = _read_table(csv, types, list(types))
+  n = table.num_rows
+  if n == 0:
+    raise ValueError(f"{path}: has a header but no data rows")
 
-  def require(name: str, ok: np.ndarray, problem: str):
-    bad = np.flatnonzero(~ok)  # NaN fails every comparison, so it lands here too
-    if bad.size:
-      raise ValueError(f"{csv_path}: line {lines[bad[0]]}, column {name}: {column[name][bad[0]]!r} "
-                       f"{problem}")
-
-  def integers(name: str, low: int, high: int, what: str) -> np.ndarray:
-    values = numeric(name)
-    require(name, (values == np.round(values)) & (values >= low) & (values <= high),
-            f"is not {what}, an integer in {low}..{high}")
-    return values.astype(np.int64)
-
+  problems = _Problems(csv)
   # Without affinity columns nothing bounds the item ids, and num_actions sizes the affinity array.
-  actions = integers("item_id", 0, (len(affinity_columns) or MAX_ACTIONS) - 1, "an item id")
-  positions = integers("position", 1, MAX_POSITIONS, "a 1-based position")
-  rewards = numeric("click")
-  require("click", (rewards == 0) | (rewards == 1), "is not a click, 0 or 1")
-  logging_probs = numeric("propensity_score")
-  require("propensity_score", (logging_probs > 0) & (logging_probs <= 1), "is outside (0, 1]")
-  num_actions = max(int(actions.max()) + 1, len(affinity_columns))
-  if affinity_columns:
-    affinity = np.stack([numeric(c) for c in affinity_columns], axis=1)
-    finite = np.isfinite(affinity)
-    if not finite.all():
-      col = np.argwhere(~finite)[0, 1]  # the column of the first bad cell in file order
-      require(affinity_columns[col], finite[:, col], "is not finite")
-  else:
-    affinity = np.zeros((len(rows), num_actions))
-  contexts = np.concatenate([_one_hot(column[c]) for c in USER_FEATURES], axis=1)
-  return OBDLog(actions=actions, positions=positions - 1, rewards=rewards,
-                logging_probs=logging_probs, contexts=contexts,
-                user_item_affinity=affinity.astype(np.float32), num_actions=num_actions,
-                num_positions=int(positions.max()))
+  high = (len(affinity_columns) or MAX_ACTIONS) - 1
+  actions = _integers(problems, "item_id", _numpy(table.column("item_id")), 0, high, "an item id")
+  positions = _integers(problems, "position", _numpy(table.column("position")), 1, MAX_POSITIONS,
+                        "a 1-based position")
+  rewards = _numpy(table.column("click"))
+  problems.check("click", (rewards == 0) | (rewards == 1), "is not a click, 0 or 1")
+  logging_probs = _numpy(table.column("propensity_score"))
+  problems.check("propensity_score", (logging_probs > 0) & (logging_probs <= 1), "is outside (0, 1]")
+  timestamps = _numpy(table.column("timestamp").cast(pa.int64())).view("datetime64[ns]")
+  user_features = {c: table.column(c).unify_dictionaries().combine_chunks() for c in USER_FEATURES}
+  table = table.select(affinity_columns)
+  if affinity_columns:  # copied batch by batch, each batch's buffers freed once copied
+    affinity = np.empty((n, len(affinity_columns)), np.float32)
+    batches, table = table.to_batches(), None
+    start = 0
+    for i in range(len(batches)):
+      block = np.asarray(batches[i].to_tensor(row_major=True))
+      batches[i] = None
+      affinity[start:start + len(block)] = block
+      problems.check(affinity_columns, np.isfinite(block), "is not finite", row_offset=start)
+      start += len(block)
+  problems.raise_first()
+
+  item_ids = _item_ids(context, high)
+  num_actions = max(int(actions.max()) + 1, len(affinity_columns),
+                    0 if item_ids is None else int(item_ids.max()) + 1)
+  if not affinity_columns:
+    affinity = np.zeros((n, num_actions), np.float32)
+  vocabulary = _vocabulary(path, user_features, vocabulary)
+  return OBDLog(actions=actions, positions=positions - 1, rewards=rewards, logging_probs=logging_probs,
+                contexts=_encode(user_features, n, vocabulary), user_item_affinity=affinity,
+                num_actions=num_actions, num_positions=int(positions.max()), timestamps=timestamps,
+                item_features=_item_features(context, item_ids, num_actions), vocabulary=vocabulary)
 
 
-def _is_number(text: str) -> bool:
-  try:
-    float(text)
-    return True
-  except ValueError:
-    return False
+def split_by_time(log: OBDLog, *, test_fraction: float = 0.3) -> OBDSplit:
+  """Splits a log in time: the rounds before a timestamp quantile train, the rest test.
+
+  Rounds are ordered by timestamp (stably); the cut is the timestamp of the round at rank
+  round(n (1 - test_fraction)), and rounds at the cut's time all go to test, so no instant is
+  in both parts. Both parts keep the log's num_actions, num_positions, item_features and
+  vocabulary; their arrays are views of the log's when it is already in time order (OBD's
+  files are), copies otherwise.
+
+  Args:
+    log: an `OBDLog` with n rounds.
+    test_fraction: the share of rounds to put in the later part, in (0, 1).
+
+  Returns:
+    `OBDSplit(train, test)`, two `OBDLog`s, each in time order.
+
+  Raises:
+    ValueError: when test_fraction is outside (0, 1) or a part would be empty.
+
+  Example:
+    >>> train, test = split_by_time(load_obd(), test_fraction=0.3)
+    >>> len(train.rewards), len(test.rewards), bool(train.timestamps[-1] < test.timestamps[0])
+    (7000, 3000, True)
+  """
+  if not 0 < test_fraction < 1:
+    raise ValueError(f"test_fraction: {test_fraction} is not in (0, 1)")
+  timestamps = log.timestamps
+  n = len(timestamps)
+  in_order = bool(np.all(timestamps[1:] >= timestamps[:-1]))
+  order = None if in_order else np.argsort(timestamps, kind="stable")
+  times = timestamps if in_order else timestamps[order]
+  rank = min(max(int(round(n * (1 - test_fraction))), 0), n - 1) if n else 0
+  cut = int(np.searchsorted(times, times[rank], side="left")) if n else 0
+  if cut == 0 or cut == n:
+    raise ValueError(f"test_fraction: splitting {n} rounds at {test_fraction} leaves an empty part "
+                     f"({cut} before the cut)")
+
+  def part(rows) -> OBDLog:
+    take = (lambda a: a[rows]) if in_order else (lambda a: a[order[rows]])
+    return log._replace(actions=take(log.actions), positions=take(log.positions),
+                        rewards=take(log.rewards), logging_probs=take(log.logging_probs),
+                        contexts=take(log.contexts), user_item_affinity=take(log.user_item_affinity),
+                        timestamps=take(log.timestamps))
+
+  return OBDSplit(train=part(slice(0, cut)), test=part(slice(cut, n)))

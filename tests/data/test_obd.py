@@ -1,4 +1,5 @@
-"""The Open Bandit Dataset loader: the shipped sample, agreement with OBP, malformed files.
+"""The Open Bandit Dataset loader: OBD's layout, the shipped sample, agreement with OBP, the
+shared context vocabulary, item features, timestamps and the split in time, malformed files.
 
 Damaged files are made from copies of the shipped sample: truncated, bit-flipped, a cell
 replaced. Every damage must surface as a ValueError naming the file (and the line and column
@@ -8,6 +9,8 @@ where there is one), never as gzip's, zlib's or the codec's own exception.
 import functools
 import gzip
 import shutil
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -16,9 +19,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from saferl_jax.data import load_obd, obd, sample_path
+from saferl_jax.data import OBDVocabulary, load_obd, obd, sample_path, split_by_time
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
+ROW_FIELDS = ("actions", "positions", "rewards", "logging_probs", "contexts", "user_item_affinity",
+              "timestamps")  # the OBDLog fields with a row per round
 
 
 @pytest.mark.slow
@@ -43,6 +48,241 @@ def test_loader_matches_what_obp_loaded():
   np.testing.assert_array_equal(log.rewards, obp["rewards"])
   # pandas' fast float parser (used by OBP) is not correctly rounded: last-bit differences.
   np.testing.assert_allclose(log.logging_probs, obp["pscores"], rtol=1e-12)
+
+
+@functools.cache
+def _sample(policy: str = "bts", vocabulary_from: str | None = None):
+  vocabulary = None if vocabulary_from is None else _sample(vocabulary_from).vocabulary
+  return load_obd(behavior_policy=policy, vocabulary=vocabulary)
+
+
+# OBD's layout.
+
+def test_sample_is_in_obds_layout():
+  assert sample_path("random") == obd.SAMPLE_DIR / "random" / "all"
+  assert sorted(p.name for p in sample_path("bts").iterdir()) == ["all.csv.gz", "item_context.csv"]
+  with pytest.raises(ValueError, match="campaign: no shipped sample bts/men"):
+    load_obd(campaign="men")
+  with pytest.raises(ValueError, match="campaign: 'kids' is not one of"):
+    load_obd(campaign="kids")
+
+
+def test_root_may_be_obds_folder_a_log_folder_or_a_file(tmp_path):
+  expected = _sample("random")
+  # The full dataset's layout, a campaign other than "all", an uncompressed file.
+  folder = tmp_path / "open_bandit_dataset" / "random" / "men"
+  folder.mkdir(parents=True)
+  (folder / "men.csv").write_bytes(gzip.decompress((sample_path("random") / "all.csv.gz").read_bytes()))
+  shutil.copy(sample_path("random") / "item_context.csv", folder)
+  for root, options in ((tmp_path / "open_bandit_dataset", {}), (folder, {}),
+                        (folder / "men.csv", {"behavior_policy": "bts"})):
+    log = load_obd(root, **{"behavior_policy": "random", "campaign": "men", **options})
+    for name in ROW_FIELDS + ("item_features",):
+      np.testing.assert_array_equal(getattr(log, name), getattr(expected, name), err_msg=name)
+    assert log.vocabulary == expected.vocabulary
+  np.testing.assert_array_equal(load_obd(obd.SAMPLE_DIR, behavior_policy="random").actions,
+                                expected.actions)
+  with pytest.raises(ValueError, match="root: neither .*bts/men nor .* holds men.csv or men.csv.gz"):
+    load_obd(tmp_path, campaign="men")
+
+
+def test_fields_dtypes_and_shapes():
+  log = _sample()
+  n = 10_000
+  assert log.actions.dtype == log.positions.dtype == np.int64
+  assert log.rewards.dtype == log.logging_probs.dtype == np.float64
+  assert log.contexts.dtype == log.user_item_affinity.dtype == log.item_features.dtype == np.float32
+  assert log.contexts.shape == (n, sum(len(c) for c in log.vocabulary.categories)) == (n, 26)
+  assert log.user_item_affinity.shape == (n, 80) and log.item_features.shape == (80, 41)
+  assert log.timestamps.shape == (n,) and log.timestamps.dtype == np.dtype("datetime64[ns]")
+
+
+def test_timestamps_are_the_files_in_utc():
+  log = _sample()
+  assert log.timestamps[0] == np.datetime64("2019-11-24T00:00:17.004101")  # +00:00 in the file
+  assert log.timestamps[-1] == np.datetime64("2019-11-30T23:58:22.421681")
+  assert np.all(np.diff(log.timestamps) >= np.timedelta64(0))  # OBD's files are in time order
+
+
+# The context vocabulary.
+
+def _decode(log, feature: int) -> np.ndarray:
+  """Each round's value of one user feature, read back from its one-hot block ('' if none)."""
+  sizes = [len(c) for c in log.vocabulary.categories]
+  start = sum(sizes[:feature])
+  block = log.contexts[:, start:start + sizes[feature]]
+  values = np.array(log.vocabulary.categories[feature] + ("",), dtype=object)
+  return values[np.where(block.any(1), block.argmax(1), sizes[feature])]
+
+
+def test_vocabulary_is_each_columns_sorted_values():
+  bts, random_log = _sample(), _sample("random")
+  assert bts.vocabulary.columns == obd.USER_FEATURES
+  assert [len(c) for c in bts.vocabulary.categories] == [3, 5, 9, 9]
+  assert [len(c) for c in random_log.vocabulary.categories] == [3, 5, 8, 8]  # fewer values seen
+  for values in bts.vocabulary.categories:
+    assert list(values) == sorted(values)
+  assert bts.vocabulary.as_dict()["user_feature_0"] == bts.vocabulary.categories[0]
+  text = gzip.decompress((sample_path() / "all.csv.gz").read_bytes()).decode().splitlines()
+  cells = [line.split(",")[6:10] for line in text[1:]]
+  for feature in range(4):
+    np.testing.assert_array_equal(_decode(bts, feature), [row[feature] for row in cells])
+
+
+def test_a_shared_vocabulary_gives_both_logs_one_encoding():
+  bts = _sample()
+  random_log, random_own = _sample("random", "bts"), _sample("random")
+  assert random_log.vocabulary == bts.vocabulary
+  assert random_log.contexts.shape[1] == bts.contexts.shape[1] == 26
+  assert np.all(random_log.contexts.sum(1) == 4)  # every random value is in the BTS vocabulary
+  for feature in range(4):  # the same value, the same column, whichever log it came from
+    np.testing.assert_array_equal(_decode(random_log, feature), _decode(random_own, feature))
+  # A row of each log with the same user features has the same context row.
+  row = np.flatnonzero((random_log.contexts == bts.contexts[0]).all(1))
+  assert row.size and all(_decode(random_log, f)[row[0]] == _decode(bts, f)[0] for f in range(4))
+
+
+def test_values_missing_from_the_vocabulary_leave_their_block_zero():
+  bts = _sample()
+  dropped = bts.vocabulary.categories[2][0]
+  categories = list(bts.vocabulary.categories)
+  categories[2] = categories[2][1:]
+  log = load_obd(vocabulary=bts.vocabulary._replace(categories=tuple(categories)))
+  assert log.contexts.shape == (10_000, 25)
+  unseen = _decode(bts, 2) == dropped
+  assert unseen.any() and not log.contexts[unseen, 8:16].any()
+  np.testing.assert_array_equal(log.contexts.sum(1), np.where(unseen, 3, 4))
+  np.testing.assert_array_equal(_decode(log, 3), _decode(bts, 3))
+
+
+def test_bad_vocabularies_are_refused():
+  bts = _sample()
+  with pytest.raises(ValueError, match="vocabulary: expected an OBDVocabulary"):
+    load_obd(vocabulary=bts.vocabulary.as_dict())
+  with pytest.raises(ValueError, match="vocabulary: columns"):
+    load_obd(vocabulary=OBDVocabulary(("user_feature_0",), bts.vocabulary.categories[:1]))
+  repeated = (bts.vocabulary.categories[0] * 2,) + bts.vocabulary.categories[1:]
+  with pytest.raises(ValueError, match="vocabulary: the categories of user_feature_0"):
+    load_obd(vocabulary=bts.vocabulary._replace(categories=repeated))
+
+
+# Item features.
+
+def test_item_features_are_numbers_then_one_hot_categories():
+  bts = _sample()
+  context = [line.split(",") for line in (sample_path() / "item_context.csv").read_text().splitlines()]
+  assert context[0] == ["", "item_id", "item_feature_0", "item_feature_1", "item_feature_2",
+                        "item_feature_3"]
+  rows = {int(r[1]): r for r in context[1:]}
+  np.testing.assert_allclose(bts.item_features[:, 0], [float(rows[a][2]) for a in range(80)],
+                             rtol=1e-6)
+  sizes = [len({rows[a][c] for a in range(80)}) for c in (3, 4, 5)]
+  assert sizes == [12, 21, 7] and bts.item_features.shape == (80, 1 + sum(sizes))
+  start = 1
+  for column, size in zip((3, 4, 5), sizes):
+    block = bts.item_features[:, start:start + size]
+    assert np.all(block.sum(1) == 1)
+    codes = block.argmax(1)
+    for a in range(80):  # the same code exactly for the same value
+      for b in range(80):
+        assert (codes[a] == codes[b]) == (rows[a][column] == rows[b][column])
+    assert codes[0] == 0 and np.all(np.diff(np.maximum.accumulate(codes)) <= 1)  # first seen
+    start += size
+
+
+def test_item_features_agree_across_files_whose_hashes_differ():
+  # OBD hashes item features per file: the BTS and random files spell them differently.
+  bts, random_log = _sample(), _sample("random")
+  assert (sample_path("bts") / "item_context.csv").read_text() != (
+      sample_path("random") / "item_context.csv").read_text()
+  np.testing.assert_array_equal(bts.item_features, random_log.item_features)
+
+
+def test_without_item_context_there_are_no_item_features(tmp_path):
+  log = load_obd(_write_log(tmp_path, list(_sample_lines()[1:6])))
+  assert log.item_features.shape == (80, 0)
+
+
+def _with_item_context(folder: Path, edit) -> Path:
+  lines = (sample_path() / "item_context.csv").read_text().splitlines()
+  _write(folder, _sample_csv(5).encode())
+  (folder / "item_context.csv").write_text("\n".join(edit(lines)) + "\n")
+  return folder / "item_context.csv"
+
+
+def _set(lines, line: int, column: int, value: str) -> list[str]:
+  fields = lines[line - 1].split(",")
+  fields[column] = value
+  return lines[:line - 1] + [",".join(fields)] + lines[line:]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda lines: _set(lines, 5, 1, "2"), "line 5, column item_id: item 2 appears again "
+                                           r"\(first on line 4\)"),
+    (lambda lines: lines[:-1], r"no row for items \[79\]"),
+    (lambda lines: _set(lines, 7, 1, "x"), "line 7, column item_id: not a number"),
+    (lambda lines: _set(lines, 7, 1, "80"), "line 7, column item_id: '80' is not an item id"),
+    (lambda lines: _set(lines, 9, 2, "inf"), "line 9, column item_feature_0: 'inf' is not finite"),
+    (lambda lines: lines[:1], "no data rows"),
+    (lambda lines: _set(lines, 3, 3, "a,b"), "line 3 has 7 fields, the header has 6"),
+])
+def test_damaged_item_context_names_line_and_column(tmp_path, edit, message):
+  file = _with_item_context(tmp_path, edit)
+  _raises(tmp_path, file, message)
+
+
+# The split in time.
+
+def test_split_by_time_keeps_order_sizes_and_shared_parts():
+  log = _sample()
+  train, test = split_by_time(log, test_fraction=0.3)
+  assert (len(train.rewards), len(test.rewards)) == (7_000, 3_000)
+  assert train.timestamps.max() < test.timestamps.min()
+  for name in ROW_FIELDS:  # the log's rows, in order, cut once
+    np.testing.assert_array_equal(np.concatenate([getattr(train, name), getattr(test, name)]),
+                                  getattr(log, name), err_msg=name)
+  for part in (train, test):
+    assert part.vocabulary == log.vocabulary and part.num_actions == log.num_actions == 80
+    assert part.num_positions == 3 and part.item_features is log.item_features
+    assert np.all(np.diff(part.timestamps) >= np.timedelta64(0))
+  assert np.shares_memory(train.user_item_affinity, log.user_item_affinity)  # in order: views
+
+
+def test_split_by_time_sorts_and_keeps_an_instant_on_one_side():
+  log = _sample()
+  n = len(log.rewards)
+  order = np.random.default_rng(0).permutation(n)
+  times = log.timestamps.copy()
+  times[6_990:7_010] = times[6_990]  # twenty rounds at one instant, across the 70% rank
+  shuffled = log._replace(**{name: getattr(log, name)[order] for name in ROW_FIELDS})
+  shuffled = shuffled._replace(timestamps=times[order])
+  train, test = split_by_time(shuffled, test_fraction=0.3)
+  assert (len(train.rewards), len(test.rewards)) == (6_990, 3_010)
+  assert train.timestamps.max() < test.timestamps.min() == times[6_990]
+  for part in (train, test):
+    assert np.all(np.diff(part.timestamps) >= np.timedelta64(0))
+  rows = order[np.argsort(times[order], kind="stable")]
+  np.testing.assert_array_equal(np.concatenate([train.actions, test.actions]), log.actions[rows])
+  assert not np.shares_memory(train.actions, shuffled.actions)
+
+
+def test_split_by_time_refuses_bad_fractions_and_empty_parts():
+  log = _sample()
+  for fraction in (0.0, 1.0, -0.1, 1.5, float("nan")):
+    with pytest.raises(ValueError, match="test_fraction"):
+      split_by_time(log, test_fraction=fraction)
+  one_instant = log._replace(timestamps=np.full(10_000, log.timestamps[0]))
+  with pytest.raises(ValueError, match="test_fraction: .* leaves an empty part"):
+    split_by_time(one_instant)
+
+
+@pytest.mark.slow
+def test_loading_never_imports_pandas():
+  # pyarrow's to_numpy and pa.array import pandas where it is installed; the loader avoids both.
+  code = ("import sys; from saferl_jax.data import load_obd, split_by_time; "
+          "split_by_time(load_obd(behavior_policy='random')); print('pandas' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "False"
 
 
 def _write_log(folder: Path, lines: list[str]) -> Path:
@@ -70,7 +310,7 @@ def test_malformed_files_name_the_line(tmp_path):
   fields[5] = "abc"
   with pytest.raises(ValueError, match="line 4, column propensity_score: not a number"):
     load_obd(_write_log(tmp_path / "text", rows[:2] + [",".join(fields)]))
-  with pytest.raises(ValueError, match="neither all.csv"):
+  with pytest.raises(ValueError, match="neither .* holds all.csv or all.csv.gz"):
     load_obd(tmp_path)
   with pytest.raises(ValueError, match="behavior_policy"):
     load_obd(behavior_policy="greedy")
@@ -202,10 +442,16 @@ def test_wrong_column_count_names_the_line(tmp_path):
     ("user-item_affinity_3", "inf", "not finite"),
     ("user-item_affinity_79", "nan", "not finite"),
     ("user-item_affinity_0", "abc", "not a number"),
+    ("timestamp", "2019-11-24 00:00:17", "not a timestamp with a zone offset"),
+    ("timestamp", "yesterday", "not a timestamp"),
+    ("user_feature_2", "", None),  # an empty category is a category
 ])
 def test_values_out_of_domain_name_line_and_column(tmp_path, name, value, message):
   file = _write(tmp_path, _with_cell(7, name, value).encode())
-  _raises(tmp_path, file, f"line 9, column {name}: .*{message}")
+  if message is None:
+    assert load_obd(tmp_path).contexts.shape[0] == 20
+  else:
+    _raises(tmp_path, file, f"line 9, column {name}: .*{message}")
 
 
 def test_first_bad_affinity_in_file_order_is_named(tmp_path):
