@@ -1,4 +1,5 @@
-"""Flax NNX modules (floor 2): softmax policies, rankers, denoisers and the digit classifier.
+"""Models (floor 2): Flax NNX softmax policies, rankers, denoisers and the digit classifier, and
+cross-fitted reward and propensity models for off-policy evaluation (pure JAX/optax functions).
 
 Floor-1 code takes `apply_fn(params, inputs)`; `as_functional` splits any of these modules into
 that pair, so parameters can be vmapped over seeds, differentiated and optimised with optax.
@@ -9,6 +10,9 @@ from saferl_jax.models.denoisers import ConvDenoiser, MLPDenoiser, PatchConv
 from saferl_jax.models.functional import Functional, as_functional
 from saferl_jax.models.policies import LinearPolicy, MLPPolicy
 from saferl_jax.models.rankers import LinearRanker, MLPRanker
+from saferl_jax.models.reward_models import (PropensityFit, RewardModelFit, cross_fit_propensities,
+                                             cross_fit_reward_model, fitting_weights)
 
-__all__ = ["ConvDenoiser", "DigitClassifier", "Functional", "LinearPolicy", "LinearRanker", "MLPDenoiser",
-           "MLPPolicy", "MLPRanker", "PatchConv", "as_functional"]
+__all__ = ["ConvDenoiser", "DigitClassifier", "Functional", "LinearPolicy", "LinearRanker",
+           "MLPDenoiser", "MLPPolicy", "MLPRanker", "PatchConv", "PropensityFit", "RewardModelFit",
+           "as_functional", "cross_fit_propensities", "cross_fit_reward_model", "fitting_weights"]
