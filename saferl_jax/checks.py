@@ -148,6 +148,22 @@ def check_distribution_rows(name: str, x: jax.Array) -> None:
           f"({int(bad.sum())} bad rows)")
 
 
+def check_distribution_slots(name: str, x: jax.Array) -> None:
+  """A [n, A, L] array of one distribution over A per round and slot: x[i, :, l] sums to 1."""
+  if is_concrete(x):
+    values = np.asarray(x, dtype=np.float64)
+    if not np.all(np.isfinite(values)) or np.any(values < 0):
+      raise ValueError(f"{name}: probabilities must be finite and >= 0")
+    tolerance = 1e-6 if x.dtype == jnp.float64 else 1e-4
+    sums = values.sum(axis=1)  # [n, L]
+    bad = np.abs(sums - 1.0) > tolerance
+    if np.any(bad):
+      i, slot = np.unravel_index(int(np.argmax(bad)), bad.shape)
+      raise ValueError(
+          f"{name}: every slot must be a distribution over actions, {name}[{i}, :, {slot}] sums "
+          f"to {sums[i, slot]:.6g} ({int(bad.sum())} bad (round, slot) pairs)")
+
+
 def check_indices(name: str, indices: jax.Array, size: int, *, what: str = "index") -> None:
   """Indices (actions, items) must lie in [0, size)."""
   if is_concrete(indices):
@@ -251,7 +267,8 @@ class ValueCheck(NamedTuple):
   Attributes:
     name: the user's argument, as the message names it.
     kind: "finite", "probability" (in (0, 1]), "index" (in [0, size)), "nonnegative" (finite and
-      >= 0) or "distribution_rows" (finite, >= 0, each row summing to 1).
+      >= 0), "distribution_rows" (finite, >= 0, each row summing to 1) or "distribution_slots"
+      (a [n, A, L] array, finite, >= 0, each x[i, :, l] summing to 1).
     size: the bound of an "index" check.
     what: what an index counts ("action", "item"), for the message.
   """
@@ -271,9 +288,11 @@ def _bad(check: ValueCheck, x: jax.Array) -> jax.Array:
   """
   if x.size == 0:
     return jnp.asarray(False)
-  if check.kind == "distribution_rows":  # min >= 0 and |row sum - 1| <= tol: also no NaN or inf
+  if check.kind in ("distribution_rows", "distribution_slots"):
+    # min >= 0 and |sum - 1| <= tol over the actions' axis: also no NaN or inf.
     tolerance = 1e-6 if x.dtype == jnp.float64 else 1e-4
-    worst_row = jnp.max(jnp.abs(jnp.sum(x, axis=-1) - 1.0))
+    axis = -1 if check.kind == "distribution_rows" else 1
+    worst_row = jnp.max(jnp.abs(jnp.sum(x, axis=axis) - 1.0))
     return ~((jnp.min(x) >= 0) & (worst_row <= tolerance))
   low, high = jnp.min(x), jnp.max(x)
   if check.kind == "finite":
@@ -310,7 +329,8 @@ def _host_check(check: ValueCheck, x: jax.Array) -> None:
 
 
 _HOST_CHECKS = {"finite": check_finite, "probability": check_probabilities, "index": check_indices,
-                "nonnegative": check_nonnegative, "distribution_rows": check_distribution_rows}
+                "nonnegative": check_nonnegative, "distribution_rows": check_distribution_rows,
+                "distribution_slots": check_distribution_slots}
 
 
 def raise_on_flags(specs: tuple[ValueCheck, ...], flags: jax.Array, arrays: tuple) -> None:

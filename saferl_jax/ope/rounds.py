@@ -7,6 +7,13 @@ method term dm_i = sum_a pi(a|x_i) qhat(x_i, a). `logged_rounds` reduces the
 [n, A] inputs to these four [n] arrays once; the estimators in `estimators.py`
 and the bootstrap resample and combine them. Functions here act on one logged
 dataset; batch several with `jax.vmap`.
+
+Positions (Open Bandit Pipeline's convention): a log that shows L slots gives
+`target_dist` (and `reward_hat`) as [n, A, L] arrays together with `positions`
+[n], ints in [0, L); round i then uses target_dist[i, :, positions[i]] and
+reward_hat[i, :, positions[i]]. The slot is selected in the reduction, so every
+estimator applies per round unchanged, and the positions' range check fuses
+into the same compiled pass as the other value checks.
 """
 
 from __future__ import annotations
@@ -48,17 +55,36 @@ def _logged_action_values(values: jax.Array, actions: jax.Array) -> jax.Array:
   return jnp.take_along_axis(values, actions[:, None], axis=1)[:, 0]
 
 
+def _check_target_rank(target_dist: jax.Array, positions) -> None:
+  """target_dist is [n, A] without positions and [n, A, L] with them."""
+  shape = tuple(target_dist.shape)
+  if positions is None and target_dist.ndim == 3:
+    raise ValueError(
+        f"positions: needed with a [n, A, L] target_dist (got shape {shape}): round i uses "
+        "target_dist[i, :, positions[i]]; pass positions=[n] ints in [0, L)")
+  if positions is not None and target_dist.ndim == 2:
+    raise ValueError(
+        f"positions: given, but target_dist is [n, A] (shape {shape}); with positions, "
+        "target_dist (and reward_hat) must be [n, A, L], round i using slot positions[i]")
+  if target_dist.ndim not in (2, 3):
+    raise ValueError(
+        f"target_dist: expected a 2-d array [n, A] (or [n, A, L] with positions) for one "
+        f"dataset (batch datasets with jax.vmap), got shape {shape}")
+
+
 def prepare_inputs(
     rewards: ArrayLike,
     actions: ArrayLike,
     logging_probs: ArrayLike,
     target_dist: ArrayLike,
     reward_hat: ArrayLike | None = None,
+    positions: ArrayLike | None = None,
 ) -> tuple:
   """Converts one logged dataset to arrays and checks its shapes (no values are read).
 
   Returns:
-    (rewards, actions, logging_probs, target_dist, reward_hat), reward_hat None when not given.
+    (rewards, actions, logging_probs, target_dist, reward_hat, positions), reward_hat and
+    positions None when not given.
   """
   rewards = checks.as_float("rewards", rewards)
   actions = checks.as_int("actions", actions)
@@ -67,34 +93,54 @@ def prepare_inputs(
   checks.check_ndim("rewards", rewards, 1)
   checks.check_ndim("actions", actions, 1)
   checks.check_ndim("logging_probs", logging_probs, 1)
-  checks.check_ndim("target_dist", target_dist, 2)
+  _check_target_rank(target_dist, positions)
   arrays = dict(rewards=rewards, actions=actions, logging_probs=logging_probs,
                 target_dist=target_dist)
+  if positions is not None:
+    positions = checks.as_int("positions", positions)
+    checks.check_ndim("positions", positions, 1)
+    arrays["positions"] = positions
   if reward_hat is not None:
     reward_hat = checks.as_float("reward_hat", reward_hat)
-    checks.check_ndim("reward_hat", reward_hat, 2)
+    if reward_hat.ndim != target_dist.ndim:
+      want = "[n, A, L] like target_dist (with positions)" if target_dist.ndim == 3 else "[n, A]"
+      raise ValueError(
+          f"reward_hat: expected a {target_dist.ndim}-d array {want}, got shape "
+          f"{tuple(reward_hat.shape)}")
     arrays["reward_hat"] = reward_hat
     if reward_hat.shape[1] != target_dist.shape[1]:
       raise ValueError(
           f"reward_hat: has {reward_hat.shape[1]} actions but target_dist has "
           f"{target_dist.shape[1]}")
+    if target_dist.ndim == 3 and reward_hat.shape[2] != target_dist.shape[2]:
+      raise ValueError(
+          f"reward_hat: has {reward_hat.shape[2]} slots (L) but target_dist has "
+          f"{target_dist.shape[2]}")
   checks.check_same_length(**arrays)
-  return rewards, actions, logging_probs, target_dist, reward_hat
+  return rewards, actions, logging_probs, target_dist, reward_hat, positions
 
 
 def value_checks(inputs: tuple) -> tuple[checks.ValueCheck, ...]:
-  """The value checks of `prepare_inputs`' arrays, in the order their errors are reported."""
+  """The value checks of `prepare_inputs`' arrays, in the order their errors are reported.
+
+  With positions, target_dist [n, A, L] must be a distribution over actions at every slot (as
+  in OBP), not only at the slots the log used, and reward_hat must be finite everywhere.
+  """
+  target_dist = inputs[3]
+  slots = target_dist.ndim == 3
   return (checks.ValueCheck("rewards", "finite"),
           checks.ValueCheck("logging_probs", "probability"),
-          checks.ValueCheck("actions", "index", inputs[3].shape[1], "action"),
-          checks.ValueCheck("target_dist", "distribution_rows"),
-          checks.ValueCheck("reward_hat", "finite"))
+          checks.ValueCheck("actions", "index", target_dist.shape[1], "action"),
+          checks.ValueCheck("target_dist", "distribution_slots" if slots else "distribution_rows"),
+          checks.ValueCheck("reward_hat", "finite"),
+          checks.ValueCheck("positions", "index", target_dist.shape[2] if slots else 0,
+                            "position"))
 
 
 def _checked_order(inputs: tuple) -> tuple:
   """The arrays of `prepare_inputs` in the order of `value_checks`."""
-  rewards, actions, logging_probs, target_dist, reward_hat = inputs
-  return rewards, logging_probs, actions, target_dist, reward_hat
+  rewards, actions, logging_probs, target_dist, reward_hat, positions = inputs
+  return rewards, logging_probs, actions, target_dist, reward_hat, positions
 
 
 def input_flags(inputs: tuple, mask: tuple[bool, ...], rounds: LoggedRounds | None = None
@@ -106,10 +152,12 @@ def input_flags(inputs: tuple, mask: tuple[bool, ...], rounds: LoggedRounds | No
   instead of a pass of its own: with target_dist finite (checked before reward_hat), a NaN or
   infinite qhat(x, a) makes sum_a pi(a|x) qhat(x, a) NaN or infinite (0 * inf is NaN). A finite
   reward_hat whose dm overflows sets the flag too; its host check then finds nothing to report.
+  With positions the dm terms see only the logged slots, so reward_hat [n, A, L] gets its own
+  pass (every slot, as the host check reads it).
   """
   specs, ordered = value_checks(inputs), _checked_order(inputs)
-  model_flag = rounds is not None and inputs[4] is not None and mask[4]
-  own_pass = mask[:4] + (mask[4] and not model_flag,)
+  model_flag = rounds is not None and inputs[4] is not None and mask[4] and inputs[5] is None
+  own_pass = mask[:4] + (mask[4] and not model_flag,) + mask[5:]
   flags = checks.value_flags(specs, checks.only_pending(ordered, own_pass))
   if model_flag:
     flags = flags.at[4].set(~jnp.isfinite(jnp.max(jnp.abs(rounds.dm))))
@@ -121,9 +169,21 @@ def host_input_checks(inputs: tuple) -> None:
   checks.host_checks(value_checks(inputs), _checked_order(inputs))
 
 
+def select_slots(values: jax.Array, positions: jax.Array) -> jax.Array:
+  """values[i, :, positions[i]] for every round i: [n, A, L] -> [n, A] (no validation)."""
+  return jnp.take_along_axis(values, positions[:, None, None], axis=2)[:, :, 0]
+
+
 def reduce_inputs(rewards: jax.Array, actions: jax.Array, logging_probs: jax.Array,
-                  target_dist: jax.Array, reward_hat: jax.Array | None = None) -> LoggedRounds:
-  """The per-round terms of checked arrays; no validation (traceable)."""
+                  target_dist: jax.Array, reward_hat: jax.Array | None = None,
+                  positions: jax.Array | None = None) -> LoggedRounds:
+  """The per-round terms of checked arrays; no validation (traceable).
+
+  With positions, target_dist and reward_hat [n, A, L] are first reduced to the logged slots.
+  """
+  if positions is not None:
+    target_dist = select_slots(target_dist, positions)
+    reward_hat = None if reward_hat is None else select_slots(reward_hat, positions)
   weights = _logged_action_values(target_dist, actions) / logging_probs
   if reward_hat is None:
     zeros = jnp.zeros_like(rewards)
@@ -176,6 +236,8 @@ def logged_rounds(
     logging_probs: ArrayLike,
     target_dist: ArrayLike,
     reward_hat: ArrayLike | None = None,
+    *,
+    positions: ArrayLike | None = None,
 ) -> LoggedRounds:
   """Validates one logged dataset and reduces it to its per-round terms.
 
@@ -184,17 +246,24 @@ def logged_rounds(
     actions: [n] int logged actions in [0, A).
     logging_probs: [n] probability of the logged action under the logging
       policy, in (0, 1].
-    target_dist: [n, A] the target policy's distribution over actions per round.
-    reward_hat: optional [n, A] reward model predictions.
+    target_dist: [n, A] the target policy's distribution over actions per round,
+      or [n, A, L] with `positions` (one distribution per slot).
+    reward_hat: optional [n, A] reward model predictions ([n, A, L] with
+      `positions`).
+    positions: optional [n] ints in [0, L), the slot each round was shown in
+      (OBP's `position`); round i uses target_dist[i, :, positions[i]] and
+      reward_hat[i, :, positions[i]].
 
   Returns:
     A `LoggedRounds` of four [n] arrays.
 
   Raises:
-    ValueError: on mismatched shapes, and (for concrete inputs) on a propensity
-      outside (0, 1], a non-finite reward, an action outside [0, A), or target
-      rows that do not sum to 1. On concrete inputs the value checks and the
-      reduction run as one compiled pass with one host transfer.
+    ValueError: on mismatched shapes (also a [n, A, L] target_dist without
+      positions, positions with a [n, A] one, or reward_hat with another L), and
+      (for concrete inputs) on a propensity outside (0, 1], a non-finite reward,
+      an action outside [0, A), a position outside [0, L), or target
+      distributions that do not sum to 1. On concrete inputs the value checks
+      and the reduction run as one compiled pass with one host transfer.
 
   Example:
     >>> import jax.numpy as jnp
@@ -202,17 +271,27 @@ def logged_rounds(
     ...                        jnp.array([0.5, 0.5]), jnp.array([[1., 0.], [1., 0.]]))
     >>> rounds.weights.tolist()
     [2.0, 0.0]
+    >>> slots = jnp.array([[[1., 0.], [0., 1.]], [[1., 0.], [0., 1.]]])  # [n, A, L]
+    >>> logged_rounds(jnp.array([1., 0.]), jnp.array([0, 1]), jnp.array([0.5, 0.5]),
+    ...               slots, positions=jnp.array([0, 1])).weights.tolist()
+    [2.0, 2.0]
   """
-  inputs = prepare_inputs(rewards, actions, logging_probs, target_dist, reward_hat)
+  inputs = prepare_inputs(rewards, actions, logging_probs, target_dist, reward_hat, positions)
   return run_validated(_rounds_kernel, inputs)
 
 
 def importance_weights(
-    actions: ArrayLike, logging_probs: ArrayLike, target_dist: ArrayLike
+    actions: ArrayLike, logging_probs: ArrayLike, target_dist: ArrayLike, *,
+    positions: ArrayLike | None = None,
 ) -> jax.Array:
-  """w_i = pi(a_i|x_i) / pi0(a_i|x_i), shape [n]; E_pi0[w] = 1 under full support."""
+  """w_i = pi(a_i|x_i) / pi0(a_i|x_i), shape [n]; E_pi0[w] = 1 under full support.
+
+  target_dist is [n, A], or [n, A, L] with `positions` [n] (round i uses
+  target_dist[i, :, positions[i]]), as in `logged_rounds`.
+  """
   actions = checks.as_int("actions", actions)  # before any jnp.asarray: int64 ids must not wrap
-  return logged_rounds(jnp.zeros(actions.shape), actions, logging_probs, target_dist).weights
+  return logged_rounds(jnp.zeros(actions.shape), actions, logging_probs, target_dist,
+                       positions=positions).weights
 
 
 def weight_diagnostics(weights: ArrayLike) -> WeightDiagnostics:

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from saferl_jax import checks
-from saferl_jax.ope import (beta_ips, dm, dr, dr_os, estimate_all, importance_weights, ips,
-                            logged_rounds, snips, sndr, switch_dr, weight_diagnostics)
+from saferl_jax.ope import (beta_ips, beta_ips_bias, dm, dr, dr_os, estimate_all,
+                            importance_weights, ips, logged_rounds, sg_dr, sg_ips, snips, sndr,
+                            switch_dr, weight_diagnostics)
 
 R = np.array([1.0, 0.0, 0.5, 1.0], np.float32)
 A = np.array([0, 2, 1, 1], np.int32)
@@ -31,6 +32,12 @@ CALLS = {
     "sndr": lambda r, a, p, t, q: sndr(r, a, p, t, q),
     "switch_dr": lambda r, a, p, t, q: switch_dr(r, a, p, t, q, tau=2.0),
     "dr_os": lambda r, a, p, t, q: dr_os(r, a, p, t, q, lambda_=1.0),
+    "sg_ips": lambda r, a, p, t, q: sg_ips(r, a, p, t, lambda_=0.5),
+    "sg_dr": lambda r, a, p, t, q: sg_dr(r, a, p, t, q, lambda_=0.5),
+    "beta_ips_bias": lambda r, a, p, t, q: beta_ips_bias(r, a, p, t),
+    # A log of 2 slots, both holding the same distributions; positions are checked in the pass.
+    "dr_positions": lambda r, a, p, t, q: dr(r, a, p, jnp.stack([t, t], -1), jnp.stack([q, q], -1),
+                                             positions=jnp.arange(4) % 2),
     "estimate_all": lambda r, a, p, t, q: estimate_all(r, a, p, t, q),
     "logged_rounds": lambda r, a, p, t, q: logged_rounds(r, a, p, t, q),
     "importance_weights": lambda r, a, p, t, q: importance_weights(a, p, t),
@@ -111,6 +118,13 @@ def test_failures_keep_their_messages(argument, change, message):
   with pytest.raises(ValueError) as info:
     dr(data["r"], data["a"], data["p"], data["t"], data["q"])
   assert str(info.value) == message
+
+
+def test_a_bad_position_fails_the_fused_check():
+  r, a, p, t, q = _fresh()
+  with pytest.raises(ValueError) as info:
+    dr(r, a, p, jnp.stack([t, t], -1), jnp.stack([q, q], -1), positions=jnp.array([0, 1, 2, 0]))
+  assert str(info.value) == "positions: every position must be in [0, 2), found 1 outside (e.g. 2)"
 
 
 def test_the_first_bad_argument_is_reported_in_the_old_order():

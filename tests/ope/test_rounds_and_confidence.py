@@ -35,6 +35,18 @@ def test_logged_rounds_fields():
     assert x.shape == (4,) and x.dtype == jnp.float32
 
 
+def test_logged_rounds_with_positions_by_hand():
+  # Slot 1 holds the target of T reversed over actions, and a reward model shifted by 1.
+  slots, models = np.stack([T, T[:, ::-1]], -1), np.stack([Q, Q + 1.0], -1)
+  positions = np.array([0, 1, 1, 0])
+  rounds = logged_rounds(R, A, P, slots, models, positions=positions)
+  # Round 1 (action 2, slot 1): T[1, 0] / P[1] = 0.2 / 0.25; round 2 (action 1): T[2, 1] / P[2].
+  np.testing.assert_allclose(rounds.weights, [1.0, 0.8, 1.2, 2.5], rtol=1e-6)
+  np.testing.assert_allclose(rounds.reward_hat_logged, [0.8, 1.6, 1.5, 0.9], rtol=1e-6)
+  # dm of round 1 at slot 1: (0.5, 0.3, 0.2) . (1.2, 1.4, 1.6) = 1.34.
+  np.testing.assert_allclose(rounds.dm[1], 1.34, rtol=1e-6)
+
+
 def test_logged_rounds_without_reward_model_has_zero_model_terms():
   rounds = logged_rounds(R, A, P, T)
   assert float(jnp.abs(rounds.reward_hat_logged).max()) == 0.0
