@@ -113,6 +113,16 @@ def _bandit(model=False):
   return make
 
 
+def _bandit_slots():
+  """A log of 2 slots: target_dist and reward_hat [N, A, 2] with positions [N] in [0, 2)."""
+  args = _bandit(True)()
+  rng = _rng()
+  args["target_dist"] = np.stack([args["target_dist"], rng.dirichlet(np.ones(A), N).astype(F32)], -1)
+  args["reward_hat"] = np.stack([args["reward_hat"], rng.uniform(0, 1, (N, A)).astype(F32)], -1)
+  args["positions"] = rng.integers(0, 2, N).astype(np.int32)
+  return args
+
+
 BANDIT = {"rewards": "finite", "actions": "index<A", "logging_probs": "probability",
           "target_dist": "distribution"}
 MODEL = dict(BANDIT, reward_hat="finite")
@@ -227,6 +237,11 @@ TABLE = {
     "ope.sndr": Row(ope.sndr, _bandit(True), MODEL),
     "ope.switch_dr": Row(ope.switch_dr, lambda: dict(_bandit(True)(), tau=10.0), MODEL),
     "ope.dr_os": Row(ope.dr_os, lambda: dict(_bandit(True)(), lambda_=1.0), MODEL),
+    "ope.sg_ips": Row(ope.sg_ips, lambda: dict(_bandit()(), lambda_=0.5), dict(BANDIT, lambda_="unit")),
+    "ope.sg_dr": Row(ope.sg_dr, lambda: dict(_bandit(True)(), lambda_=0.5), dict(MODEL, lambda_="unit")),
+    "ope.beta_ips_bias": Row(ope.beta_ips_bias, _bandit(), BANDIT),
+    "ope.dr[positions]": Row(ope.dr, _bandit_slots,
+                             dict(MODEL, target_dist="distribution", positions="index<P")),
     "ope.importance_weights": Row(
         ope.importance_weights, lambda: {k: v for k, v in _bandit()().items() if k != "rewards"},
         {"actions": "index<A", "logging_probs": "probability", "target_dist": "distribution"}),

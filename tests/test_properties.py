@@ -43,6 +43,14 @@ def _bandit(rng, with_model=True):
   return args + (rng.uniform(0, 1, (N, A)).astype(np.float32),) if with_model else args
 
 
+def _bandit_slots(rng):
+  """A log of 2 slots: target_dist and reward_hat [N, A, 2] with positions [N]."""
+  target = np.moveaxis(rng.dirichlet(np.ones(A), size=(N, 2)), -1, 1).astype(np.float32)
+  return (rng.binomial(1, 0.5, N).astype(np.float32), rng.integers(0, A, N).astype(np.int32),
+          rng.uniform(0.1, 1.0, N).astype(np.float32), target,
+          rng.uniform(0, 1, (N, A, 2)).astype(np.float32), rng.integers(0, 2, N).astype(np.int32))
+
+
 def _tiny_propensities(args):
   """Every logged propensity 1e-8: importance weights up to 1e8, still finite in float32."""
   return args[:2] + (np.full(N, 1e-8, np.float32),) + args[3:]
@@ -101,6 +109,14 @@ CASES = {
     "sndr": Case(lambda *a: ope.sndr(*a), _bandit, 3, extreme=_tiny_propensities),
     "switch_dr": Case(lambda *a: ope.switch_dr(*a, tau=5.0), _bandit, 3, extreme=_tiny_propensities),
     "dr_os": Case(lambda *a: ope.dr_os(*a, lambda_=1.0), _bandit, 3, extreme=_tiny_propensities),
+    "sg_ips": Case(lambda *a: ope.sg_ips(*a, lambda_=0.3), lambda r: _bandit(r, False), 3,
+                   extreme=_tiny_propensities),
+    "sg_dr": Case(lambda *a: ope.sg_dr(*a, lambda_=0.3), _bandit, 3, extreme=_tiny_propensities),
+    # The jackknife bias first, so that the gradient property differentiates it.
+    "beta_ips_bias": Case(lambda *a: (lambda o: (o.bias, o.value, o.baseline))(ope.beta_ips_bias(*a)),
+                          lambda r: _bandit(r, False), 3, extreme=_tiny_propensities),
+    "dr_positions": Case(lambda r, a, p, t, q, pos: ope.dr(r, a, p, t, q, positions=pos), _bandit_slots,
+                         3, extreme=_tiny_propensities),
     # Shared policy-gradient pieces.
     "clipped_surrogate": Case(
         lambda ratio, adv: policy_gradient.clipped_surrogate(ratio, adv, clip_low=0.8, clip_high=1.2),
