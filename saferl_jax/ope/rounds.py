@@ -152,15 +152,18 @@ def input_flags(inputs: tuple, mask: tuple[bool, ...], rounds: LoggedRounds | No
   instead of a pass of its own: with target_dist finite (checked before reward_hat), a NaN or
   infinite qhat(x, a) makes sum_a pi(a|x) qhat(x, a) NaN or infinite (0 * inf is NaN). A finite
   reward_hat whose dm overflows sets the flag too; its host check then finds nothing to report.
-  With positions the dm terms see only the logged slots, so reward_hat [n, A, L] gets its own
-  pass (every slot, as the host check reads it).
+  With positions the dm terms see only the logged slots, so the flag reads the per-slot sums
+  sum_a pi(a|x_i, l) qhat(x_i, a, l) of every slot instead (the reduction computes the same
+  [n, L] sums, which the compiler shares), as the host check reads every slot.
   """
   specs, ordered = value_checks(inputs), _checked_order(inputs)
-  model_flag = rounds is not None and inputs[4] is not None and mask[4] and inputs[5] is None
+  model_flag = rounds is not None and inputs[4] is not None and mask[4]
   own_pass = mask[:4] + (mask[4] and not model_flag,) + mask[5:]
   flags = checks.value_flags(specs, checks.only_pending(ordered, own_pass))
   if model_flag:
-    flags = flags.at[4].set(~jnp.isfinite(jnp.max(jnp.abs(rounds.dm))))
+    target_dist, reward_hat, positions = inputs[3], inputs[4], inputs[5]
+    dm_terms = rounds.dm if positions is None else jnp.sum(target_dist * reward_hat, axis=1)
+    flags = flags.at[4].set(~jnp.isfinite(jnp.max(jnp.abs(dm_terms))))
   return flags
 
 
@@ -169,21 +172,29 @@ def host_input_checks(inputs: tuple) -> None:
   checks.host_checks(value_checks(inputs), _checked_order(inputs))
 
 
-def select_slots(values: jax.Array, positions: jax.Array) -> jax.Array:
-  """values[i, :, positions[i]] for every round i: [n, A, L] -> [n, A] (no validation)."""
-  return jnp.take_along_axis(values, positions[:, None, None], axis=2)[:, :, 0]
-
-
 def reduce_inputs(rewards: jax.Array, actions: jax.Array, logging_probs: jax.Array,
                   target_dist: jax.Array, reward_hat: jax.Array | None = None,
                   positions: jax.Array | None = None) -> LoggedRounds:
   """The per-round terms of checked arrays; no validation (traceable).
 
-  With positions, target_dist and reward_hat [n, A, L] are first reduced to the logged slots.
+  With positions, the terms are read at the logged slots of target_dist and reward_hat
+  [n, A, L]: pi(a_i|x_i) and qhat(x_i, a_i) by one gather each, and dm_i from the per-slot
+  sums sum_a pi(a|x_i, l) qhat(x_i, a, l), [n, L], at l = positions[i] (one streaming pass;
+  gathering the [n, A] slices first was twice as slow on CPU).
   """
   if positions is not None:
-    target_dist = select_slots(target_dist, positions)
-    reward_hat = None if reward_hat is None else select_slots(reward_hat, positions)
+    rounds = jnp.arange(rewards.shape[0])
+    weights = target_dist[rounds, actions, positions] / logging_probs
+    if reward_hat is None:
+      zeros = jnp.zeros_like(rewards)
+      return LoggedRounds(rewards, weights, zeros, zeros)
+    slot_dm = jnp.sum(target_dist * reward_hat, axis=1)  # [n, L]
+    return LoggedRounds(
+        rewards=rewards,
+        weights=weights,
+        reward_hat_logged=reward_hat[rounds, actions, positions],
+        dm=jnp.take_along_axis(slot_dm, positions[:, None], axis=1)[:, 0],
+    )
   weights = _logged_action_values(target_dist, actions) / logging_probs
   if reward_hat is None:
     zeros = jnp.zeros_like(rewards)
