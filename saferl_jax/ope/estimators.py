@@ -591,6 +591,14 @@ def beta_ips_bias(rewards: ArrayLike, actions: ArrayLike, logging_probs: ArrayLi
   test needs an unbiased estimate; `value - bias` is a middle way, bias O(1/n^2)
   at the plug-in's variance to first order.
 
+  The jackknife is itself an O(1/n) expansion: it needs n large next to E[w^2].
+  On a logger whose largest weight is 534 (E[w^2] = 144) it matched the Monte Carlo
+  bias at n = 400 (-0.027 against -0.024); with the largest weight 13,500
+  (E[w^2] = 2,850) at n = 200 it found a sixth of it (-0.024 against -0.144). Where
+  a few rounds carry most of the weight (a small effective sample size, see
+  `weight_diagnostics`), read a small |bias| as a lower bound and compare with the
+  cross-fitted estimate.
+
   Args:
     rewards, actions, logging_probs, target_dist, positions: as in `ips`; at
       least 2 rounds.
