@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from saferl_jax import data, ope, stats
-from saferl_jax.experiments import obd_evaluation, ope_variance
+from saferl_jax.experiments import ope_report, ope_variance
 
 QUICK = bool(os.environ.get("SAFERL_JAX_NOTEBOOK_QUICK"))
 
@@ -45,30 +45,38 @@ print(f"propensities from {bts.logging_probs.min():.2g} to {bts.logging_probs.ma
 # ## 2. A target policy and a reward model
 #
 # We evaluate the uniform random policy, whose true value we can check: it is the mean click of
-# the random log. Any policy works the same way: `target_dist[i]` is its distribution over the
-# 80 items in round i. DM and DR also need a reward model, here a smoothed click rate per
-# (item, slot), cross-fitted so no round's own click enters its prediction.
+# the random log. OBD shows 3 slots at once, and a propensity is the logger's probability of the
+# item at the round's slot, so a target policy gives a distribution per slot: `target_dist` is
+# [n, A, L] and `positions` says which slot round i used (Open Bandit Pipeline's convention).
+# DM and DR also need a reward model: `ope.cross_fit_reward_model` fits a logistic regression
+# over context x item x slot on one fold and predicts the other, so no round's own click enters
+# its prediction.
 
 # %%
-n = len(bts.rewards)
-target_dist = jnp.full((n, bts.num_actions), 1.0 / bts.num_actions)
-reward_hat = obd_evaluation.cross_fitted_reward_hat(bts)
+n, num_items, num_slots = len(bts.rewards), bts.num_actions, bts.num_positions
+target_dist = jnp.full((n, num_items, num_slots), 1.0 / num_items)
+fit = ope.cross_fit_reward_model(bts.contexts, bts.actions, bts.rewards, num_actions=num_items,
+                                 positions=bts.positions, num_positions=num_slots,
+                                 key=jax.random.key(0), l2=100.0)
+reward_hat = fit.reward_hat  # [n, A, L], out of fold
 truth = random_log.rewards.mean()
 
 # %% [markdown]
 # ## 3. Estimates, standard errors and weight diagnostics
 #
-# `estimate_all` reduces the [n, A] arrays once and applies several estimators. Every estimate
-# carries per-round contributions (`per_sample`) and a standard error.
+# `ope.evaluate` reduces the arrays once, applies several estimators and returns a `Report`:
+# each estimate with its standard error (delta method for the self-normalised ones), a 95%
+# interval and the weights' diagnostics. Switch-DR's tau is chosen from the data by SLOPE
+# (`ope.tune`). `saferl_jax.experiments.ope_report` renders a report as a table or a plot.
 
 # %%
-estimates = ope.estimate_all(bts.rewards, bts.actions, bts.logging_probs, target_dist, reward_hat)
-for name, est in estimates.items():
-  print(f"{name:9s} {float(est.value):.5f} +- {float(est.stderr):.5f}")
-print(f"truth     {truth:.5f}")
-
-weights = ope.importance_weights(bts.actions, bts.logging_probs, target_dist)
-print(ope.weight_diagnostics(weights))
+tau = ope.tune(bts.rewards, bts.actions, bts.logging_probs, target_dist, reward_hat,
+               positions=bts.positions, estimator="switch_dr", method="slope").best
+report = ope.evaluate(bts.rewards, bts.actions, bts.logging_probs, target_dist, reward_hat,
+                      positions=bts.positions,
+                      estimators=("ips", "snips", "dm", "dr", "sndr", "beta_ips", "switch_dr"),
+                      options={"switch_dr": {"tau": float(tau)}})
+print(ope_report.report_markdown(report, true_value=truth))
 
 # %% [markdown]
 # An effective sample size of a few hundred out of 10,000 rounds says most of the data carries
@@ -81,7 +89,8 @@ print(ope.weight_diagnostics(weights))
 # its normalisation) on each of 1000 resamples, all in one compiled call.
 
 # %%
-rounds = ope.logged_rounds(bts.rewards, bts.actions, bts.logging_probs, target_dist, reward_hat)
+rounds = ope.logged_rounds(bts.rewards, bts.actions, bts.logging_probs, target_dist, reward_hat,
+                           positions=bts.positions)
 snips = ope.snips_from_rounds(rounds)
 print("t interval        ", stats.confidence_interval(snips.per_sample, method="t"))
 print("bootstrap interval", ope.estimator_bootstrap_interval(

@@ -2,7 +2,8 @@
 
   saferl-jax demo [--out DIR] [--full]          every experiment, quick unless --full
   saferl-jax ope-variance [--quick] --out DIR   bias/variance/MSE study of the estimators
-  saferl-jax obd --out DIR                      the uniform policy's value on the OBD sample
+  saferl-jax obd --out DIR [--data ROOT] [--behavior-policy bts|random] [--campaign C]
+                [--max-rounds N]                one OBD logger's click rate from the other's log
   saferl-jax opl [--quick] --out DIR            off-policy learning with baseline corrections
   saferl-jax cltr [--quick] --out DIR [--data PATH]
                                                 safe counterfactual LTR from simulated clicks
@@ -72,8 +73,16 @@ def main(argv: list[str] | None = None) -> None:
   variance = commands.add_parser("ope-variance", help="bias, variance and MSE of the OPE estimators")
   variance.add_argument("--quick", action="store_true")
   variance.add_argument("--out", type=Path, required=True)
-  obd = commands.add_parser("obd", help="evaluate the uniform policy on the Open Bandit sample")
+  obd = commands.add_parser("obd", help="estimate one Open Bandit logger's value from the other's log")
   obd.add_argument("--out", type=Path, required=True)
+  obd.add_argument("--data", type=Path, default=None,
+                   help="an OBD download (ROOT/<policy>/<campaign>/<campaign>.csv); default: the "
+                        "shipped sample")
+  obd.add_argument("--behavior-policy", choices=("bts", "random"), default="bts",
+                   help="the log to evaluate from; the target is the other logger")
+  obd.add_argument("--campaign", choices=("all", "men", "women"), default="all")
+  obd.add_argument("--max-rounds", type=int, default=None,
+                   help="keep the first N rounds of each log (memory: 8 N A L bytes)")
   learning = commands.add_parser("opl", help="off-policy learning with baseline-corrected gradients")
   learning.add_argument("--quick", action="store_true")
   learning.add_argument("--out", type=Path, required=True)
@@ -99,7 +108,9 @@ def main(argv: list[str] | None = None) -> None:
   elif args.command == "ope-variance":
     print(_ope_variance(args.out, args.quick))
   elif args.command == "obd":
-    print(_obd(args.out, True))
+    print(obd_evaluation.summary(obd_evaluation.run(
+        args.out, root=args.data, behavior_policy=args.behavior_policy, campaign=args.campaign,
+        max_rounds=args.max_rounds)))
   elif args.command == "opl":
     print(_opl(args.out, args.quick))
   elif args.command == "cltr":

@@ -23,11 +23,19 @@ def results(tmp_path_factory):
 def test_schema_and_files(results):
   data, out = results
   assert data["truth"]["value"] == pytest.approx(0.0038)
+  assert set(data["estimates"]) == set(obd_evaluation.UNTUNED + obd_evaluation.TUNED +
+                                       ("beta_ips_cross_fit",))
   for name, est in data["estimates"].items():
     assert est["ci_bootstrap"][0] <= est["value"] <= est["ci_bootstrap"][1], name
-    assert est["ci_t"][0] < est["value"] < est["ci_t"][1], name
+    assert est["ci_normal"][0] < est["value"] < est["ci_normal"][1], name
+  for name, tuned in data["tuned"].items():
+    assert tuned["value"][0] in tuned["grid"], name
+  model = data["reward_model"]
+  assert model["chosen_l2"] in obd_evaluation.L2_GRID
+  assert model["out_of_fold_log_loss"][str(model["chosen_l2"])] == min(
+      model["out_of_fold_log_loss"].values())
   assert (out / "obd_estimates.png").stat().st_size > 0
-  assert "uniform policy" in (out / "summary.md").read_text()
+  assert "uniform random" in (out / "summary.md").read_text()
 
 
 @pytest.mark.slow
@@ -39,14 +47,25 @@ def test_uniform_ips_matches_obp(results):
 
 
 @pytest.mark.slow
-def test_reward_model_is_cross_fitted():
-  log = load_obd()
-  reward_hat = obd_evaluation.cross_fitted_reward_hat(log)
-  assert reward_hat.shape == (10_000, 80)
-  assert np.all((reward_hat >= 0) & (reward_hat <= 1))
-  # Changing one click of fold 0 changes only fold 1's predictions.
-  changed = log._replace(rewards=log.rewards.copy())
-  changed.rewards[0] = 1 - changed.rewards[0]
-  other = obd_evaluation.cross_fitted_reward_hat(changed)
-  np.testing.assert_array_equal(other[0::2], reward_hat[0::2])
-  assert not np.array_equal(other[1::2], reward_hat[1::2])
+def test_bts_is_estimated_from_the_random_log(tmp_path):
+  """The reverse direction: the target is BTS's per-slot item frequency, the truth its mean click."""
+  data = obd_evaluation.run(tmp_path, behavior_policy="random", max_rounds=3000,
+                            num_resamples=20)
+  bts = load_obd(behavior_policy="bts")
+  first = np.argsort(bts.timestamps, kind="stable")[:3000]
+  assert data["num_rounds"] == 3000
+  assert data["truth"]["value"] == pytest.approx(np.mean(bts.rewards[first]))
+  # IPS with the frequency target, by hand: w_i = freq(a_i | l_i) / (1/80).
+  random_log = load_obd(behavior_policy="random")
+  rows = np.argsort(random_log.timestamps, kind="stable")[:3000]
+  counts = np.zeros((80, 3))
+  np.add.at(counts, (bts.actions[first], bts.positions[first]), 1.0)
+  freq = counts / counts.sum(0)
+  weights = freq[random_log.actions[rows], random_log.positions[rows]] / random_log.logging_probs[rows]
+  assert data["estimates"]["ips"]["value"] == pytest.approx(
+      np.mean(weights * random_log.rewards[rows]), rel=1e-5)
+
+
+def test_an_unknown_logger_is_refused(tmp_path):
+  with pytest.raises(ValueError, match="behavior_policy: must be 'bts' or 'random'"):
+    obd_evaluation.run(tmp_path, behavior_policy="eps_greedy")
