@@ -38,6 +38,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
+from saferl_jax import checks
+
 SAMPLE_DIR = Path(__file__).parent / "obd_sample"
 BEHAVIOR_POLICIES = ("bts", "random")
 CAMPAIGNS = ("all", "men", "women")
@@ -109,11 +111,6 @@ class OBDSplit(NamedTuple):
   test: OBDLog
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-  if value not in choices:
-    raise ValueError(f"{name}: {value!r} is not one of {choices}")
-
-
 def sample_path(behavior_policy: str = "bts", campaign: str = "all") -> Path:
   """The folder of the shipped sample for a logger ("bts" or "random") and campaign ("all").
 
@@ -128,8 +125,8 @@ def sample_path(behavior_policy: str = "bts", campaign: str = "all") -> Path:
     >>> sample_path("random").relative_to(SAMPLE_DIR).as_posix()
     'random/all'
   """
-  _check_choice("behavior_policy", behavior_policy, BEHAVIOR_POLICIES)
-  _check_choice("campaign", campaign, CAMPAIGNS)
+  checks.check_choice("behavior_policy", behavior_policy, BEHAVIOR_POLICIES)
+  checks.check_choice("campaign", campaign, CAMPAIGNS)
   path = SAMPLE_DIR / behavior_policy / campaign
   if not path.is_dir():
     shipped = sorted(p.relative_to(SAMPLE_DIR).as_posix() for p in SAMPLE_DIR.glob("*/*") if p.is_dir())
@@ -140,8 +137,8 @@ def sample_path(behavior_policy: str = "bts", campaign: str = "all") -> Path:
 
 def _log_file(root, behavior_policy: str, campaign: str) -> Path:
   """The CSV file that `load_obd`'s arguments name."""
-  _check_choice("behavior_policy", behavior_policy, BEHAVIOR_POLICIES)
-  _check_choice("campaign", campaign, CAMPAIGNS)
+  checks.check_choice("behavior_policy", behavior_policy, BEHAVIOR_POLICIES)
+  checks.check_choice("campaign", campaign, CAMPAIGNS)
   if root is None:
     folders = [sample_path(behavior_policy, campaign)]
   else:

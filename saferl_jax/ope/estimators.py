@@ -612,12 +612,8 @@ def beta_ips_bias(rewards: ArrayLike, actions: ArrayLike, logging_probs: ArrayLi
     >>> out = beta_ips_bias(jnp.array([1., 0., 1., 0., 1.]), jnp.array([0, 1, 0, 1, 0]),
     ...                     jnp.array([0.5, 0.5, 0.1, 0.9, 0.5]),
     ...                     jnp.tile(jnp.array([0.8, 0.2]), (5, 1)))
-    >>> bool(out.value == beta_ips(jnp.array([1., 0., 1., 0., 1.]), jnp.array([0, 1, 0, 1, 0]),
-    ...                            jnp.array([0.5, 0.5, 0.1, 0.9, 0.5]),
-    ...                            jnp.tile(jnp.array([0.8, 0.2]), (5, 1))).value)
-    True
-    >>> bool(jnp.isfinite(out.bias))
-    True
+    >>> round(float(out.value), 4), round(float(out.bias), 4)  # value: beta_ips(...).value
+    (0.8339, 0.0236)
 
   References:
     [OB] Gupta, Jeunen, Oosterhuis, de Rijke. Optimal Baseline Corrections for

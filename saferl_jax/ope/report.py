@@ -13,7 +13,7 @@ References:
   Saito, Aihara, Matsutani, Narita. Open Bandit Dataset and Pipeline. NeurIPS 2021 Datasets and Benchmarks. https://arxiv.org/abs/2008.07146
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: pdoc evaluates NamedTuple fields outside this module.
 
 import functools
 from typing import NamedTuple

@@ -27,7 +27,7 @@ References:
   Metelli, Russo, Restelli. Subgaussian and Differentiable Importance Sampling for Off-Policy Evaluation and Learning. NeurIPS 2021.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: pdoc evaluates NamedTuple fields outside this module.
 
 import functools
 import math
