@@ -1,12 +1,14 @@
 """The command line: demo writes every experiment's results and a summary."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from saferl_jax import cli
-from saferl_jax.experiments import cltr_safety, loop_finetuning, opl_learning, ope_variance
+from saferl_jax.experiments import (cltr_safety, loop_finetuning, obd_evaluation, opl_learning,
+                                    ope_variance)
 
 TINY = ope_variance.Config(logger_inverse_temperatures=(-1.0,), num_actions=(5,),
                            sample_sizes=(50, 100), num_seeds=8, num_contexts=20)
@@ -90,6 +92,21 @@ def test_cltr_command_on_a_letor_file(tmp_path, monkeypatch, capsys):
       assert len(curve["ndcg_mean"]) == 2
       assert all(lo <= mean <= hi for (lo, hi), mean in zip(curve["ndcg_ci"], curve["ndcg_mean"]))
   assert (tmp_path / "out" / "cltr.png").exists()
+
+
+def test_obd_command_passes_its_options_to_the_study(tmp_path, monkeypatch, capsys):
+  """--data, --behavior-policy, --campaign and --max-rounds reach obd_evaluation.run (the study
+  itself is tested in tests/experiments/test_obd_evaluation.py)."""
+  calls = []
+  monkeypatch.setattr(obd_evaluation, "run", lambda out, **options: calls.append((out, options)))
+  monkeypatch.setattr(obd_evaluation, "summary", lambda results: "obd summary")
+  cli.main(["obd", "--out", str(tmp_path), "--data", "/data/obd", "--behavior-policy", "random",
+            "--campaign", "men", "--max-rounds", "1000"])
+  assert calls == [(tmp_path, {"root": Path("/data/obd"), "behavior_policy": "random",
+                               "campaign": "men", "max_rounds": 1000})]
+  assert "obd summary" in capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    cli.main(["obd", "--out", str(tmp_path), "--campaign", "kids"])
 
 
 def test_unknown_command_exits_with_usage():

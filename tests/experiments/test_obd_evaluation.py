@@ -48,22 +48,31 @@ def test_uniform_ips_matches_obp(results):
 
 @pytest.mark.slow
 def test_bts_is_estimated_from_the_random_log(tmp_path):
-  """The reverse direction: the target is BTS's per-slot item frequency, the truth its mean click."""
-  data = obd_evaluation.run(tmp_path, behavior_policy="random", max_rounds=3000,
-                            num_resamples=20)
-  bts = load_obd(behavior_policy="bts")
-  first = np.argsort(bts.timestamps, kind="stable")[:3000]
-  assert data["num_rounds"] == 3000
-  assert data["truth"]["value"] == pytest.approx(np.mean(bts.rewards[first]))
-  # IPS with the frequency target, by hand: w_i = freq(a_i | l_i) / (1/80).
-  random_log = load_obd(behavior_policy="random")
-  rows = np.argsort(random_log.timestamps, kind="stable")[:3000]
+  """The reverse direction: the target is BTS's per-slot item frequency, the truth its mean click.
+
+  Same sizes and resamples as the fixture's run, so the compiled programs are reused."""
+  data = obd_evaluation.run(tmp_path, behavior_policy="random", num_resamples=200)
+  bts, random_log = load_obd(behavior_policy="bts"), load_obd(behavior_policy="random")
+  assert data["truth"]["value"] == pytest.approx(np.mean(bts.rewards))
+  # IPS with the frequency target, by hand: w_i = freq(a_i | l_i) / p_i.
   counts = np.zeros((80, 3))
-  np.add.at(counts, (bts.actions[first], bts.positions[first]), 1.0)
+  np.add.at(counts, (bts.actions, bts.positions), 1.0)
   freq = counts / counts.sum(0)
-  weights = freq[random_log.actions[rows], random_log.positions[rows]] / random_log.logging_probs[rows]
+  weights = freq[random_log.actions, random_log.positions] / random_log.logging_probs
   assert data["estimates"]["ips"]["value"] == pytest.approx(
-      np.mean(weights * random_log.rewards[rows]), rel=1e-5)
+      np.mean(weights * random_log.rewards), rel=1e-5)
+
+
+def test_max_rounds_keeps_the_first_rounds_in_time_order():
+  log = load_obd(behavior_policy="random")
+  shuffled = log._replace(**{name: getattr(log, name)[::-1] for name in
+                             ("actions", "positions", "rewards", "logging_probs", "contexts",
+                              "user_item_affinity", "timestamps")})
+  first = obd_evaluation._first(shuffled, 100)
+  order = np.argsort(log.timestamps, kind="stable")[:100]
+  np.testing.assert_array_equal(np.sort(first.timestamps), np.sort(log.timestamps[order]))
+  assert len(first.rewards) == 100 and first.contexts.shape == (100, log.contexts.shape[1])
+  assert obd_evaluation._first(log, None) is log
 
 
 def test_an_unknown_logger_is_refused(tmp_path):

@@ -135,6 +135,7 @@ def test_the_first_bad_argument_is_reported_in_the_old_order():
     dr(r, a, p, t * 2, q.at[0, 0].set(jnp.nan))
 
 
+@pytest.mark.slow
 def test_eager_equals_the_jitted_kernel_traced_inside_jax_jit():
   data = _fresh()
   for name, call in CALLS.items():

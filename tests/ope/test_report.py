@@ -34,6 +34,7 @@ INDIVIDUAL = {
 OPTIONS = {"dr": {"clip": 2.0}, "switch_dr": {"tau": 3.0}, "dr_os": {"lambda_": 4.0}}
 
 
+@pytest.mark.slow
 def test_evaluate_matches_the_individual_estimators():
   report = evaluate(R, A, P, T, Q, estimators=tuple(INDIVIDUAL), options=OPTIONS)
   assert isinstance(report, Report) and report.names == tuple(INDIVIDUAL)

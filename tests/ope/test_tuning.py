@@ -98,6 +98,7 @@ def test_estimated_mse_by_hand():
   np.testing.assert_allclose(scores, [0.3**2 + 0.01, 0.1**2 + 0.04, 0.05**2 + 0.16], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_mse_selection_against_a_hand_computation():
   rewards, actions, probs, target, _ = small_log(jax.random.key(2), n=300, heavy=True)
   grid = np.array([0.5, 1.0, 2.0, 4.0, 8.0, np.inf])
@@ -190,6 +191,7 @@ def test_jit_equals_eager_and_vmap_over_logs_equals_a_loop():
       np.testing.assert_allclose(getattr(jitted(*log), field), getattr(eager, field), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_extreme_weights_stay_finite():
   rewards, actions, probs, target, reward_hat = small_log(jax.random.key(7), n=50)
   probs = probs.at[3].set(1e-20)  # w near 1e20: squares overflow float32

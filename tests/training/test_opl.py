@@ -196,6 +196,7 @@ def saved_epochs(interrupt_checkpoints):
   return interrupt_checkpoints.saved
 
 
+@pytest.mark.slow
 def test_resume_after_an_interrupt_equals_the_uninterrupted_run(six_epochs, tmp_path,
                                                                 interrupt_checkpoints):
   reference, _ = six_epochs

@@ -132,6 +132,7 @@ def _pretrain(x, labels, checkpoint_path, **overrides):
   return pretraining.pretrain(model, x, labels, **options), model
 
 
+@pytest.mark.slow
 def test_a_finished_checkpoint_is_loaded_and_another_configuration_refused(mixture_data, tmp_path,
                                                                           monkeypatch):
   _, x = mixture_data
@@ -168,6 +169,7 @@ def test_a_finished_checkpoint_is_loaded_and_another_configuration_refused(mixtu
   assert _pretrain(x, labels, path)[0].from_cache
 
 
+@pytest.mark.slow
 def test_an_unfinished_pretraining_resumes_bit_for_bit(mixture_data, tmp_path, interrupt_checkpoints):
   _, x = mixture_data
   reference, _ = _pretrain(x, None, None, steps=250)

@@ -112,6 +112,7 @@ def test_prpo_keeps_exposures_near_the_logging_policy():
   assert divergence["prpo"][2] < 0.6 * divergence["value"][2], divergence
 
 
+@pytest.mark.slow
 def test_resume_after_an_interrupt_equals_the_uninterrupted_run(tmp_path, interrupt_checkpoints):
   data, num_sessions = supervised()
   options = dict(key=jax.random.key(5), objective="safe", num_sessions=num_sessions,
