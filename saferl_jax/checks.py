@@ -132,36 +132,39 @@ def check_probabilities(name: str, x: jax.Array) -> None:
           f"outside (e.g. {first})")
 
 
+def _check_distributions(name: str, x: jax.Array, axis: int):
+  """(sums over `axis`, where they miss 1) when some miss, else None; raises on a negative or NaN entry."""
+  if not is_concrete(x):
+    return None
+  values = np.asarray(x, dtype=np.float64)
+  if not np.all(np.isfinite(values)) or np.any(values < 0):
+    raise ValueError(f"{name}: probabilities must be finite and >= 0")
+  tolerance = 1e-6 if x.dtype == jnp.float64 else 1e-4
+  sums = values.sum(axis=axis)
+  bad = np.abs(sums - 1.0) > tolerance
+  return (sums, bad) if np.any(bad) else None
+
+
 def check_distribution_rows(name: str, x: jax.Array) -> None:
   """Each row must be a probability distribution over the last axis."""
-  if is_concrete(x):
-    values = np.asarray(x, dtype=np.float64)
-    if not np.all(np.isfinite(values)) or np.any(values < 0):
-      raise ValueError(f"{name}: probabilities must be finite and >= 0")
-    tolerance = 1e-6 if x.dtype == jnp.float64 else 1e-4
-    row_sums = values.sum(axis=-1)
-    bad = np.abs(row_sums - 1.0) > tolerance
-    if np.any(bad):
-      row = int(np.argmax(bad))
-      raise ValueError(
-          f"{name}: rows must sum to 1, row {row} sums to {row_sums.ravel()[row]:.6g} "
-          f"({int(bad.sum())} bad rows)")
+  failed = _check_distributions(name, x, -1)
+  if failed is not None:
+    row_sums, bad = failed
+    row = int(np.argmax(bad))
+    raise ValueError(
+        f"{name}: rows must sum to 1, row {row} sums to {row_sums.ravel()[row]:.6g} "
+        f"({int(bad.sum())} bad rows)")
 
 
 def check_distribution_slots(name: str, x: jax.Array) -> None:
   """A [n, A, L] array of one distribution over A per round and slot: x[i, :, l] sums to 1."""
-  if is_concrete(x):
-    values = np.asarray(x, dtype=np.float64)
-    if not np.all(np.isfinite(values)) or np.any(values < 0):
-      raise ValueError(f"{name}: probabilities must be finite and >= 0")
-    tolerance = 1e-6 if x.dtype == jnp.float64 else 1e-4
-    sums = values.sum(axis=1)  # [n, L]
-    bad = np.abs(sums - 1.0) > tolerance
-    if np.any(bad):
-      i, slot = np.unravel_index(int(np.argmax(bad)), bad.shape)
-      raise ValueError(
-          f"{name}: every slot must be a distribution over actions, {name}[{i}, :, {slot}] sums "
-          f"to {sums[i, slot]:.6g} ({int(bad.sum())} bad (round, slot) pairs)")
+  failed = _check_distributions(name, x, 1)
+  if failed is not None:
+    sums, bad = failed  # [n, L]
+    i, slot = np.unravel_index(int(np.argmax(bad)), bad.shape)
+    raise ValueError(
+        f"{name}: every slot must be a distribution over actions, {name}[{i}, :, {slot}] sums "
+        f"to {sums[i, slot]:.6g} ({int(bad.sum())} bad (round, slot) pairs)")
 
 
 def check_indices(name: str, indices: jax.Array, size: int, *, what: str = "index") -> None:
