@@ -6,7 +6,8 @@ from a logging ranker (`click_logs`), the 2-D mixture and the 8x8 digits."""
 from saferl_jax.data.click_logs import (ClickLog, SessionCounts, aggregate_sessions, estimated_rewards,
                                         simulate_click_log)
 from saferl_jax.data.ltr import LTRData, load_letor, make_ltr_dataset
-from saferl_jax.data.obd import OBDLog, OBDSplit, OBDVocabulary, load_obd, sample_path, split_by_time
+from saferl_jax.data.obd import (OBDLog, OBDSplit, OBDVocabulary, load_obd, sample_path, split_by_time,
+                                 take_rounds)
 from saferl_jax.data.synthetic_bandit import (BanditLog, BanditProblem, EstimatorInputs, estimator_inputs,
                                               make_problem, policy_value, simulate_log, simulate_logs, softmax_policy)
 
@@ -15,4 +16,5 @@ __all__ = [
     "BanditLog", "BanditProblem", "EstimatorInputs", "LTRData", "OBDLog", "OBDSplit", "OBDVocabulary",
     "estimator_inputs", "load_letor", "load_obd", "make_ltr_dataset", "make_problem",
     "policy_value", "sample_path", "simulate_log", "simulate_logs", "softmax_policy", "split_by_time",
+    "take_rounds",
 ]

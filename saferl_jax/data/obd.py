@@ -599,11 +599,29 @@ def split_by_time(log: OBDLog, *, test_fraction: float = 0.3) -> OBDSplit:
     raise ValueError(f"test_fraction: splitting {n} rounds at {test_fraction} leaves an empty part "
                      f"({cut} before the cut)")
 
-  def part(rows) -> OBDLog:
-    take = (lambda a: a[rows]) if in_order else (lambda a: a[order[rows]])
-    return log._replace(actions=take(log.actions), positions=take(log.positions),
-                        rewards=take(log.rewards), logging_probs=take(log.logging_probs),
-                        contexts=take(log.contexts), user_item_affinity=take(log.user_item_affinity),
-                        timestamps=take(log.timestamps))
+  def part(rows: slice) -> OBDLog:
+    return take_rounds(log, rows if in_order else order[rows])
 
   return OBDSplit(train=part(slice(0, cut)), test=part(slice(cut, n)))
+
+
+# The fields of an `OBDLog` with one entry per round (the rest describe the items or the encoding).
+ROUND_FIELDS = ("actions", "positions", "rewards", "logging_probs", "contexts",
+                "user_item_affinity", "timestamps")
+
+
+def take_rounds(log: OBDLog, rows) -> OBDLog:
+  """The log restricted to `rows` (a slice, int indices or a bool mask over its n rounds).
+
+  Args:
+    log: an `OBDLog`.
+    rows: which rounds to keep, in the order given.
+
+  Returns:
+    An `OBDLog` with the same items, slots and vocabulary.
+
+  Example:
+    >>> len(take_rounds(load_obd(), slice(0, 100)).rewards)
+    100
+  """
+  return log._replace(**{name: getattr(log, name)[rows] for name in ROUND_FIELDS})

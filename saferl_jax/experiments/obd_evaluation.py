@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from saferl_jax import ope, stats
-from saferl_jax.data import load_obd
+from saferl_jax.data import load_obd, take_rounds
 from saferl_jax.experiments.common import markdown_table, pyplot, write_json
 
 UNTUNED = ("ips", "snips", "dm", "dr", "sndr", "beta_ips")
@@ -81,10 +81,7 @@ def fit_reward_model(log, *, key: jax.Array, l2_grid=L2_GRID) -> tuple[np.ndarra
 def _first(log, max_rounds: int | None):
   if max_rounds is None or max_rounds >= len(log.rewards):
     return log
-  order = np.argsort(log.timestamps, kind="stable")[:max_rounds]
-  return log._replace(**{name: getattr(log, name)[order] for name in
-                          ("actions", "positions", "rewards", "logging_probs", "contexts",
-                           "user_item_affinity", "timestamps")})
+  return take_rounds(log, np.argsort(log.timestamps, kind="stable")[:max_rounds])
 
 
 def run(out: Path, *, root: str | Path | None = None, behavior_policy: str = "bts",

@@ -208,13 +208,11 @@ def estimated_mse(values: ArrayLike, stderrs: ArrayLike, reference: ArrayLike, *
 def _bias_slack(weights: jax.Array, delta) -> jax.Array:
   """OBP's high-probability term: sqrt(2 mean(w^2) ln(2/delta) / n) + 2 max(w) ln(2/delta) / (3n).
 
-  mean(w^2) is formed on w / max(w), so weights near 1e20 do not overflow float32.
+  mean(w^2) comes from the estimators' overflow-safe norm, so weights near 1e20 do not overflow float32.
   """
   n = weights.shape[0]
   log_term = jnp.log(2.0 / delta)
-  scale = jnp.max(jnp.abs(weights))
-  scale = jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)
-  rms = scale * jnp.sqrt(jnp.mean(jnp.square(weights / scale)))
+  rms = estimators_lib._norm(weights) / jnp.sqrt(n)
   return rms * jnp.sqrt(2.0 * log_term / n) + 2.0 * jnp.max(weights) * log_term / (3.0 * n)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from saferl_jax.data import load_obd
+from saferl_jax.data import load_obd, take_rounds
 from saferl_jax.experiments import obd_evaluation
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
@@ -65,9 +65,7 @@ def test_bts_is_estimated_from_the_random_log(tmp_path):
 
 def test_max_rounds_keeps_the_first_rounds_in_time_order():
   log = load_obd(behavior_policy="random")
-  shuffled = log._replace(**{name: getattr(log, name)[::-1] for name in
-                             ("actions", "positions", "rewards", "logging_probs", "contexts",
-                              "user_item_affinity", "timestamps")})
+  shuffled = take_rounds(log, slice(None, None, -1))
   first = obd_evaluation._first(shuffled, 100)
   order = np.argsort(log.timestamps, kind="stable")[:100]
   np.testing.assert_array_equal(np.sort(first.timestamps), np.sort(log.timestamps[order]))
