@@ -11,7 +11,7 @@ from saferl_jax.diffusion.losses import (PPOLoss, epsilon_loss, RewardStats, Rew
                                          ppo_advantages, ppo_loss, reinforce_loss, reward_stats)
 from saferl_jax.diffusion.rewards import (compressibility_reward, prompt_alignment_reward,
                                           quality_reward, tilt_reward)
-from saferl_jax.diffusion.sampler import (Trajectory, Transitions, sample, select_samples,
+from saferl_jax.diffusion.sampler import (Trajectory, Transitions, generate, sample, select_samples,
                                           select_step, stepwise_value_and_grad,
                                           trajectory_log_probs, trajectory_transitions)
 from saferl_jax.diffusion.schedules import (NoiseSchedule, SamplingTimesteps, alphabar,
@@ -26,7 +26,7 @@ __all__ = [
     "linear_schedule", "sampling_timesteps", "REDUCTIONS", "Step", "ddim_step", "guided_eps",
     "step_kl", "step_log_prob",
     # Sampling with log-probs (sampler.py).
-    "Trajectory", "Transitions", "sample", "select_samples", "select_step",
+    "Trajectory", "Transitions", "generate", "sample", "select_samples", "select_step",
     "stepwise_value_and_grad", "trajectory_log_probs", "trajectory_transitions",
     # Policy-gradient losses and advantages (losses.py).
     "PPOLoss", "epsilon_loss", "RewardStats", "RewardStatsState", "loop_advantages", "ppo_advantages", "ppo_loss",

@@ -2,7 +2,11 @@
 
 The denoiser arrives as a pure function (for a Flax NNX module, `saferl_jax.models.functional.as_functional`):
 
-    apply_fn(params, x_t [B, *shape], t [B] int32, condition [B] int32) -> eps [B, *shape].
+    apply_fn(params, x_t [B, *shape], t [B] int32, conditions [B, ...]) -> eps [B, *shape].
+
+Conditions may be class ids (int [B]), vectors (float [B, C]), sequences of embeddings or any pytree
+of arrays with leading axis B (`saferl_jax.diffusion.conditions`); guidance's null condition has
+the structure of one condition.
 
 `sample` draws x_T ~ N(0, I) and runs the S stochastic DDIM steps of `sampling_timesteps` in one
 `lax.scan`, each step the Gaussian of `saferl_jax.diffusion.step`:
@@ -14,6 +18,8 @@ for P conditions ("prompts") with K samples each, the K samples of one condition
 network runs once on a doubled batch (null condition, then the prompt) and
 eps = eps_u + w (eps_c - eps_u). It returns the `Trajectory`: every state x_T, ..., x_0, every
 step's log-probability, the timesteps and the conditions. Randomness comes only from `key`.
+
+`generate` is the evaluation path: the deterministic DDIM chain (eta = 0), returning samples only.
 
 `trajectory_transitions` recomputes, for stored trajectories, every step's mean and log-probability
 under other parameters (the policy being trained, or a frozen reference for a KL term): the same
@@ -50,30 +56,33 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from saferl_jax import checks
-from saferl_jax.diffusion.schedules import (NoiseSchedule, check_schedule,
+from saferl_jax.diffusion import conditions as conds
+from saferl_jax.diffusion.schedules import (NoiseSchedule, SamplingTimesteps, check_schedule,
                                             sampling_timesteps)
 from saferl_jax.diffusion.step import (Reduce, _check_eta, _check_reduce, _gaussian_log_prob,
                                        _mean_std)
 
-ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+ApplyFn = Callable[[Any, jax.Array, jax.Array, Any], jax.Array]
+Schedule = NoiseSchedule
 
 
 class Trajectory(NamedTuple):
-  """Sampled DDIM trajectories of B = P * K samples (K per condition, contiguous).
+  """Sampled trajectories of B = P * K samples (K per condition, contiguous).
 
   Attributes:
     x0: [B, *shape] the final samples (states[-1]).
     states: [S + 1, B, *shape] x_T first, ..., x_0 last.
     log_probs: [S, B] log p(states[i + 1] | states[i], c) of step i.
-    timesteps: int32 [S] the training step t_i each step starts from.
-    conditions: int32 [B] each sample's condition.
-    previous_timesteps: int32 [S] the training step t'_i each step goes to.
+    timesteps: [S] the time t_i each step starts from (int32 training steps for DDIM, float32
+      times in (0, 1) for a flow).
+    conditions: each sample's condition: an array [B, ...] or a pytree of them.
+    previous_timesteps: [S] the time t'_i each step goes to.
   """
   x0: jax.Array
   states: jax.Array
   log_probs: jax.Array
   timesteps: jax.Array
-  conditions: jax.Array
+  conditions: Any
   previous_timesteps: jax.Array
 
 
@@ -90,30 +99,61 @@ class Transitions(NamedTuple):
   stds: jax.Array
 
 
+# The step: the only place that knows which process (DDIM on a NoiseSchedule, or a rectified flow on
+# a FlowSchedule) is being sampled. Everything else in this module is shared.
+
+
+def _check_process(schedule, eta, *, stochastic: bool = True) -> None:
+  """The schedule, and eta when a log-probability is wanted (eta > 0)."""
+  if not isinstance(schedule, NoiseSchedule):
+    raise TypeError(f"schedule: must be a NoiseSchedule, got {type(schedule).__name__}")
+  check_schedule(schedule)
+  if stochastic:
+    checks.check_real("eta", eta)
+    _check_eta(eta)
+
+
+def _max_steps(schedule) -> int | None:
+  """The most sampling steps the schedule allows (None: any number)."""
+  return schedule.alphas_cumprod.shape[0] - 1
+
+
+def _timesteps(schedule, num_steps: int) -> SamplingTimesteps:
+  return sampling_timesteps(schedule.alphas_cumprod.shape[0], num_steps)
+
+
+def _model_time(schedule, t, batch: int) -> jax.Array:
+  """The network's time input [B]: DDIM's integer training step."""
+  return jnp.full((batch,), t, jnp.int32)
+
+
+def _step_mean_std(schedule, x, prediction, t, t_prev, eta):
+  """The step's Gaussian: mean and std (std = 0 and the deterministic step when eta = 0)."""
+  return _mean_std(x, prediction, t, t_prev, schedule.alphas_cumprod, eta)
+
+
+def _dtype(schedule):
+  return schedule.alphas_cumprod.dtype
+
+
 # Checks.
 
 
-def _check_guidance(guidance_scale, null_condition) -> bool:
+def _check_guidance(guidance_scale, null_condition, conditions) -> tuple[bool, Any]:
+  """(guided, the null condition checked against `conditions`' structure)."""
   if guidance_scale is None:
-    return False
+    return False, None
   checks.check_real("guidance_scale", guidance_scale, low=0.0)  # 0: unconditional, 1: conditional
-  if null_condition is None:
-    raise ValueError("null_condition: classifier-free guidance (guidance_scale is set) needs the "
-                     "integer condition that stands for 'no condition'")
-  if isinstance(null_condition, (bool, np.bool_, str, bytes)):
-    raise TypeError(f"null_condition: must be an integer scalar, got {null_condition!r}")
-  null = jnp.asarray(null_condition)
-  if null.ndim != 0 or not jnp.issubdtype(null.dtype, jnp.integer):
-    raise ValueError(f"null_condition: must be an integer scalar, got {null_condition!r}")
-  return True
+  return True, conds.check_null("null_condition", null_condition, conditions)
 
 
-def _check_conditions(conditions: ArrayLike) -> jax.Array:
-  conditions = checks.as_int("conditions", conditions)
-  if conditions.ndim != 1 or conditions.shape[0] == 0:
-    raise ValueError(f"conditions: expected a non-empty 1-d array [P] of condition ids, got shape "
-                     f"{tuple(conditions.shape)}")
-  return conditions.astype(jnp.int32)
+def _check_num_steps(num_steps, schedule) -> int:
+  limit = _max_steps(schedule)
+  checks.check_count("num_steps", num_steps)
+  if limit is not None and not num_steps <= limit:
+    raise ValueError(f"num_steps: must be an int in [1, {limit}] for a schedule of {limit + 1} "
+                     f"steps, got {num_steps!r}")
+  return int(num_steps)
 
 
 def _check_shape(shape) -> tuple[int, ...]:
@@ -138,56 +178,78 @@ def _check_trajectory(trajectory: Trajectory) -> None:
   num_steps, batch = log_probs.shape
   expected = {"states": (num_steps + 1, batch) + tuple(states.shape[2:]),
               "x0": (batch,) + tuple(states.shape[2:]), "timesteps": (num_steps,),
-              "previous_timesteps": (num_steps,), "conditions": (batch,)}
+              "previous_timesteps": (num_steps,)}
   for name, want in expected.items():
     got = tuple(jnp.shape(getattr(trajectory, name)))
     if got != want:
       raise ValueError(f"trajectory: {name} has shape {got}, expected {want} for {num_steps} steps "
                        f"of {batch} samples (slice samples with select_samples)")
+  sizes = {jnp.shape(leaf)[:1] for leaf in jax.tree_util.tree_leaves(trajectory.conditions)}
+  if sizes != {(batch,)}:
+    raise ValueError(f"trajectory: conditions must have a leading axis of {batch} samples in every "
+                     f"leaf, got leading shapes {sorted(sizes)}")
 
 
-# Noise prediction.
+def _check_times(trajectory: Trajectory, schedule) -> None:
+  if not checks.is_concrete(trajectory.timesteps, trajectory.previous_timesteps):
+    return
+  t, t_prev = np.asarray(trajectory.timesteps), np.asarray(trajectory.previous_timesteps)
+  high = schedule.alphas_cumprod.shape[0]
+  if np.any(t >= high) or np.any(t_prev < 0) or np.any(t_prev >= t):
+    raise ValueError(f"trajectory: timesteps must satisfy 0 <= previous_timesteps < timesteps < "
+                     f"{high}")
 
 
-def _predict_eps(apply_fn, params, x, t, conditions, guidance_scale, null_condition, guided):
+# The network's prediction (eps for DDIM, the velocity for a flow).
+
+
+def _predict(apply_fn, params, schedule, x, t, conditions, guidance_scale, null_condition, guided):
   batch = x.shape[0]
-  steps = jnp.full((batch,), t, jnp.int32)
+  time = _model_time(schedule, t, batch)
   if guided:
-    nulls = jnp.full((batch,), null_condition, jnp.int32)
-    both = apply_fn(params, jnp.concatenate([x, x]), jnp.concatenate([steps, steps]),
-                    jnp.concatenate([nulls, conditions]))
-    _check_eps(both, (2 * batch,) + x.shape[1:])
-    eps_uncond, eps_cond = both[:batch], both[batch:]
-    eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+    nulls = conds.broadcast_null(null_condition, batch)
+    both = apply_fn(params, jnp.concatenate([x, x]), jnp.concatenate([time, time]),
+                    conds.concatenate(nulls, conditions))
+    _check_prediction(both, (2 * batch,) + x.shape[1:])
+    uncond, cond = both[:batch], both[batch:]
+    prediction = uncond + guidance_scale * (cond - uncond)
   else:
-    eps = apply_fn(params, x, steps, conditions)
-    _check_eps(eps, x.shape)
-  return eps.astype(x.dtype)
+    prediction = apply_fn(params, x, time, conditions)
+    _check_prediction(prediction, x.shape)
+  return prediction.astype(x.dtype)
 
 
-def _check_eps(eps, want) -> None:
-  if tuple(jnp.shape(eps)) != tuple(want):
-    raise ValueError(f"apply_fn: must return eps with the shape of x_t {tuple(want)}, got "
-                     f"{tuple(jnp.shape(eps))}")
+def _check_prediction(prediction, want) -> None:
+  if tuple(jnp.shape(prediction)) != tuple(want):
+    raise ValueError(f"apply_fn: must return a prediction with the shape of x_t {tuple(want)}, got "
+                     f"{tuple(jnp.shape(prediction))}")
+
+
+def _guidance_args(schedule, guided, guidance_scale, null_condition, conditions):
+  """guidance_scale and null_condition as the jitted functions take them (dummies when unguided)."""
+  scale = jnp.asarray(guidance_scale if guided else 0.0, _dtype(schedule))
+  null = null_condition if guided else jax.tree_util.tree_map(lambda leaf: leaf[0], conditions)
+  return scale, null
 
 
 # Sampling.
 
 
-def sample(apply_fn: ApplyFn, params: Any, conditions: ArrayLike, *, key: jax.Array,
-           schedule: NoiseSchedule, num_steps: int, eta: ArrayLike, samples_per_condition: int = 1,
+def sample(apply_fn: ApplyFn, params: Any, conditions: Any, *, key: jax.Array,
+           schedule: Schedule, num_steps: int, eta: ArrayLike, samples_per_condition: int = 1,
            shape: Sequence[int], guidance_scale: ArrayLike | None = None,
-           null_condition: int | None = None, reduce: Reduce = "sum") -> Trajectory:
-  """Samples K trajectories per condition with S stochastic DDIM steps and records each step's log-prob.
+           null_condition: Any = None, reduce: Reduce = "sum") -> Trajectory:
+  """Samples K trajectories per condition with S stochastic steps and records each step's log-prob.
 
   x_T ~ N(0, I); for i = 0..S-1: eps = eps_theta(x_{t_i}, t_i, c) (guided: eps_u + w (eps_c - eps_u)),
   x_{t'_i} = mu + sigma_{t_i} z, log_probs[i] = log N(x_{t'_i}; mu, sigma_{t_i}^2 I). The noise of
   all steps is drawn from `key` up front, an array the size of `states`.
 
   Args:
-    apply_fn: apply_fn(params, x_t [B, *shape], t [B] int32, condition [B] int32) -> eps [B, *shape].
+    apply_fn: apply_fn(params, x_t [B, *shape], t [B], conditions [B, ...]) -> eps [B, *shape].
     params: the denoiser's parameters (any pytree).
-    conditions: int [P] condition ("prompt") ids.
+    conditions: the P conditions ("prompts"): int [P] class ids, float [P, C] vectors, or any
+      pytree of arrays with leading axis P.
     key: a PRNG key, the only source of randomness.
     schedule: the `NoiseSchedule` the denoiser was trained with (T steps).
     num_steps: S, the number of sampling steps, in [1, T - 1] (static).
@@ -195,12 +257,13 @@ def sample(apply_fn: ApplyFn, params: Any, conditions: ArrayLike, *, key: jax.Ar
     samples_per_condition: K >= 1 (static).
     shape: one sample's shape, a tuple of ints (static).
     guidance_scale: None for no guidance, else the classifier-free guidance weight w >= 0, finite.
-    null_condition: the condition id of "no condition"; needed with guidance_scale, ignored without.
+    null_condition: the condition of "no condition", shaped as one condition (for class ids, the
+      int num_classes); needed with guidance_scale, ignored without.
     reduce: "sum" (exact log-density) or "mean" (DDPO's); see `saferl_jax.diffusion.step`.
 
   Returns:
     A `Trajectory` with x0 [P*K, *shape], states [S+1, P*K, *shape], log_probs [S, P*K],
-    timesteps [S], conditions [P*K], previous_timesteps [S].
+    timesteps [S], conditions [P*K, ...], previous_timesteps [S].
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -217,42 +280,36 @@ def sample(apply_fn: ApplyFn, params: Any, conditions: ArrayLike, *, key: jax.Ar
     Black et al. Training Diffusion Models with Reinforcement Learning. ICLR 2024. https://arxiv.org/abs/2305.13301
   """
   checks.check_key("key", key)
-  conditions = _check_conditions(conditions)
-  check_schedule(schedule)
-  num_train_steps = schedule.alphas_cumprod.shape[0]
-  if not 1 <= checks.check_count("num_steps", num_steps) < num_train_steps:
-    raise ValueError(f"num_steps: must be an int in [1, {num_train_steps - 1}] for a schedule of "
-                     f"{num_train_steps} steps, got {num_steps!r}")
+  conditions = conds.check("conditions", conditions)
+  _check_process(schedule, eta)
+  num_steps = _check_num_steps(num_steps, schedule)
   checks.check_count("samples_per_condition", samples_per_condition)
   shape = _check_shape(shape)
-  checks.check_real("eta", eta)
-  _check_eta(eta)
   _check_reduce(reduce)
-  guided = _check_guidance(guidance_scale, null_condition)
-  dtype = schedule.alphas_cumprod.dtype
-  return _sample(apply_fn, params, conditions, key, schedule.alphas_cumprod,
-                 jnp.asarray(eta, dtype), jnp.asarray(0.0 if not guided else guidance_scale, dtype),
-                 jnp.asarray(0 if not guided else null_condition, jnp.int32),
-                 num_steps=int(num_steps), samples_per_condition=int(samples_per_condition),
+  guided, null = _check_guidance(guidance_scale, null_condition, conditions)
+  scale, null = _guidance_args(schedule, guided, guidance_scale, null, conditions)
+  return _sample(apply_fn, params, conditions, key, schedule, jnp.asarray(eta, _dtype(schedule)),
+                 scale, null, num_steps=num_steps, samples_per_condition=int(samples_per_condition),
                  shape=shape, guided=guided, reduce=reduce)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "num_steps", "samples_per_condition",
                                                "shape", "guided", "reduce"))
-def _sample(apply_fn, params, conditions, key, alphas_cumprod, eta, guidance_scale, null_condition, *,
+def _sample(apply_fn, params, conditions, key, schedule, eta, guidance_scale, null_condition, *,
             num_steps, samples_per_condition, shape, guided, reduce):
-  conditions = jnp.repeat(conditions, samples_per_condition)
-  batch = conditions.shape[0]
-  steps = sampling_timesteps(alphas_cumprod.shape[0], num_steps)
+  conditions = conds.repeat(conditions, samples_per_condition)
+  batch = jax.tree_util.tree_leaves(conditions)[0].shape[0]
+  steps = _timesteps(schedule, num_steps)
   # All the noise at once, x_T first: one generator call compiles and runs faster than one per
   # step, for a transient array the size of `states`.
-  noise = jax.random.normal(key, (num_steps + 1, batch) + shape, alphas_cumprod.dtype)
+  noise = jax.random.normal(key, (num_steps + 1, batch) + shape, _dtype(schedule))
   log_prob = jax.vmap(_gaussian_log_prob, in_axes=(0, 0, None, None))
 
   def one_step(x, inputs):
     t, t_prev, z = inputs
-    eps = _predict_eps(apply_fn, params, x, t, conditions, guidance_scale, null_condition, guided)
-    mean, std = _mean_std(x, eps, t, t_prev, alphas_cumprod, eta)
+    prediction = _predict(apply_fn, params, schedule, x, t, conditions, guidance_scale,
+                          null_condition, guided)
+    mean, std = _step_mean_std(schedule, x, prediction, t, t_prev, eta)
     x_prev = mean + std * z
     return x_prev, (x_prev, log_prob(x_prev, mean, std, reduce))
 
@@ -261,12 +318,72 @@ def _sample(apply_fn, params, conditions, key, alphas_cumprod, eta, guidance_sca
   return Trajectory(x0, states, log_probs, steps.timesteps, conditions, steps.previous)
 
 
+def generate(apply_fn: ApplyFn, params: Any, conditions: Any, *, key: jax.Array, schedule: Schedule,
+             num_steps: int, samples_per_condition: int = 1, shape: Sequence[int],
+             guidance_scale: ArrayLike | None = None, null_condition: Any = None) -> jax.Array:
+  """Deterministic samples for evaluation: DDIM with eta = 0 from x_T ~ N(0, I); no log-probabilities.
+
+  x_{t'} = sqrt(alphabar_t') x0hat + sqrt(1 - alphabar_t') eps for each of the S steps: the
+  probability-flow sampler, whose only randomness is x_T. It is the evaluation path; the policy-
+  gradient path (`sample`) needs eta > 0, because a deterministic step has no density.
+
+  Args:
+    apply_fn, params, conditions, key, schedule, num_steps, samples_per_condition, shape,
+      guidance_scale, null_condition: as for `sample`.
+
+  Returns:
+    [P*K, *shape] the final samples, the K of each condition contiguous.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from saferl_jax.diffusion.schedules import linear_schedule
+    >>> x0 = generate(lambda p, x, t, c: 0.5 * x, None, jnp.array([0, 1]), key=jax.random.key(0),
+    ...               schedule=linear_schedule(100), num_steps=10, samples_per_condition=2, shape=(3,))
+    >>> x0.shape
+    (4, 3)
+
+  References:
+    Song, Meng, Ermon. Denoising Diffusion Implicit Models. ICLR 2021. https://arxiv.org/abs/2010.02502
+  """
+  checks.check_key("key", key)
+  conditions = conds.check("conditions", conditions)
+  _check_process(schedule, None, stochastic=False)
+  num_steps = _check_num_steps(num_steps, schedule)
+  checks.check_count("samples_per_condition", samples_per_condition)
+  shape = _check_shape(shape)
+  guided, null = _check_guidance(guidance_scale, null_condition, conditions)
+  scale, null = _guidance_args(schedule, guided, guidance_scale, null, conditions)
+  return _generate(apply_fn, params, conditions, key, schedule, scale, null, num_steps=num_steps,
+                   samples_per_condition=int(samples_per_condition), shape=shape, guided=guided)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "num_steps", "samples_per_condition",
+                                               "shape", "guided"))
+def _generate(apply_fn, params, conditions, key, schedule, guidance_scale, null_condition, *,
+              num_steps, samples_per_condition, shape, guided):
+  conditions = conds.repeat(conditions, samples_per_condition)
+  batch = jax.tree_util.tree_leaves(conditions)[0].shape[0]
+  steps = _timesteps(schedule, num_steps)
+  zero = jnp.zeros((), _dtype(schedule))
+
+  def one_step(x, inputs):
+    t, t_prev = inputs
+    prediction = _predict(apply_fn, params, schedule, x, t, conditions, guidance_scale,
+                          null_condition, guided)
+    mean, _ = _step_mean_std(schedule, x, prediction, t, t_prev, zero)
+    return mean, None
+
+  x_start = jax.random.normal(key, (batch,) + shape, _dtype(schedule))
+  x0, _ = jax.lax.scan(one_step, x_start, (steps.timesteps, steps.previous))
+  return x0
+
+
 # Recomputation under new parameters.
 
 
 def trajectory_transitions(apply_fn: ApplyFn, params: Any, trajectory: Trajectory, *,
-                           schedule: NoiseSchedule, eta: ArrayLike,
-                           guidance_scale: ArrayLike | None = None, null_condition: int | None = None,
+                           schedule: Schedule, eta: ArrayLike,
+                           guidance_scale: ArrayLike | None = None, null_condition: Any = None,
                            reduce: Reduce = "sum") -> Transitions:
   """Every stored step's mean mu_theta and log p_theta(x_t' | x_t, c) under `params`.
 
@@ -276,10 +393,10 @@ def trajectory_transitions(apply_fn: ApplyFn, params: Any, trajectory: Trajector
   call it twice (params, reference params) and apply `step_kl` per step and sample.
 
   Args:
-    apply_fn: apply_fn(params, x_t [B, *shape], t [B] int32, condition [B] int32) -> eps [B, *shape].
+    apply_fn: apply_fn(params, x_t [B, *shape], t [B], conditions [B, ...]) -> eps [B, *shape].
     params: the parameters to evaluate.
     trajectory: a `Trajectory` from `sample`, or a subset of its samples from `select_samples`.
-    schedule: the `NoiseSchedule` used to sample.
+    schedule: the schedule used to sample.
     eta: scalar in (0, 1], as used to sample.
     guidance_scale: as used to sample (None for no guidance).
     null_condition: as used to sample.
@@ -302,44 +419,37 @@ def trajectory_transitions(apply_fn: ApplyFn, params: Any, trajectory: Trajector
     ((10, 4), (10, 4), True)
   """
   _check_trajectory(trajectory)
-  check_schedule(schedule)
-  checks.check_real("eta", eta)
-  _check_eta(eta)
+  _check_process(schedule, eta)
   _check_reduce(reduce)
-  guided = _check_guidance(guidance_scale, null_condition)
-  if checks.is_concrete(trajectory.timesteps, trajectory.previous_timesteps):
-    t, t_prev = np.asarray(trajectory.timesteps), np.asarray(trajectory.previous_timesteps)
-    if np.any(t >= schedule.alphas_cumprod.shape[0]) or np.any(t_prev < 0) or np.any(t_prev >= t):
-      raise ValueError("trajectory: timesteps must satisfy 0 <= previous_timesteps < timesteps < T = "
-                       f"{schedule.alphas_cumprod.shape[0]}")
-  dtype = schedule.alphas_cumprod.dtype
-  return _transitions(apply_fn, params, trajectory, schedule.alphas_cumprod, jnp.asarray(eta, dtype),
-                      jnp.asarray(0.0 if not guided else guidance_scale, dtype),
-                      jnp.asarray(0 if not guided else null_condition, jnp.int32),
-                      guided=guided, reduce=reduce)
+  guided, null = _check_guidance(guidance_scale, null_condition, trajectory.conditions)
+  _check_times(trajectory, schedule)
+  scale, null = _guidance_args(schedule, guided, guidance_scale, null, trajectory.conditions)
+  return _transitions(apply_fn, params, trajectory, schedule, jnp.asarray(eta, _dtype(schedule)),
+                      scale, null, guided=guided, reduce=reduce)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "guided", "reduce"))
-def _transitions(apply_fn, params, trajectory, alphas_cumprod, eta, guidance_scale, null_condition, *,
+def _transitions(apply_fn, params, trajectory, schedule, eta, guidance_scale, null_condition, *,
                  guided, reduce):
-  conditions = trajectory.conditions.astype(jnp.int32)
+  conditions = trajectory.conditions
   log_prob = jax.vmap(_gaussian_log_prob, in_axes=(0, 0, None, None))
 
   def one_step(carry, inputs):
     x, x_prev, t, t_prev = inputs
-    eps = _predict_eps(apply_fn, params, x, t, conditions, guidance_scale, null_condition, guided)
-    mean, std = _mean_std(x, eps, t, t_prev, alphas_cumprod, eta)
+    prediction = _predict(apply_fn, params, schedule, x, t, conditions, guidance_scale,
+                          null_condition, guided)
+    mean, std = _step_mean_std(schedule, x, prediction, t, t_prev, eta)
     return carry, (log_prob(x_prev, mean, std, reduce), mean, std)
 
-  states = trajectory.states.astype(alphas_cumprod.dtype)
+  states = trajectory.states.astype(_dtype(schedule))
   _, (log_probs, means, stds) = jax.lax.scan(
       one_step, None, (states[:-1], states[1:], trajectory.timesteps, trajectory.previous_timesteps))
   return Transitions(log_probs, means, stds)
 
 
 def trajectory_log_probs(apply_fn: ApplyFn, params: Any, trajectory: Trajectory, *,
-                         schedule: NoiseSchedule, eta: ArrayLike,
-                         guidance_scale: ArrayLike | None = None, null_condition: int | None = None,
+                         schedule: Schedule, eta: ArrayLike,
+                         guidance_scale: ArrayLike | None = None, null_condition: Any = None,
                          reduce: Reduce = "sum") -> jax.Array:
   """log p_theta(x_t' | x_t, c) of every stored step under `params`: `trajectory_transitions(...).log_probs`.
 
@@ -393,7 +503,7 @@ def select_samples(trajectory: Trajectory, index: ArrayLike | slice) -> Trajecto
   _check_trajectory(trajectory)
   return Trajectory(x0=trajectory.x0[index], states=trajectory.states[:, index],
                     log_probs=trajectory.log_probs[:, index], timesteps=trajectory.timesteps,
-                    conditions=trajectory.conditions[index],
+                    conditions=conds.take(trajectory.conditions, index),
                     previous_timesteps=trajectory.previous_timesteps)
 
 

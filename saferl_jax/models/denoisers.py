@@ -1,15 +1,20 @@
 """Noise-prediction networks eps_theta(x_t, t, c) as Flax NNX modules (floor 2).
 
-Every denoiser is called as `model(x_t [B, *shape], t [B] int, condition [B] int)` and returns
+Every denoiser is called as `model(x_t [B, *shape], t [B], condition [B, ...])` and returns
 eps [B, *shape], the noise that x_t = sqrt(alphabar_t) x_0 + sqrt(1 - alphabar_t) eps carries
-(DDPM's epsilon parameterisation). `t` is the training timestep in [0, T); `condition` is a class
-in [0, num_classes) or the null token `num_classes`, so the condition embedding has
-num_classes + 1 rows. Training with label dropout (the condition replaced by the null token with
+(DDPM's epsilon parameterisation), or, trained with `saferl_jax.diffusion.flow`'s loss, the velocity
+of a rectified flow. `t` is the training timestep in [0, T) (or a flow's scaled float time).
+
+The condition goes through a swappable encoder: by default (`num_classes=`) a `ClassEncoder`, a
+class in [0, num_classes) or the null token `num_classes` (a table of num_classes + 1 rows);
+`VectorEncoder` for continuous vectors [B, C], `SequenceEncoder` for sequences of embeddings
+[B, L, E], or any module with the same two methods (`__call__` to [B, features] and
+`null_condition()`). Training with label dropout (the condition replaced by the null condition with
 some probability) makes one network both conditional and unconditional, which classifier-free
 guidance combines: eps = eps_u + w (eps_c - eps_u).
 
 The timestep enters through the sinusoidal embedding of the Transformer (`sinusoidal_embedding`)
-followed by a small MLP; the class through a learned embedding; their sum conditions every block
+followed by a small MLP; the condition through its encoder; their sum conditions every block
 (added to the hidden units of the MLP, a per-channel bias in the conv net). There is no batch
 normalisation: each example's output depends on that example only.
 
@@ -76,43 +81,158 @@ def sinusoidal_embedding(t: ArrayLike, dim: int, *, max_period: float = 10_000.0
   return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
-def _check_inputs(x: jax.Array, t: jax.Array, condition: jax.Array, sample_ndim: int) -> None:
+def _check_inputs(x: jax.Array, t: jax.Array, sample_ndim: int) -> None:
   """Shapes and dtypes are static, so these checks run while tracing."""
   if x.ndim != 1 + sample_ndim:
     raise ValueError(f"x: expected a batch [B, ...] with {sample_ndim} sample axes, got shape {x.shape}")
-  batch = x.shape[0]
-  for name, value in (("t", t), ("condition", condition)):
-    if value.shape != (batch,):
-      raise ValueError(f"{name}: expected shape [B={batch}], got {value.shape}")
-    if not jnp.issubdtype(value.dtype, jnp.integer):
-      raise ValueError(f"{name}: must be an integer array, got dtype {value.dtype}")
+  if t.shape != x.shape[:1]:
+    raise ValueError(f"t: expected shape [B={x.shape[0]}], got {t.shape}")
+  if not (jnp.issubdtype(t.dtype, jnp.integer) or jnp.issubdtype(t.dtype, jnp.floating)):
+    raise ValueError(f"t: must be an integer or float array, got dtype {t.dtype}")
+
+
+# Condition encoders: conditions [B, ...] -> [B, features]. Each knows its null condition (the
+# input that stands for "no condition", shaped as one condition), which label dropout and
+# classifier-free guidance feed it.
+
+
+class ClassEncoder(nnx.Module):
+  """E[c] for class ids c in [0, num_classes], a table of num_classes + 1 rows (the last: the null token).
+
+  Example:
+    >>> encoder = ClassEncoder(3, features=4, rngs=nnx.Rngs(0))
+    >>> encoder(jnp.array([0, 3])).shape, encoder.null_condition()
+    ((2, 4), 3)
+  """
+
+  def __init__(self, num_classes: int, *, features: int, rngs: nnx.Rngs):
+    checks.check_count("num_classes", num_classes)
+    checks.check_count("features", features)
+    self.num_classes = num_classes
+    self.table = nnx.Embed(num_classes + 1, features, rngs=rngs)
+
+  def null_condition(self) -> int:
+    return self.num_classes
+
+  def __call__(self, condition: jax.Array) -> jax.Array:
+    if condition.ndim != 1 or not jnp.issubdtype(condition.dtype, jnp.integer):
+      raise ValueError(f"condition: class ids must be an integer array [B], got shape "
+                       f"{condition.shape} and dtype {condition.dtype}")
+    return self.table(condition)
+
+
+class VectorEncoder(nnx.Module):
+  """W2 silu(W1 c + b1) + b2 for continuous conditions c [B, C] (a direction, an embedding).
+
+  The null condition is the zero vector: train with label dropout to give it its meaning.
+
+  Example:
+    >>> encoder = VectorEncoder(2, features=8, rngs=nnx.Rngs(0))
+    >>> encoder(jnp.ones((5, 2))).shape, encoder.null_condition().tolist()
+    ((5, 8), [0.0, 0.0])
+  """
+
+  def __init__(self, condition_dim: int, *, features: int, rngs: nnx.Rngs):
+    checks.check_count("condition_dim", condition_dim)
+    checks.check_count("features", features)
+    self.condition_dim = condition_dim
+    self.hidden = nnx.Linear(condition_dim, features, rngs=rngs)
+    self.out = nnx.Linear(features, features, rngs=rngs)
+
+  def null_condition(self) -> jax.Array:
+    return jnp.zeros((self.condition_dim,), jnp.float32)
+
+  def __call__(self, condition: jax.Array) -> jax.Array:
+    if condition.shape[1:] != (self.condition_dim,) or condition.ndim != 2:
+      raise ValueError(f"condition: expected vectors [B, {self.condition_dim}], got shape "
+                       f"{condition.shape}")
+    return self.out(nnx.silu(self.hidden(condition.astype(jnp.float32))))
+
+
+class SequenceEncoder(nnx.Module):
+  """Attention pooling of a sequence of embeddings c [B, L, E] (a text encoder's output) to [B, features].
+
+  h = sum_l softmax_l(q . W_k c_l / sqrt(features)) W_v c_l with a learned query q, then a linear
+  layer. The null condition is a sequence of L zero embeddings (as a prompt-free embedding).
+
+  Example:
+    >>> encoder = SequenceEncoder(6, length=4, features=8, rngs=nnx.Rngs(0))
+    >>> encoder(jnp.ones((3, 4, 6))).shape, encoder.null_condition().shape
+    ((3, 8), (4, 6))
+  """
+
+  def __init__(self, embedding_dim: int, *, length: int, features: int, rngs: nnx.Rngs):
+    checks.check_count("embedding_dim", embedding_dim)
+    checks.check_count("length", length)
+    checks.check_count("features", features)
+    self.embedding_dim, self.length, self.features = embedding_dim, length, features
+    self.query = nnx.Param(jax.random.normal(rngs.params(), (features,)) / math.sqrt(features))
+    self.keys = nnx.Linear(embedding_dim, features, rngs=rngs)
+    self.values = nnx.Linear(embedding_dim, features, rngs=rngs)
+    self.out = nnx.Linear(features, features, rngs=rngs)
+
+  def null_condition(self) -> jax.Array:
+    return jnp.zeros((self.length, self.embedding_dim), jnp.float32)
+
+  def __call__(self, condition: jax.Array) -> jax.Array:
+    if condition.ndim != 3 or condition.shape[1:] != (self.length, self.embedding_dim):
+      raise ValueError(f"condition: expected sequences [B, {self.length}, {self.embedding_dim}], "
+                       f"got shape {condition.shape}")
+    condition = condition.astype(jnp.float32)
+    scores = self.keys(condition) @ self.query[...] / math.sqrt(self.features)  # [B, L]
+    pooled = jnp.einsum("bl,blf->bf", jax.nn.softmax(scores, axis=-1), self.values(condition))
+    return self.out(pooled)
 
 
 class ConditionEmbedding(nnx.Module):
-  """e(t, c) = MLP(sinusoidal(t)) + E[c], E with num_classes + 1 rows (the last is the null token)."""
+  """e(t, c) = MLP(sinusoidal(t)) + encoder(c); the encoder is a `ClassEncoder` unless one is given."""
 
-  def __init__(self, *, num_classes: int, time_embedding_dim: int, features: int, rngs: nnx.Rngs):
-    checks.check_count("num_classes", num_classes)
+  def __init__(self, *, num_classes: int | None = None, encoder: nnx.Module | None = None,
+               time_embedding_dim: int, features: int, rngs: nnx.Rngs):
     if checks.check_count("time_embedding_dim", time_embedding_dim, low=2) % 2:
       raise ValueError(f"time_embedding_dim: must be even and >= 2, got {time_embedding_dim}")
     checks.check_count("features", features)
+    if (num_classes is None) == (encoder is None):
+      raise ValueError("condition_encoder: give either num_classes (class ids) or a "
+                       "condition_encoder module, not both or neither")
     self.time_embedding_dim = time_embedding_dim
+    self.features = features
     self.time_in = nnx.Linear(time_embedding_dim, features, rngs=rngs)
     self.time_out = nnx.Linear(features, features, rngs=rngs)
-    self.classes = nnx.Embed(num_classes + 1, features, rngs=rngs)
+    self.encoder = (ClassEncoder(num_classes, features=features, rngs=rngs) if encoder is None
+                    else encoder)
 
-  def __call__(self, t: jax.Array, condition: jax.Array) -> jax.Array:
+  def __call__(self, t: jax.Array, condition) -> jax.Array:
     time = self.time_out(nnx.silu(self.time_in(sinusoidal_embedding(t, self.time_embedding_dim))))
-    return time + self.classes(condition)
+    encoded = self.encoder(condition)
+    if encoded.shape != time.shape:
+      raise ValueError(f"condition_encoder: must map the conditions to [B, {self.features}], got "
+                       f"shape {encoded.shape}")
+    return time + encoded
 
 
-class MLPDenoiser(nnx.Module):
+class _Conditioned(nnx.Module):
+  """What every denoiser says about its conditions (through its condition encoder)."""
+
+  def null_condition(self):
+    """The condition that stands for "no condition" (label dropout, classifier-free guidance)."""
+    return self.embedding.encoder.null_condition()
+
+  @property
+  def num_classes(self) -> int | None:
+    """The number of classes of a class-id model, None for other conditions."""
+    return getattr(self.embedding.encoder, "num_classes", None)
+
+
+class MLPDenoiser(_Conditioned):
   """eps_theta for vectors: h <- silu(W_i h + U_i e(t, c)) per hidden layer, then a linear output.
 
   Args:
     data_dim: D, the size of a sample.
-    num_classes: number of real conditions; `num_classes` itself is the null token (use 1 and
-      condition 0 or the null token for an unconditional model).
+    num_classes: number of classes, for class-id conditions; `num_classes` itself is the null
+      token (use 1 and condition 0 or the null token for an unconditional model).
+    condition_encoder: instead of num_classes, a module mapping conditions [B, ...] to
+      [B, hidden[0]] with a `null_condition()` method (`VectorEncoder`, `SequenceEncoder`, or yours).
     hidden: hidden layer sizes.
     time_embedding_dim: size of the sinusoidal timestep embedding.
     rngs: `nnx.Rngs` for the initial parameters.
@@ -123,22 +243,22 @@ class MLPDenoiser(nnx.Module):
     (3, 2)
   """
 
-  def __init__(self, data_dim: int, *, num_classes: int, hidden: Sequence[int] = (128, 128, 128),
+  def __init__(self, data_dim: int, *, num_classes: int | None = None,
+               condition_encoder: nnx.Module | None = None, hidden: Sequence[int] = (128, 128, 128),
                time_embedding_dim: int = 32, rngs: nnx.Rngs):
     checks.check_count("data_dim", data_dim)
     hidden = _check_sizes("hidden", hidden, allow_empty=False)
-    checks.check_count("num_classes", num_classes)
     self.data_dim = data_dim
-    self.num_classes = num_classes
-    self.embedding = ConditionEmbedding(num_classes=num_classes, time_embedding_dim=time_embedding_dim,
-                                        features=hidden[0], rngs=rngs)
+    self.embedding = ConditionEmbedding(num_classes=num_classes, encoder=condition_encoder,
+                                        time_embedding_dim=time_embedding_dim, features=hidden[0],
+                                        rngs=rngs)
     sizes = [data_dim, *hidden]
     self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
     self.condition_projections = nnx.List([nnx.Linear(hidden[0], b, rngs=rngs) for b in hidden])
     self.out = nnx.Linear(hidden[-1], data_dim, rngs=rngs)
 
   def __call__(self, x: jax.Array, t: jax.Array, condition: jax.Array) -> jax.Array:
-    _check_inputs(x, t, condition, 1)
+    _check_inputs(x, t, 1)
     embedding = nnx.silu(self.embedding(t, condition))
     h = x
     for layer, projection in zip(self.layers, self.condition_projections):
@@ -249,7 +369,7 @@ class ResidualBlock(nnx.Module):
     return (h if self.skip is None else self.skip(h)) + y
 
 
-class ConvDenoiser(nnx.Module):
+class ConvDenoiser(_Conditioned):
   """eps_theta for 8x8x1 images: a two-level U-Net (8x8 with `channels`, 4x4 with 2 `channels`).
 
   conv_in -> block(8x8) -> stride-2 conv -> block(4x4) -> nearest upsample + conv -> concat the
@@ -257,7 +377,10 @@ class ConvDenoiser(nnx.Module):
   bias inside every block.
 
   Args:
-    num_classes: number of real classes (10 digits); `num_classes` is the null token.
+    num_classes: number of classes (10 digits) for class-id conditions; `num_classes` is the
+      null token. Ignored when a condition_encoder is given.
+    condition_encoder: a module mapping conditions [B, ...] to [B, 4 channels] with a
+      `null_condition()` method (`VectorEncoder`, `SequenceEncoder`, or yours).
     channels: channels at 8x8 (a multiple of 8, the GroupNorm group count).
     time_embedding_dim: size of the sinusoidal timestep embedding.
     image_shape: (H, W, C) of the images, H and W even.
@@ -269,7 +392,8 @@ class ConvDenoiser(nnx.Module):
     (4, 8, 8, 1)
   """
 
-  def __init__(self, *, num_classes: int = 10, channels: int = 32, time_embedding_dim: int = 32,
+  def __init__(self, *, num_classes: int = 10, condition_encoder: nnx.Module | None = None,
+               channels: int = 32, time_embedding_dim: int = 32,
                image_shape: tuple[int, int, int] = (8, 8, 1), rngs: nnx.Rngs):
     groups = 8
     checks.check_count("num_classes", num_classes)
@@ -278,12 +402,13 @@ class ConvDenoiser(nnx.Module):
     height, width, image_channels = _check_sizes("image_shape", image_shape, length=3)
     if height % 2 or width % 2:
       raise ValueError(f"image_shape: height and width must be even, got {tuple(image_shape)}")
-    self.num_classes = num_classes
     self.image_shape = tuple(image_shape)
     features = 4 * channels
     wide = 2 * channels
-    self.embedding = ConditionEmbedding(num_classes=num_classes, time_embedding_dim=time_embedding_dim,
-                                        features=features, rngs=rngs)
+    self.embedding = ConditionEmbedding(
+        num_classes=None if condition_encoder is not None else num_classes,
+        encoder=condition_encoder, time_embedding_dim=time_embedding_dim, features=features,
+        rngs=rngs)
     self.conv_in = PatchConv(image_channels, channels, rngs=rngs)
     self.block_down = ResidualBlock(channels, channels, embedding_features=features, groups=groups,
                                     rngs=rngs)
@@ -296,7 +421,7 @@ class ConvDenoiser(nnx.Module):
     self.conv_out = PatchConv(channels, image_channels, rngs=rngs)
 
   def __call__(self, x: jax.Array, t: jax.Array, condition: jax.Array) -> jax.Array:
-    _check_inputs(x, t, condition, 3)
+    _check_inputs(x, t, 3)
     if x.shape[1:] != self.image_shape:
       raise ValueError(f"x: expected images [B, {', '.join(map(str, self.image_shape))}], got shape {x.shape}")
     embedding = nnx.silu(self.embedding(t, condition))

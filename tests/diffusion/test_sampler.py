@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from saferl_jax.diffusion.losses import loop_advantages, ppo_loss, reinforce_loss
-from saferl_jax.diffusion.sampler import (Trajectory, sample, select_samples, select_step,
+from saferl_jax.diffusion.sampler import (Trajectory, generate, sample, select_samples, select_step,
                                           stepwise_value_and_grad, trajectory_log_probs,
                                           trajectory_transitions)
 from saferl_jax.diffusion.schedules import linear_schedule, sampling_timesteps
@@ -102,6 +102,53 @@ def test_marginal_matches_the_exact_discrete_chain(eta):
       assert abs(sample_cov - cov) < 4 * np.sqrt((var + cov**2) / K), (sample_cov, cov)
   # The state x_T is N(0, I).
   check_moments(traj.states[0], 0.0, 1.0, traj.states[0].size)
+
+
+def test_generate_is_the_deterministic_chain():
+  # eta = 0: x_0 is an affine function of x_T, whose mean and variance the recursion gives exactly.
+  k = 4000
+  x0 = generate(gaussian_apply_fn, PARAMS, jnp.array([0, 1]), key=jax.random.key(3),
+                schedule=SCHEDULE, num_steps=50, samples_per_condition=k, shape=(D,))
+  assert x0.shape == (2 * k, D)
+  for c in range(2):
+    for j in range(D):
+      mean, var, _ = exact_chain(50, 0.0, MEANS[c, j], STDS[c])
+      check_moments(x0[c * k:(c + 1) * k, j], mean, var, k)
+  # Its only randomness is x_T: the same key gives the same samples.
+  again = generate(gaussian_apply_fn, PARAMS, jnp.array([0, 1]), key=jax.random.key(3),
+                   schedule=SCHEDULE, num_steps=50, samples_per_condition=k, shape=(D,))
+  assert np.array_equal(np.asarray(x0), np.asarray(again))
+
+
+def test_conditions_of_any_structure():
+  # The same model fed class ids, one-hot vectors or a dict holding both: the same trajectories,
+  # with guidance by a null condition of the matching structure.
+  one_hot = jnp.eye(3)
+
+  def vector_apply_fn(params, x, t, c):
+    means, stds = params
+    return optimal_eps(x, t, c @ means, (c @ stds)[:, None])
+
+  def dict_apply_fn(params, x, t, c):
+    return vector_apply_fn(params, x, t, c["vector"]) + 0.0 * c["id"][:, None]
+
+  common = dict(key=jax.random.key(5), schedule=SCHEDULE, num_steps=10, eta=1.0,
+                samples_per_condition=3, shape=(D,), guidance_scale=1.5)
+  by_id = sample(gaussian_apply_fn, PARAMS, jnp.array([0, 1]), null_condition=NULL, **common)
+  by_vector = sample(vector_apply_fn, PARAMS, one_hot[:2], null_condition=one_hot[NULL], **common)
+  by_dict = sample(dict_apply_fn, PARAMS, {"id": jnp.array([0, 1]), "vector": one_hot[:2]},
+                   null_condition={"id": NULL, "vector": one_hot[NULL]}, **common)
+  for other in (by_vector, by_dict):
+    np.testing.assert_allclose(other.states, by_id.states, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(other.log_probs, by_id.log_probs, rtol=1e-5, atol=1e-3)
+  assert by_dict.conditions["vector"].shape == (6, 3)
+  assert by_dict.conditions["id"].tolist() == [0, 0, 0, 1, 1, 1]
+  sub = select_samples(by_dict, jnp.array([5, 0]))
+  assert sub.conditions["id"].tolist() == [1, 0]
+  recomputed = trajectory_log_probs(dict_apply_fn, PARAMS, by_dict, schedule=SCHEDULE, eta=1.0,
+                                    guidance_scale=1.5, null_condition={"id": NULL,
+                                                                        "vector": one_hot[NULL]})
+  np.testing.assert_allclose(recomputed, by_dict.log_probs, rtol=1e-5, atol=1e-3)
 
 
 def test_discrete_chain_converges_to_the_data_like_one_over_s():
@@ -357,12 +404,21 @@ def test_bad_arguments():
     call(samples_per_condition=0)
   with pytest.raises(ValueError, match="^shape:"):
     call(shape=(2, 0))
+  # Conditions may be any pytree of arrays with one leading axis; these have none, or two sizes.
   with pytest.raises(ValueError, match="^conditions:"):
-    call(conditions=jnp.array([0.0, 1.0]))
+    call(conditions=jnp.array(0))
   with pytest.raises(ValueError, match="^conditions:"):
-    call(conditions=jnp.zeros((2, 2), jnp.int32))
+    call(conditions={"a": jnp.zeros(2, jnp.int32), "b": jnp.zeros((3, 4))})
+  with pytest.raises(ValueError, match="^conditions:"):
+    call(conditions=jnp.array([0.0, jnp.nan]))
+  with pytest.raises(TypeError, match="^conditions:"):
+    call(conditions=jnp.array([True, False]))
   with pytest.raises(ValueError, match="^null_condition:"):
     call(guidance_scale=2.0)
+  with pytest.raises(ValueError, match="^null_condition:"):  # not shaped as one condition
+    call(guidance_scale=2.0, null_condition=jnp.array([2]))
+  with pytest.raises(ValueError, match="^null_condition:"):  # a float null for integer ids
+    call(guidance_scale=2.0, null_condition=2.0)
   with pytest.raises(ValueError, match="^schedule:"):
     call(schedule=SCHEDULE._replace(alphas_cumprod=SCHEDULE.alphas_cumprod[::-1]))
   with pytest.raises(ValueError, match="^apply_fn:"):

@@ -47,7 +47,8 @@ def test_shapes_and_null_token_row(models, name):
   x, t, condition = _inputs(shape, num_classes=num_classes)
   eps = call(model, x, t, condition)
   assert eps.shape == x.shape and eps.dtype == jnp.float32 and np.isfinite(eps).all()
-  assert model.embedding.classes.embedding.shape[0] == num_classes + 1
+  assert model.embedding.encoder.table.embedding.shape[0] == num_classes + 1
+  assert model.null_condition() == num_classes == model.num_classes
 
 
 @pytest.mark.parametrize("name", ["mlp", "conv"])
@@ -85,6 +86,8 @@ def test_input_checks(models):
     model(x, t[:-1], condition)
   with pytest.raises(ValueError, match="condition:"):
     model(x, t, condition.astype(jnp.float32))
+  with pytest.raises(ValueError, match="t:"):
+    model(x, t.astype(bool), condition)
   with pytest.raises(ValueError, match="x:"):
     model(jnp.zeros((4, 4, 4, 1)), t, condition)
   with pytest.raises(ValueError, match="channels:"):
@@ -123,3 +126,43 @@ def test_patch_conv_equals_xla_convolution(stride):
 def test_patch_conv_rejects_even_kernels():
   with pytest.raises(ValueError, match="kernel_size:"):
     dn.PatchConv(1, 1, kernel_size=2, rngs=nnx.Rngs(0))
+
+
+def test_condition_encoders_and_float_times():
+  rngs = nnx.Rngs(0)
+  vector = dn.MLPDenoiser(2, condition_encoder=dn.VectorEncoder(3, features=16, rngs=rngs),
+                          hidden=(16, 16), rngs=rngs)
+  sequence = dn.ConvDenoiser(condition_encoder=dn.SequenceEncoder(5, length=4, features=32, rngs=rngs),
+                             channels=8, rngs=rngs)
+  assert vector.num_classes is None and vector.null_condition().shape == (3,)
+  assert sequence.null_condition().shape == (4, 5)
+  directions = jax.random.normal(jax.random.key(1), (6, 3))
+  x, t = jax.random.normal(jax.random.key(2), (6, 2)), jnp.linspace(0.0, 999.0, 6)  # float times
+  eps = vector(x, t, directions)
+  assert eps.shape == (6, 2) and np.isfinite(eps).all()
+  # Each example depends on its own condition only, and the condition matters.
+  np.testing.assert_allclose(vector(x[:1], t[:1], directions[:1]), eps[:1], rtol=1e-5, atol=1e-6)
+  assert np.abs(np.asarray(vector(x, t, -directions) - eps)).min() > 1e-4
+  tokens = jax.random.normal(jax.random.key(3), (2, 4, 5))
+  images = jnp.zeros((2, 8, 8, 1))
+  out = sequence(images, jnp.array([10, 500]), tokens)
+  assert out.shape == images.shape and np.isfinite(out).all()
+  nulls = jnp.broadcast_to(sequence.null_condition(), (2, 4, 5))
+  assert np.abs(np.asarray(sequence(images, jnp.array([10, 500]), nulls) - out)).max() > 1e-4
+
+
+def test_condition_encoder_errors():
+  rngs = nnx.Rngs(0)
+  with pytest.raises(ValueError, match="^condition_encoder:"):
+    dn.MLPDenoiser(2, hidden=(8,), rngs=rngs)  # neither num_classes nor an encoder
+  with pytest.raises(ValueError, match="^condition_encoder:"):
+    dn.MLPDenoiser(2, num_classes=3, condition_encoder=dn.VectorEncoder(2, features=8, rngs=rngs),
+                   hidden=(8,), rngs=rngs)
+  wrong_width = dn.MLPDenoiser(2, condition_encoder=dn.VectorEncoder(2, features=4, rngs=rngs),
+                               hidden=(8,), rngs=rngs)
+  with pytest.raises(ValueError, match="^condition_encoder:"):
+    wrong_width(jnp.zeros((3, 2)), jnp.zeros(3), jnp.zeros((3, 2)))
+  vector = dn.MLPDenoiser(2, condition_encoder=dn.VectorEncoder(2, features=8, rngs=rngs),
+                          hidden=(8,), rngs=rngs)
+  with pytest.raises(ValueError, match="^condition:"):
+    vector(jnp.zeros((3, 2)), jnp.zeros(3), jnp.zeros((3, 5)))
