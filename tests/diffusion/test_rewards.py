@@ -1,5 +1,6 @@
 """Rewards: the digit classifier's held-out accuracy and cache, prompt alignment as a log-softmax,
-the quality (nearest-image) distance, the host-side compressibility under jit and vmap, the tilt."""
+the quality (nearest-image) distance, the host-side compressibility under jit and vmap, the tilt
+(one direction or one per sample), and several rewards combined with weights."""
 
 import zlib
 
@@ -152,3 +153,71 @@ def test_tilt_reward():
                              atol=1e-6)
   with pytest.raises(ValueError, match="direction:"):
     rewards.tilt_reward(x, jnp.ones(3))
+
+
+def test_tilt_reward_per_sample_directions():
+  x = jax.random.normal(jax.random.key(1), (6, 2))
+  u = jax.random.normal(jax.random.key(2), (6, 2))
+  expected = np.sum(np.asarray(x, np.float64) * np.asarray(u, np.float64), -1)
+  # float32 products and one sum of 2 terms: a few ulps of |x| |u|.
+  atol = 4 * np.finfo(np.float32).eps * float(jnp.max(jnp.abs(x)) * jnp.max(jnp.abs(u)))
+  np.testing.assert_allclose(rewards.tilt_reward(x, u), expected, rtol=0, atol=atol)
+  np.testing.assert_allclose(jax.jit(rewards.tilt_reward)(x, u), expected, rtol=0, atol=atol)
+  np.testing.assert_allclose(jax.vmap(rewards.tilt_reward)(x, u), expected, rtol=0, atol=atol)
+  with pytest.raises(ValueError, match="direction:"):
+    rewards.tilt_reward(x, u[:3])
+
+
+def test_combine_rewards_closed_form_components_jit_and_vmap():
+  # The many-prompt 2-D task's reward u . x, a penalty on |x|^2 that ignores the conditions, and the
+  # host-side (pure_callback) compressibility of x read as a 1x2 image.
+  tilt = lambda x0, u: rewards.tilt_reward(x0, u)
+  norm = lambda x0, u: -jnp.sum(jnp.square(x0), -1)
+  deflate = lambda x0, u: rewards.compressibility_reward(x0[:, None, :])
+  x = jax.random.normal(jax.random.key(0), (5, 2))
+  u = jax.random.normal(jax.random.key(1), (5, 2))
+  parts = {"tilt": tilt(x, u), "norm": norm(x, u), "deflate": deflate(x, u)}
+  combined = rewards.combine_rewards({"tilt": tilt, "norm": norm, "deflate": deflate},
+                                     {"tilt": 2.0, "norm": 0.5, "deflate": -1.0})
+  expected = 2.0 * parts["tilt"] + 0.5 * parts["norm"] - parts["deflate"]
+  np.testing.assert_allclose(combined(x, u), expected, rtol=1e-6)
+  out = combined.components(x, u)
+  assert isinstance(out, rewards.RewardComponents) and list(out.by_name) == ["tilt", "norm", "deflate"]
+  for name, value in parts.items():
+    np.testing.assert_array_equal(out.by_name[name], value)  # unweighted
+  np.testing.assert_array_equal(out.total, combined(x, u))
+  # A sequence of rewards gets names reward_0, reward_1, ...; the same total.
+  listed = rewards.combine_rewards([tilt, norm, deflate], [2.0, 0.5, -1.0])
+  assert listed.names == ("reward_0", "reward_1", "reward_2")
+  np.testing.assert_array_equal(listed(x, u), combined(x, u))
+  # jit equals eager; vmap over seeds equals a loop.
+  np.testing.assert_allclose(jax.jit(combined)(x, u), expected, rtol=1e-6)
+  jitted = jax.jit(combined.components)(x, u)
+  np.testing.assert_allclose(jitted.by_name["tilt"], parts["tilt"], rtol=1e-6)
+  xs, us = jnp.stack([x, -x]), jnp.stack([u, 2 * u])
+  looped = np.stack([combined(a, b) for a, b in zip(xs, us)])
+  np.testing.assert_allclose(jax.vmap(combined)(xs, us), looped, rtol=1e-6)
+
+
+def test_combine_rewards_bad_arguments():
+  one = lambda x0, c: x0[:, 0]
+  with pytest.raises(ValueError, match="^weights:"):
+    rewards.combine_rewards({"a": one}, {"b": 1.0})
+  with pytest.raises(TypeError, match="^weights:"):
+    rewards.combine_rewards({"a": one}, [1.0])
+  with pytest.raises(ValueError, match="^weights:"):
+    rewards.combine_rewards([one, one], [1.0])
+  with pytest.raises(ValueError, match=r"^weights\['a'\]:"):
+    rewards.combine_rewards({"a": one}, {"a": float("nan")})
+  with pytest.raises(TypeError, match=r"^weights\['reward_0'\]:"):
+    rewards.combine_rewards([one], ["1"])
+  with pytest.raises(TypeError, match=r"^reward_fns\['a'\]:"):
+    rewards.combine_rewards({"a": 3.0}, {"a": 1.0})
+  with pytest.raises(ValueError, match="^reward_fns:"):
+    rewards.combine_rewards([], [])
+  with pytest.raises(TypeError, match="^reward_fns:"):
+    rewards.combine_rewards(one, 1.0)
+  # A reward that returns one value per batch, not per sample, is refused when called.
+  wrong = rewards.combine_rewards({"mean": lambda x0, c: jnp.mean(x0)}, {"mean": 1.0})
+  with pytest.raises(ValueError, match=r"^reward_fns\['mean'\]:"):
+    wrong(jnp.ones((3, 2)), None)
