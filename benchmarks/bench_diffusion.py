@@ -5,8 +5,8 @@
 
 Each case runs one network on both sides, the PyTorch module (benchmarks/torch_diffusion_side.py)
 with the JAX weights copied in and its output checked against JAX's. Timings do not depend on the
-weights' values. B samples = P prompts x K = 4, S = 20
-steps, log-probs summed over dimensions (saferl_jax's reduce="sum"), rewards the mean of x_0.
+weights' values. B samples = P prompts x K = 4, S = 20 steps, log-probs summed over dimensions
+(saferl_jax's reduce="sum"), rewards the mean of x_0.
 
 Cases (independent functions, `--cases` picks them):
 - mlp: `MLPDenoiser(2, num_classes=10, hidden=(128, 128, 128))`, the 2-D task's network (105k
@@ -15,6 +15,14 @@ Cases (independent functions, `--cases` picks them):
 - conv: `ConvDenoiser` (8x8x1 digits, a two-level U-Net of GroupNorm, SiLU and 3x3
   convolutions, 32 and 64 channels, 199k parameters, random weights): the arithmetic dominates.
   Goal: parity on CPU.
+- flow_mlp, flow_conv: the same networks as velocity networks of a rectified flow: saferl_jax's
+  `sample` with a `FlowSchedule` (Flow-GRPO's SDE step, a = 0.7, t from 0.97 to 0) against a
+  Python loop over diffusers' FlowMatchEulerDiscreteScheduler (given the same times) calling the
+  torch network and Flow-GRPO's `sde_step_with_logprob`; log-probs checked as for DDIM.
+- lora_mlp, lora_conv (saferl_jax only): XLA's memory analysis and the time of one LOOP update
+  training all weights or rank-4 LoRA adapters (`add_lora`, `lora_functional`), without and with
+  a KL term to the reference (a second copy of the weights, or for LoRA the adapters disabled).
+The flow and LoRA cases are skipped, and say so, where saferl_jax lacks their modules.
 
 For mlp and conv, DDIM (eta = 1, T = 1000 linear schedule):
 1. One forward pass of the denoiser on B samples (jitted / torch.no_grad): what the network's
@@ -98,8 +106,18 @@ class Model(NamedTuple):
   description: str
   shape: tuple               # one sample, JAX layout
   torch_shape: tuple         # one sample, torch layout
-  make_jax: Callable         # seed -> nnx.Module
+  make_jax: Callable         # seed -> nnx.Module, randomly initialised
   make_torch: Callable       # () -> torch.nn.Module (torch's own initialisation)
+  trained_state: Callable | None = None  # seed -> nnx.State of trained weights (None: keep random)
+
+
+def jax_model(name: str, seed: int = 0, *, trained: bool = True):
+  """The JAX network of case `name`, with its trained weights where the case has them."""
+  spec = MODELS[name]
+  model = spec.make_jax(seed)
+  if trained and spec.trained_state is not None:
+    nnx.update(model, spec.trained_state(seed))
+  return model
 
 
 def _torch_mlp():
@@ -121,7 +139,7 @@ def _pretrained_mlp_params(seed: int):
   moves a log-density by ~0.1: the agreement checks would measure that, not the formulas. A
   briefly trained network keeps |x| of the task's order (~4). Timings do not depend on it.
   """
-  model = MLPDenoiser(2, num_classes=NUM_CLASSES, hidden=HIDDEN, rngs=nnx.Rngs(seed))
+  model = MODELS["mlp"].make_jax(seed)
   key = jax.random.key(seed)
   points = mixture2d.sample_mixture(mixture2d.default_mixture(), key=key, num_samples=4096)
   classes = jax.random.randint(jax.random.fold_in(key, 1), (4096,), 0, NUM_CLASSES)
@@ -131,18 +149,15 @@ def _pretrained_mlp_params(seed: int):
   return nnx.state(model, nnx.Param)
 
 
-def _mlp(seed: int) -> MLPDenoiser:
-  model = MLPDenoiser(2, num_classes=NUM_CLASSES, hidden=HIDDEN, rngs=nnx.Rngs(seed))
-  nnx.update(model, _pretrained_mlp_params(seed))
-  return model
-
-
 MODELS = {
     "mlp": Model(f"MLPDenoiser (2-D, hidden {HIDDEN}, 300 pretraining steps on the 2-D mixture)",
-                 (2,), (2,), _mlp, _torch_mlp),
-    "conv": Model(f"ConvDenoiser (8x8x1, {CHANNELS} and {2 * CHANNELS} channels)", (8, 8, 1),
-                  (1, 8, 8), lambda seed: ConvDenoiser(num_classes=NUM_CLASSES, channels=CHANNELS,
-                                                       rngs=nnx.Rngs(seed)), _torch_conv)}
+                 (2,), (2,), lambda seed: MLPDenoiser(2, num_classes=NUM_CLASSES, hidden=HIDDEN,
+                                                      rngs=nnx.Rngs(seed)),
+                 _torch_mlp, _pretrained_mlp_params),
+    "conv": Model(f"ConvDenoiser (8x8x1, {CHANNELS} and {2 * CHANNELS} channels, random weights)",
+                  (8, 8, 1), (1, 8, 8),
+                  lambda seed: ConvDenoiser(num_classes=NUM_CLASSES, channels=CHANNELS,
+                                            rngs=nnx.Rngs(seed)), _torch_conv)}
 
 
 def to_torch_layout(a, shape: tuple) -> np.ndarray:
@@ -362,7 +377,7 @@ def ddim_case(name: str, batch: int, repeats: int) -> dict:
   spec = MODELS[name]
   shape = spec.shape
   layout = lambda a: to_torch_layout(a, shape)
-  model = spec.make_jax(0)
+  model = jax_model(name)
   schedule = linear_schedule(T)
   apply_fn, params = as_functional(model)
   prompts = jax_prompts(batch)
@@ -542,7 +557,7 @@ def flow_case(name: str, batch: int, repeats: int) -> dict:
   spec = MODELS[name]
   shape = spec.shape
   layout = lambda a: to_torch_layout(a, shape)
-  model = spec.make_jax(0)  # used as a velocity network: timings do not depend on the weights
+  model = jax_model(name)  # used as a velocity network: timings do not depend on the weights
   schedule = flow_schedule()
   apply_fn, params = as_functional(model)
   prompts = jax_prompts(batch)
@@ -646,12 +661,12 @@ def lora_case(name: str, batch: int, repeats: int) -> dict:
   from saferl_jax.models.lora import add_lora, disable_adapters, lora_functional
   spec = MODELS[name]
   schedule = linear_schedule(T)
-  apply_fn, params = as_functional(spec.make_jax(0))
+  apply_fn, params = as_functional(jax_model(name))
   trajectory = jax.jit(jax_sampler(apply_fn, schedule, spec.shape))(
       params, jax_prompts(batch), jax.random.key(3))
   rewards = rewards_of(trajectory.x0)
   lora_apply, adapters, base = lora_functional(
-      add_lora(spec.make_jax(0), rank=LORA_RANK, rngs=nnx.Rngs(1)))
+      add_lora(jax_model(name), rank=LORA_RANK, rngs=nnx.Rngs(1)))
   count = lambda tree: int(sum(np.size(p) for p in jax.tree_util.tree_leaves(tree)))
   nbytes = lambda tree: int(sum(np.asarray(p).nbytes for p in jax.tree_util.tree_leaves(tree)))
   row = {"batch": batch, "repeats": repeats, "rank": LORA_RANK, "kl_weight": LORA_KL_WEIGHT,
@@ -692,7 +707,7 @@ def memory_side(side: str, name: str, batch: int) -> dict:
   out = {"after_imports_MB": rss_mb()}
   if side == "jax":
     schedule = linear_schedule(T)
-    apply_fn, params = as_functional(spec.make_jax(0))
+    apply_fn, params = as_functional(jax_model(name, trained=False))  # no training in the peak
     prompts, key = jax_prompts(batch), jax.random.key(3)
     optimizer = optax.adam(LEARNING_RATE)
     opt_state = optimizer.init(params)
@@ -839,7 +854,8 @@ def _timing_table(rows: list[dict], cases) -> list[str]:
 def ddim_markdown(name: str, rows: list[dict], rates: dict) -> list[str]:
   spec = MODELS[name]
   lines = [f"## {name}: {spec.description}, DDIM", "",
-           f"{rows[0]['denoiser_parameters']:,} parameters (copied into an equal PyTorch module). B = P prompts x K = {K}, S = {STEPS} DDIM steps, eta = {ETA}.", ""]
+           f"{rows[0]['denoiser_parameters']:,} parameters (copied into an equal PyTorch module). "
+           f"B = P prompts x K = {K}, S = {STEPS} DDIM steps, eta = {ETA}.", ""]
   lines += _timing_table(rows, (
       ("one forward pass of the denoiser (jitted / no_grad)", "jax_forward_s", "forward_s"),
       ("sample S steps with log-probs: `sample` / DDPO's loop", "jax_sample_s", "sample_s"),
