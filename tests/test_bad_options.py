@@ -131,7 +131,7 @@ MLP_APPLY, MLP_PARAMS = as_functional(denoisers.MLPDenoiser(2, num_classes=2, hi
 
 def _pretrain():
   return dict(model=denoisers.MLPDenoiser(2, num_classes=2, hidden=(4,), rngs=nnx.Rngs(0)),
-              images=np.zeros((4, 2), F32), labels=np.array([0, 1, 0, 1]), key=KEY,
+              images=np.zeros((4, 2), F32), conditions=np.array([0, 1, 0, 1]), key=KEY,
               alphas_cumprod=np.asarray(SCHEDULE.alphas_cumprod), steps=1, batch_size=2,
               learning_rate=1e-3)
 

@@ -19,7 +19,15 @@ network runs once on a doubled batch (null condition, then the prompt) and
 eps = eps_u + w (eps_c - eps_u). It returns the `Trajectory`: every state x_T, ..., x_0, every
 step's log-probability, the timesteps and the conditions. Randomness comes only from `key`.
 
-`generate` is the evaluation path: the deterministic DDIM chain (eta = 0), returning samples only.
+The step is a swappable piece, chosen by the schedule: a `NoiseSchedule` gives DDIM's step (the
+network predicts eps, its time input is the integer training step), a `FlowSchedule` gives
+Flow-GRPO's SDE step of a rectified flow (the network predicts the velocity, its time input is
+t * time_scale; `saferl_jax.diffusion.flow`). Both are Gaussian steps with recorded log-densities,
+so everything downstream (recomputation, losses, fine-tuning) is shared.
+
+`generate` is the evaluation path: the deterministic DDIM chain (eta = 0) or the flow's ODE,
+returning samples only. `differentiable_sample` is reward backpropagation's sampler (DRaFT-K,
+AlignProp): its samples carry the gradient of the last K steps.
 
 `trajectory_transitions` recomputes, for stored trajectories, every step's mean and log-probability
 under other parameters (the policy being trained, or a frozen reference for a KL term): the same
@@ -45,7 +53,7 @@ References:
   [LOOP] Gupta et al. A Simple and Effective Reinforcement Learning Method for Text-to-Image Diffusion Models. 2025. https://arxiv.org/abs/2503.00897
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: pdoc evaluates NamedTuple fields outside this module.
 
 import functools
 from typing import Any, Callable, NamedTuple, Sequence
@@ -57,13 +65,14 @@ from jax.typing import ArrayLike
 
 from saferl_jax import checks
 from saferl_jax.diffusion import conditions as conds
+from saferl_jax.diffusion import flow
 from saferl_jax.diffusion.schedules import (NoiseSchedule, SamplingTimesteps, check_schedule,
                                             sampling_timesteps)
 from saferl_jax.diffusion.step import (Reduce, _check_eta, _check_reduce, _gaussian_log_prob,
                                        _mean_std)
 
 ApplyFn = Callable[[Any, jax.Array, jax.Array, Any], jax.Array]
-Schedule = NoiseSchedule
+Schedule = NoiseSchedule | flow.FlowSchedule
 
 
 class Trajectory(NamedTuple):
@@ -105,8 +114,14 @@ class Transitions(NamedTuple):
 
 def _check_process(schedule, eta, *, stochastic: bool = True) -> None:
   """The schedule, and eta when a log-probability is wanted (eta > 0)."""
+  if isinstance(schedule, flow.FlowSchedule):
+    flow.check_flow_schedule(schedule)
+    if stochastic:
+      flow._check_eta(eta)
+    return
   if not isinstance(schedule, NoiseSchedule):
-    raise TypeError(f"schedule: must be a NoiseSchedule, got {type(schedule).__name__}")
+    raise TypeError(f"schedule: must be a NoiseSchedule (DDIM) or a FlowSchedule (rectified "
+                    f"flow), got {type(schedule).__name__}")
   check_schedule(schedule)
   if stochastic:
     checks.check_real("eta", eta)
@@ -115,24 +130,34 @@ def _check_process(schedule, eta, *, stochastic: bool = True) -> None:
 
 def _max_steps(schedule) -> int | None:
   """The most sampling steps the schedule allows (None: any number)."""
+  if isinstance(schedule, flow.FlowSchedule):
+    return None
   return schedule.alphas_cumprod.shape[0] - 1
 
 
 def _timesteps(schedule, num_steps: int) -> SamplingTimesteps:
+  if isinstance(schedule, flow.FlowSchedule):
+    return flow.flow_timesteps(schedule, num_steps)
   return sampling_timesteps(schedule.alphas_cumprod.shape[0], num_steps)
 
 
 def _model_time(schedule, t, batch: int) -> jax.Array:
-  """The network's time input [B]: DDIM's integer training step."""
+  """The network's time input [B]: DDIM's integer training step, or a flow's t * time_scale."""
+  if isinstance(schedule, flow.FlowSchedule):
+    return jnp.full((batch,), t * schedule.time_scale, jnp.float32)
   return jnp.full((batch,), t, jnp.int32)
 
 
 def _step_mean_std(schedule, x, prediction, t, t_prev, eta):
   """The step's Gaussian: mean and std (std = 0 and the deterministic step when eta = 0)."""
+  if isinstance(schedule, flow.FlowSchedule):
+    return flow._flow_mean_std(x, prediction, t, t_prev, eta)
   return _mean_std(x, prediction, t, t_prev, schedule.alphas_cumprod, eta)
 
 
 def _dtype(schedule):
+  if isinstance(schedule, flow.FlowSchedule):
+    return jnp.float32
   return schedule.alphas_cumprod.dtype
 
 
@@ -194,7 +219,7 @@ def _check_times(trajectory: Trajectory, schedule) -> None:
   if not checks.is_concrete(trajectory.timesteps, trajectory.previous_timesteps):
     return
   t, t_prev = np.asarray(trajectory.timesteps), np.asarray(trajectory.previous_timesteps)
-  high = schedule.alphas_cumprod.shape[0]
+  high = 1 if isinstance(schedule, flow.FlowSchedule) else schedule.alphas_cumprod.shape[0]
   if np.any(t >= high) or np.any(t_prev < 0) or np.any(t_prev >= t):
     raise ValueError(f"trajectory: timesteps must satisfy 0 <= previous_timesteps < timesteps < "
                      f"{high}")
@@ -251,9 +276,11 @@ def sample(apply_fn: ApplyFn, params: Any, conditions: Any, *, key: jax.Array,
     conditions: the P conditions ("prompts"): int [P] class ids, float [P, C] vectors, or any
       pytree of arrays with leading axis P.
     key: a PRNG key, the only source of randomness.
-    schedule: the `NoiseSchedule` the denoiser was trained with (T steps).
-    num_steps: S, the number of sampling steps, in [1, T - 1] (static).
-    eta: scalar in (0, 1]; 1 is DDPM's ancestral sampler, as in DDPO and LOOP.
+    schedule: the `NoiseSchedule` the denoiser was trained with (T steps): DDIM steps; or a
+      `FlowSchedule` for a velocity model: Flow-GRPO's SDE steps (`saferl_jax.diffusion.flow`).
+    num_steps: S, the number of sampling steps, in [1, T - 1] for DDIM (static).
+    eta: DDIM: scalar in (0, 1], 1 is DDPM's ancestral sampler, as in DDPO and LOOP; a flow: the
+      noise level a > 0 of sigma_t = a sqrt(t / (1 - t)) (Flow-GRPO: 0.7).
     samples_per_condition: K >= 1 (static).
     shape: one sample's shape, a tuple of ints (static).
     guidance_scale: None for no guidance, else the classifier-free guidance weight w >= 0, finite.
@@ -294,9 +321,9 @@ def sample(apply_fn: ApplyFn, params: Any, conditions: Any, *, key: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "num_steps", "samples_per_condition",
-                                               "shape", "guided", "reduce"))
+                                               "shape", "guided", "reduce", "backprop_steps"))
 def _sample(apply_fn, params, conditions, key, schedule, eta, guidance_scale, null_condition, *,
-            num_steps, samples_per_condition, shape, guided, reduce):
+            num_steps, samples_per_condition, shape, guided, reduce, backprop_steps=None):
   conditions = conds.repeat(conditions, samples_per_condition)
   batch = jax.tree_util.tree_leaves(conditions)[0].shape[0]
   steps = _timesteps(schedule, num_steps)
@@ -305,7 +332,7 @@ def _sample(apply_fn, params, conditions, key, schedule, eta, guidance_scale, nu
   noise = jax.random.normal(key, (num_steps + 1, batch) + shape, _dtype(schedule))
   log_prob = jax.vmap(_gaussian_log_prob, in_axes=(0, 0, None, None))
 
-  def one_step(x, inputs):
+  def one_step(params, x, inputs):
     t, t_prev, z = inputs
     prediction = _predict(apply_fn, params, schedule, x, t, conditions, guidance_scale,
                           null_condition, guided)
@@ -313,7 +340,19 @@ def _sample(apply_fn, params, conditions, key, schedule, eta, guidance_scale, nu
     x_prev = mean + std * z
     return x_prev, (x_prev, log_prob(x_prev, mean, std, reduce))
 
-  x0, (xs, log_probs) = jax.lax.scan(one_step, noise[0], (steps.timesteps, steps.previous, noise[1:]))
+  inputs = (steps.timesteps, steps.previous, noise[1:])
+  if backprop_steps is None:  # sampling: no gradient is wanted through the chain
+    x0, (xs, log_probs) = jax.lax.scan(functools.partial(one_step, params), noise[0], inputs)
+  else:  # reward backprop: constants for S - K steps, then K rematerialised steps with gradient
+    split = num_steps - backprop_steps
+    head, tail = (jax.tree_util.tree_map(lambda v: v[:split], inputs),
+                  jax.tree_util.tree_map(lambda v: v[split:], inputs))
+    frozen = jax.lax.stop_gradient(params)
+    x_mid, (xs_head, lp_head) = jax.lax.scan(functools.partial(one_step, frozen), noise[0], head)
+    x_mid = jax.lax.stop_gradient(x_mid)
+    x0, (xs_tail, lp_tail) = jax.lax.scan(
+        jax.checkpoint(functools.partial(one_step, params)), x_mid, tail)
+    xs, log_probs = jnp.concatenate([xs_head, xs_tail]), jnp.concatenate([lp_head, lp_tail])
   states = jnp.concatenate([noise[:1], xs])
   return Trajectory(x0, states, log_probs, steps.timesteps, conditions, steps.previous)
 
@@ -321,11 +360,12 @@ def _sample(apply_fn, params, conditions, key, schedule, eta, guidance_scale, nu
 def generate(apply_fn: ApplyFn, params: Any, conditions: Any, *, key: jax.Array, schedule: Schedule,
              num_steps: int, samples_per_condition: int = 1, shape: Sequence[int],
              guidance_scale: ArrayLike | None = None, null_condition: Any = None) -> jax.Array:
-  """Deterministic samples for evaluation: DDIM with eta = 0 from x_T ~ N(0, I); no log-probabilities.
+  """Deterministic samples for evaluation: DDIM with eta = 0 (or a flow's ODE) from x_T ~ N(0, I); no log-probs.
 
-  x_{t'} = sqrt(alphabar_t') x0hat + sqrt(1 - alphabar_t') eps for each of the S steps: the
-  probability-flow sampler, whose only randomness is x_T. It is the evaluation path; the policy-
-  gradient path (`sample`) needs eta > 0, because a deterministic step has no density.
+  DDIM: x_{t'} = sqrt(alphabar_t') x0hat + sqrt(1 - alphabar_t') eps for each of the S steps, the
+  probability-flow sampler; a `FlowSchedule`: Euler steps x_{t'} = x_t - (t - t') v. The only
+  randomness is x_T. It is the evaluation path; the policy-gradient path (`sample`) needs eta > 0,
+  because a deterministic step has no density.
 
   Args:
     apply_fn, params, conditions, key, schedule, num_steps, samples_per_condition, shape,
@@ -396,8 +436,8 @@ def trajectory_transitions(apply_fn: ApplyFn, params: Any, trajectory: Trajector
     apply_fn: apply_fn(params, x_t [B, *shape], t [B], conditions [B, ...]) -> eps [B, *shape].
     params: the parameters to evaluate.
     trajectory: a `Trajectory` from `sample`, or a subset of its samples from `select_samples`.
-    schedule: the schedule used to sample.
-    eta: scalar in (0, 1], as used to sample.
+    schedule: the schedule used to sample (`NoiseSchedule` or `FlowSchedule`).
+    eta: as used to sample.
     guidance_scale: as used to sample (None for no guidance).
     null_condition: as used to sample.
     reduce: "sum" or "mean", as used to sample.
@@ -550,7 +590,8 @@ def select_step(trajectory: Trajectory, index: ArrayLike) -> Trajectory:
 
 
 def stepwise_value_and_grad(step_loss: Callable[[Any, Trajectory], tuple[jax.Array, Any]], params: Any,
-                            trajectory: Trajectory) -> tuple[tuple[jax.Array, Any], Any]:
+                            trajectory: Trajectory, *, steps: ArrayLike | None = None,
+                            max_step_norm: float | None = None) -> tuple[tuple[jax.Array, Any], Any]:
   """Value and gradient of sum_i step_loss(params, select_step(trajectory, i)), one step at a time.
 
   Every policy-gradient loss over a trajectory (REINFORCE's sum over steps, PPO's per-step clipped
@@ -559,15 +600,22 @@ def stepwise_value_and_grad(step_loss: Callable[[Any, Trajectory], tuple[jax.Arr
   only one step's activations are alive, where differentiating the whole S-step recomputation keeps
   all S. For the digits U-Net on CPU it is also faster (docs/benchmarks.md).
 
+  With `max_step_norm` = c each step's gradient g_i is scaled to min(1, c / ||g_i||) g_i (global
+  norm over params) before the sum: no single step can dominate the update (see
+  `saferl_jax.training.finetuning` on REINFORCE's last step).
+
   Args:
     step_loss: step_loss(params, one_step_trajectory) -> (scalar loss, aux pytree); build the step's
       log-probs with `trajectory_log_probs` or `trajectory_transitions` on the one-step trajectory.
     params: the parameters to differentiate.
     trajectory: a `Trajectory` of S steps (or a minibatch of it, from `select_samples`).
+    steps: optional int [M] indices of the steps to visit (default: all S, in order); DDPO's
+      timestep_fraction trains a random subset.
+    max_step_norm: optional bound c > 0 on each step's gradient norm.
 
   Returns:
-    ((loss, aux), grads): the loss summed over steps, aux stacked over steps [S, ...], and the
-    gradient, shaped as params.
+    ((loss, aux), grads): the loss summed over the visited steps, aux stacked over them [M, ...],
+    and the gradient, shaped as params.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -585,12 +633,84 @@ def stepwise_value_and_grad(step_loss: Callable[[Any, Trajectory], tuple[jax.Arr
     True
   """
   _check_trajectory(trajectory)
+  num_steps = trajectory.log_probs.shape[0]
+  if steps is None:
+    steps = jnp.arange(num_steps)
+  else:
+    steps = checks.as_int("steps", steps)
+    if steps.ndim != 1 or steps.shape[0] == 0:
+      raise ValueError(f"steps: expected a non-empty 1-d array of step indices, got shape "
+                       f"{tuple(steps.shape)}")
+    if checks.is_concrete(steps):
+      checks.check_indices("steps", steps, num_steps, what="step index")
+  if max_step_norm is not None:
+    checks.check_real("max_step_norm", max_step_norm, low=0.0, open_low=True)
   gradient = jax.value_and_grad(step_loss, has_aux=True)
 
   def one_step(total, index):
     (loss, aux), grads = gradient(params, select_step(trajectory, index))
+    if max_step_norm is not None:
+      norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)))
+      scale = jnp.minimum(1.0, max_step_norm / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
+      grads = jax.tree_util.tree_map(lambda g: g * scale.astype(g.dtype), grads)
     return jax.tree_util.tree_map(jnp.add, total, grads), (loss, aux)
 
   zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-  grads, (losses, aux) = jax.lax.scan(one_step, zeros, jnp.arange(trajectory.log_probs.shape[0]))
+  grads, (losses, aux) = jax.lax.scan(one_step, zeros, steps)
   return (jnp.sum(losses), aux), grads
+
+
+# Reward backpropagation.
+
+
+def differentiable_sample(apply_fn: ApplyFn, params: Any, conditions: Any, *, key: jax.Array,
+                          schedule: Schedule, num_steps: int, eta: ArrayLike,
+                          samples_per_condition: int = 1, shape: Sequence[int], backprop_steps: int,
+                          guidance_scale: ArrayLike | None = None, null_condition: Any = None,
+                          reduce: Reduce = "sum") -> Trajectory:
+  """`sample`, differentiable with respect to params through its last K steps (DRaFT-K, AlignProp).
+
+  The first S - K steps run with stop_gradient(params) (their states are constants); the last K
+  carry the gradient of x_0 with respect to params, each step rematerialised (`jax.checkpoint`) so
+  that the backward pass stores K states, not every activation. With the same key it returns the
+  same trajectory as `sample`. Reward backpropagation maximises r(x_0) by jax.grad of
+  -mean r(trajectory.x0): the baseline for differentiable rewards.
+
+  Args:
+    apply_fn, params, conditions, key, schedule, num_steps, eta, samples_per_condition, shape,
+      guidance_scale, null_condition, reduce: as for `sample`.
+    backprop_steps: K in [1, num_steps], the last steps the gradient flows through.
+
+  Returns:
+    A `Trajectory`, as `sample`'s.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from saferl_jax.diffusion.schedules import linear_schedule
+    >>> apply_fn = lambda params, x, t, c: params * x
+    >>> def loss(params):
+    ...   traj = differentiable_sample(apply_fn, params, jnp.array([0]), key=jax.random.key(0),
+    ...                                schedule=linear_schedule(100), num_steps=10, eta=1.0,
+    ...                                samples_per_condition=4, shape=(2,), backprop_steps=3)
+    ...   return -jnp.mean(traj.x0[:, 0])
+    >>> bool(jnp.isfinite(jax.grad(loss)(0.5)))
+    True
+
+  References:
+    Clark, Vicol, Swersky, Fleet. Directly Fine-Tuning Diffusion Models on Differentiable Rewards. ICLR 2024. https://arxiv.org/abs/2309.17400
+    Prabhudesai, Goyal, Pathak, Fragkiadaki. Aligning Text-to-Image Diffusion Models with Reward Backpropagation. 2023. https://arxiv.org/abs/2310.03739
+  """
+  checks.check_key("key", key)
+  conditions = conds.check("conditions", conditions)
+  _check_process(schedule, eta)
+  num_steps = _check_num_steps(num_steps, schedule)
+  if not 1 <= checks.check_count("backprop_steps", backprop_steps) <= num_steps:
+    raise ValueError(f"backprop_steps: must be in [1, num_steps = {num_steps}], got {backprop_steps}")
+  checks.check_count("samples_per_condition", samples_per_condition)
+  shape = _check_shape(shape)
+  _check_reduce(reduce)
+  guided, null = _check_guidance(guidance_scale, null_condition, conditions)
+  scale, null = _guidance_args(schedule, guided, guidance_scale, null, conditions)
+  return _sample(apply_fn, params, conditions, key, schedule, jnp.asarray(eta, _dtype(schedule)),
+                 scale, null, num_steps=num_steps, samples_per_condition=int(samples_per_condition),
+                 shape=shape, guided=guided, reduce=reduce, backprop_steps=int(backprop_steps))

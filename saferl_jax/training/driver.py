@@ -187,7 +187,7 @@ def _compiled_evaluate(evaluate: Callable):
 def run(step_fn: Callable, state, data, key: jax.Array, *, num_steps: int, eval_every: int,
         fingerprint: dict | None, data_axes=0, evaluate: Callable | None = None,
         checkpoint_path: str | Path | None = None, checkpoint_mismatch: str = "error",
-        description: str = "training") -> tuple[Any, dict, bool]:
+        description: str = "training", evaluate_state: bool = False) -> tuple[Any, dict, bool]:
   """Runs `num_steps` steps of `step_fn` for S seeds: (final state, history, resumed_finished).
 
   Args:
@@ -208,6 +208,8 @@ def run(step_fn: Callable, state, data, key: jax.Array, *, num_steps: int, eval_
     checkpoint_mismatch: "error" (default) raises when the directory holds another run;
       "new" then checkpoints into the sibling `<path>-<fingerprint digest>` instead.
     description: the progress bar's label and the prefix of error messages.
+    evaluate_state: evaluate receives the whole state instead of state.params (to evaluate,
+      say, a moving average of the parameters kept in the state).
 
   Returns:
     (state, history {name: list of [S] rows}, finished): `finished` is True when a finished
@@ -221,7 +223,8 @@ def run(step_fn: Callable, state, data, key: jax.Array, *, num_steps: int, eval_
   state, key = jax.device_put((state, key), sharding)
   data = _put(data, data_axes, sharding)
   evaluate_fn = _compiled_evaluate(evaluate) if evaluate is not None else (lambda params: {})
-  history = {name: [value] for name, value in evaluate_fn(state.params).items()}
+  evaluated = (lambda state: state) if evaluate_state else (lambda state: state.params)
+  history = {name: [value] for name, value in evaluate_fn(evaluated(state)).items()}
 
   start = 0
   if checkpoint_path is not None:
@@ -255,7 +258,7 @@ def run(step_fn: Callable, state, data, key: jax.Array, *, num_steps: int, eval_
             f"{description}: {name} became non-finite at step {bad_step} of {num_steps}; the "
             "parameters diverged (lower the learning rate) or the inputs produce NaN")
       history.setdefault(name, []).extend(values.T)  # [S, length] -> `length` rows of [S]
-    for name, value in evaluate_fn(state.params).items():
+    for name, value in evaluate_fn(evaluated(state)).items():
       history[name].append(value)
     if checkpoint_path is not None:
       checkpoints.write(checkpoint_path, fingerprint, state, first_step + length, history)

@@ -1,32 +1,68 @@
-"""Reward fine-tuning of a diffusion model with REINFORCE, PPO (DDPO) or LOOP, many seeds at once (floor 3).
+"""Reward fine-tuning of a diffusion or flow model: REINFORCE, PPO (DDPO), GRPO, LOOP or reward backprop (floor 3).
 
-One round: draw P prompts, sample K trajectories per prompt with the current ("old") parameters,
-score the B = P K final samples (B reward queries), compute advantages, then update:
+One round: draw P prompts from `prompt_fn` (uniform class ids by default), sample K trajectories
+per prompt with the current ("old") parameters, score the B = P K final samples (B reward queries),
+compute advantages, then update:
 
   "reinforce"  one gradient step on -(1/B) sum_b A_b sum_t log p_theta, A the leave-one-out
                advantage of the same K samples (REINFORCE with a baseline, on-policy);
-  "ppo"        DDPO-IS: A from per-prompt running reward statistics, clipped; `epochs` passes of
-               `minibatches` steps on PPO's clipped loss with the stored log-probs as the old ones;
-  "loop"       LOOP: the leave-one-out advantage inside the same clipped loss and updates.
+  "ppo"        DDPO-IS as ddpo-pytorch runs it: A from DDPO's per-prompt tracker (the last
+               `tracker_buffer` rewards of each prompt id, the batch's statistics below
+               `tracker_min_count` of them or for prompts without an id), clipped to [-5, 5];
+               `epochs` passes of `minibatches` steps on PPO's clipped loss with the stored
+               log-probs as the old ones;
+  "grpo"       the group's standardised rewards (`grpo_advantages`) in the same clipped loss;
+  "loop"       LOOP: the leave-one-out advantage in the same clipped loss and updates;
+  "draft"      reward backpropagation (DRaFT-K, AlignProp): one step on -mean r(x_0), the gradient
+               taken through the last `backprop_steps` sampling steps (rematerialised); needs a
+               differentiable reward.
 
-An optional KL term, beta times the per-step Gaussian KL ||mu_theta - mu_ref||^2 / (2 sigma_t^2)
-reduced over steps as the policy loss is (summed for REINFORCE, averaged for PPO's per-step
-loss), keeps the model near the reference (pretrained) parameters: the objective is then
-E[r] - beta KL(path), whose optimum tilts the reference by exp(r / beta) (with PPO's normalised
-advantages, by exp(r / (beta std r))). S seeds run in one vmapped, jitted call through the one
-training driver (`saferl_jax.training.driver`, seed axis sharded over devices); the run is
-checkpointed every `eval_every` rounds and resumes exactly (round r uses fold_in(seed key, r)). Sample efficiency is counted in reward queries: B per round.
+The schedule picks the process: a `NoiseSchedule` samples DDIM steps, a `FlowSchedule` the
+Flow-GRPO SDE steps of a rectified flow; everything else is shared. An optional KL term, beta times
+the per-step Gaussian KL ||mu_theta - mu_ref||^2 / (2 sigma_t^2) reduced over steps as the policy
+loss is (summed for REINFORCE, averaged for the clipped loss), keeps the model near the reference
+(initial) parameters: the objective is then E[r] - beta KL(path), whose optimum tilts the
+reference by exp(r / beta) (with standardised advantages, by exp(r / (beta std r))). The path KL
+to the reference is logged every round, with or without the term.
+
+With `frozen_params` (LoRA: `saferl_jax.models.lora.lora_functional`), only `params` (the
+adapters) are trained and kept per seed; the network is apply_fn((params, frozen_params), ...),
+the frozen weights are shared by every seed, and the KL reference is the initial adapters (for
+fresh LoRA adapters, the base network): no second copy of the weights.
+
+S seeds run in one vmapped, jitted call through the one training driver
+(`saferl_jax.training.driver`, seed axis sharded over devices); the run is checkpointed every
+`eval_every` rounds and resumes exactly (round r uses fold_in(seed key, r)). Sample efficiency is
+counted in reward queries: B per round.
+
+The last denoising step dominates REINFORCE. A step's score is (x_t' - mu) / sigma_t^2 times
+d mu / d theta, whose size grows like 1 / sigma_t, and DDPM's last step (t = 1 + T/S down to 0 at
+eta = 1) has a sigma_t about 20 times smaller than the others: on digits its gradient was about 20
+times theirs, so after Adam's global-norm clip every update followed that one step's noise, and
+REINFORCE fell below the pretrained model. The cure is `max_step_grad_norm`: each step's
+gradient is clipped to that global norm before the steps are summed (the steps' gradients are
+taken one at a time anyway, `stepwise_value_and_grad`), so no single step can dominate; steps
+below the bound are untouched. It is on by default for REINFORCE (1.0, the same bound as the
+usual whole-update clip) and available to every method.
 
 References:
   [DDPO] Black, Janner, Du, Kostrikov, Levine. Training Diffusion Models with Reinforcement
   Learning. ICLR 2024. https://arxiv.org/abs/2305.13301
   [LOOP] Gupta et al. A Simple and Effective Reinforcement Learning Method for Text-to-Image
   Diffusion Models. 2025. https://arxiv.org/abs/2503.00897
+  [Flow-GRPO] Liu et al. Flow-GRPO: Training Flow Matching Models via Online RL. 2025.
+  https://arxiv.org/abs/2505.05470
+  [DRaFT] Clark, Vicol, Swersky, Fleet. Directly Fine-Tuning Diffusion Models on Differentiable
+  Rewards. ICLR 2024. https://arxiv.org/abs/2309.17400
+  [AlignProp] Prabhudesai, Goyal, Pathak, Fragkiadaki. Aligning Text-to-Image Diffusion Models with
+  Reward Backpropagation. 2023. https://arxiv.org/abs/2310.03739
 """
 
 # No `from __future__ import annotations`: pdoc evaluates NamedTuple fields outside this module.
 
 import dataclasses
+import functools
+import math
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -37,243 +73,523 @@ import optax
 
 from saferl_jax import checks
 from saferl_jax.training import checkpoints, driver
-from saferl_jax.diffusion.losses import (RewardStatsState, loop_advantages, ppo_advantages, ppo_loss,
-                                         reinforce_loss, reward_stats)
-from saferl_jax.diffusion.sampler import (sample, select_samples, stepwise_value_and_grad,
-                                          trajectory_transitions)
-from saferl_jax.diffusion.schedules import NoiseSchedule, check_schedule
+from saferl_jax.diffusion import conditions as conds
+from saferl_jax.diffusion.losses import (grpo_advantages, loop_advantages, ppo_loss, prompt_tracker,
+                                         reinforce_loss)
+from saferl_jax.diffusion.sampler import (differentiable_sample, sample, select_samples,
+                                          stepwise_value_and_grad, trajectory_transitions)
 from saferl_jax.diffusion.step import step_kl
 
-METHODS = ("reinforce", "ppo", "loop")
+METHODS = ("reinforce", "ppo", "grpo", "loop", "draft")
+_CLIPPED = ("ppo", "grpo", "loop")  # the methods of PPO's clipped loss and minibatch updates
+_ADVANTAGE_CLIP = 5.0  # DDPO clips its tracker's advantages to [-5, 5]
 
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
   """How trajectories are sampled and scored (static: it shapes the compiled round)."""
   shape: tuple[int, ...]           # one sample's shape, e.g. (8, 8, 1)
-  num_classes: int                 # prompts are drawn uniformly from 0..num_classes-1
   prompts_per_round: int           # P
   samples_per_prompt: int          # K
-  num_steps: int = 20              # S, DDIM steps
-  eta: float = 1.0
+  num_classes: int | None = None   # default prompts: class ids drawn uniformly from 0..num_classes-1
+  num_steps: int = 20              # S, sampling steps
+  eta: float = 1.0                 # DDIM's eta in (0, 1], or a flow's noise level a > 0
   reduce: str = "sum"              # how step log-probs are reduced (see diffusion.step)
   guidance_scale: float | None = None
-  null_condition: int | None = None
+  null_condition: Any = None       # one condition's null (for class ids, the int num_classes)
+  num_prompt_ids: int | None = None  # PPO's tracker size: prompt ids in [0, num_prompt_ids)
+
+
+class Prompts(NamedTuple):
+  """What a prompt_fn returns when its prompts have ids (for PPO's per-prompt tracker).
+
+  Attributes:
+    conditions: [P, ...] the prompts' conditions (any pytree with leading axis P).
+    ids: int [P] prompt ids in [0, Sampling.num_prompt_ids), or -1 for a prompt without one
+      (continuous prompts: the tracker then uses the batch's statistics).
+  """
+  conditions: Any
+  ids: jax.Array
+
+
+def class_prompts(num_classes: int, num_prompts: int) -> Callable[[jax.Array], Prompts]:
+  """The default prompt_fn: num_prompts class ids drawn uniformly from [0, num_classes), ids = classes."""
+  checks.check_count("num_classes", num_classes)
+  checks.check_count("num_prompts", num_prompts)
+  return _class_prompts(int(num_classes), int(num_prompts))
+
+
+@functools.lru_cache(maxsize=64)  # one object per configuration: compiled rounds are reused
+def _class_prompts(num_classes: int, num_prompts: int):
+  def prompt_fn(key):
+    ids = jax.random.randint(key, (num_prompts,), 0, num_classes)
+    return Prompts(ids, ids)
+  return prompt_fn
+
+
+def _draw_prompts(prompt_fn, key, num_prompts: int) -> Prompts:
+  """prompt_fn's prompts as `Prompts` (ids -1 when it returns bare conditions), checked."""
+  prompts = prompt_fn(key)
+  if not isinstance(prompts, Prompts):
+    prompts = Prompts(prompts, jnp.full((num_prompts,), -1, jnp.int32))
+  conditions = conds.check("prompt_fn", prompts.conditions)
+  size = jax.tree_util.tree_leaves(conditions)[0].shape[0]
+  ids = jnp.asarray(prompts.ids)
+  if size != num_prompts or ids.shape != (num_prompts,):
+    raise ValueError(f"prompt_fn: must return sampling.prompts_per_round = {num_prompts} prompts "
+                     f"(and as many ids), got {size} conditions and ids of shape {ids.shape}")
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"prompt_fn: prompt ids must be integers, got dtype {ids.dtype}")
+  return Prompts(conditions, ids.astype(jnp.int32))
 
 
 def _check_sampling(sampling) -> None:
   """The scalar fields of `Sampling`, named as `sampling.<field>` (the user's argument)."""
   if not isinstance(sampling, Sampling):
     raise TypeError(f"sampling: must be a Sampling, got {type(sampling).__name__}")
-  for field in ("num_classes", "prompts_per_round", "samples_per_prompt", "num_steps"):
+  for field in ("prompts_per_round", "samples_per_prompt", "num_steps"):
     checks.check_count(f"sampling.{field}", getattr(sampling, field))
-  checks.check_real("sampling.eta", sampling.eta, low=0.0, high=1.0, open_low=True)
+  for field in ("num_classes", "num_prompt_ids"):
+    if getattr(sampling, field) is not None:
+      checks.check_count(f"sampling.{field}", getattr(sampling, field))
+  checks.check_real("sampling.eta", sampling.eta, low=0.0, open_low=True)
   if sampling.guidance_scale is not None:
     checks.check_real("sampling.guidance_scale", sampling.guidance_scale, low=0.0)
     if sampling.null_condition is None:
       raise ValueError("sampling.null_condition: guidance (sampling.guidance_scale) needs the "
-                       "condition id that stands for 'no condition'")
-    checks.check_count("sampling.null_condition", sampling.null_condition, low=0)
+                       "condition that stands for 'no condition'")
 
 
 class FinetuneState(NamedTuple):
+  """One seed's fine-tuning state.
+
+  Attributes:
+    params: the trained parameters (the adapters, with frozen_params).
+    opt_state: the optimizer's state.
+    tracker: PPO's per-prompt reward buffers (`prompt_tracker`), empty for other methods.
+    ema_params: the exponential moving average of params (params itself without ema_decay).
+  """
   params: Any
   opt_state: Any
-  reward_stats: RewardStatsState
+  tracker: Any
+  ema_params: Any
 
 
-def _transitions(apply_fn, params, trajectory, schedule, sampling: Sampling):
+class FinetuneResult(NamedTuple):
+  """Final parameters, their moving average and the history (leading seed axis unless one key).
+
+  Attributes:
+    params: the final parameters.
+    history: {name: [rounds, S]} (see `finetune`).
+    ema_params: the moving average of the parameters (equal to params without ema_decay).
+  """
+  params: Any
+  history: dict
+  ema_params: Any
+
+
+def _network(params, frozen_params):
+  """What apply_fn receives: the parameters, or (trained, frozen) with frozen_params."""
+  return params if frozen_params is None else (params, frozen_params)
+
+
+def _transitions(apply_fn, params, trajectory, schedule, null_condition, sampling: Sampling):
   return trajectory_transitions(apply_fn, params, trajectory, schedule=schedule, eta=sampling.eta,
                                 guidance_scale=sampling.guidance_scale,
-                                null_condition=sampling.null_condition, reduce=sampling.reduce)
+                                null_condition=null_condition, reduce=sampling.reduce)
 
 
-def _round(state: FinetuneState, data: tuple[Any, NoiseSchedule], key: jax.Array,
-           round_index: jax.Array, *, apply_fn, reward_fn, optimizer, method: str, sampling: Sampling, epochs: int,
-           minibatches: int, clip_range: float, kl_weight: float, normalize_advantages: bool):
+def _path_kl(apply_fn, params, reference_params, trajectory, schedule, null_condition, sampling):
+  """Per sample, sum over steps of KL(p_theta(.|x_t) || p_ref(.|x_t)) on the stored states [B]."""
+  new = _transitions(apply_fn, params, trajectory, schedule, null_condition, sampling)
+  reference = _transitions(apply_fn, reference_params, trajectory, schedule, null_condition, sampling)
+  per_step = jax.vmap(lambda means, ref_means, std: jax.vmap(
+      lambda m, r: step_kl(m, r, std, reduce=sampling.reduce))(means, ref_means))(
+          new.means, reference.means, new.stds)
+  return jnp.sum(per_step, axis=0)
+
+
+def _advantages(method, rewards, prompts, tracker_state, *, sampling, tracker_options,
+                normalize_advantages, grpo_global_std):
+  """(advantages [B], the tracker's new state) of one round."""
+  k = sampling.samples_per_prompt
+  if method == "ppo":
+    ids = jnp.repeat(prompts.ids, k)
+    tracked = prompt_tracker(tracker_options[0], buffer_size=tracker_options[1],
+                             min_count=tracker_options[2]).update(tracker_state, ids, rewards)
+    return jnp.clip(tracked.advantages, -_ADVANTAGE_CLIP, _ADVANTAGE_CLIP), tracked.state
+  if method == "grpo":
+    return grpo_advantages(rewards, samples_per_condition=k, global_std=grpo_global_std), tracker_state
+  return loop_advantages(rewards, samples_per_condition=k, normalize=normalize_advantages), tracker_state
+
+
+def _round(state: FinetuneState, data: tuple, key: jax.Array, round_index: jax.Array, *,
+           apply_fn, reward_fn, prompt_fn, optimizer, method: str, sampling: Sampling,
+           epochs: int, minibatches: int, clip_range: float, kl_weight: float,
+           normalize_advantages: bool, grpo_global_std: bool, tracker_options: tuple,
+           timestep_fraction: float, max_step_grad_norm: float | None, backprop_steps: int,
+           ema_decay: float | None):
   """One sampling round and its updates; returns the new state and the round's diagnostics.
 
-  `data` is (the reference parameters of this seed, the noise schedule shared by every seed).
+  `data` is (this seed's reference parameters, then shared by every seed: the schedule, the null
+  condition and the frozen parameters).
   """
-  reference_params, schedule = data
+  reference_params, schedule, null_condition, frozen_params = data
   round_key = jax.random.fold_in(key, round_index)
-  prompt_key, sample_key, shuffle_key = jax.random.split(round_key, 3)
-  prompts = jax.random.randint(prompt_key, (sampling.prompts_per_round,), 0, sampling.num_classes)
-  trajectory = sample(apply_fn, jax.lax.stop_gradient(state.params), prompts, key=sample_key,
-                      schedule=schedule, num_steps=sampling.num_steps, eta=sampling.eta,
-                      samples_per_condition=sampling.samples_per_prompt, shape=sampling.shape,
-                      guidance_scale=sampling.guidance_scale, null_condition=sampling.null_condition,
-                      reduce=sampling.reduce)
-  rewards = reward_fn(trajectory.x0, trajectory.conditions)
-  stats = state.reward_stats
-  if method == "ppo":
-    stats = reward_stats().update(stats, trajectory.conditions, rewards)
-    advantages = ppo_advantages(stats, trajectory.conditions, rewards)
-  else:
-    advantages = loop_advantages(rewards, samples_per_condition=sampling.samples_per_prompt,
-                                 normalize=normalize_advantages)
+  prompt_key, sample_key, shuffle_key, steps_key = jax.random.split(round_key, 4)
+  prompts = _draw_prompts(prompt_fn, prompt_key, sampling.prompts_per_round)
+  sample_options = dict(schedule=schedule, num_steps=sampling.num_steps, eta=sampling.eta,
+                        samples_per_condition=sampling.samples_per_prompt, shape=sampling.shape,
+                        guidance_scale=sampling.guidance_scale, null_condition=null_condition)
+  old_params = jax.lax.stop_gradient(state.params)
 
+  if method == "draft":
+    def draft_loss(params):
+      trajectory = differentiable_sample(
+          apply_fn, _network(params, frozen_params), prompts.conditions, key=sample_key,
+          backprop_steps=backprop_steps, reduce=sampling.reduce, **sample_options)
+      rewards = reward_fn(trajectory.x0, trajectory.conditions)
+      return -jnp.mean(rewards), (rewards, jax.lax.stop_gradient(trajectory))
+    (_, (rewards, trajectory)), grads = jax.value_and_grad(draft_loss, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    approx_kl = clip_fraction = jnp.zeros(())
+    tracker = state.tracker
+  else:
+    trajectory = sample(apply_fn, _network(old_params, frozen_params), prompts.conditions,
+                        key=sample_key, reduce=sampling.reduce, **sample_options)
+    rewards = reward_fn(trajectory.x0, trajectory.conditions)
+    advantages, tracker = _advantages(
+        method, rewards, prompts, state.tracker, sampling=sampling, tracker_options=tracker_options,
+        normalize_advantages=normalize_advantages, grpo_global_std=grpo_global_std)
+    params, opt_state, approx_kl, clip_fraction = _policy_gradient_updates(
+        state, trajectory, advantages, reference_params, schedule, null_condition, frozen_params,
+        shuffle_key, steps_key, apply_fn=apply_fn, optimizer=optimizer, method=method,
+        sampling=sampling, epochs=epochs, minibatches=minibatches, clip_range=clip_range,
+        kl_weight=kl_weight, timestep_fraction=timestep_fraction,
+        max_step_grad_norm=max_step_grad_norm)
+
+  # The path KL of the sampling (old) parameters to the reference, on this round's trajectories.
+  path_kl = _path_kl(apply_fn, _network(old_params, frozen_params),
+                     _network(reference_params, frozen_params), trajectory, schedule, null_condition,
+                     sampling)
+  ema_params = params if ema_decay is None else optax.incremental_update(
+      params, state.ema_params, 1.0 - ema_decay)
+  diagnostics = {"reward": jnp.mean(rewards), "approx_kl": approx_kl, "clip_fraction": clip_fraction,
+                 "kl_to_reference": jnp.mean(path_kl)}
+  components = getattr(reward_fn, "components", None)
+  if components is not None:  # a combined reward: log each part (one more evaluation)
+    for name, values in components(trajectory.x0, trajectory.conditions).by_name.items():
+      diagnostics[f"reward/{name}"] = jnp.mean(values)
+  return FinetuneState(params, opt_state, tracker, ema_params), diagnostics
+
+
+def _policy_gradient_updates(state, trajectory, advantages, reference_params, schedule,
+                             null_condition, frozen_params, shuffle_key, steps_key, *, apply_fn,
+                             optimizer, method, sampling, epochs, minibatches, clip_range,
+                             kl_weight, timestep_fraction, max_step_grad_norm):
+  """REINFORCE's one step, or the clipped loss's epochs x minibatches steps, on one round's samples."""
+  num_steps = sampling.num_steps
+  num_trained = max(1, math.ceil(timestep_fraction * num_steps))
   # Every loss below is a sum over denoising steps, so its gradient is taken one step at a time
-  # (`stepwise_value_and_grad`): REINFORCE sums its per-step terms, PPO averages them, and the KL
-  # is weighted as the policy loss is, so that kl_weight is the beta of E[r] - beta KL(path).
-  step_weight = 1.0 if method == "reinforce" else 1.0 / sampling.num_steps
+  # (`stepwise_value_and_grad`): REINFORCE sums its per-step terms (rescaled by S / trained steps
+  # when a fraction is trained, so the estimate stays unbiased), the clipped loss averages them,
+  # and the KL is weighted as the policy loss is, so that kl_weight is the beta of
+  # E[r] - beta KL(path).
+  step_weight = num_steps / num_trained if method == "reinforce" else 1.0 / num_trained
 
   def step_loss(params, step, step_advantages):
-    new = _transitions(apply_fn, params, step, schedule, sampling)
+    new = _transitions(apply_fn, _network(params, frozen_params), step, schedule, null_condition,
+                       sampling)
     if method == "reinforce":
       loss, approx_kl, clip_fraction = reinforce_loss(new.log_probs, step_advantages), 0.0, 0.0
     else:
       loss, approx_kl, clip_fraction = ppo_loss(new.log_probs, step.log_probs, step_advantages,
                                                 clip_range=clip_range)
     if kl_weight:
-      reference = _transitions(apply_fn, reference_params, step, schedule, sampling)
+      reference = _transitions(apply_fn, _network(reference_params, frozen_params), step, schedule,
+                               null_condition, sampling)
       kl = jax.vmap(lambda m, r: step_kl(m, r, new.stds[0], reduce=sampling.reduce))(
           new.means[0], jax.lax.stop_gradient(reference.means[0]))
       loss = loss + kl_weight * jnp.mean(kl)
     return step_weight * loss, (jnp.asarray(approx_kl), jnp.asarray(clip_fraction))
 
-  batch_size = trajectory.conditions.shape[0]
+  batch_size = advantages.shape[0]
   if method == "reinforce":  # on-policy: one step on the whole batch
     orders = jnp.arange(batch_size)[None, None]
   else:
     orders = jax.vmap(lambda k: jax.random.permutation(k, batch_size))(
         jax.random.split(shuffle_key, epochs)).reshape(epochs, minibatches, -1)
+  orders = orders.reshape(-1, orders.shape[-1])
+  update_keys = jax.random.split(steps_key, orders.shape[0])
 
-  def update(carry, index):
+  def update(carry, inputs):
     params, opt_state = carry
+    index, update_key = inputs
+    # DDPO's timestep_fraction: the steps trained in this update, a random subset shared by the
+    # minibatch (all of them when the fraction is 1).
+    trained_steps = (jnp.arange(num_steps) if num_trained == num_steps else
+                     jax.random.permutation(update_key, num_steps)[:num_trained])
     batch = select_samples(trajectory, index)
     (_, diagnostics), grads = stepwise_value_and_grad(
-        lambda p, step: step_loss(p, step, advantages[index]), params, batch)
+        lambda p, step: step_loss(p, step, advantages[index]), params, batch,
+        steps=trained_steps, max_step_norm=max_step_grad_norm)
     diagnostics = jax.tree_util.tree_map(jnp.mean, diagnostics)  # averaged over steps
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), diagnostics
 
   (params, opt_state), (approx_kl, clip_fraction) = jax.lax.scan(
-      update, (state.params, state.opt_state), orders.reshape(-1, orders.shape[-1]))
-  diagnostics = {"reward": jnp.mean(rewards), "approx_kl": jnp.mean(approx_kl),
-                 "clip_fraction": jnp.mean(clip_fraction)}
-  return FinetuneState(params, opt_state, stats), diagnostics
+      update, (state.params, state.opt_state), (orders, update_keys))
+  return params, opt_state, jnp.mean(approx_kl), jnp.mean(clip_fraction)
 
 
 def finetune(
     apply_fn: Callable,
     params,
-    reward_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    reward_fn: Callable[[jax.Array, Any], jax.Array],
     *,
     key: jax.Array,
     method: str,
     rounds: int,
-    schedule: NoiseSchedule,
+    schedule,
     sampling: Sampling,
     optimizer: optax.GradientTransformation,
+    prompt_fn: Callable[[jax.Array], Any] | None = None,
+    frozen_params: Any = None,
     epochs: int = 2,
     minibatches: int = 2,
     clip_range: float = 0.2,
     kl_weight: float = 0.0,
     normalize_advantages: bool = False,
+    grpo_global_std: bool = False,
+    tracker_buffer: int = 16,
+    tracker_min_count: int = 16,
+    timestep_fraction: float = 1.0,
+    max_step_grad_norm: float | None | str = "auto",
+    backprop_steps: int = 1,
+    ema_decay: float | None = None,
     evaluate: Callable[[Any], dict] | None = None,
     eval_every: int = 5,
     checkpoint_path: str | Path | None = None,
     checkpoint_mismatch: str = "error",
     run_config: dict | None = None,
-) -> driver.TrainResult:
-  """Fine-tunes a denoiser on a reward with REINFORCE, PPO or LOOP, for S seeds at once.
+) -> FinetuneResult:
+  """Fine-tunes a denoiser (or flow) on a reward with REINFORCE, PPO, GRPO, LOOP or DRaFT, for S seeds at once.
 
   Args:
-    apply_fn: apply_fn(params, x_t [B, *shape], t [B], condition [B]) -> eps [B, *shape].
-    params: the pretrained parameters with a leading seed axis [S, ...] (also the KL reference).
-    reward_fn: jittable reward_fn(x0 [B, *shape], conditions [B]) -> rewards [B].
+    apply_fn: apply_fn(params, x_t [B, *shape], t [B], conditions [B, ...]) -> eps (or velocity)
+      [B, *shape]; with frozen_params it receives (params, frozen_params) as its parameters.
+    params: the initial trainable parameters with a leading seed axis [S, ...] (also the KL
+      reference).
+    reward_fn: jittable reward_fn(x0 [B, *shape], conditions [B, ...]) -> rewards [B] (for
+      "draft", differentiable). A `combine_rewards` reward also logs each of its parts.
     key: [S] PRNG keys; a single key means S = 1 and no seed axis on params.
     method: one of METHODS.
     rounds: sampling rounds; each makes P K reward queries. A multiple of eval_every.
-    schedule: the pretraining noise schedule.
-    sampling: a `Sampling` (shape, prompts, K, steps, eta, reduction, guidance).
+    schedule: the pretraining `NoiseSchedule` (DDIM steps) or a `FlowSchedule` (flow SDE steps).
+    sampling: a `Sampling` (shape, P, K, steps, eta, reduction, guidance).
     optimizer: an optax optimizer, e.g. optax.adam(1e-4); pass the same object to reuse
       compilation.
-    epochs, minibatches: PPO/LOOP passes over each round's samples, and steps per pass
-      (B must divide into minibatches); ignored by REINFORCE (one step per round).
+    prompt_fn: prompt_fn(key) -> conditions [P, ...] (any pytree), or `Prompts(conditions, ids)`
+      when prompts have ids for PPO's tracker; a stable object (compilation is reused per object).
+      Default: `class_prompts(sampling.num_classes, P)`.
+    frozen_params: parameters shared by every seed and never trained (LoRA's base weights).
+    epochs, minibatches: passes of the clipped loss over each round's samples, and steps per pass
+      (B must divide into minibatches); REINFORCE and DRaFT take one step per round.
     clip_range: PPO's e (0.1 to 0.3 goes with reduce="sum"; DDPO's 1e-4 with "mean").
-    kl_weight: weight of the KL to the initial parameters (0: none).
+    kl_weight: weight of the KL to the initial parameters (0: none; not with "draft").
     normalize_advantages: REINFORCE and LOOP divide each prompt's leave-one-out advantages by the
-      std of its K rewards (`loop_advantages(normalize=True)`); PPO always normalises by its
-      running statistics, so it must stay False for "ppo".
-    evaluate: optional jittable evaluate(params) -> {name: scalar} for one seed, recorded before
-      training and every `eval_every` rounds.
+      std of its K rewards (`loop_advantages(normalize=True)`).
+    grpo_global_std: GRPO divides by the std of the whole batch instead of the group's.
+    tracker_buffer, tracker_min_count: DDPO's per-prompt tracker for "ppo" (ddpo-pytorch: 16, 16);
+      prompt ids come from `Prompts.ids` (class ids by default), in [0, sampling.num_prompt_ids or
+      num_classes).
+    timestep_fraction: the fraction of each trajectory's steps trained in each update (DDPO's
+      timestep_fraction), a random subset per update; in (0, 1].
+    max_step_grad_norm: each step's gradient is clipped to this global norm before the steps are
+      summed (module docstring); None: no clip; "auto": 1.0 for REINFORCE, None otherwise.
+    backprop_steps: for "draft", K, the last sampling steps the gradient flows through.
+    ema_decay: keep an exponential moving average of the parameters with this decay per round
+      (evaluated instead of the parameters, returned as ema_params); None: none.
+    evaluate: optional jittable evaluate(params) -> {name: scalar} for one seed (the trainable
+      params; close over frozen ones), recorded before training and every `eval_every` rounds.
     eval_every: rounds per chunk between evaluations and checkpoints.
     checkpoint_path: an orbax checkpoint directory, written after every chunk and resumed from
       when it holds this very run: the same parameters, keys, schedule, options, optimizer (its
-      first updates), reward (its name and its values on fixed probe samples), evaluate and
+      first updates), prompts and reward (their names and values on fixed probes), evaluate and
       rounds. Another run's checkpoint raises a ValueError naming what differs.
     checkpoint_mismatch: "error", or "new" to checkpoint beside another run's checkpoint.
     run_config: optional JSON dict bound to the checkpoint (e.g. an experiment's whole config).
 
   Returns:
-    A `TrainResult`; history["reward"], ["approx_kl"], ["clip_fraction"] are [rounds, S] (the
-    sampled batch's mean reward before each round's update, and that round's diagnostics);
-    history["reward_queries"] is [rounds] (cumulative queries after each round); evaluate's
-    names are [rounds / eval_every + 1, S].
+    A `FinetuneResult`; history["reward"], ["approx_kl"], ["clip_fraction"],
+    ["kl_to_reference"] (the mean path KL of the sampling parameters to the reference) are
+    [rounds, S]; a combined reward adds ["reward/<name>"]; history["reward_queries"] is [rounds]
+    (cumulative queries after each round); evaluate's names are [rounds / eval_every + 1, S].
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from flax import nnx
+    >>> from saferl_jax.models.denoisers import MLPDenoiser, VectorEncoder
+    >>> from saferl_jax.models.functional import as_functional
+    >>> from saferl_jax.diffusion.schedules import linear_schedule
+    >>> rngs = nnx.Rngs(0)
+    >>> model = MLPDenoiser(2, condition_encoder=VectorEncoder(2, features=16, rngs=rngs),
+    ...                     hidden=(16, 16), rngs=rngs)
+    >>> apply_fn, params = as_functional(model)
+    >>> def directions(key):  # continuous prompts: unit vectors u
+    ...   angle = jax.random.uniform(key, (4,), maxval=2 * jnp.pi)
+    ...   return jnp.stack([jnp.cos(angle), jnp.sin(angle)], -1)
+    >>> result = finetune(apply_fn, params, lambda x, u: jnp.sum(x * u, -1), key=jax.random.key(0),
+    ...                   method="grpo", rounds=2, eval_every=2, schedule=linear_schedule(100),
+    ...                   sampling=Sampling(shape=(2,), prompts_per_round=4, samples_per_prompt=4,
+    ...                                     num_steps=5), optimizer=optax.adam(1e-3),
+    ...                   prompt_fn=directions)
+    >>> result.history["reward"].shape, result.history["reward_queries"].tolist()
+    ((2,), [16, 32])
   """
   checks.check_choice("method", method, METHODS)
   driver.check_chunks("rounds", rounds, eval_every)
-  for name, value in (("epochs", epochs), ("minibatches", minibatches)):
+  for name, value in (("epochs", epochs), ("minibatches", minibatches),
+                      ("tracker_buffer", tracker_buffer), ("backprop_steps", backprop_steps)):
     checks.check_count(name, value)
+  checks.check_count("tracker_min_count", tracker_min_count, low=0)
   _check_sampling(sampling)
-  check_schedule(schedule)
-  num_train_steps = schedule.alphas_cumprod.shape[0]
-  if sampling.num_steps >= num_train_steps:
-    raise ValueError(f"sampling.num_steps: must be in [1, {num_train_steps - 1}] for a schedule of "
-                     f"{num_train_steps} steps, got {sampling.num_steps}")
+  _check_schedule_and_steps(schedule, sampling)
   checks.check_real("clip_range", clip_range, low=0.0, open_low=True)
   checks.check_real("kl_weight", kl_weight, low=0.0)
+  checks.check_real("timestep_fraction", timestep_fraction, low=0.0, high=1.0, open_low=True)
+  if ema_decay is not None:
+    checks.check_real("ema_decay", ema_decay, low=0.0, high=1.0, open_high=True)
+  if max_step_grad_norm == "auto":
+    max_step_grad_norm = 1.0 if method == "reinforce" else None
+  if max_step_grad_norm is not None:
+    checks.check_real("max_step_grad_norm", max_step_grad_norm, low=0.0, open_low=True)
   checks.check_choice("checkpoint_mismatch", checkpoint_mismatch, driver.CHECKPOINT_MISMATCH)
-  if sampling.samples_per_prompt < 2 and method != "ppo":
-    raise ValueError(f"sampling.samples_per_prompt: {method} needs K >= 2 for its leave-one-out "
-                     f"baseline, got {sampling.samples_per_prompt}")
-  batch_size = sampling.prompts_per_round * sampling.samples_per_prompt
-  if method != "reinforce" and batch_size % minibatches:
+  k = sampling.samples_per_prompt
+  if k < 2 and method in ("reinforce", "grpo", "loop"):
+    raise ValueError(f"sampling.samples_per_prompt: {method} needs K >= 2 for its group baseline, "
+                     f"got {k}")
+  batch_size = sampling.prompts_per_round * k
+  if method in _CLIPPED and batch_size % minibatches:
     raise ValueError(f"minibatches: {minibatches} does not divide the {batch_size} samples of a round")
-  if not clip_range > 0:
-    raise ValueError(f"clip_range: must be > 0, got {clip_range}")
-  if normalize_advantages not in (True, False):
-    raise ValueError(f"normalize_advantages: must be True or False, got {normalize_advantages!r}")
-  if normalize_advantages and method == "ppo":
-    raise ValueError("normalize_advantages: PPO normalises by its running per-prompt statistics; "
-                     "only reinforce and loop take this option")
-  if not kl_weight >= 0:
-    raise ValueError(f"kl_weight: must be >= 0, got {kl_weight}")
+  for name, value in (("normalize_advantages", normalize_advantages),
+                      ("grpo_global_std", grpo_global_std)):
+    if value not in (True, False):
+      raise ValueError(f"{name}: must be True or False, got {value!r}")
+  if normalize_advantages and method not in ("reinforce", "loop"):
+    raise ValueError(f"normalize_advantages: only reinforce and loop take this option ({method} "
+                     "standardises its advantages already)")
+  if grpo_global_std and method != "grpo":
+    raise ValueError(f"grpo_global_std: only grpo takes this option, not {method}")
+  if method == "draft" and kl_weight:
+    raise ValueError("kl_weight: reward backpropagation (draft) has no KL term; use 0")
+  if method == "draft" and backprop_steps > sampling.num_steps:
+    raise ValueError(f"backprop_steps: must be <= sampling.num_steps = {sampling.num_steps}, got "
+                     f"{backprop_steps}")
+  if prompt_fn is None:
+    if sampling.num_classes is None:
+      raise ValueError("prompt_fn: give a prompt_fn, or sampling.num_classes for uniform class ids")
+    prompt_fn = class_prompts(sampling.num_classes, sampling.prompts_per_round)
+  elif not callable(prompt_fn):
+    raise TypeError(f"prompt_fn: must be callable, prompt_fn(key) -> conditions, got "
+                    f"{type(prompt_fn).__name__}")
+  example = _draw_prompts(prompt_fn, jax.random.key(0), sampling.prompts_per_round)
+  null_condition = (None if sampling.guidance_scale is None else
+                    conds.check_null("sampling.null_condition", sampling.null_condition,
+                                     example.conditions))
+  num_prompt_ids = sampling.num_prompt_ids or sampling.num_classes or 1
+  if method == "ppo" and tracker_min_count > tracker_buffer:
+    raise ValueError(f"tracker_min_count: must be <= tracker_buffer = {tracker_buffer}, got "
+                     f"{tracker_min_count}")
   key, params, single_seed = driver.seed_axis(key, params)
   num_seeds = key.shape[0]
 
-  stats = jax.vmap(lambda _: reward_stats().init(sampling.num_classes))(jnp.arange(num_seeds))
-  state = FinetuneState(params, jax.vmap(optimizer.init)(params), stats)
+  tracker = prompt_tracker(num_prompt_ids, buffer_size=tracker_buffer,
+                           min_count=min(tracker_min_count, tracker_buffer))
+  trackers = jax.vmap(lambda _: tracker.init())(jnp.arange(num_seeds))
+  state = FinetuneState(params, jax.vmap(optimizer.init)(params), trackers, params)
   options = dict(method=method, epochs=int(epochs), minibatches=int(minibatches),
                  clip_range=float(clip_range), kl_weight=float(kl_weight),
-                 normalize_advantages=bool(normalize_advantages))
-  data = (params, schedule)  # the KL reference (per seed) and the schedule (shared)
+                 normalize_advantages=bool(normalize_advantages),
+                 grpo_global_std=bool(grpo_global_std),
+                 tracker_options=(num_prompt_ids, int(tracker_buffer),
+                                  min(int(tracker_min_count), int(tracker_buffer))),
+                 timestep_fraction=float(timestep_fraction),
+                 max_step_grad_norm=None if max_step_grad_norm is None else float(max_step_grad_norm),
+                 backprop_steps=int(backprop_steps),
+                 ema_decay=None if ema_decay is None else float(ema_decay))
+  # The reference (per seed), then shared by every seed: the schedule, the null condition and the
+  # frozen weights (never copied per seed).
+  data = (params, schedule, null_condition, frozen_params)
+  # The null condition travels as data (it may be an array), so the static Sampling holds none.
+  static_sampling = dataclasses.replace(sampling, null_condition=None)
   # Fingerprinting costs a few eager updates and checksums: only for checkpointed runs.
   fingerprint = None if checkpoint_path is None else driver.fingerprint(
       loop="finetune", state=state, data=data, key=key, num_steps=rounds, eval_every=eval_every,
-      options={**options, "sampling": dataclasses.asdict(sampling)}, evaluate=evaluate,
-      optimizer=optimizer, run_config=run_config, reward=_reward_fingerprint(reward_fn, sampling))
-  step_fn = driver.step_function(_round, apply_fn=apply_fn, reward_fn=reward_fn, optimizer=optimizer,
-                                 sampling=sampling, **options)
+      options={**options, "sampling": _jsonable(dataclasses.asdict(static_sampling))},
+      evaluate=evaluate, optimizer=optimizer, run_config=run_config,
+      reward=_reward_fingerprint(reward_fn, sampling, example),
+      prompts={"name": checkpoints.callable_name(prompt_fn),
+               "probe": _probe_values(example.conditions)})
+  step_fn = driver.step_function(_round, apply_fn=apply_fn, reward_fn=reward_fn,
+                                 prompt_fn=prompt_fn, optimizer=optimizer,
+                                 sampling=static_sampling, **options)
+  evaluate_ema = None if evaluate is None else _evaluate_ema(evaluate, ema_decay is not None)
   state, history, _ = driver.run(
       step_fn, state, data, key, num_steps=rounds, eval_every=eval_every, fingerprint=fingerprint,
-      data_axes=(0, None), evaluate=evaluate, checkpoint_path=checkpoint_path,
-      checkpoint_mismatch=checkpoint_mismatch, description=f"finetune ({method})")
+      data_axes=(0, None, None, None), evaluate=evaluate_ema, checkpoint_path=checkpoint_path,
+      checkpoint_mismatch=checkpoint_mismatch, description=f"finetune ({method})",
+      evaluate_state=True)
   result = driver.finish(state.params, history, single_seed)
   result.history["reward_queries"] = batch_size * np.arange(1, rounds + 1)
-  return result
+  ema_params = driver.one_seed(state.ema_params) if single_seed else state.ema_params
+  return FinetuneResult(result.params, result.history, ema_params)
 
 
-def _reward_fingerprint(reward_fn, sampling: Sampling) -> dict:
+@functools.lru_cache(maxsize=64)
+def _evaluate_ema(evaluate, use_ema: bool):
+  """evaluate(state): the user's evaluate of the parameters, or of their average with ema_decay."""
+  def evaluate_state(state):
+    return evaluate(state.ema_params if use_ema else state.params)
+  return evaluate_state
+
+
+def _check_schedule_and_steps(schedule, sampling: Sampling) -> None:
+  """The schedule (DDIM or flow) and the number of steps it allows, named as the caller's fields."""
+  from saferl_jax.diffusion.sampler import _check_num_steps, _check_process
+  try:
+    _check_process(schedule, sampling.eta)
+  except ValueError as error:
+    if str(error).startswith("eta:"):
+      raise ValueError(f"sampling.{error}") from None
+    raise
+  try:
+    _check_num_steps(sampling.num_steps, schedule)
+  except ValueError as error:
+    raise ValueError(f"sampling.{error}") from None
+
+
+def _jsonable(value):
+  """A dataclass dict for the fingerprint: tuples as lists, everything else as is."""
+  if isinstance(value, dict):
+    return {k: _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (tuple, list)):
+    return [_jsonable(v) for v in value]
+  return value
+
+
+def _probe_values(tree) -> list:
+  """A pytree's values as a flat list of floats (non-finite ones as strings), for fingerprints."""
+  values = np.concatenate([np.ravel(np.asarray(leaf, np.float64))
+                           for leaf in jax.tree_util.tree_leaves(tree)] or [np.zeros(0)])
+  return [float(v) if np.isfinite(v) else str(v) for v in values]
+
+
+def _reward_fingerprint(reward_fn, sampling: Sampling, example: Prompts) -> dict:
   """The reward's identity: its name, and its values on 4 fixed probe samples (so a changed
   closure or weight shows even under the same name)."""
   probe = jax.random.normal(jax.random.key(0), (4, *sampling.shape))
-  conditions = jnp.arange(4) % sampling.num_classes
-  values = np.asarray(reward_fn(probe, conditions), np.float64)
+  conditions = conds.take(example.conditions, jnp.arange(4) % sampling.prompts_per_round)
   # A reward that is NaN on noise (legitimately) still fingerprints by its finite values' pattern.
-  return {"name": checkpoints.callable_name(reward_fn),
-          "probe": [float(v) if np.isfinite(v) else str(v) for v in values]}
-
-
+  return {"name": checkpoints.callable_name(reward_fn), "probe": _probe_values(reward_fn(probe, conditions))}

@@ -32,6 +32,7 @@ from flax import nnx
 from jax.typing import ArrayLike
 
 from saferl_jax import checks
+from saferl_jax.diffusion import conditions as conds
 from saferl_jax.diffusion.losses import check_probability, epsilon_loss
 from saferl_jax.diffusion.schedules import NoiseSchedule, check_schedule
 from saferl_jax.training import driver
@@ -67,10 +68,12 @@ def _optimizer(learning_rate, steps) -> optax.GradientTransformation:
 
 
 def _step(state: driver.TrainState, data: tuple, key: jax.Array, step: jax.Array, *, graphdef,
-          batch_size: int, null_condition: int):
-  """One optimisation step; data = (images, conditions, alphas_cumprod, learning_rate, steps,
-  label_dropout), shared and traced so one compilation serves every run length and rate."""
-  images, conditions, alphas_cumprod, learning_rate, total_steps, label_dropout = data
+          batch_size: int):
+  """One optimisation step; data = (images, conditions, null_condition, alphas_cumprod,
+  learning_rate, steps, label_dropout), shared and traced so one compilation serves every run
+  length and rate."""
+  (images, conditions, null_condition, alphas_cumprod, learning_rate, total_steps,
+   label_dropout) = data
   optimizer = _optimizer(learning_rate, total_steps)
 
   def apply_fn(params, *inputs):
@@ -79,7 +82,7 @@ def _step(state: driver.TrainState, data: tuple, key: jax.Array, step: jax.Array
   batch_key, loss_key = jax.random.split(jax.random.fold_in(key, step))
   indices = jax.random.randint(batch_key, (batch_size,), 0, images.shape[0])
   loss, grads = jax.value_and_grad(
-      lambda p: epsilon_loss(apply_fn, p, images[indices], conditions[indices], key=loss_key,
+      lambda p: epsilon_loss(apply_fn, p, images[indices], conds.take(conditions, indices), key=loss_key,
                              alphas_cumprod=alphas_cumprod, label_dropout=label_dropout,
                              null_condition=null_condition))(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -91,23 +94,25 @@ def _parameter_shapes(params) -> list:
           for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
-def pretrain(model: nnx.Module, images: ArrayLike, labels: ArrayLike | None = None, *,
+def pretrain(model: nnx.Module, images: ArrayLike, conditions: Any = None, *,
              key: jax.Array, alphas_cumprod: ArrayLike, steps: int, batch_size: int,
              learning_rate: float, label_dropout: float = 0.1,
              checkpoint_path: str | Path | None = None,
              checkpoint_mismatch: str = "error") -> PretrainResult:
-  """Trains a denoiser on (images, labels) with `epsilon_loss`, or loads it from a checkpoint.
+  """Trains a denoiser on (images, conditions) with `epsilon_loss`, or loads it from a checkpoint.
 
   The model is updated in place (nnx.update) and its parameters returned. Its class, parameter
   shapes and initial values are part of the checkpoint's fingerprint, so build it from a fixed
   seed.
 
   Args:
-    model: a denoiser (`MLPDenoiser`, `ConvDenoiser`) with a `num_classes` attribute; its null
-      token is `num_classes`.
+    model: a denoiser (`MLPDenoiser`, `ConvDenoiser`) with a `null_condition()` method (for a
+      class-id model, its `num_classes`).
     images: [N, *shape] training samples (images or 2-D points).
-    labels: [N] int classes in [0, num_classes); None trains an unconditional model (every
-      condition is the null token, label dropout is moot).
+    conditions: each sample's condition, an array [N, ...] or a pytree of them: int classes in
+      [0, num_classes) for a class-id model, vectors or embeddings for other condition encoders;
+      None trains an unconditional model (every condition is the null condition, label dropout is
+      moot).
     key: PRNG key for the minibatches, timesteps, noise and dropout.
     alphas_cumprod: [T] alphabar_t of the training schedule.
     steps: optimisation steps, >= 1.
@@ -131,21 +136,26 @@ def pretrain(model: nnx.Module, images: ArrayLike, labels: ArrayLike | None = No
   driver.check_seed_keys(key)
   if key.ndim:
     raise ValueError(f"key: expected one key, got shape {key.shape}")
-  num_classes = getattr(model, "num_classes", None)
-  if not isinstance(num_classes, int):
-    raise ValueError("model: must have an integer num_classes attribute (its null token)")
+  if not callable(getattr(model, "null_condition", None)):
+    raise ValueError("model: must have a null_condition() method (the condition of 'no "
+                     "condition'), as the denoisers of saferl_jax.models.denoisers do")
+  null = model.null_condition()
   images = checks.as_float("images", images)
   if images.ndim < 2:
     raise ValueError(f"images: expected [N, *shape], got shape {images.shape}")
   n = images.shape[0]
   checks.check_finite("images", images)
-  if labels is None:
-    conditions = jnp.full((n,), num_classes, jnp.int32)
+  if conditions is None:
+    conditions = conds.broadcast_null(null, n)
   else:
-    conditions = checks.as_int("labels", labels).astype(jnp.int32)
-    if conditions.shape != (n,):
-      raise ValueError(f"labels: expected shape [N={n}], got {conditions.shape}")
-    checks.check_indices("labels", conditions, num_classes, what="class")
+    conditions = conds.check("conditions", conditions)
+    if conds.batch_size("conditions", conditions) != n:
+      raise ValueError(f"conditions: expected a leading axis of N={n} samples, got "
+                       f"{conds.batch_size('conditions', conditions)}")
+    if model.num_classes is not None:
+      checks.check_indices("conditions", checks.as_int("conditions", conditions), model.num_classes,
+                           what="class")
+  null = conds.check_null("model.null_condition()", null, conditions)
   batch_size = driver.check_batch_size("batch_size", batch_size, n)
   alphas_cumprod = checks.as_float("alphas_cumprod", alphas_cumprod)
   check_schedule(NoiseSchedule(alphas_cumprod), name="alphas_cumprod")
@@ -154,10 +164,10 @@ def pretrain(model: nnx.Module, images: ArrayLike, labels: ArrayLike | None = No
   keys, params, _ = driver.seed_axis(key, params)
   optimizer = _optimizer(float(learning_rate), int(steps))
   state = driver.TrainState(params, jax.vmap(optimizer.init)(params))
-  data = (images, conditions, alphas_cumprod, jnp.float32(learning_rate), jnp.int32(steps),
+  data = (images, conditions, null, alphas_cumprod, jnp.float32(learning_rate), jnp.int32(steps),
           jnp.float32(label_dropout))
   options = {"optimizer": OPTIMIZER, "model": f"{type(model).__module__}.{type(model).__qualname__}",
-             "parameters": _parameter_shapes(params), "num_classes": num_classes,
+             "parameters": _parameter_shapes(params), "num_classes": model.num_classes,
              "batch_size": int(batch_size), "learning_rate": float(learning_rate),
              "label_dropout": float(label_dropout)}
   # Fingerprinting costs a few eager updates and checksums: only for checkpointed runs.
@@ -165,8 +175,7 @@ def pretrain(model: nnx.Module, images: ArrayLike, labels: ArrayLike | None = No
                                    num_steps=steps, eval_every=CHUNK_STEPS, options=options,
                                    evaluate=None)
   state, history, finished = driver.run(
-      driver.step_function(_step, graphdef=graphdef, batch_size=int(batch_size),
-                           null_condition=num_classes),
+      driver.step_function(_step, graphdef=graphdef, batch_size=int(batch_size)),
       state, data, keys, num_steps=steps,
       eval_every=CHUNK_STEPS, fingerprint=fingerprint, data_axes=None,
       checkpoint_path=checkpoint_path, checkpoint_mismatch=checkpoint_mismatch,

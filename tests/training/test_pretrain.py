@@ -80,7 +80,7 @@ def test_epsilon_loss_jit_equals_eager_and_checks():
     _loss(apply_fn, params, x0, condition[:3], jax.random.key(3))
   with pytest.raises(ValueError, match="alphas_cumprod:"):
     losses.epsilon_loss(apply_fn, params, x0, condition, key=jax.random.key(0),
-                             alphas_cumprod=jnp.array([0.5, 0.0]), label_dropout=0.0, null_condition=1)
+                             alphas_cumprod=jnp.array([0.5, 0.0]), label_dropout=0.0, null_condition=4)
 
 
 def _linear_denoiser_loss(mixture) -> float:
@@ -194,7 +194,7 @@ def test_pretrain_checks_its_inputs(mixture_data):
   for change, match in bad:
     with pytest.raises(ValueError, match=match):
       pretraining.pretrain(model, x, None, **{**options, **change})
-  with pytest.raises(ValueError, match="labels:"):
+  with pytest.raises(ValueError, match="conditions:"):
     pretraining.pretrain(model, x, jnp.full(len(x), 4, jnp.int32), **options)
-  with pytest.raises(ValueError, match="labels:"):
+  with pytest.raises(ValueError, match="conditions:"):
     pretraining.pretrain(model, x, jnp.zeros(3, jnp.int32), **options)
