@@ -184,6 +184,36 @@ class SequenceEncoder(nnx.Module):
     return self.out(pooled)
 
 
+class DictEncoder(nnx.Module):
+  """sum_k encoder_k(c[k]) for a dict of conditions, one encoder per key (a class and a target value).
+
+  Every encoder maps to the same [B, features]; the null condition is the dict of their nulls.
+
+  Example:
+    >>> encoder = DictEncoder({"digit": ClassEncoder(10, features=8, rngs=nnx.Rngs(0)),
+    ...                        "ink": VectorEncoder(1, features=8, rngs=nnx.Rngs(1))})
+    >>> encoder({"digit": jnp.array([3, 7]), "ink": jnp.ones((2, 1))}).shape
+    (2, 8)
+    >>> sorted(encoder.null_condition())
+    ['digit', 'ink']
+  """
+
+  def __init__(self, encoders: dict):
+    if not isinstance(encoders, dict) or not encoders:
+      raise ValueError(f"encoders: must be a non-empty dict of condition encoders, got {encoders!r}")
+    self.names = tuple(sorted(encoders))
+    self.encoders = nnx.Dict({name: encoders[name] for name in self.names})
+
+  def null_condition(self) -> dict:
+    return {name: self.encoders[name].null_condition() for name in self.names}
+
+  def __call__(self, condition: dict) -> jax.Array:
+    if not isinstance(condition, dict) or set(condition) != set(self.names):
+      got = sorted(condition) if isinstance(condition, dict) else type(condition).__name__
+      raise ValueError(f"condition: expected a dict with keys {list(self.names)}, got {got}")
+    return sum(self.encoders[name](condition[name]) for name in self.names)
+
+
 class ConditionEmbedding(nnx.Module):
   """e(t, c) = MLP(sinusoidal(t)) + encoder(c); the encoder is a `ClassEncoder` unless one is given."""
 

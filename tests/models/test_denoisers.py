@@ -166,3 +166,22 @@ def test_condition_encoder_errors():
                           hidden=(8,), rngs=rngs)
   with pytest.raises(ValueError, match="^condition:"):
     vector(jnp.zeros((3, 2)), jnp.zeros(3), jnp.zeros((3, 5)))
+
+
+def test_dict_conditions_through_a_pure_function():
+  rngs = nnx.Rngs(0)
+  encoder = dn.DictEncoder({"digit": dn.ClassEncoder(3, features=8, rngs=rngs),
+                            "ink": dn.VectorEncoder(1, features=8, rngs=rngs)})
+  apply_fn, params = as_functional(dn.MLPDenoiser(2, condition_encoder=encoder, hidden=(8,),
+                                                  rngs=rngs))
+  condition = {"digit": jnp.array([0, 2]), "ink": jnp.array([[0.1], [0.9]])}
+  x, t = jnp.ones((2, 2)), jnp.array([3, 4])
+  out = jax.jit(apply_fn)(params, x, t, condition)
+  assert out.shape == (2, 2) and np.isfinite(out).all()
+  # Each part of the condition matters.
+  other_ink = jax.jit(apply_fn)(params, x, t, {**condition, "ink": condition["ink"][::-1]})
+  other_digit = jax.jit(apply_fn)(params, x, t, {**condition, "digit": condition["digit"][::-1]})
+  assert np.abs(np.asarray(other_ink - out)).max() > 1e-4
+  assert np.abs(np.asarray(other_digit - out)).max() > 1e-4
+  with pytest.raises(ValueError, match="^condition:"):
+    apply_fn(params, x, t, {"digit": condition["digit"]})
