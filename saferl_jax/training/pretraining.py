@@ -1,7 +1,8 @@
 """Pretraining a denoiser with DDPM's epsilon loss and label dropout, cached on disk (floor 3).
 
 The loss of one minibatch is DDPM's with classifier-free label dropout,
-`saferl_jax.diffusion.epsilon_loss` (floor 1).
+`saferl_jax.diffusion.epsilon_loss` (floor 1), or, given a `FlowSchedule`, the rectified flow's
+velocity loss `saferl_jax.diffusion.flow.flow_matching_loss`.
 
 `pretrain` minimises it with Adam (gradients clipped to global norm 1, the learning rate decayed
 by a cosine to a tenth over the run), minibatches drawn with replacement, through the one
@@ -33,6 +34,7 @@ from jax.typing import ArrayLike
 
 from saferl_jax import checks
 from saferl_jax.diffusion import conditions as conds
+from saferl_jax.diffusion.flow import FlowSchedule, check_flow_schedule, flow_matching_loss
 from saferl_jax.diffusion.losses import check_probability, epsilon_loss
 from saferl_jax.diffusion.schedules import NoiseSchedule, check_schedule
 from saferl_jax.training import driver
@@ -69,10 +71,10 @@ def _optimizer(learning_rate, steps) -> optax.GradientTransformation:
 
 def _step(state: driver.TrainState, data: tuple, key: jax.Array, step: jax.Array, *, graphdef,
           batch_size: int):
-  """One optimisation step; data = (images, conditions, null_condition, alphas_cumprod,
-  learning_rate, steps, label_dropout), shared and traced so one compilation serves every run
-  length and rate."""
-  (images, conditions, null_condition, alphas_cumprod, learning_rate, total_steps,
+  """One optimisation step; data = (images, conditions, null_condition, schedule (a NoiseSchedule
+  or a FlowSchedule), learning_rate, steps, label_dropout), shared and traced so one compilation
+  serves every run length and rate."""
+  (images, conditions, null_condition, schedule, learning_rate, total_steps,
    label_dropout) = data
   optimizer = _optimizer(learning_rate, total_steps)
 
@@ -81,10 +83,17 @@ def _step(state: driver.TrainState, data: tuple, key: jax.Array, step: jax.Array
 
   batch_key, loss_key = jax.random.split(jax.random.fold_in(key, step))
   indices = jax.random.randint(batch_key, (batch_size,), 0, images.shape[0])
-  loss, grads = jax.value_and_grad(
-      lambda p: epsilon_loss(apply_fn, p, images[indices], conds.take(conditions, indices), key=loss_key,
-                             alphas_cumprod=alphas_cumprod, label_dropout=label_dropout,
-                             null_condition=null_condition))(state.params)
+  batch = images[indices], conds.take(conditions, indices)
+
+  def loss_fn(params):
+    if isinstance(schedule, FlowSchedule):
+      return flow_matching_loss(apply_fn, params, *batch, key=loss_key,
+                                time_scale=schedule.time_scale, label_dropout=label_dropout,
+                                null_condition=null_condition)
+    return epsilon_loss(apply_fn, params, *batch, key=loss_key,
+                        alphas_cumprod=schedule.alphas_cumprod, label_dropout=label_dropout,
+                        null_condition=null_condition)
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   return driver.TrainState(optax.apply_updates(state.params, updates), opt_state), {"loss": loss}
 
@@ -95,11 +104,12 @@ def _parameter_shapes(params) -> list:
 
 
 def pretrain(model: nnx.Module, images: ArrayLike, conditions: Any = None, *,
-             key: jax.Array, alphas_cumprod: ArrayLike, steps: int, batch_size: int,
+             key: jax.Array, alphas_cumprod: ArrayLike | None = None,
+             schedule: NoiseSchedule | FlowSchedule | None = None, steps: int, batch_size: int,
              learning_rate: float, label_dropout: float = 0.1,
              checkpoint_path: str | Path | None = None,
              checkpoint_mismatch: str = "error") -> PretrainResult:
-  """Trains a denoiser on (images, conditions) with `epsilon_loss`, or loads it from a checkpoint.
+  """Trains a denoiser on (images, conditions) with `epsilon_loss` (or a flow with `flow_matching_loss`), or loads it.
 
   The model is updated in place (nnx.update) and its parameters returned. Its class, parameter
   shapes and initial values are part of the checkpoint's fingerprint, so build it from a fixed
@@ -114,7 +124,10 @@ def pretrain(model: nnx.Module, images: ArrayLike, conditions: Any = None, *,
       None trains an unconditional model (every condition is the null condition, label dropout is
       moot).
     key: PRNG key for the minibatches, timesteps, noise and dropout.
-    alphas_cumprod: [T] alphabar_t of the training schedule.
+    alphas_cumprod: [T] alphabar_t of the training schedule (DDPM's epsilon loss).
+    schedule: instead of alphas_cumprod, a `NoiseSchedule` (the same), or a `FlowSchedule`: the
+      model is then a rectified flow's velocity, trained with `flow_matching_loss` (its time
+      input t * schedule.time_scale).
     steps: optimisation steps, >= 1.
     batch_size: minibatch size, in [1, N].
     learning_rate: Adam's initial learning rate (cosine-decayed to a tenth).
@@ -157,14 +170,25 @@ def pretrain(model: nnx.Module, images: ArrayLike, conditions: Any = None, *,
                            what="class")
   null = conds.check_null("model.null_condition()", null, conditions)
   batch_size = driver.check_batch_size("batch_size", batch_size, n)
-  alphas_cumprod = checks.as_float("alphas_cumprod", alphas_cumprod)
-  check_schedule(NoiseSchedule(alphas_cumprod), name="alphas_cumprod")
+  if (alphas_cumprod is None) == (schedule is None):
+    raise ValueError("schedule: give either alphas_cumprod (or a NoiseSchedule) for DDPM's loss, or "
+                     "a FlowSchedule for flow matching, not both or neither")
+  if schedule is None:
+    schedule = NoiseSchedule(checks.as_float("alphas_cumprod", alphas_cumprod))
+    check_schedule(schedule, name="alphas_cumprod")
+  elif isinstance(schedule, FlowSchedule):
+    check_flow_schedule(schedule)
+  elif isinstance(schedule, NoiseSchedule):
+    check_schedule(schedule)
+  else:
+    raise TypeError(f"schedule: must be a NoiseSchedule or a FlowSchedule, got "
+                    f"{type(schedule).__name__}")
 
   graphdef, params = nnx.split(model)
   keys, params, _ = driver.seed_axis(key, params)
   optimizer = _optimizer(float(learning_rate), int(steps))
   state = driver.TrainState(params, jax.vmap(optimizer.init)(params))
-  data = (images, conditions, null, alphas_cumprod, jnp.float32(learning_rate), jnp.int32(steps),
+  data = (images, conditions, null, schedule, jnp.float32(learning_rate), jnp.int32(steps),
           jnp.float32(label_dropout))
   options = {"optimizer": OPTIMIZER, "model": f"{type(model).__module__}.{type(model).__qualname__}",
              "parameters": _parameter_shapes(params), "num_classes": model.num_classes,
