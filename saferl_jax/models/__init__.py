@@ -6,13 +6,15 @@ that pair, so parameters can be vmapped over seeds, differentiated and optimised
 """
 
 from saferl_jax.models.classifier import DigitClassifier
-from saferl_jax.models.denoisers import ConvDenoiser, MLPDenoiser, PatchConv
+from saferl_jax.models.denoisers import (ClassEncoder, ConvDenoiser, DictEncoder, MLPDenoiser,
+                                         PatchConv, SequenceEncoder, VectorEncoder)
 from saferl_jax.models.functional import Functional, as_functional
 from saferl_jax.models.policies import LinearPolicy, MLPPolicy
 from saferl_jax.models.rankers import LinearRanker, MLPRanker
 from saferl_jax.models.reward_models import (PropensityFit, RewardModelFit, cross_fit_propensities,
                                              cross_fit_reward_model, fitting_weights)
 
-__all__ = ["ConvDenoiser", "DigitClassifier", "Functional", "LinearPolicy", "LinearRanker",
-           "MLPDenoiser", "MLPPolicy", "MLPRanker", "PatchConv", "PropensityFit", "RewardModelFit",
-           "as_functional", "cross_fit_propensities", "cross_fit_reward_model", "fitting_weights"]
+__all__ = ["ClassEncoder", "ConvDenoiser", "DictEncoder", "DigitClassifier", "Functional",
+           "LinearPolicy", "LinearRanker", "MLPDenoiser", "MLPPolicy", "MLPRanker", "PatchConv",
+           "PropensityFit", "RewardModelFit", "SequenceEncoder", "VectorEncoder", "as_functional",
+           "cross_fit_propensities", "cross_fit_reward_model", "fitting_weights"]
