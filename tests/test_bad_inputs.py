@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from saferl_jax import ope
 from saferl_jax.cltr import clicks, estimators as cltr, learning as cltr_learning, reward_model
-from saferl_jax.diffusion import losses, step
+from saferl_jax.diffusion import flow, losses, step
 from saferl_jax.diffusion.schedules import linear_schedule
 from saferl_jax.opl import objectives as opl
 from saferl_jax.stats import bounds
@@ -225,6 +225,28 @@ def _epsilon_loss():
               label_dropout=0.1, null_condition=4)
 
 
+def _flow_step(with_prev):
+  def make():
+    rng = _rng()
+    args = dict(x_t=rng.normal(size=3).astype(F32), velocity=rng.normal(size=3).astype(F32), t=0.5,
+                t_prev=0.4)
+    if with_prev is not None:
+      args["eta"] = 0.7
+    if with_prev:
+      args["x_prev"] = rng.normal(size=3).astype(F32)
+    elif with_prev is False:
+      args["key"] = jax.random.key(0)
+    return args
+  return make
+
+
+def _flow_matching_loss():
+  rng = _rng()
+  return dict(apply_fn=lambda p, x, t, c: jnp.zeros_like(x), params=None,
+              x0=rng.normal(size=(4, 2)).astype(F32), conditions=rng.normal(size=(4, 3)).astype(F32),
+              key=jax.random.key(0), label_dropout=0.1, null_condition=np.zeros(3, F32))
+
+
 TABLE = {
     # ope: estimators on logged arrays.
     "ope.ips": Row(ope.ips, _bandit(), BANDIT),
@@ -386,6 +408,24 @@ TABLE = {
     "diffusion.step_log_prob": Row(step.step_log_prob, _step(True),
                                    {"x_prev": "finite", "x_t": "finite", "eps": "finite", "eta": "eta"},
                                    no_extreme=("eta",)),
+    "diffusion.grpo_advantages": Row(
+        losses.grpo_advantages, lambda: dict(rewards=np.array([[1, 2], [3, 5]], F32)), {"rewards": "finite"}),
+    "diffusion.prompt_tracker.update": Row(
+        lambda **a: losses.prompt_tracker(2, buffer_size=3, min_count=2).update(
+            losses.prompt_tracker(2, buffer_size=3, min_count=2).init(), **a),
+        lambda: dict(prompt_ids=np.array([0, 0, 1, -1], np.int32), rewards=np.array([1, 3, 5, 6], F32)),
+        {"rewards": "finite"}),
+    # flow: the rectified flow's SDE step (its eta is a noise level with no upper bound), its ODE
+    # step and its loss.
+    "diffusion.flow_sde_step": Row(flow.flow_sde_step, _flow_step(False),
+                                   {"x_t": "finite", "velocity": "finite", "eta": "eta"}),
+    "diffusion.flow_step_log_prob": Row(flow.flow_step_log_prob, _flow_step(True),
+                                        {"x_prev": "finite", "x_t": "finite", "velocity": "finite",
+                                         "eta": "eta"}, no_extreme=("eta",)),
+    "diffusion.flow_ode_step": Row(flow.flow_ode_step, _flow_step(None),
+                                   {"x_t": "finite", "velocity": "finite"}),
+    "diffusion.flow_matching_loss": Row(flow.flow_matching_loss, _flow_matching_loss,
+                                        {"x0": "finite", "conditions": "finite"}),
 }
 
 

@@ -39,7 +39,17 @@ def _leaves(name: str, conditions) -> tuple[list, Any]:
   for leaf in leaves:
     if isinstance(leaf, (str, bytes)) or leaf is None:
       raise TypeError(f"{name}: leaves must be arrays, got {type(leaf).__name__} {leaf!r}")
-    array = jnp.asarray(leaf)
+    if isinstance(leaf, (np.ndarray, np.integer, int)) and np.asarray(leaf).dtype.kind in "iu" \
+        and np.size(leaf) and (np.max(leaf) > np.iinfo(np.int32).max or
+                               np.min(leaf) < np.iinfo(np.int32).min):
+      # jnp.asarray would wrap them silently without 64-bit mode.
+      raise ValueError(f"{name}: integer leaves must fit in int32 (they are cast to it), got values "
+                       f"outside [{np.iinfo(np.int32).min}, {np.iinfo(np.int32).max}]")
+    try:
+      array = jnp.asarray(leaf)
+    except TypeError:  # strings, objects: not array data
+      raise TypeError(f"{name}: leaves must be integer or float arrays, got "
+                      f"{type(leaf).__name__} of dtype {getattr(leaf, 'dtype', '?')}") from None
     if array.dtype == jnp.bool_ or not (jnp.issubdtype(array.dtype, jnp.integer)
                                         or jnp.issubdtype(array.dtype, jnp.floating)):
       raise TypeError(f"{name}: leaves must be integer or float arrays, got dtype {array.dtype}")
