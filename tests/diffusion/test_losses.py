@@ -324,6 +324,7 @@ def test_loop_normalised_is_k_over_k_minus_1_times_grpo():
       assert np.abs(grpo).max() > 0.5  # not vacuous
 
 
+@pytest.mark.slow
 def test_grpo_constant_groups_extremes_jit_and_vmap():
   # Constant groups give exactly 0 (the mean of 0.1 three times is not 0.1 in float32; the shifted
   # statistics never form it), also when the whole batch is constant and the std is global.
@@ -408,6 +409,7 @@ def _tracker_batches(seed, num_batches=8, batch=7, num_prompts=5):
   return ids.astype(np.int32), rewards
 
 
+@pytest.mark.slow
 def test_prompt_tracker_against_ddpo():
   buffer_size, min_count, num_prompts = 4, 3, 5
   tracker = prompt_tracker(num_prompts, buffer_size=buffer_size, min_count=min_count)
@@ -438,6 +440,7 @@ def test_prompt_tracker_against_ddpo():
   assert reference.stats and any(len(d) >= min_count for d in reference.stats.values())
 
 
+@pytest.mark.slow
 def test_prompt_tracker_ring_buffer_fallback_and_vmap():
   tracker = prompt_tracker(3, buffer_size=4, min_count=4)
   rewards = jnp.arange(1.0, 7.0)
@@ -521,6 +524,7 @@ def _spy():
   return seen, apply_fn
 
 
+@pytest.mark.slow
 def test_epsilon_loss_pytree_conditions():
   n, p = 2000, 0.25
   key = jax.random.key(2)

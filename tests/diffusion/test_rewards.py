@@ -168,6 +168,7 @@ def test_tilt_reward_per_sample_directions():
     rewards.tilt_reward(x, u[:3])
 
 
+@pytest.mark.slow
 def test_combine_rewards_closed_form_components_jit_and_vmap():
   # The many-prompt 2-D task's reward u . x, a penalty on |x|^2 that ignores the conditions, and the
   # host-side (pure_callback) compressibility of x read as a 1x2 image.

@@ -104,6 +104,7 @@ def test_marginal_matches_the_exact_discrete_chain(eta):
   check_moments(traj.states[0], 0.0, 1.0, traj.states[0].size)
 
 
+@pytest.mark.slow
 def test_generate_is_the_deterministic_chain():
   # eta = 0: x_0 is an affine function of x_T, whose mean and variance the recursion gives exactly.
   k = 4000
@@ -120,6 +121,7 @@ def test_generate_is_the_deterministic_chain():
   assert np.array_equal(np.asarray(x0), np.asarray(again))
 
 
+@pytest.mark.slow
 def test_conditions_of_any_structure():
   # The same model fed class ids, one-hot vectors or a dict holding both: the same trajectories,
   # with guidance by a null condition of the matching structure.

@@ -128,6 +128,7 @@ def test_patch_conv_rejects_even_kernels():
     dn.PatchConv(1, 1, kernel_size=2, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow
 def test_condition_encoders_and_float_times():
   rngs = nnx.Rngs(0)
   vector = dn.MLPDenoiser(2, condition_encoder=dn.VectorEncoder(3, features=16, rngs=rngs),
@@ -151,6 +152,7 @@ def test_condition_encoders_and_float_times():
   assert np.abs(np.asarray(sequence(images, jnp.array([10, 500]), nulls) - out)).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_condition_encoder_errors():
   rngs = nnx.Rngs(0)
   with pytest.raises(ValueError, match="^condition_encoder:"):
@@ -168,6 +170,7 @@ def test_condition_encoder_errors():
     vector(jnp.zeros((3, 2)), jnp.zeros(3), jnp.zeros((3, 5)))
 
 
+@pytest.mark.slow
 def test_dict_conditions_through_a_pure_function():
   rngs = nnx.Rngs(0)
   encoder = dn.DictEncoder({"digit": dn.ClassEncoder(3, features=8, rngs=rngs),

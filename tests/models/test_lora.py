@@ -80,6 +80,7 @@ def _assert_close(actual, expected, rtol=RTOL):
   np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mlp", "conv"])
 def test_output_unchanged_at_init_and_jit_equals_eager(built, adapted, name):
   build, inputs = built[name]
@@ -172,6 +173,7 @@ def test_merge_equals_adapted_and_restores_the_original_structure(built, adapted
       nnx.state(build()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mlp", "conv"])
 def test_disabled_adapters_give_the_base_and_vmap_over_seeds_equals_a_loop(built, adapted, name):
   inputs = built[name][1]

@@ -108,6 +108,7 @@ def test_continuous_prompts_each_sample_rewarded_by_its_own_prompt():
   assert np.all(np.isfinite(ppo.history["reward"]))
 
 
+@pytest.mark.slow
 def test_prompt_fn_errors_are_named():
   apply_fn, params = as_functional(vector_model())
   base = dict(key=jax.random.key(0), method="loop", rounds=1, eval_every=1, schedule=SCHEDULE,
