@@ -12,6 +12,10 @@ uninterrupted one bit for bit). `run` vmaps it over the seed axis, scans it over
 evaluates after every chunk, checks every metric is finite, shows progress, and checkpoints after
 every chunk with orbax (`checkpoints`), resuming only a checkpoint written by the same run.
 
+With `mesh=` (a `saferl_jax.parallel.device_mesh`), seeds are split over its "seeds" axis and the
+seed vmap names that axis (`spmd_axis_name`), so a step function that marks its batch arrays with
+`parallel.shard_batch` splits each seed's batch over the "batch" devices as well.
+
 Data is either per seed (a leading seed axis, data_axes=0) or shared by every seed (no seed
 axis, data_axes=None: it is never copied S times); a tuple of parts may mix the two.
 """
@@ -27,10 +31,10 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from saferl_jax import checks
-from saferl_jax.parallel import seed_sharding
+from saferl_jax.parallel import SEEDS, seed_sharding
 from saferl_jax.training import checkpoints
 
 CHECKPOINT_MISMATCH = ("error", "new")
@@ -175,8 +179,11 @@ def _compiled_chunk(step_fn: Callable, length: int, data_axes, sharding: NamedSh
   def chunk(state, data, key, first_step):
     return jax.lax.scan(lambda s, step: step_fn(s, data, key, step), state,
                         first_step + jnp.arange(length))
-  # Metrics come out [S, length]; `run` turns them into per-step rows.
-  return jax.jit(jax.vmap(chunk, in_axes=(0, data_axes, 0, None)), out_shardings=sharding)
+  # Metrics come out [S, length]; `run` turns them into per-step rows. When the seeds are split,
+  # the vmapped axis is the mesh's seed axis: sharding constraints inside step_fn then keep it.
+  seeds_axis = SEEDS if sharding.spec else None
+  return jax.jit(jax.vmap(chunk, in_axes=(0, data_axes, 0, None), spmd_axis_name=seeds_axis),
+                 out_shardings=sharding)
 
 
 @functools.lru_cache(maxsize=64)
@@ -187,7 +194,8 @@ def _compiled_evaluate(evaluate: Callable):
 def run(step_fn: Callable, state, data, key: jax.Array, *, num_steps: int, eval_every: int,
         fingerprint: dict | None, data_axes=0, evaluate: Callable | None = None,
         checkpoint_path: str | Path | None = None, checkpoint_mismatch: str = "error",
-        description: str = "training", evaluate_state: bool = False) -> tuple[Any, dict, bool]:
+        description: str = "training", evaluate_state: bool = False,
+        mesh: Mesh | None = None) -> tuple[Any, dict, bool]:
   """Runs `num_steps` steps of `step_fn` for S seeds: (final state, history, resumed_finished).
 
   Args:
@@ -210,6 +218,8 @@ def run(step_fn: Callable, state, data, key: jax.Array, *, num_steps: int, eval_
     description: the progress bar's label and the prefix of error messages.
     evaluate_state: evaluate receives the whole state instead of state.params (to evaluate,
       say, a moving average of the parameters kept in the state).
+    mesh: a `parallel.device_mesh` whose "seeds" axis splits the seeds and whose "batch" axis
+      step_fn's `shard_batch` constraints use; None: seeds over every device.
 
   Returns:
     (state, history {name: list of [S] rows}, finished): `finished` is True when a finished
@@ -219,7 +229,7 @@ def run(step_fn: Callable, state, data, key: jax.Array, *, num_steps: int, eval_
   checks.check_positive_int("eval_every", eval_every)
   checks.check_choice("checkpoint_mismatch", checkpoint_mismatch, CHECKPOINT_MISMATCH)
   num_seeds = key.shape[0]
-  sharding = seed_sharding(num_seeds)
+  sharding = seed_sharding(num_seeds, mesh=mesh)
   state, key = jax.device_put((state, key), sharding)
   data = _put(data, data_axes, sharding)
   evaluate_fn = _compiled_evaluate(evaluate) if evaluate is not None else (lambda params: {})

@@ -71,7 +71,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from saferl_jax import checks
+from saferl_jax import checks, parallel
 from saferl_jax.training import checkpoints, driver
 from saferl_jax.diffusion import conditions as conds
 from saferl_jax.diffusion.losses import (grpo_advantages, loop_advantages, ppo_loss, prompt_tracker,
@@ -228,8 +228,11 @@ def _round(state: FinetuneState, data: tuple, key: jax.Array, round_index: jax.A
            epochs: int, minibatches: int, clip_range: float, kl_weight: float,
            normalize_advantages: bool, grpo_global_std: bool, tracker_options: tuple,
            timestep_fraction: float, max_step_grad_norm: float | None, backprop_steps: int,
-           ema_decay: float | None):
+           ema_decay: float | None, batch_mesh=None):
   """One sampling round and its updates; returns the new state and the round's diagnostics.
+
+  With `batch_mesh` (finetune's batch_devices), the B samples' arrays are split over its "batch"
+  devices (apply_fn arrives wrapped by `parallel.batch_sharded`).
 
   `data` is (this seed's reference parameters, then shared by every seed: the schedule, the null
   condition and the frozen parameters).
@@ -258,7 +261,8 @@ def _round(state: FinetuneState, data: tuple, key: jax.Array, round_index: jax.A
   else:
     trajectory = sample(apply_fn, _network(old_params, frozen_params), prompts.conditions,
                         key=sample_key, reduce=sampling.reduce, **sample_options)
-    rewards = reward_fn(trajectory.x0, trajectory.conditions)
+    trajectory = _shard_trajectory(trajectory, batch_mesh)
+    rewards = parallel.shard_batch(reward_fn(trajectory.x0, trajectory.conditions), batch_mesh)
     advantages, tracker = _advantages(
         method, rewards, prompts, state.tracker, sampling=sampling, tracker_options=tracker_options,
         normalize_advantages=normalize_advantages, grpo_global_std=grpo_global_std)
@@ -267,7 +271,7 @@ def _round(state: FinetuneState, data: tuple, key: jax.Array, round_index: jax.A
         shuffle_key, steps_key, apply_fn=apply_fn, optimizer=optimizer, method=method,
         sampling=sampling, epochs=epochs, minibatches=minibatches, clip_range=clip_range,
         kl_weight=kl_weight, timestep_fraction=timestep_fraction,
-        max_step_grad_norm=max_step_grad_norm)
+        max_step_grad_norm=max_step_grad_norm, batch_mesh=batch_mesh)
 
   # The path KL of the sampling (old) parameters to the reference, on this round's trajectories.
   path_kl = _path_kl(apply_fn, _network(old_params, frozen_params),
@@ -287,7 +291,7 @@ def _round(state: FinetuneState, data: tuple, key: jax.Array, round_index: jax.A
 def _policy_gradient_updates(state, trajectory, advantages, reference_params, schedule,
                              null_condition, frozen_params, shuffle_key, steps_key, *, apply_fn,
                              optimizer, method, sampling, epochs, minibatches, clip_range,
-                             kl_weight, timestep_fraction, max_step_grad_norm):
+                             kl_weight, timestep_fraction, max_step_grad_norm, batch_mesh=None):
   """REINFORCE's one step, or the clipped loss's epochs x minibatches steps, on one round's samples."""
   num_steps = sampling.num_steps
   num_trained = max(1, math.ceil(timestep_fraction * num_steps))
@@ -330,9 +334,10 @@ def _policy_gradient_updates(state, trajectory, advantages, reference_params, sc
     # minibatch (all of them when the fraction is 1).
     trained_steps = (jnp.arange(num_steps) if num_trained == num_steps else
                      jax.random.permutation(update_key, num_steps)[:num_trained])
-    batch = select_samples(trajectory, index)
+    batch = _shard_trajectory(select_samples(trajectory, index), batch_mesh)
+    batch_advantages = parallel.shard_batch(advantages[index], batch_mesh)
     (_, diagnostics), grads = stepwise_value_and_grad(
-        lambda p, step: step_loss(p, step, advantages[index]), params, batch,
+        lambda p, step: step_loss(p, step, batch_advantages), params, batch,
         steps=trained_steps, max_step_norm=max_step_grad_norm)
     diagnostics = jax.tree_util.tree_map(jnp.mean, diagnostics)  # averaged over steps
     updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -368,6 +373,7 @@ def finetune(
     max_step_grad_norm: float | None | str = "auto",
     backprop_steps: int = 1,
     ema_decay: float | None = None,
+    batch_devices: int | str | None = None,
     evaluate: Callable[[Any], dict] | None = None,
     eval_every: int = 5,
     checkpoint_path: str | Path | None = None,
@@ -411,6 +417,11 @@ def finetune(
     backprop_steps: for "draft", K, the last sampling steps the gradient flows through.
     ema_decay: keep an exponential moving average of the parameters with this decay per round
       (evaluated instead of the parameters, returned as ema_params); None: none.
+    batch_devices: data parallelism within a seed: the B = P K samples of a round (noise, states,
+      conditions, rewards, advantages, every network evaluation) are split over this many devices,
+      and the seeds over the others (`parallel.device_mesh`); gradients are reduced by XLA. An
+      int dividing the device count, B and each minibatch, or "all"; None: seeds only. Results
+      equal an unsharded run to float precision (sums are added in another order).
     evaluate: optional jittable evaluate(params) -> {name: scalar} for one seed (the trainable
       params; close over frozen ones), recorded before training and every `eval_every` rounds.
     eval_every: rounds per chunk between evaluations and checkpoints.
@@ -502,6 +513,8 @@ def finetune(
   if method == "ppo" and tracker_min_count > tracker_buffer:
     raise ValueError(f"tracker_min_count: must be <= tracker_buffer = {tracker_buffer}, got "
                      f"{tracker_min_count}")
+  batch_mesh = _batch_mesh(batch_devices, batch_size,
+                           batch_size // minibatches if method in _CLIPPED else batch_size)
   key, params, single_seed = driver.seed_axis(key, params)
   num_seeds = key.shape[0]
 
@@ -532,19 +545,48 @@ def finetune(
       reward=_reward_fingerprint(reward_fn, sampling, example),
       prompts={"name": checkpoints.callable_name(prompt_fn),
                "probe": _probe_values(example.conditions)})
-  step_fn = driver.step_function(_round, apply_fn=apply_fn, reward_fn=reward_fn,
-                                 prompt_fn=prompt_fn, optimizer=optimizer,
-                                 sampling=static_sampling, **options)
+  step_fn = driver.step_function(_round, apply_fn=parallel.batch_sharded(apply_fn, batch_mesh),
+                                 reward_fn=reward_fn, prompt_fn=prompt_fn, optimizer=optimizer,
+                                 sampling=static_sampling, batch_mesh=batch_mesh, **options)
   evaluate_ema = None if evaluate is None else _evaluate_ema(evaluate, ema_decay is not None)
   state, history, _ = driver.run(
       step_fn, state, data, key, num_steps=rounds, eval_every=eval_every, fingerprint=fingerprint,
       data_axes=(0, None, None, None), evaluate=evaluate_ema, checkpoint_path=checkpoint_path,
       checkpoint_mismatch=checkpoint_mismatch, description=f"finetune ({method})",
-      evaluate_state=True)
+      evaluate_state=True, mesh=batch_mesh)
   result = driver.finish(state.params, history, single_seed)
   result.history["reward_queries"] = batch_size * np.arange(1, rounds + 1)
   ema_params = driver.one_seed(state.ema_params) if single_seed else state.ema_params
   return FinetuneResult(result.params, result.history, ema_params)
+
+
+def _batch_mesh(batch_devices, batch_size: int, minibatch_size: int):
+  """finetune's batch_devices as a `parallel.device_mesh`, or None when the batch is not split."""
+  if batch_devices is None:
+    return None
+  if batch_devices == "all":
+    batch_devices = jax.device_count()
+  elif isinstance(batch_devices, str):
+    raise ValueError(f"batch_devices: must be None, an int or 'all', got {batch_devices!r}")
+  mesh = parallel.device_mesh(batch_devices=batch_devices)
+  for what, size in (("the B = P K samples of a round", batch_size),
+                     ("each minibatch (B / minibatches)", minibatch_size)):
+    if size % batch_devices:
+      raise ValueError(f"batch_devices: {what}, {size}, must divide evenly over the "
+                       f"{batch_devices} batch devices")
+  return None if batch_devices == 1 else mesh
+
+
+def _shard_trajectory(trajectory, mesh):
+  """A trajectory's per-sample arrays split over the mesh's batch devices (samples are axis 1 of
+  states and log-probs, axis 0 of x0 and conditions)."""
+  if parallel.batch_devices(mesh) == 1:
+    return trajectory
+  return trajectory._replace(
+      x0=parallel.shard_batch(trajectory.x0, mesh),
+      states=parallel.shard_batch(trajectory.states, mesh, axis=1),
+      log_probs=parallel.shard_batch(trajectory.log_probs, mesh, axis=1),
+      conditions=parallel.shard_batch(trajectory.conditions, mesh))
 
 
 @functools.lru_cache(maxsize=64)
