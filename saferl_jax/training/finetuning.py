@@ -35,15 +35,20 @@ S seeds run in one vmapped, jitted call through the one training driver
 `eval_every` rounds and resumes exactly (round r uses fold_in(seed key, r)). Sample efficiency is
 counted in reward queries: B per round.
 
-The last denoising step dominates REINFORCE. A step's score is (x_t' - mu) / sigma_t^2 times
-d mu / d theta, whose size grows like 1 / sigma_t, and DDPM's last step (t = 1 + T/S down to 0 at
-eta = 1) has a sigma_t about 20 times smaller than the others: on digits its gradient was about 20
-times theirs, so after Adam's global-norm clip every update followed that one step's noise, and
-REINFORCE fell below the pretrained model. The cure is `max_step_grad_norm`: each step's
-gradient is clipped to that global norm before the steps are summed (the steps' gradients are
-taken one at a time anyway, `stepwise_value_and_grad`), so no single step can dominate; steps
-below the bound are untouched. It is on by default for REINFORCE (1.0, the same bound as the
-usual whole-update clip) and available to every method.
+One denoising step dominates REINFORCE. A step's score is (x_t' - mu) / sigma_t^2 times
+d mu / d theta, whose size grows like 1 / sigma_t, and the step into t' = 1 (from 1 + T/S, at
+eta = 1) has a sigma_t far below the others (alphabar_1 is nearly 1, so little noise is left to
+add): on the digits model (10 steps) the per-step gradient norms of REINFORCE's loss were 38 to 85
+for nine steps and 1093 for the step 101 -> 1, so after the whole update's global-norm clip every
+update followed that one step's noise, and REINFORCE fell below the pretrained model. The cure is
+`max_step_grad_norm`: each step's gradient is clipped to that global norm before the steps are
+summed (the steps' gradients are taken one at a time anyway, `stepwise_value_and_grad`), so no
+single step can dominate; steps below the bound are untouched. On that model, over 40 rounds of
+3 seeds (P = 8, K = 4, adam(2e-4) after a global-norm clip of 1), REINFORCE's mean reward of the
+last 10 rounds against the first 5 went from -1.67, -2.18, -2.18 to -5.45, -3.23, -1.61 without
+the per-step clip (two seeds fell) and from -1.72, -2.23, -1.88 to -1.48, -1.96, -1.25 with it
+(all three rose). It is on by default for REINFORCE (1.0) and available to every method (the
+clipped methods bound each step's ratio instead, which already keeps that step in check).
 
 References:
   [DDPO] Black, Janner, Du, Kostrikov, Levine. Training Diffusion Models with Reinforcement
