@@ -306,10 +306,23 @@ def sample(apply_fn: ApplyFn, params: Any, conditions: Any, *, key: jax.Array,
     Song, Meng, Ermon. Denoising Diffusion Implicit Models. ICLR 2021. https://arxiv.org/abs/2010.02502
     Black et al. Training Diffusion Models with Reinforcement Learning. ICLR 2024. https://arxiv.org/abs/2305.13301
   """
+  return _checked_sample(apply_fn, params, conditions, key, schedule, num_steps, eta,
+                         samples_per_condition, shape, guidance_scale, null_condition, reduce)
+
+
+def _checked_sample(apply_fn, params, conditions, key, schedule, num_steps, eta,
+                    samples_per_condition, shape, guidance_scale, null_condition, reduce,
+                    backprop_steps=None) -> Trajectory:
+  """`sample`'s and `differentiable_sample`'s checks, then the compiled sampler."""
   checks.check_key("key", key)
   conditions = conds.check("conditions", conditions)
   _check_process(schedule, eta)
   num_steps = _check_num_steps(num_steps, schedule)
+  if backprop_steps is not None:
+    if not 1 <= checks.check_count("backprop_steps", backprop_steps) <= num_steps:
+      raise ValueError(f"backprop_steps: must be in [1, num_steps = {num_steps}], got "
+                       f"{backprop_steps}")
+    backprop_steps = int(backprop_steps)
   checks.check_count("samples_per_condition", samples_per_condition)
   shape = _check_shape(shape)
   _check_reduce(reduce)
@@ -317,7 +330,7 @@ def sample(apply_fn: ApplyFn, params: Any, conditions: Any, *, key: jax.Array,
   scale, null = _guidance_args(schedule, guided, guidance_scale, null, conditions)
   return _sample(apply_fn, params, conditions, key, schedule, jnp.asarray(eta, _dtype(schedule)),
                  scale, null, num_steps=num_steps, samples_per_condition=int(samples_per_condition),
-                 shape=shape, guided=guided, reduce=reduce)
+                 shape=shape, guided=guided, reduce=reduce, backprop_steps=backprop_steps)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "num_steps", "samples_per_condition",
@@ -700,17 +713,6 @@ def differentiable_sample(apply_fn: ApplyFn, params: Any, conditions: Any, *, ke
     Clark, Vicol, Swersky, Fleet. Directly Fine-Tuning Diffusion Models on Differentiable Rewards. ICLR 2024. https://arxiv.org/abs/2309.17400
     Prabhudesai, Goyal, Pathak, Fragkiadaki. Aligning Text-to-Image Diffusion Models with Reward Backpropagation. 2023. https://arxiv.org/abs/2310.03739
   """
-  checks.check_key("key", key)
-  conditions = conds.check("conditions", conditions)
-  _check_process(schedule, eta)
-  num_steps = _check_num_steps(num_steps, schedule)
-  if not 1 <= checks.check_count("backprop_steps", backprop_steps) <= num_steps:
-    raise ValueError(f"backprop_steps: must be in [1, num_steps = {num_steps}], got {backprop_steps}")
-  checks.check_count("samples_per_condition", samples_per_condition)
-  shape = _check_shape(shape)
-  _check_reduce(reduce)
-  guided, null = _check_guidance(guidance_scale, null_condition, conditions)
-  scale, null = _guidance_args(schedule, guided, guidance_scale, null, conditions)
-  return _sample(apply_fn, params, conditions, key, schedule, jnp.asarray(eta, _dtype(schedule)),
-                 scale, null, num_steps=num_steps, samples_per_condition=int(samples_per_condition),
-                 shape=shape, guided=guided, reduce=reduce, backprop_steps=int(backprop_steps))
+  return _checked_sample(apply_fn, params, conditions, key, schedule, num_steps, eta,
+                         samples_per_condition, shape, guidance_scale, null_condition, reduce,
+                         backprop_steps)

@@ -435,3 +435,30 @@ def test_bad_arguments():
                          schedule=SCHEDULE, eta=1.0)
   with pytest.raises(ValueError, match="^trajectory:"):
     trajectory_log_probs(gaussian_apply_fn, PARAMS, traj, schedule=linear_schedule(100), eta=1.0)
+
+
+def test_differentiable_sample_carries_the_gradient_of_its_last_k_steps():
+  from saferl_jax.diffusion.sampler import differentiable_sample
+
+  apply_fn = lambda p, x, t, c: p * x + 0.1 * p**2  # a toy predictor, nonlinear in p
+  common = dict(key=jax.random.key(7), schedule=SCHEDULE, num_steps=6, eta=1.0,
+                samples_per_condition=3, shape=(D,))
+  traj = sample(apply_fn, 0.3, jnp.array([0, 1]), **common)
+  same = differentiable_sample(apply_fn, 0.3, jnp.array([0, 1]), backprop_steps=2, **common)
+  np.testing.assert_allclose(same.states, traj.states, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(same.log_probs, traj.log_probs, rtol=1e-6, atol=1e-4)
+
+  def mean_x0(p, k):
+    return jnp.mean(differentiable_sample(apply_fn, p, jnp.array([0, 1]), backprop_steps=k,
+                                          **common).x0)
+  # K = S: the gradient through the whole chain.
+  whole = jax.grad(lambda p: jnp.mean(sample(apply_fn, p, jnp.array([0, 1]), **common).x0))(0.3)
+  np.testing.assert_allclose(jax.grad(mean_x0)(0.3, 6), whole, rtol=1e-4)
+  # K = 1: x_0 = mu_theta(x_1) + sigma z with x_1 a constant, so the gradient is the last mean's.
+  last = select_step(traj, 5)
+  one = jax.grad(lambda p: jnp.mean(trajectory_transitions(apply_fn, p, last, schedule=SCHEDULE,
+                                                           eta=1.0).means))(0.3)
+  np.testing.assert_allclose(jax.grad(mean_x0)(0.3, 1), one, rtol=1e-4)
+  assert abs(float(one) - float(whole)) > 1e-3  # the two differ, so the test can tell them apart
+  with pytest.raises(ValueError, match="^backprop_steps:"):
+    mean_x0(0.3, 7)
