@@ -253,8 +253,8 @@ def _check_prediction(prediction, want) -> None:
 def _guidance_args(schedule, guided, guidance_scale, null_condition, conditions):
   """guidance_scale and null_condition as the jitted functions take them (dummies when unguided)."""
   scale = jnp.asarray(guidance_scale if guided else 0.0, _dtype(schedule))
-  null = null_condition if guided else jax.tree_util.tree_map(lambda leaf: leaf[0], conditions)
-  return scale, null
+  # Unguided, no null condition is read: None (an empty pytree) costs no device work.
+  return scale, (null_condition if guided else None)
 
 
 # Sampling.
