@@ -7,7 +7,8 @@
   saferl-jax opl [--quick] --out DIR            off-policy learning with baseline corrections
   saferl-jax cltr [--quick] --out DIR [--data PATH]
                                                 safe counterfactual LTR from simulated clicks
-  saferl-jax loop [--quick] --out DIR           diffusion fine-tuning: REINFORCE, PPO and LOOP
+  saferl-jax loop [--quick] --out DIR           diffusion fine-tuning: REINFORCE, PPO, GRPO and LOOP,
+                                                also with many prompts each seen once (LOOP's regime)
 """
 
 from __future__ import annotations
@@ -40,8 +41,11 @@ def _cltr(out: Path, quick: bool, data: Path | None = None) -> str:
   return cltr_safety.summary(cltr_safety.run(out, config, data_path=data))
 
 
-def _loop(out: Path, quick: bool) -> str:
+def _loop(out: Path, quick: bool, many_prompts_only: bool = False) -> str:
   config = loop_finetuning.QUICK if quick else loop_finetuning.FULL
+  if many_prompts_only:
+    return loop_finetuning.many_prompts_summary(
+        loop_finetuning.run(out, config, many_prompts_only=True))
   return loop_finetuning.summary(loop_finetuning.run(out, config))
 
 
@@ -91,8 +95,13 @@ def main(argv: list[str] | None = None) -> None:
   ranking.add_argument("--out", type=Path, required=True)
   ranking.add_argument("--data", type=Path, default=None,
                        help="a LETOR/SVMlight file (label qid:Q f:v ...) instead of synthetic data")
-  finetuning = commands.add_parser("loop", help="diffusion fine-tuning with REINFORCE, PPO and LOOP")
-  finetuning.add_argument("--quick", action="store_true")
+  finetuning = commands.add_parser(
+      "loop", help="diffusion fine-tuning with REINFORCE, PPO, GRPO and LOOP (digits, 2-D mixture, "
+      "and the many-prompt circle and digits x ink tasks)")
+  finetuning.add_argument("--quick", action="store_true",
+                          help="the small run of the demo (minutes); without it, the full run")
+  finetuning.add_argument("--many-prompts-only", action="store_true",
+                          help="only the many-prompt tasks (circle, digits x ink) and their sweep")
   finetuning.add_argument("--out", type=Path, required=True)
   args = parser.parse_args(argv)
   # The training driver logs "resuming from step k of n" when a run picks up its checkpoint.
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
   elif args.command == "cltr":
     print(_cltr(args.out, args.quick, args.data))
   elif args.command == "loop":
-    print(_loop(args.out, args.quick))
+    print(_loop(args.out, args.quick, args.many_prompts_only))
 
 
 if __name__ == "__main__":
