@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -21,7 +22,11 @@ TINY_CLTR = cltr_safety.Config(num_queries=40, max_docs=8, min_docs=4, num_featu
 TINY_LOOP = loop_finetuning.Config(train_steps=100, sampling_steps=4, channels=8, pretrain_steps=20,
                                    pretrain_batch=32, classifier_steps=20, prompts_per_round=2,
                                    samples_per_prompt=2, rounds=2, eval_every=2, minibatches=1,
-                                   num_seeds=2, mixture_pretrain_steps=20, mixture_rounds=2)
+                                   num_seeds=2, mixture_pretrain_steps=20, mixture_rounds=2,
+                                   circle_hidden=(16, 16), circle_eval_prompts=3,
+                                   circle_eval_samples=16, sweep_methods=("loop",),
+                                   sweep_clip_ranges=(0.1, 0.3), sweep_learning_rates=(1e-4,),
+                                   sweep_rounds=2)
 
 
 @pytest.mark.slow
@@ -53,6 +58,40 @@ def test_demo_runs_every_experiment(tmp_path, monkeypatch):
   assert set(loop["mixture2d"]["methods"]) == {"reinforce", "ppo", "loop"}
   for name in ("loop.png", "digits_samples.png"):
     assert (tmp_path / "loop" / name).exists()
+  _check_many_prompts(loop, TINY_LOOP, tmp_path / "loop")
+
+
+def _all_finite(tree) -> bool:
+  return bool(np.all(np.isfinite(np.asarray(jax.tree_util.tree_leaves(tree), float))))
+
+
+def _check_many_prompts(results: dict, config, out) -> None:
+  """The loop experiment's many-prompt results (issue 13): both tasks, every method, one entry per
+  round (per evaluation for the distance), finite values, and the sweep."""
+  assert set(results["many_prompts"]) == {"circle", "digits_ink"}
+  batch = config.prompts_per_round * config.samples_per_prompt
+  for name, rounds in (("circle", config.mixture_rounds), ("digits_ink", config.rounds)):
+    task = results["many_prompts"][name]
+    assert np.isfinite(task["initial_reward"])
+    assert set(task["methods"]) == {"reinforce", "ppo", "grpo", "loop"}
+    for curve in task["methods"].values():
+      assert curve["reward_queries"] == [batch * (r + 1) for r in range(rounds)]
+      assert len(curve["reward_mean"]) == len(curve["reward_ci"]) == len(curve["approx_kl"]) == rounds
+      assert all(lo <= mean <= hi for (lo, hi), mean in zip(curve["reward_ci"], curve["reward_mean"]))
+      assert len(curve["last_rounds_reward_per_seed"]) == config.num_seeds
+      assert ("distance_to_optimum" in curve) == (name == "circle")
+      if name == "circle":
+        assert len(curve["distance_to_optimum"]) == rounds // config.eval_every + 1
+        assert all(d >= -0.05 for d in curve["distance_to_optimum"])  # an unbiased MMD^2 estimate
+      assert _all_finite([curve[k] for k in curve if k != "initial_eval"])
+    assert task["methods"]["reinforce"]["approx_kl"] == [0.0] * rounds  # on-policy: no ratio
+  sweep = results["many_prompts_sweep"]
+  assert sweep["clip_ranges"] == [0.1, 0.3] and sweep["learning_rates"] == [1e-4]
+  for table in sweep["methods"].values():
+    for field in ("last_rounds_reward", "approx_kl", "clip_fraction", "distance_to_optimum"):
+      assert np.shape(table[field]) == (1, 2) and _all_finite(table[field])
+  assert (out / "many_prompts.png").exists()
+  assert "Many prompts" in (out / "summary.md").read_text()
 
 
 @pytest.mark.slow
