@@ -307,6 +307,21 @@ def memory_analysis(compiled) -> dict | None:
 # Timing.
 
 
+def time_sampling(row: dict, run_sample, params, prompts, repeats: int):
+  """Times run_sample(params, prompts, key) eagerly (its first call: the compilation) and inside
+  jax.jit (as in a jitted training round: no Python-side checks per call); returns its output."""
+  key = jax.random.key(3)
+  start = time.perf_counter()
+  trajectory = jax.block_until_ready(run_sample(params, prompts, key))
+  row["jax_sample_compile_s"] = time.perf_counter() - start
+  row["jax_sample_s"] = median_seconds(
+      lambda: jax.block_until_ready(run_sample(params, prompts, key)), repeats)
+  in_jit = jax.jit(run_sample)
+  row["jax_sample_in_jit_s"] = median_seconds(
+      lambda: jax.block_until_ready(in_jit(params, prompts, key)), repeats)
+  return trajectory
+
+
 def median_seconds(fn, repeats: int, sync=lambda: None, budget_s: float = 5.0) -> float:
   """Median seconds of up to `repeats` calls after a warm-up; stops early (after 3) past budget_s."""
   fn()
@@ -416,15 +431,7 @@ def ddim_case(name: str, batch: int, repeats: int) -> dict:
 
   # 2. Sampling.
   run_sample = jax_sampler(apply_fn, schedule, shape)
-  key = jax.random.key(3)
-  start = time.perf_counter()
-  trajectory = jax.block_until_ready(run_sample(params, prompts, key))
-  row["jax_sample_compile_s"] = time.perf_counter() - start
-  row["jax_sample_s"] = median_seconds(
-      lambda: jax.block_until_ready(run_sample(params, prompts, key)), repeats)
-  in_jit = jax.jit(run_sample)  # as inside a jitted training round: no Python-side checks per call
-  row["jax_sample_in_jit_s"] = median_seconds(
-      lambda: jax.block_until_ready(in_jit(params, prompts, key)), repeats)
+  trajectory = time_sampling(row, run_sample, params, prompts, repeats)
 
   # Teacher forcing: torch's DDPO formula on the states saferl_jax sampled, and both against float64.
   states = to_torch(layout(trajectory.states))
@@ -504,7 +511,8 @@ def ddim_case(name: str, batch: int, repeats: int) -> dict:
   # 4. Memory.
   row["trajectory_bytes"] = int(sum(np.asarray(a).nbytes for a in trajectory))
   row["param_bytes"] = int(sum(np.asarray(p).nbytes for p in jax.tree_util.tree_leaves(params)))
-  row["jax_sample_memory"] = memory_analysis(in_jit.lower(params, prompts, key).compile())
+  row["jax_sample_memory"] = memory_analysis(
+      jax.jit(run_sample).lower(params, prompts, jax.random.key(3)).compile())
   row["jax_update_memory"] = memory_analysis(
       update.lower(params, opt_state, trajectory, rewards).compile())
   row["jax_update_whole_memory"] = memory_analysis(
@@ -579,15 +587,7 @@ def flow_case(name: str, batch: int, repeats: int) -> dict:
     return sample(apply_fn, params, prompts, key=key, schedule=schedule, num_steps=STEPS,
                   eta=FLOW_ETA, samples_per_condition=K, shape=shape)
 
-  key = jax.random.key(3)
-  start = time.perf_counter()
-  trajectory = jax.block_until_ready(run_sample(params, prompts, key))
-  row["jax_sample_compile_s"] = time.perf_counter() - start
-  row["jax_sample_s"] = median_seconds(
-      lambda: jax.block_until_ready(run_sample(params, prompts, key)), repeats)
-  in_jit = jax.jit(run_sample)
-  row["jax_sample_in_jit_s"] = median_seconds(
-      lambda: jax.block_until_ready(in_jit(params, prompts, key)), repeats)
+  trajectory = time_sampling(row, run_sample, params, prompts, repeats)
   row["max_abs_state"] = float(jnp.max(jnp.abs(trajectory.states)))
 
   # Teacher forcing: Flow-GRPO's formula on saferl_jax's states, and both against float64.
@@ -614,7 +614,8 @@ def flow_case(name: str, batch: int, repeats: int) -> dict:
                                          samples_per_prompt=K, noise_level=FLOW_ETA,
                                          generator=generator)}, repeats)
   best_torch(row, (("sample_s", "jax_sample_s"),))
-  row["jax_sample_memory"] = memory_analysis(in_jit.lower(params, prompts, key).compile())
+  row["jax_sample_memory"] = memory_analysis(
+      jax.jit(run_sample).lower(params, prompts, jax.random.key(3)).compile())
   return row
 
 
