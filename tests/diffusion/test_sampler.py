@@ -437,6 +437,7 @@ def test_bad_arguments():
     trajectory_log_probs(gaussian_apply_fn, PARAMS, traj, schedule=linear_schedule(100), eta=1.0)
 
 
+@pytest.mark.slow
 def test_differentiable_sample_carries_the_gradient_of_its_last_k_steps():
   from saferl_jax.diffusion.sampler import differentiable_sample
 

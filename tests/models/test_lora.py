@@ -122,6 +122,7 @@ def test_conv_layer_equals_convolution_with_updated_kernel(stride):
   _assert_close(apply_fn((adapters, base), x), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mlp", "conv", "conv_layer"])
 def test_adapter_gradients_match_finite_differences_and_leave_out_the_base(built, name):
   build, inputs = built[name]
