@@ -81,7 +81,8 @@ from saferl_jax.training import checkpoints, driver
 from saferl_jax.diffusion import conditions as conds
 from saferl_jax.diffusion.losses import (grpo_advantages, loop_advantages, ppo_loss, prompt_tracker,
                                          reinforce_loss)
-from saferl_jax.diffusion.sampler import (differentiable_sample, sample, select_samples,
+from saferl_jax.diffusion.sampler import (_check_num_steps, _check_process, differentiable_sample,
+                                          sample, select_samples,
                                           stepwise_value_and_grad, trajectory_transitions)
 from saferl_jax.diffusion.step import step_kl
 
@@ -256,9 +257,10 @@ def _round(state: FinetuneState, data: tuple, key: jax.Array, round_index: jax.A
       trajectory = differentiable_sample(
           apply_fn, _network(params, frozen_params), prompts.conditions, key=sample_key,
           backprop_steps=backprop_steps, reduce=sampling.reduce, **sample_options)
-      rewards = reward_fn(trajectory.x0, trajectory.conditions)
-      return -jnp.mean(rewards), (rewards, jax.lax.stop_gradient(trajectory))
-    (_, (rewards, trajectory)), grads = jax.value_and_grad(draft_loss, has_aux=True)(state.params)
+      rewards, parts = _score(reward_fn, trajectory)
+      return -jnp.mean(rewards), (rewards, parts, jax.lax.stop_gradient(trajectory))
+    (_, (rewards, parts, trajectory)), grads = jax.value_and_grad(draft_loss, has_aux=True)(
+        state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     approx_kl = clip_fraction = jnp.zeros(())
@@ -267,7 +269,8 @@ def _round(state: FinetuneState, data: tuple, key: jax.Array, round_index: jax.A
     trajectory = sample(apply_fn, _network(old_params, frozen_params), prompts.conditions,
                         key=sample_key, reduce=sampling.reduce, **sample_options)
     trajectory = _shard_trajectory(trajectory, batch_mesh)
-    rewards = parallel.shard_batch(reward_fn(trajectory.x0, trajectory.conditions), batch_mesh)
+    rewards, parts = _score(reward_fn, trajectory)
+    rewards = parallel.shard_batch(rewards, batch_mesh)
     advantages, tracker = _advantages(
         method, rewards, prompts, state.tracker, sampling=sampling, tracker_options=tracker_options,
         normalize_advantages=normalize_advantages, grpo_global_std=grpo_global_std)
@@ -286,11 +289,19 @@ def _round(state: FinetuneState, data: tuple, key: jax.Array, round_index: jax.A
       params, state.ema_params, 1.0 - ema_decay)
   diagnostics = {"reward": jnp.mean(rewards), "approx_kl": approx_kl, "clip_fraction": clip_fraction,
                  "kl_to_reference": jnp.mean(path_kl)}
-  components = getattr(reward_fn, "components", None)
-  if components is not None:  # a combined reward: log each part (one more evaluation)
-    for name, values in components(trajectory.x0, trajectory.conditions).by_name.items():
-      diagnostics[f"reward/{name}"] = jnp.mean(values)
+  for name, values in parts.items():
+    diagnostics[f"reward/{name}"] = jnp.mean(jax.lax.stop_gradient(values))
   return FinetuneState(params, opt_state, tracker, ema_params), diagnostics
+
+
+def _score(reward_fn, trajectory):
+  """(rewards [B], {name: [B]}): a combined reward's total and parts from one evaluation, or the
+  reward and no parts."""
+  components = getattr(reward_fn, "components", None)
+  if components is None:
+    return reward_fn(trajectory.x0, trajectory.conditions), {}
+  scored = components(trajectory.x0, trajectory.conditions)
+  return scored.total, scored.by_name
 
 
 def _policy_gradient_updates(state, trajectory, advantages, reference_params, schedule,
@@ -523,16 +534,16 @@ def finetune(
   key, params, single_seed = driver.seed_axis(key, params)
   num_seeds = key.shape[0]
 
-  tracker = prompt_tracker(num_prompt_ids, buffer_size=tracker_buffer,
-                           min_count=min(tracker_min_count, tracker_buffer))
+  # Only PPO reads the tracker (its min_count was checked above); other methods carry an empty one.
+  min_count = min(int(tracker_min_count), int(tracker_buffer))
+  tracker = prompt_tracker(num_prompt_ids, buffer_size=tracker_buffer, min_count=min_count)
   trackers = jax.vmap(lambda _: tracker.init())(jnp.arange(num_seeds))
   state = FinetuneState(params, jax.vmap(optimizer.init)(params), trackers, params)
   options = dict(method=method, epochs=int(epochs), minibatches=int(minibatches),
                  clip_range=float(clip_range), kl_weight=float(kl_weight),
                  normalize_advantages=bool(normalize_advantages),
                  grpo_global_std=bool(grpo_global_std),
-                 tracker_options=(num_prompt_ids, int(tracker_buffer),
-                                  min(int(tracker_min_count), int(tracker_buffer))),
+                 tracker_options=(num_prompt_ids, int(tracker_buffer), min_count),
                  timestep_fraction=float(timestep_fraction),
                  max_step_grad_norm=None if max_step_grad_norm is None else float(max_step_grad_norm),
                  backprop_steps=int(backprop_steps),
@@ -604,7 +615,6 @@ def _evaluate_ema(evaluate, use_ema: bool):
 
 def _check_schedule_and_steps(schedule, sampling: Sampling) -> None:
   """The schedule (DDIM or flow) and the number of steps it allows, named as the caller's fields."""
-  from saferl_jax.diffusion.sampler import _check_num_steps, _check_process
   try:
     _check_process(schedule, sampling.eta)
   except ValueError as error:
