@@ -9,6 +9,9 @@
                                                 safe counterfactual LTR from simulated clicks
   saferl-jax loop [--quick] --out DIR           diffusion fine-tuning: REINFORCE, PPO, GRPO and LOOP,
                                                 also with many prompts each seen once (LOOP's regime)
+  saferl-jax constrained [--quick] --out DIR [--task T ...]
+                                                constrained alignment: primal-dual fine-tuning,
+                                                composition of models, constrained bandits
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ import logging
 import time
 from pathlib import Path
 
-from saferl_jax.experiments import (cltr_safety, loop_finetuning, obd_evaluation, ope_variance,
-                                    opl_learning)
+from saferl_jax.experiments import (cltr_safety, constrained, loop_finetuning, obd_evaluation,
+                                    ope_variance, opl_learning)
 
 
 def _ope_variance(out: Path, quick: bool) -> str:
@@ -49,8 +52,12 @@ def _loop(out: Path, quick: bool, many_prompts_only: bool = False) -> str:
   return loop_finetuning.summary(loop_finetuning.run(out, config))
 
 
+def _constrained(out: Path, quick: bool, tasks: tuple[str, ...] = constrained.TASKS) -> str:
+  return constrained.summary(constrained.run(out, quick, tasks=tasks))
+
+
 EXPERIMENTS = {"ope-variance": _ope_variance, "obd": _obd, "opl": _opl, "cltr": _cltr,
-               "loop": _loop}
+               "loop": _loop, "constrained": _constrained}
 
 
 def demo(out: Path, quick: bool = True) -> None:
@@ -103,6 +110,15 @@ def main(argv: list[str] | None = None) -> None:
   finetuning.add_argument("--many-prompts-only", action="store_true",
                           help="only the many-prompt tasks (circle, digits x ink) and their sweep")
   finetuning.add_argument("--out", type=Path, required=True)
+  constrained_parser = commands.add_parser(
+      "constrained", help="constrained alignment: the 2-D task with exact multipliers, composition "
+      "of diffusion models, digits with a quality constraint, bandits with a high-confidence "
+      "constraint")
+  constrained_parser.add_argument("--quick", action="store_true",
+                                  help="the small run of the demo; without it, the full run")
+  constrained_parser.add_argument("--out", type=Path, required=True)
+  constrained_parser.add_argument("--task", action="append", choices=constrained.TASKS,
+                                  help="run only this task (repeatable); default: all four")
   args = parser.parse_args(argv)
   # The training driver logs "resuming from step k of n" when a run picks up its checkpoint.
   handler = logging.StreamHandler()
@@ -126,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     print(_cltr(args.out, args.quick, args.data))
   elif args.command == "loop":
     print(_loop(args.out, args.quick, args.many_prompts_only))
+  elif args.command == "constrained":
+    print(_constrained(args.out, args.quick, tuple(args.task or constrained.TASKS)))
 
 
 if __name__ == "__main__":
