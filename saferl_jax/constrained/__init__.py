@@ -7,6 +7,7 @@ the dual's minimiser). The constrained fine-tuning loop is `saferl_jax.training.
 with `constraints=` (re-exported lazily here).
 """
 
+from saferl_jax._lazy import lazy_exports
 from saferl_jax.constrained.duals import (DualOptimizer, DualState, dual_descent, lagrangian_reward,
                                           nu_pi, project_simplex, simplex_descent)
 from saferl_jax.constrained.tilt import DualValue, minimize_dual, tilt_dual, tilted_log_policy
@@ -15,3 +16,11 @@ __all__ = [
     "DualOptimizer", "DualState", "dual_descent", "lagrangian_reward", "nu_pi", "project_simplex",
     "simplex_descent", "DualValue", "minimize_dual", "tilt_dual", "tilted_log_policy",
 ]
+
+# Floor 3: the constrained fine-tuning loop, loaded on first use.
+_LAZY = {
+    "Constraints": "saferl_jax.training.finetuning",
+    "finetune": "saferl_jax.training.finetuning",
+}
+__all__ += list(_LAZY)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

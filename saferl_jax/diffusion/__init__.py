@@ -60,6 +60,7 @@ _LAZY = {
     "finetune": "saferl_jax.training.finetuning",
     "Sampling": "saferl_jax.training.finetuning",
     "Prompts": "saferl_jax.training.finetuning",
+    "Constraints": "saferl_jax.training.finetuning",
     "FinetuneResult": "saferl_jax.training.finetuning",
     "class_prompts": "saferl_jax.training.finetuning",
     "VectorEncoder": "saferl_jax.models.denoisers",

@@ -35,6 +35,15 @@ S seeds run in one vmapped, jitted call through the one training driver
 `eval_every` rounds and resumes exactly (round r uses fold_in(seed key, r)). Sample efficiency is
 counted in reward queries: B per round.
 
+Constrained (primal-dual) fine-tuning, `constraints=Constraints(...)` (SPEC section 6): maximise
+E[r_0] - beta KL subject to E[r_i] >= b_i. reward_fn is the primary r_0; each round's policy step
+(any method but "draft") trains on the Lagrangian reward r_0 + sum_i lambda_i (r_i - b_i)
+(`saferl_jax.constrained.lagrangian_reward`) with the current multipliers, and after it, every
+`dual_every` rounds, the dual optimizer (`constrained.dual_descent`, `nu_pi`) takes one step on
+the slacks rbar_i - b_i of the same on-policy samples. The multipliers live in the state (per
+seed, checkpointed, resumed exactly) and are logged every round with the constraints and slacks.
+(PPO's tracker then tracks the Lagrangian reward, whose scale moves with lambda.)
+
 One denoising step dominates REINFORCE. A step's score is (x_t' - mu) / sigma_t^2 times
 d mu / d theta, whose size grows like 1 / sigma_t, and the step into t' = 1 (from 1 + T/S, at
 eta = 1) has a sigma_t far below the others (alphabar_1 is nearly 1, so little noise is left to
@@ -69,7 +78,7 @@ import dataclasses
 import functools
 import math
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +86,7 @@ import numpy as np
 import optax
 
 from saferl_jax import checks, parallel
+from saferl_jax.constrained.duals import DualOptimizer, DualState, lagrangian_reward
 from saferl_jax.training import checkpoints, driver
 from saferl_jax.diffusion import conditions as conds
 from saferl_jax.diffusion.losses import (grpo_advantages, loop_advantages, ppo_loss, prompt_tracker,
@@ -174,11 +184,32 @@ class FinetuneState(NamedTuple):
     opt_state: the optimizer's state.
     tracker: PPO's per-prompt reward buffers (`prompt_tracker`), empty for other methods.
     ema_params: the exponential moving average of params (params itself without ema_decay).
+    duals: the constraints' multipliers and dual state (`DualState` of [m]); None without
+      constraints (an empty pytree: orbax cannot save zero-size arrays).
   """
   params: Any
   opt_state: Any
   tracker: Any
   ema_params: Any
+  duals: DualState | None
+
+
+class Constraints(NamedTuple):
+  """Constraints E_p[r_i] >= b_i of a primal-dual fine-tune (`finetune(constraints=...)`).
+
+  Attributes:
+    rewards: {name: reward_fn(x0 [B, ...], conditions) -> r_i [B]}, jittable; the order of the
+      names is the order of the multipliers.
+    thresholds: {name: b_i}, the same names, finite.
+    dual_optimizer: a `saferl_jax.constrained.DualOptimizer`, e.g. `dual_descent(0.5)`.
+    initial_multipliers: {name: lambda_i >= 0} at the start; None: zeros.
+    dual_every: N_d >= 1, one dual step every N_d rounds (after rounds N_d, 2 N_d, ...).
+  """
+  rewards: Mapping[str, Callable]
+  thresholds: Mapping[str, float]
+  dual_optimizer: DualOptimizer
+  initial_multipliers: Mapping[str, float] | None = None
+  dual_every: int = 1
 
 
 class FinetuneResult(NamedTuple):
@@ -234,8 +265,12 @@ def _round(state: FinetuneState, data: tuple, key: jax.Array, round_index: jax.A
            epochs: int, minibatches: int, clip_range: float, kl_weight: float,
            normalize_advantages: bool, grpo_global_std: bool, tracker_options: tuple,
            timestep_fraction: float, max_step_grad_norm: float | None, backprop_steps: int,
-           ema_decay: float | None, batch_mesh=None):
+           ema_decay: float | None, batch_mesh=None, constraint_options=None):
   """One sampling round and its updates; returns the new state and the round's diagnostics.
+
+  With `constraint_options` (names, reward fns, thresholds, dual optimizer, dual_every: the
+  static form of `Constraints`), the policy step trains on the Lagrangian reward with the
+  current multipliers and the multipliers then take their dual step (every dual_every rounds).
 
   With `batch_mesh` (finetune's batch_devices), the B samples' arrays are split over its "batch"
   devices (apply_fn arrives wrapped by `parallel.batch_sharded`).
@@ -271,8 +306,16 @@ def _round(state: FinetuneState, data: tuple, key: jax.Array, round_index: jax.A
     trajectory = _shard_trajectory(trajectory, batch_mesh)
     rewards, parts = _score(reward_fn, trajectory)
     rewards = parallel.shard_batch(rewards, batch_mesh)
+    trained_rewards = rewards
+    if constraint_options is not None:
+      _, constraint_fns, thresholds, _, _ = constraint_options
+      constraint_values = parallel.shard_batch(jnp.stack(
+          [fn(trajectory.x0, trajectory.conditions) for fn in constraint_fns], axis=-1), batch_mesh)
+      thresholds = jnp.asarray(thresholds, constraint_values.dtype)
+      trained_rewards = lagrangian_reward(rewards, constraint_values, state.duals.multipliers,
+                                          thresholds=thresholds)
     advantages, tracker = _advantages(
-        method, rewards, prompts, state.tracker, sampling=sampling, tracker_options=tracker_options,
+        method, trained_rewards, prompts, state.tracker, sampling=sampling, tracker_options=tracker_options,
         normalize_advantages=normalize_advantages, grpo_global_std=grpo_global_std)
     params, opt_state, approx_kl, clip_fraction = _policy_gradient_updates(
         state, trajectory, advantages, reference_params, schedule, null_condition, frozen_params,
@@ -291,7 +334,21 @@ def _round(state: FinetuneState, data: tuple, key: jax.Array, round_index: jax.A
                  "kl_to_reference": jnp.mean(path_kl)}
   for name, values in parts.items():
     diagnostics[f"reward/{name}"] = jnp.mean(jax.lax.stop_gradient(values))
-  return FinetuneState(params, opt_state, tracker, ema_params), diagnostics
+  duals = state.duals
+  if constraint_options is not None:
+    names, _, _, dual_optimizer, dual_every = constraint_options
+    means = jnp.mean(constraint_values, axis=0)
+    slacks = means - thresholds
+    # The dual step from this round's on-policy samples, taken after rounds N_d, 2 N_d, ...
+    stepped = dual_optimizer.update(duals, slacks)
+    take = (round_index + 1) % dual_every == 0
+    duals = jax.tree_util.tree_map(lambda new, old: jnp.where(take, new, old), stepped, duals)
+    diagnostics["lagrangian"] = jnp.mean(trained_rewards)
+    for i, name in enumerate(names):
+      diagnostics[f"constraint/{name}"] = means[i]
+      diagnostics[f"slack/{name}"] = slacks[i]
+      diagnostics[f"lambda/{name}"] = duals.multipliers[i]
+  return FinetuneState(params, opt_state, tracker, ema_params, duals), diagnostics
 
 
 def _score(reward_fn, trajectory):
@@ -395,6 +452,7 @@ def finetune(
     checkpoint_path: str | Path | None = None,
     checkpoint_mismatch: str = "error",
     run_config: dict | None = None,
+    constraints: Constraints | None = None,
 ) -> FinetuneResult:
   """Fine-tunes a denoiser (or flow) on a reward with REINFORCE, PPO, GRPO, LOOP or DRaFT, for S seeds at once.
 
@@ -447,12 +505,23 @@ def finetune(
       rounds. Another run's checkpoint raises a ValueError naming what differs.
     checkpoint_mismatch: "error", or "new" to checkpoint beside another run's checkpoint.
     run_config: optional JSON dict bound to the checkpoint (e.g. an experiment's whole config).
+    constraints: a `Constraints` for primal-dual training (module docstring): reward_fn is then
+      the primary reward r_0 (it may return zeros), the policy step of every method but "draft"
+      trains on the Lagrangian reward r_0 + sum_i lambda_i (r_i - b_i) with the current
+      multipliers, and every dual_every rounds the dual optimizer steps on the slacks (batch
+      means of r_i) - b_i of the same samples. The multipliers are per seed, checkpointed and
+      fingerprinted (names, thresholds, initial multipliers, dual_every, the constraint rewards'
+      names and probe values, the dual optimizer's update on a probe).
 
   Returns:
     A `FinetuneResult`; history["reward"], ["approx_kl"], ["clip_fraction"],
     ["kl_to_reference"] (the mean path KL of the sampling parameters to the reference) are
     [rounds, S]; a combined reward adds ["reward/<name>"]; history["reward_queries"] is [rounds]
     (cumulative queries after each round); evaluate's names are [rounds / eval_every + 1, S].
+    With constraints, history["reward"] is the mean primary r_0 and, per constraint name,
+    ["constraint/<name>"] the mean r_i, ["slack/<name>"] the mean r_i - b_i,
+    ["lambda/<name>"] the multiplier after the round's (possible) dual step, and
+    ["lagrangian"] the mean Lagrangian reward trained on, all [rounds, S].
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -514,6 +583,9 @@ def finetune(
   if method == "draft" and backprop_steps > sampling.num_steps:
     raise ValueError(f"backprop_steps: must be <= sampling.num_steps = {sampling.num_steps}, got "
                      f"{backprop_steps}")
+  if constraints is not None and method == "draft":
+    raise ValueError("constraints: primal-dual training needs a policy-gradient method; reward "
+                     "backpropagation (draft) is not supported")
   if prompt_fn is None:
     if sampling.num_classes is None:
       raise ValueError("prompt_fn: give a prompt_fn, or sampling.num_classes for uniform class ids")
@@ -522,6 +594,7 @@ def finetune(
     raise TypeError(f"prompt_fn: must be callable, prompt_fn(key) -> conditions, got "
                     f"{type(prompt_fn).__name__}")
   example = _draw_prompts(prompt_fn, jax.random.key(0), sampling.prompts_per_round)
+  constraint_options, initial_duals = _check_constraints(constraints, sampling, example)
   null_condition = (None if sampling.guidance_scale is None else
                     conds.check_null("sampling.null_condition", sampling.null_condition,
                                      example.conditions))
@@ -538,7 +611,8 @@ def finetune(
   min_count = min(int(tracker_min_count), int(tracker_buffer))
   tracker = prompt_tracker(num_prompt_ids, buffer_size=tracker_buffer, min_count=min_count)
   trackers = jax.vmap(lambda _: tracker.init())(jnp.arange(num_seeds))
-  state = FinetuneState(params, jax.vmap(optimizer.init)(params), trackers, params)
+  duals = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (num_seeds, *x.shape)), initial_duals)
+  state = FinetuneState(params, jax.vmap(optimizer.init)(params), trackers, params, duals)
   options = dict(method=method, epochs=int(epochs), minibatches=int(minibatches),
                  clip_range=float(clip_range), kl_weight=float(kl_weight),
                  normalize_advantages=bool(normalize_advantages),
@@ -560,7 +634,12 @@ def finetune(
       evaluate=evaluate, optimizer=optimizer, run_config=run_config,
       reward=_reward_fingerprint(reward_fn, sampling, example),
       prompts={"name": checkpoints.callable_name(prompt_fn),
-               "probe": _probe_values(example.conditions)})
+               "probe": _probe_values(example.conditions)},
+      constraints=_constraints_fingerprint(constraints, constraint_options, initial_duals,
+                                           sampling, example))
+  # Without constraints the round is the unconstrained one (constraint_options=None).
+  if constraint_options is not None:
+    options["constraint_options"] = constraint_options
   step_fn = driver.step_function(_round, apply_fn=parallel.batch_sharded(apply_fn, batch_mesh),
                                  reward_fn=reward_fn, prompt_fn=prompt_fn, optimizer=optimizer,
                                  sampling=static_sampling, batch_mesh=batch_mesh, **options)
@@ -650,3 +729,69 @@ def _reward_fingerprint(reward_fn, sampling: Sampling, example: Prompts) -> dict
   conditions = conds.take(example.conditions, jnp.arange(4) % sampling.prompts_per_round)
   # A reward that is NaN on noise (legitimately) still fingerprints by its finite values' pattern.
   return {"name": checkpoints.callable_name(reward_fn), "probe": _probe_values(reward_fn(probe, conditions))}
+
+
+def _check_constraints(constraints, sampling: Sampling, example: Prompts):
+  """(the static constraint options, the initial `DualState` [m]), checked; (None, None) without."""
+  if constraints is None:
+    return None, None
+  if not isinstance(constraints, Constraints):
+    raise TypeError(f"constraints: must be a Constraints, got {type(constraints).__name__}")
+  for field in ("rewards", "thresholds"):
+    if not isinstance(getattr(constraints, field), Mapping) or not getattr(constraints, field):
+      raise TypeError(f"constraints.{field}: must be a non-empty mapping {{name: ...}}, got "
+                      f"{getattr(constraints, field)!r}")
+  names = tuple(constraints.rewards)
+  for name in names:
+    if not isinstance(name, str):
+      raise TypeError(f"constraints.rewards: names must be strings, got {name!r}")
+  if set(constraints.thresholds) != set(names):
+    raise ValueError(f"constraints.thresholds: must name the constraints of constraints.rewards "
+                     f"{sorted(names)}, got {sorted(map(str, constraints.thresholds))}")
+  thresholds = tuple(float(checks.check_real(f"constraints.thresholds[{name!r}]",
+                                             constraints.thresholds[name])) for name in names)
+  fns = tuple(constraints.rewards[name] for name in names)
+  probe = jax.random.normal(jax.random.key(0), (4, *sampling.shape))
+  conditions = conds.take(example.conditions, jnp.arange(4) % sampling.prompts_per_round)
+  for name, fn in zip(names, fns):
+    if not callable(fn):
+      raise TypeError(f"constraints.rewards[{name!r}]: must be callable, reward_fn(x0, "
+                      f"conditions) -> [B], got {type(fn).__name__}")
+    shape = jax.eval_shape(fn, probe, conditions).shape
+    if shape != (4,):
+      raise ValueError(f"constraints.rewards[{name!r}]: must return one reward per sample, shape "
+                       f"(4,) for 4 samples, got {shape}")
+  if not isinstance(constraints.dual_optimizer, DualOptimizer):
+    raise TypeError(f"constraints.dual_optimizer: must be a DualOptimizer (e.g. "
+                    f"constrained.dual_descent(0.5)), got {type(constraints.dual_optimizer).__name__}")
+  checks.check_count("constraints.dual_every", constraints.dual_every)
+  initial = constraints.initial_multipliers
+  if initial is None:
+    initial = dict.fromkeys(names, 0.0)
+  elif not isinstance(initial, Mapping) or set(initial) != set(names):
+    raise ValueError(f"constraints.initial_multipliers: must be None or map the constraints "
+                     f"{sorted(names)} to multipliers >= 0, got {initial!r}")
+  values = [float(checks.check_real(f"constraints.initial_multipliers[{name!r}]", initial[name],
+                                    low=0.0)) for name in names]
+  try:
+    duals = constraints.dual_optimizer.init(jnp.asarray(values, jnp.float32))
+  except ValueError as error:
+    raise ValueError(f"constraints.initial_multipliers: {error}") from None
+  static = (names, fns, thresholds, constraints.dual_optimizer, int(constraints.dual_every))
+  return static, duals
+
+
+def _constraints_fingerprint(constraints, static, duals, sampling: Sampling, example: Prompts):
+  """The constraints' identity for the checkpoint: names, thresholds, initial multipliers,
+  dual_every, each reward's name and probe values, and the dual optimizer's update on a probe."""
+  if constraints is None:
+    return None
+  names, fns, thresholds, dual_optimizer, dual_every = static
+  m = len(names)
+  probe_state = DualState(jnp.full((m,), 0.5), jnp.linspace(-0.25, 0.25, m))
+  probe_slacks = jnp.linspace(-1.0, 0.75, m)
+  probed = dual_optimizer.update(probe_state, probe_slacks)
+  return {"names": list(names), "thresholds": list(thresholds),
+          "initial_multipliers": _probe_values(duals), "dual_every": dual_every,
+          "rewards": [_reward_fingerprint(fn, sampling, example) for fn in fns],
+          "dual_optimizer": _probe_values(probed)}
