@@ -32,6 +32,16 @@ E_p[log p] - E_q[log p] which can vanish or go negative for different distributi
 the 2-Wasserstein distance between moment-fitted Gaussians it sees mode weights and mode
 collapse, the failure a reward-tilted sampler is most prone to. Its cost is O(n^2 + n M + M^2).
 
+Constrained optimum (SPEC section 6): maximise E_q[a_0^T x] - beta KL(q || p) subject to
+E_q[a_i^T x] >= b_i, i = 1..m. For multipliers lambda >= 0 the Lagrangian's maximiser is the tilt
+by theta = (a_0 + sum_i lambda_i a_i) / beta, and the dual is explicit,
+
+  g(lambda) = beta logsumexp_k(log w_k + theta^T mu_k + theta^T Sigma_k theta / 2) - lambda . b,
+
+convex, with gradient A E_{q_lambda}[x] - b, the tilted mixture's constraint values minus the
+thresholds (`mixture_tilt_dual`); lambda* = argmin_{lambda >= 0} g and the constrained optimum
+q_{lambda*} (`constrained_optimum`).
+
 References:
   Gretton, Borgwardt, Rasch, Schölkopf, Smola. A Kernel Two-Sample Test. JMLR 2012.
   https://jmlr.org/papers/v13/gretton12a.html
@@ -50,6 +60,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from saferl_jax import checks
+from saferl_jax.constrained.tilt import DualValue, minimize_dual
 
 
 class GaussianMixture(NamedTuple):
@@ -317,3 +328,133 @@ def _mmd(samples: jax.Array, mixture: GaussianMixture, bandwidth: jax.Array, unb
               mixture.means, mixture.covariances)  # [M, M]
   mixture_term = mixture.weights @ pair_kernel @ mixture.weights
   return sample_term - 2 * cross_term + mixture_term
+
+
+class ConstrainedOptimum(NamedTuple):
+  """The constrained optimum of a linear-reward problem on a mixture prior.
+
+  Attributes:
+    multipliers: [m] lambda* = argmin_{lambda >= 0} g(lambda).
+    tilted: the optimum q_{lambda*}, the prior tilted by (a_0 + sum_i lambda*_i a_i) / beta.
+  """
+  multipliers: jax.Array
+  tilted: GaussianMixture
+
+
+def _check_linear_constraints(mixture, primary_direction, constraint_directions, thresholds,
+                              kl_weight):
+  primary_direction = checks.as_float("primary_direction", primary_direction)
+  constraint_directions = checks.as_float("constraint_directions", constraint_directions)
+  thresholds = checks.as_float("thresholds", thresholds)
+  if primary_direction.shape != (mixture.dim,):
+    raise ValueError(f"primary_direction: expected shape [D={mixture.dim}], got "
+                     f"{tuple(primary_direction.shape)}")
+  if constraint_directions.ndim != 2 or constraint_directions.shape[1] != mixture.dim \
+     or constraint_directions.shape[0] == 0:
+    raise ValueError(f"constraint_directions: expected shape [m >= 1, D={mixture.dim}], got "
+                     f"{tuple(constraint_directions.shape)}")
+  m = constraint_directions.shape[0]
+  if thresholds.shape != (m,):
+    raise ValueError(f"thresholds: expected shape [m={m}], got {tuple(thresholds.shape)}")
+  checks.check_real("kl_weight", kl_weight, low=0.0, open_low=True)
+  return primary_direction, constraint_directions, thresholds
+
+
+@jax.jit
+def _tilt_dual(mixture, multipliers, primary_direction, constraint_directions, thresholds,
+               kl_weight):
+  direction = primary_direction + multipliers @ constraint_directions  # a_0 + A^T lambda
+  theta = direction / kl_weight
+  log_partition = jax.nn.logsumexp(
+      jnp.log(mixture.weights) + mixture.means @ theta
+      + 0.5 * jnp.einsum("i,kij,j->k", theta, mixture.covariances, theta))
+  tilted = tilted_mixture(mixture, direction, kl_weight=kl_weight)
+  value = kl_weight * log_partition - multipliers @ thresholds
+  return DualValue(value, constraint_directions @ mixture_mean(tilted) - thresholds)
+
+
+def mixture_tilt_dual(mixture: GaussianMixture, multipliers: ArrayLike, *,
+                      primary_direction: ArrayLike, constraint_directions: ArrayLike,
+                      thresholds: ArrayLike, kl_weight: float) -> DualValue:
+  """The dual g(lambda) of max_q E_q[a_0^T x] - beta KL(q || p) s.t. E_q[a_i^T x] >= b_i, in closed form.
+
+  g(lambda) = beta logsumexp_k(log w_k + theta^T mu_k + theta^T Sigma_k theta / 2) - lambda . b,
+  theta = (a_0 + A^T lambda) / beta; its gradient is A E_{q_lambda}[x] - b with q_lambda the
+  tilted mixture (`tilted_mixture` with direction a_0 + A^T lambda): the constraints' slacks
+  under the Lagrangian's maximiser.
+
+  Args:
+    mixture: the prior p, a `GaussianMixture` with means [M, D].
+    multipliers: [m] lambda >= 0.
+    primary_direction: [D] a_0 (zeros: stay closest to p while meeting the constraints).
+    constraint_directions: [m, D] A, the rows a_i of r_i(x) = a_i^T x.
+    thresholds: [m] b.
+    kl_weight: beta > 0.
+
+  Returns:
+    `constrained.DualValue(value, gradient [m])`.
+
+  Example:
+    >>> prior = make_mixture([1.0], [[0.0, 0.0]], stds=1.0)  # N(0, I): E_{q_lambda}[x] = theta
+    >>> dual = mixture_tilt_dual(prior, jnp.array([1.0]), primary_direction=jnp.zeros(2),
+    ...                          constraint_directions=jnp.array([[1.0, 0.0]]),
+    ...                          thresholds=jnp.array([2.0]), kl_weight=1.0)
+    >>> round(float(dual.value), 4), [round(v, 4) for v in dual.gradient.tolist()]  # 1/2 - 2, 1 - 2
+    (-1.5, [-1.0])
+
+  References:
+    Khalafi, Hounie, Ding, Ribeiro. NeurIPS 2025. https://arxiv.org/abs/2508.19104
+  """
+  primary_direction, constraint_directions, thresholds = _check_linear_constraints(
+      mixture, primary_direction, constraint_directions, thresholds, kl_weight)
+  multipliers = checks.as_float("multipliers", multipliers)
+  if multipliers.shape != thresholds.shape:
+    raise ValueError(f"multipliers: expected shape {tuple(thresholds.shape)} (one per "
+                     f"constraint), got {tuple(multipliers.shape)}")
+  return _tilt_dual(mixture, multipliers, primary_direction, constraint_directions, thresholds,
+                    kl_weight)
+
+
+def constrained_optimum(mixture: GaussianMixture, *, primary_direction: ArrayLike,
+                        constraint_directions: ArrayLike, thresholds: ArrayLike,
+                        kl_weight: float) -> ConstrainedOptimum:
+  """lambda* = argmin_{lambda >= 0} g(lambda) (`mixture_tilt_dual`) and the constrained optimum q_{lambda*}.
+
+  Minimised by `constrained.minimize_dual` (projected gradient with backtracking) from lambda = 0.
+  When the constraints are feasible (some tilt meets them) the optimum meets every active one
+  with equality and lambda*_i (E_{q*}[a_i^T x] - b_i) = 0 (complementary slackness).
+
+  Args:
+    mixture: the prior p.
+    primary_direction: [D] a_0.
+    constraint_directions: [m, D] A.
+    thresholds: [m] b.
+    kl_weight: beta > 0.
+
+  Returns:
+    `ConstrainedOptimum(multipliers [m], tilted)`.
+
+  Example:
+    >>> prior = make_mixture([1.0], [[0.0, 0.0]], stds=1.0)
+    >>> # max E[x_1] - KL s.t. E[x_2] >= 1.5: theta = (1, lambda) with lambda* = 1.5
+    >>> optimum = constrained_optimum(prior, primary_direction=jnp.array([1.0, 0.0]),
+    ...                               constraint_directions=jnp.array([[0.0, 1.0]]),
+    ...                               thresholds=jnp.array([1.5]), kl_weight=1.0)
+    >>> [round(v, 3) for v in optimum.multipliers.tolist()]
+    [1.5]
+  """
+  primary_direction, constraint_directions, thresholds = _check_linear_constraints(
+      mixture, primary_direction, constraint_directions, thresholds, kl_weight)
+  multipliers = _minimize_tilt_dual(mixture, primary_direction, constraint_directions, thresholds,
+                                    jnp.asarray(kl_weight, primary_direction.dtype))
+  tilted = tilted_mixture(mixture, primary_direction + multipliers @ constraint_directions,
+                          kl_weight=kl_weight)
+  return ConstrainedOptimum(multipliers, tilted)
+
+
+@jax.jit
+def _minimize_tilt_dual(mixture, primary_direction, constraint_directions, thresholds, kl_weight):
+  def dual_fn(multipliers):
+    return _tilt_dual(mixture, multipliers, primary_direction, constraint_directions, thresholds,
+                      kl_weight)
+  return minimize_dual(dual_fn, jnp.zeros_like(thresholds), num_iterations=2000, tolerance=1e-7)

@@ -200,3 +200,93 @@ def test_mmd_v_statistic_relation_and_checks():
     mx.mixture_mmd(x[:1], prior)
   with pytest.raises(ValueError, match="bandwidth:"):
     mx.mixture_mmd(x, prior, bandwidth=0.0)
+
+
+# The constrained optimum: max E_q[a_0 . x] - beta KL(q || p) s.t. E_q[a_i . x] >= b_i.
+PRIMARY = np.array([1.0, 0.0])
+PROBLEMS = {  # (constraint directions A, thresholds b, beta)
+    "one active": ([[0.0, 1.0]], [0.5], 1.0),
+    "two active": ([[0.0, 1.0], [-1.0, 0.0]], [0.5, 0.0], 0.5),
+    "one inactive": ([[0.0, 1.0], [-1.0, 0.0]], [0.5, -5.0], 1.0),
+}
+
+
+def _dual_float64(multipliers, mixture, directions, thresholds, beta):
+  """g(lambda) and its gradient in float64 numpy, straight from the formula (no jax)."""
+  weights, means = np.asarray(mixture.weights, np.float64), np.asarray(mixture.means, np.float64)
+  covariances = np.asarray(mixture.covariances, np.float64)
+  direction = PRIMARY + multipliers @ directions
+  theta = direction / beta
+  logits = np.log(weights) + means @ theta + 0.5 * np.einsum("i,kij,j->k", theta, covariances, theta)
+  top = logits.max()
+  log_partition = top + np.log(np.sum(np.exp(logits - top)))
+  tilted_weights = np.exp(logits - log_partition)
+  tilted_mean = tilted_weights @ (means + np.einsum("kij,j->ki", covariances, theta))
+  return beta * log_partition - multipliers @ thresholds, directions @ tilted_mean - thresholds
+
+
+@pytest.mark.slow  # compiles the projected-gradient minimiser (~1 s, several on a loaded machine)
+@pytest.mark.parametrize("problem", list(PROBLEMS))
+def test_constrained_optimum_against_scipy_and_kkt(problem):
+  from scipy import optimize
+  directions, thresholds, beta = (np.asarray(v, np.float64) if i < 2 else v
+                                  for i, v in enumerate(PROBLEMS[problem]))
+  prior = mx.default_mixture()
+  optimum = mx.constrained_optimum(prior, primary_direction=PRIMARY, constraint_directions=directions,
+                                   thresholds=thresholds, kl_weight=beta)
+  m = len(thresholds)
+  reference = optimize.minimize(_dual_float64, np.ones(m), args=(prior, directions, thresholds, beta),
+                                jac=True, method="L-BFGS-B", bounds=[(0, None)] * m,
+                                options=dict(ftol=1e-15, gtol=1e-12))
+  assert reference.success, reference.message
+  # g's curvature along lambda is Var_q(a_i . x) / beta >= ~0.3 here, and our float32 dual's
+  # gradient is exact to ~1e-6, so lambda* is good to ~1e-5: 1e-4 leaves room.
+  np.testing.assert_allclose(optimum.multipliers, reference.x, atol=1e-4)
+  # KKT: the optimum meets every constraint (slack >= 0 up to float32), and complementary
+  # slackness lambda_i slack_i = 0; an active constraint (lambda_i > 0) holds with equality.
+  slacks = directions @ np.asarray(mx.mixture_mean(optimum.tilted), np.float64) - thresholds
+  assert np.all(slacks > -1e-5), slacks
+  np.testing.assert_allclose(np.asarray(optimum.multipliers) * slacks, 0.0, atol=1e-5)
+  active = np.asarray(optimum.multipliers) > 1e-3
+  assert active.sum() == (1 if problem == "one active" else 2 if problem == "two active" else 1)
+  # The optimum is the prior tilted by a_0 + A^T lambda*, the dual's gradient its slacks.
+  dual = mx.mixture_tilt_dual(prior, optimum.multipliers, primary_direction=PRIMARY,
+                              constraint_directions=directions, thresholds=thresholds,
+                              kl_weight=beta)
+  np.testing.assert_allclose(dual.gradient, slacks, atol=1e-5)
+  np.testing.assert_allclose(dual.value, reference.fun, rtol=1e-5, atol=1e-5)
+
+
+def test_tilt_dual_gradient_is_the_derivative_of_its_value():
+  prior = mx.default_mixture()
+  directions, thresholds, beta = PROBLEMS["two active"]
+  options = dict(primary_direction=PRIMARY, constraint_directions=jnp.asarray(directions),
+                 thresholds=jnp.asarray(thresholds), kl_weight=beta)
+  value_grad = jax.jit(jax.grad(lambda l: mx.mixture_tilt_dual(prior, l, **options).value))
+  for multipliers in ([0.0, 0.0], [0.3, 1.2], [2.0, 0.1]):
+    multipliers = jnp.asarray(multipliers)
+    dual = mx.mixture_tilt_dual(prior, multipliers, **options)
+    autodiff = value_grad(multipliers)
+    # Two float32 routes to the same derivative (tilted mean vs autodiff of the logsumexp).
+    np.testing.assert_allclose(dual.gradient, autodiff, rtol=1e-5, atol=1e-5)
+    value, gradient = _dual_float64(np.asarray(multipliers, np.float64), prior,
+                                    np.asarray(directions), np.asarray(thresholds), beta)
+    np.testing.assert_allclose(dual.value, value, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dual.gradient, gradient, rtol=1e-5, atol=1e-5)
+
+
+def test_tilt_dual_checks_its_inputs():
+  prior = mx.default_mixture()
+  options = dict(primary_direction=PRIMARY, constraint_directions=jnp.array([[0.0, 1.0]]),
+                 thresholds=jnp.array([0.5]), kl_weight=1.0)
+  for name, bad in (("primary_direction", jnp.zeros(3)),
+                    ("constraint_directions", jnp.zeros(2)),
+                    ("constraint_directions", jnp.zeros((0, 2))),
+                    ("thresholds", jnp.zeros(2)),
+                    ("kl_weight", 0.0)):
+    with pytest.raises(ValueError, match=f"^{name}:"):
+      mx.mixture_tilt_dual(prior, jnp.zeros(1), **(options | {name: bad}))
+    with pytest.raises(ValueError, match=f"^{name}:"):
+      mx.constrained_optimum(prior, **(options | {name: bad}))
+  with pytest.raises(ValueError, match="^multipliers:"):
+    mx.mixture_tilt_dual(prior, jnp.zeros(2), **options)
