@@ -70,7 +70,8 @@ def tilted_log_policy(reference_log_probs: ArrayLike, primary: ArrayLike, constr
   """log pi_lambda(a|x) = log softmax_a(log pi_ref(a|x) + (q_0 + lambda . q)(x, a) / beta).
 
   Args:
-    reference_log_probs: [..., A] log pi_ref(a|x); leading axes (contexts) broadcast.
+    reference_log_probs: [..., A] log pi_ref(a|x); any leading axes (contexts), the same for
+      primary and constraints.
     primary: [..., A] q_0(x, a).
     constraints: [..., A, m] q_i(x, a).
     multipliers: [m] lambda >= 0.
