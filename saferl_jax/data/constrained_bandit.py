@@ -126,7 +126,7 @@ def policy_values(policy_dist: ArrayLike, problem: TwoRewardProblem) -> jax.Arra
 
 def simulate_log(problem: TwoRewardProblem, *, key: jax.Array, num_rounds: int) -> TwoRewardLog:
   """Logs n rounds of pi_0: `synthetic_bandit.simulate_log` for the primary reward, and the
-  secondary reward drawn independently given (x, a) from fold_in(key, 1).
+  secondary reward drawn independently given (x, a), from two halves of split(key).
 
   Args:
     problem: a `TwoRewardProblem`.
@@ -150,9 +150,12 @@ def _simulate_log(problem: TwoRewardProblem, key: jax.Array, num_rounds: int) ->
   primary = sb.BanditProblem(problem.contexts, problem.expected_rewards[..., 0],
                              problem.logging_dist, problem.logging_dist,
                              problem.reward_hat[..., 0])
-  log = sb.simulate_log(primary, key=key, num_rounds=num_rounds)
+  # Two halves of one split: fold_in(key, 1) would repeat split(key, 3)[0], the contexts' key
+  # inside simulate_log (threefry), and bias the secondary rewards.
+  primary_key, secondary_key = jax.random.split(key)
+  log = sb.simulate_log(primary, key=primary_key, num_rounds=num_rounds)
   secondary_probs = problem.expected_rewards[log.context_ids, log.actions, 1]
-  secondary = jax.random.bernoulli(jax.random.fold_in(key, 1), secondary_probs)
+  secondary = jax.random.bernoulli(secondary_key, secondary_probs)
   rewards = jnp.stack([log.rewards, secondary.astype(log.rewards.dtype)], axis=-1)
   return TwoRewardLog(log.context_ids, log.actions, rewards, log.logging_probs)
 
