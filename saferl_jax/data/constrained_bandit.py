@@ -1,4 +1,4 @@
-"""A synthetic contextual bandit with two rewards and exact values, for constrained learning (floor 2).
+"""A synthetic contextual bandit with two rewards and exact values, for constrained OPL (floor 2).
 
 The primary reward is `synthetic_bandit.make_problem`'s: q_0(x, a) = sigmoid(s_0(x, a)) over its
 fixed context pool, with its softmax logger pi_0 = softmax(tau q_0) and reward model. The
@@ -179,7 +179,8 @@ def constrained_batch(problem: TwoRewardProblem, log: TwoRewardLog) -> Constrain
 
   Example:
     >>> problem = two_reward_problem(jax.random.key(0), num_actions=4, num_contexts=10)
-    >>> batch = constrained_batch(problem, simulate_log(problem, key=jax.random.key(1), num_rounds=8))
+    >>> log = simulate_log(problem, key=jax.random.key(1), num_rounds=8)
+    >>> batch = constrained_batch(problem, log)
     >>> batch.contexts.shape, batch.reward_hat.shape
     ((8, 5), (8, 4, 2))
   """

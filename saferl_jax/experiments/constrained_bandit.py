@@ -1,4 +1,4 @@
-"""The bandit task of `saferl-jax constrained`: off-policy learning with a high-confidence constraint (floor 3).
+"""The bandit task of `saferl-jax constrained`: OPL with a high-confidence constraint (floor 3).
 
 One two-reward synthetic bandit (`saferl_jax.data.constrained_bandit`: the primary reward of
 `synthetic_bandit` and a secondary reward that conflicts with it, exact values over the context
@@ -43,7 +43,7 @@ import optax
 
 from saferl_jax.constrained import dual_descent, minimize_dual, tilt_dual, tilted_log_policy
 from saferl_jax.data import constrained_bandit as cb
-from saferl_jax.experiments.common import Checkpoint, pyplot
+from saferl_jax.experiments.common import Checkpoint, pyplot, to_jsonable
 from saferl_jax.opl.constrained import constrained_objective
 from saferl_jax.training.constrained_opl import train_constrained
 
@@ -269,6 +269,11 @@ def run_task(out: Path, config: Config = QUICK) -> dict:
       "detail": (f"the fixed weight w = {tuned_weight:g} (the smallest on the grid whose mean true "
                  f"V1 over seeds meets b) violates b in {tuned_fraction['count']}/{seeds} seeds, "
                  f"more than delta = {config.delta} of them when this holds")}
+  claims["threshold_binds"] = {
+      "holds": bool(greedy_values[1] < b <= logging_values[1]),
+      "value": b, "tolerance": [float(greedy_values[1]), float(logging_values[1])],
+      "detail": ("b lies above the primary-greedy policy's true V1 (the constraint binds) and at "
+                 "or below the logging policy's (the fallback of a failed safety test meets it)")}
   claims["deployed_not_above_exact"] = {
       "holds": bool(per_estimator[config.estimators[0]]["deployed_primary_mean"]
                     <= exact_values[0] + 1e-6),
@@ -298,9 +303,10 @@ def run_task(out: Path, config: Config = QUICK) -> dict:
           "final_slack_per_seed": {NAME: np.asarray(tuned["candidate_true"][NAME]) - b},
           "kl": float(tuned["kl"][-1]),
           "meets": _fraction(tuned_meets),
-          "grid": {f"{w:g}": {"true_primary_mean": float(np.mean(fixed[w]["candidate_true"]["primary"])),
-                              "true_secondary_mean": float(np.mean(fixed[w]["candidate_true"][NAME]))}
-                   for w in config.fixed_weights},
+          "grid": {f"{w:g}": {
+              "true_primary_mean": float(np.mean(fixed[w]["candidate_true"]["primary"])),
+              "true_secondary_mean": float(np.mean(fixed[w]["candidate_true"][NAME]))}
+              for w in config.fixed_weights},
       },
       "claims": claims,
       "estimators": per_estimator,
@@ -316,6 +322,7 @@ def run_task(out: Path, config: Config = QUICK) -> dict:
                      "Bernstein would need truncation at a cap c and pays 7 c ln(2/delta) / (3 n); "
                      "t is asymptotic, sound at n in the thousands with weights of moderate tail"),
   }
+  result = to_jsonable(result)
   _plot(result, out)
   return result
 

@@ -87,8 +87,8 @@ def test_a_single_key_runs_one_seed_like_the_first_of_two(four_steps):
                           key=KEYS[0], thresholds=[THRESHOLD], num_steps=4, optimizer=OPTIMIZER,
                           dual=DUAL, names=["safety"], estimator="dr", eval_every=2,
                           evaluate=evaluate)
-  np.testing.assert_allclose(one.history["lambda/safety"], four_steps.history["lambda/safety"][:, 0],
-                             atol=1e-5)
+  np.testing.assert_allclose(one.history["lambda/safety"],
+                             four_steps.history["lambda/safety"][:, 0], atol=1e-5)
 
 
 def test_resume_after_an_interrupt_equals_the_uninterrupted_run(four_steps, tmp_path,
