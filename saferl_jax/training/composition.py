@@ -120,7 +120,15 @@ def _metrics(weights, kls) -> dict:
   return metrics
 
 
-def _compose_round(state: CompositionState, data, key, round_index, *, apply_fn, dual, sampling):
+def _slacks(kls, normalize_kls: bool):
+  """The dual's slacks -KLhat, or -KLhat / max_i KLhat (a step of eta in simplex units)."""
+  if normalize_kls:
+    return -kls / jnp.maximum(jnp.max(kls), jnp.finfo(kls.dtype).tiny)
+  return -kls
+
+
+def _compose_round(state: CompositionState, data, key, round_index, *, apply_fn, dual, sampling,
+                   normalize_kls):
   model_params, schedule, condition = data
   composed = weighted_apply(apply_fn)
   weights = state.params.multipliers
@@ -131,11 +139,12 @@ def _compose_round(state: CompositionState, data, key, round_index, *, apply_fn,
                       reduce=sampling.reduce)
   kls = _round_kls(composed, (model_params, weights), apply_fn, model_params, trajectory, schedule,
                    sampling)
-  return CompositionState(dual.update(state.params, -kls)), _metrics(weights, kls)
+  return (CompositionState(dual.update(state.params, _slacks(kls, normalize_kls))),
+          _metrics(weights, kls))
 
 
 def _compose_train_round(state: ComposeTrainState, data, key, round_index, *, apply_fn, dual,
-                         optimizer, sampling):
+                         optimizer, sampling, normalize_kls):
   model_params, schedule, condition = data
   weights = state.dual.multipliers
 
@@ -152,7 +161,8 @@ def _compose_train_round(state: ComposeTrainState, data, key, round_index, *, ap
   params = optax.apply_updates(state.params, updates)
   kls = jax.lax.stop_gradient(kls)
   metrics = {**_metrics(weights, kls), "loss": loss}
-  return ComposeTrainState(params, opt_state, dual.update(state.dual, -kls)), metrics
+  dual_state = dual.update(state.dual, _slacks(kls, normalize_kls))
+  return ComposeTrainState(params, opt_state, dual_state), metrics
 
 
 def _common_checks(model_params, schedule, sampling, rounds, eval_every, dual_optimizer,
@@ -184,16 +194,21 @@ def _per_seed(tree, num_seeds: int):
 
 def compose(apply_fn: Callable, model_params: Any, *, key: jax.Array, rounds: int, schedule,
             sampling: CompositionSampling, dual_optimizer: DualOptimizer | None = None,
-            initial_weights=None, condition: Any = 0, eval_every: int = 10,
-            evaluate: Callable | None = None, checkpoint_path: str | Path | None = None,
-            checkpoint_mismatch: str = "error", run_config: dict | None = None) -> CompositionResult:
+            initial_weights=None, normalize_kls: bool = False, condition: Any = 0,
+            eval_every: int = 10, evaluate: Callable | None = None,
+            checkpoint_path: str | Path | None = None, checkpoint_mismatch: str = "error",
+            run_config: dict | None = None) -> CompositionResult:
   """Training-free AND-composition: dual ascent on the weights of the weighted-score sampler.
 
   Each round: sample B trajectories from eps_mu = sum_i mu_i eps_i (`weighted_apply`), estimate
   KLhat_i = mean path KL to model i (`path_kls`), then mu <- dual.update(state, -KLhat) (module
   docstring). The weights converge to where the composed chain's path KLs are equal on the
   support: the chain-level optimum, which differs from the density-level mu* because the
-  weighted score is exact only at t = 0.
+  weighted score is exact only at t = 0. With two models it is always mu = (1/2, 1/2): the
+  composed step mean is mu_1 m_1 + mu_2 m_2 (DDIM means are affine in eps), so on every
+  trajectory KL_1 = mu_2^2 D and KL_2 = mu_1^2 D with the same D = sum_t ||m_1 - m_2||^2 /
+  (2 sigma_t^2), equal only at mu_1 = mu_2, whatever the density-level mu* is (measured in
+  `saferl_jax.experiments.constrained_composition`, where mu* = (0.77, 0.23)).
 
   Args:
     apply_fn: the models' apply_fn(params, x_t [B, *shape], t [B], conditions [B, ...]).
@@ -204,6 +219,9 @@ def compose(apply_fn: Callable, model_params: Any, *, key: jax.Array, rounds: in
     sampling: a `CompositionSampling`.
     dual_optimizer: a `DualOptimizer` on the simplex (default `simplex_descent(0.1)`).
     initial_weights: [n] starting weights on the simplex (default uniform).
+    normalize_kls: divide the slacks by the round's largest KLhat, so that eta is a step in
+      simplex units whatever the KLs' scale (path KLs range from O(1) to O(1000) nats with the
+      schedule and the models, and a fixed eta either crawls or jumps to a corner).
     condition: the one condition every sample gets (for an unconditional class-id model, its null
       token).
     eval_every: rounds per compiled chunk (evaluation and checkpoint after each).
@@ -236,13 +254,16 @@ def compose(apply_fn: Callable, model_params: Any, *, key: jax.Array, rounds: in
   key, single_seed = _seed_keys(key)
   state = CompositionState(jax.vmap(dual_optimizer.init)(_per_seed(weights, key.shape[0])))
   data = (model_params, schedule, condition)
-  options = {"sampling": dataclasses.asdict(sampling), "condition": np.asarray(condition).tolist()}
+  if normalize_kls not in (True, False):
+    raise ValueError(f"normalize_kls: must be True or False, got {normalize_kls!r}")
+  options = {"sampling": dataclasses.asdict(sampling), "condition": np.asarray(condition).tolist(),
+             "normalize_kls": bool(normalize_kls)}
   fingerprint = None if checkpoint_path is None else driver.fingerprint(
       loop="compose", state=state, data=data, key=key, num_steps=rounds, eval_every=eval_every,
       options=options, evaluate=evaluate, run_config=run_config,
       dual=_dual_probe(dual_optimizer, weights))
   step_fn = driver.step_function(_compose_round, apply_fn=apply_fn, dual=dual_optimizer,
-                                 sampling=sampling)
+                                 sampling=sampling, normalize_kls=bool(normalize_kls))
   state, history, _ = driver.run(step_fn, state, data, key, num_steps=rounds,
                                  eval_every=eval_every, fingerprint=fingerprint,
                                  data_axes=(None, None, None), evaluate=evaluate,
@@ -255,7 +276,8 @@ def compose(apply_fn: Callable, model_params: Any, *, key: jax.Array, rounds: in
 def compose_train(apply_fn: Callable, model_params: Any, *, key: jax.Array, rounds: int, schedule,
                   sampling: CompositionSampling, optimizer: optax.GradientTransformation,
                   dual_optimizer: DualOptimizer | None = None, initial_params: Any = None,
-                  initial_weights=None, condition: Any = 0, eval_every: int = 10,
+                  initial_weights=None, normalize_kls: bool = False, condition: Any = 0,
+                  eval_every: int = 10,
                   evaluate: Callable | None = None, checkpoint_path: str | Path | None = None,
                   checkpoint_mismatch: str = "error",
                   run_config: dict | None = None) -> CompositionResult:
@@ -268,7 +290,8 @@ def compose_train(apply_fn: Callable, model_params: Any, *, key: jax.Array, roun
 
   Args:
     apply_fn, model_params, key, rounds, schedule, sampling, dual_optimizer, initial_weights,
-      condition, eval_every, checkpoint_path, checkpoint_mismatch, run_config: as for `compose`.
+      normalize_kls, condition, eval_every, checkpoint_path, checkpoint_mismatch, run_config:
+      as for `compose`.
     optimizer: an optax optimizer for theta.
     initial_params: theta's starting parameters (one model's structure; default model 0's).
     evaluate: optional jittable evaluate(params) -> {name: scalar} for one seed.
@@ -280,10 +303,10 @@ def compose_train(apply_fn: Callable, model_params: Any, *, key: jax.Array, roun
     >>> import jax, jax.numpy as jnp, optax
     >>> from saferl_jax.diffusion.schedules import linear_schedule
     >>> apply_fn = lambda params, x, t, c: params * x
+    >>> sampling = CompositionSampling(shape=(2,), num_samples=16, num_steps=5)
     >>> result = compose_train(apply_fn, jnp.array([0.2, 0.9]), key=jax.random.key(0), rounds=4,
     ...                        schedule=linear_schedule(100), optimizer=optax.sgd(0.001),
-    ...                        eval_every=4,
-    ...                        sampling=CompositionSampling(shape=(2,), num_samples=16, num_steps=5))
+    ...                        eval_every=4, sampling=sampling)
     >>> bool(0.2 < float(result.params) < 0.9), result.history["loss"].shape
     (True, (4,))
 
@@ -306,13 +329,17 @@ def compose_train(apply_fn: Callable, model_params: Any, *, key: jax.Array, roun
   state = ComposeTrainState(params, jax.vmap(optimizer.init)(params),
                             jax.vmap(dual_optimizer.init)(_per_seed(weights, key.shape[0])))
   data = (model_params, schedule, condition)
-  options = {"sampling": dataclasses.asdict(sampling), "condition": np.asarray(condition).tolist()}
+  if normalize_kls not in (True, False):
+    raise ValueError(f"normalize_kls: must be True or False, got {normalize_kls!r}")
+  options = {"sampling": dataclasses.asdict(sampling), "condition": np.asarray(condition).tolist(),
+             "normalize_kls": bool(normalize_kls)}
   fingerprint = None if checkpoint_path is None else driver.fingerprint(
       loop="compose_train", state=state, data=data, key=key, num_steps=rounds,
       eval_every=eval_every, options=options, evaluate=evaluate, optimizer=optimizer,
       run_config=run_config, dual=_dual_probe(dual_optimizer, weights))
   step_fn = driver.step_function(_compose_train_round, apply_fn=apply_fn, dual=dual_optimizer,
-                                 optimizer=optimizer, sampling=sampling)
+                                 optimizer=optimizer, sampling=sampling,
+                                 normalize_kls=bool(normalize_kls))
   state, history, _ = driver.run(step_fn, state, data, key, num_steps=rounds,
                                  eval_every=eval_every, fingerprint=fingerprint,
                                  data_axes=(None, None, None), evaluate=evaluate,
