@@ -50,16 +50,17 @@ class ConstrainedTrainState(NamedTuple):
   dual: DualState
 
 
-def _step(state: ConstrainedTrainState, data: ConstrainedBatch, key: jax.Array, step: jax.Array, *,
-          apply_fn, optimizer, dual, thresholds, names, estimator, delta, bound, max_value, penalty,
+def _step(state: ConstrainedTrainState, data: tuple, key: jax.Array, step: jax.Array, *,
+          apply_fn, optimizer, dual, names, estimator, delta, bound, max_value, penalty,
           dual_every):
   del key  # full-batch steps: nothing random
+  data, thresholds = data  # the thresholds travel as data: another b reuses the compiled chunk
 
   def lagrangian(params):
     policy_dist = jax.nn.softmax(apply_fn(params, data.contexts), axis=-1)
     out = constrained_objective(
         policy_dist, data.actions, data.rewards, data.logging_probs, state.dual.multipliers,
-        thresholds=jnp.asarray(thresholds, policy_dist.dtype), estimator=estimator,
+        thresholds=thresholds.astype(policy_dist.dtype), estimator=estimator,
         reward_hat=data.reward_hat, delta=delta, bound=bound, max_value=max_value,
         penalty=penalty)
     return out.lagrangian, out
@@ -220,13 +221,13 @@ def train_constrained(
       num_steps=num_steps, eval_every=eval_every, options=options, evaluate=evaluate,
       optimizer=optimizer, run_config=run_config)
   step_fn = driver.step_function(
-      _step, apply_fn=apply_fn, optimizer=optimizer, dual=dual,
-      thresholds=tuple(thresholds.tolist()), names=names, estimator=estimator, delta=float(delta),
+      _step, apply_fn=apply_fn, optimizer=optimizer, dual=dual, names=names, estimator=estimator,
+      delta=float(delta),
       bound=bound, max_value=None if max_value is None else float(max_value), penalty=penalty,
       dual_every=int(dual_every))
   state, history, _ = driver.run(
-      step_fn, state, data, key, num_steps=num_steps, eval_every=eval_every,
-      fingerprint=fingerprint, data_axes=0 if per_seed else None, evaluate=evaluate,
+      step_fn, state, (data, thresholds), key, num_steps=num_steps, eval_every=eval_every,
+      fingerprint=fingerprint, data_axes=(0 if per_seed else None, None), evaluate=evaluate,
       checkpoint_path=checkpoint_path, checkpoint_mismatch=checkpoint_mismatch,
       description=f"constrained_opl ({estimator})")
   return driver.finish(state.params, history, single_seed)
