@@ -25,6 +25,8 @@ SLOW_DOCTESTS = {
     "saferl_jax.data.composition2d.mixture_eps_apply",
     "saferl_jax.data.composition2d.optimal_weights",
     "saferl_jax.data.composition2d.sample_grid",
+    "saferl_jax.data.constrained_bandit.constrained_batch",
+    "saferl_jax.data.constrained_bandit.simulate_logs",
     "saferl_jax.data.digits.split",
     "saferl_jax.data.ltr.make_ltr_dataset",
     "saferl_jax.data.ltr.split",
@@ -56,6 +58,7 @@ SLOW_DOCTESTS = {
     "saferl_jax.models.reward_models.cross_fit_propensities",
     "saferl_jax.models.reward_models.cross_fit_reward_model",
     "saferl_jax.ope.confidence.estimator_bootstrap_interval",
+    "saferl_jax.opl.constrained.constrained_objective",
     "saferl_jax.ranking.exposure_gradient.exposure_objective_gradient",
     "saferl_jax.ranking.metrics.expected_metric_from_samples",
     "saferl_jax.ranking.pl_rank.pl_rank_gradient",
@@ -64,6 +67,7 @@ SLOW_DOCTESTS = {
     "saferl_jax.stats.bootstrap.bootstrap_interval",
     "saferl_jax.training.composition.compose",
     "saferl_jax.training.composition.compose_train",
+    "saferl_jax.training.constrained_opl.train_constrained",
     "saferl_jax.training.finetuning.finetune",
 }
 
