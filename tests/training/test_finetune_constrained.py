@@ -16,7 +16,8 @@ from saferl_jax.training.finetuning import Constraints, Sampling, finetune
 
 APPLY_FN, PARAMS = as_functional(MLPDenoiser(2, num_classes=2, hidden=(16, 16), rngs=nnx.Rngs(0)))
 SCHEDULE = linear_schedule(100)
-SAMPLING = Sampling(shape=(2,), num_classes=2, prompts_per_round=4, samples_per_prompt=4, num_steps=8)
+SAMPLING = Sampling(shape=(2,), num_classes=2, prompts_per_round=4, samples_per_prompt=4,
+                    num_steps=8)
 OPTIMIZER = optax.adam(3e-3)
 ETA = 0.5
 DUAL = constrained.dual_descent(ETA)
@@ -106,7 +107,8 @@ def test_resume_of_a_constrained_run_equals_the_uninterrupted_run(tmp_path, inte
   for other in (constraints(threshold=5.1), constraints(initial=0.0), constraints(dual_every=1),
                 constraints()._replace(dual_optimizer=constrained.dual_descent(0.25))):
     with pytest.raises(ValueError, match="constraints"):
-      finetune(APPLY_FN, SEED_PARAMS, first, checkpoint_path=path, **(options | dict(constraints=other)))
+      finetune(APPLY_FN, SEED_PARAMS, first, checkpoint_path=path,
+               **(options | dict(constraints=other)))
   assert interrupt_checkpoints.saved == [2, 4]
 
 
