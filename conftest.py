@@ -30,6 +30,7 @@ SLOW_DOCTESTS = {
     "saferl_jax.data.digits.split",
     "saferl_jax.data.ltr.make_ltr_dataset",
     "saferl_jax.data.ltr.split",
+    "saferl_jax.data.mixture2d.constrained_optimum",
     "saferl_jax.data.mixture2d.mixture_mmd",
     "saferl_jax.data.mixture2d.sample_mixture",
     "saferl_jax.data.obd.load_obd",
