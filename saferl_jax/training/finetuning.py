@@ -89,6 +89,7 @@ from saferl_jax import checks, parallel
 from saferl_jax.constrained.duals import DualOptimizer, DualState, lagrangian_reward
 from saferl_jax.training import checkpoints, driver
 from saferl_jax.diffusion import conditions as conds
+from saferl_jax.diffusion.composition import path_kl
 from saferl_jax.diffusion.losses import (grpo_advantages, loop_advantages, ppo_loss, prompt_tracker,
                                          reinforce_loss)
 from saferl_jax.diffusion.sampler import (_check_num_steps, _check_process, differentiable_sample,
@@ -236,16 +237,6 @@ def _transitions(apply_fn, params, trajectory, schedule, null_condition, samplin
                                 null_condition=null_condition, reduce=sampling.reduce)
 
 
-def _path_kl(apply_fn, params, reference_params, trajectory, schedule, null_condition, sampling):
-  """Per sample, sum over steps of KL(p_theta(.|x_t) || p_ref(.|x_t)) on the stored states [B]."""
-  new = _transitions(apply_fn, params, trajectory, schedule, null_condition, sampling)
-  reference = _transitions(apply_fn, reference_params, trajectory, schedule, null_condition, sampling)
-  per_step = jax.vmap(lambda means, ref_means, std: jax.vmap(
-      lambda m, r: step_kl(m, r, std, reduce=sampling.reduce))(means, ref_means))(
-          new.means, reference.means, new.stds)
-  return jnp.sum(per_step, axis=0)
-
-
 def _advantages(method, rewards, prompts, tracker_state, *, sampling, tracker_options,
                 normalize_advantages, grpo_global_std):
   """(advantages [B], the tracker's new state) of one round."""
@@ -325,13 +316,14 @@ def _round(state: FinetuneState, data: tuple, key: jax.Array, round_index: jax.A
         max_step_grad_norm=max_step_grad_norm, batch_mesh=batch_mesh)
 
   # The path KL of the sampling (old) parameters to the reference, on this round's trajectories.
-  path_kl = _path_kl(apply_fn, _network(old_params, frozen_params),
-                     _network(reference_params, frozen_params), trajectory, schedule, null_condition,
-                     sampling)
+  path_kls = path_kl(apply_fn, _network(old_params, frozen_params),
+                     _network(reference_params, frozen_params), trajectory, schedule=schedule,
+                     eta=sampling.eta, guidance_scale=sampling.guidance_scale,
+                     null_condition=null_condition, reduce=sampling.reduce)
   ema_params = params if ema_decay is None else optax.incremental_update(
       params, state.ema_params, 1.0 - ema_decay)
   diagnostics = {"reward": jnp.mean(rewards), "approx_kl": approx_kl, "clip_fraction": clip_fraction,
-                 "kl_to_reference": jnp.mean(path_kl)}
+                 "kl_to_reference": jnp.mean(path_kls)}
   for name, values in parts.items():
     diagnostics[f"reward/{name}"] = jnp.mean(jax.lax.stop_gradient(values))
   duals = state.duals
