@@ -80,14 +80,21 @@ def _plot(results: dict, out: Path) -> None:
 
 def summary(results: dict) -> str:
   """The claims of every task as one markdown table."""
+  def shown(value) -> str:  # per-seed lists as rounded lists, numbers to 4 significant digits
+    if value is None:
+      return ""
+    if isinstance(value, (list, tuple)):
+      return "[" + ", ".join(shown(v) for v in value) + "]"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      return str(value)
+    return f"{value:.4g}"
+
   rows = []
   for name, task in results["tasks"].items():
     for claim, check in task["claims"].items():
-      value = check.get("value")
-      rows.append([name, claim, "yes" if check["holds"] else "NO",
-                   value if isinstance(value, (int, float)) else str(value),
-                   check.get("tolerance") if check.get("tolerance") is not None else "",
-                   check.get("detail", "")])
+      rows.append([name, claim, "yes" if check["holds"] else "NO", shown(check.get("value")),
+                   shown(check.get("tolerance")),
+                   check.get("detail", "").replace("|", "\\|")])  # |x| would split the cell
   lines = [f"## Constrained alignment ({results['mode']} mode)\n",
            markdown_table(["task", "claim", "holds", "value", "tolerance", "how"], rows), ""]
   for name, task in results["tasks"].items():
