@@ -33,7 +33,6 @@ References:
 # No `from __future__ import annotations`: pdoc evaluates NamedTuple fields outside this module.
 
 import dataclasses
-import functools
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 

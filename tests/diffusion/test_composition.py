@@ -8,7 +8,6 @@ import pytest
 from saferl_jax.diffusion.composition import check_weights, path_kl, path_kls, weighted_apply
 from saferl_jax.diffusion.sampler import sample
 from saferl_jax.diffusion.schedules import linear_schedule
-from saferl_jax.diffusion.step import step_kl
 
 SCHEDULE = linear_schedule(100)
 
