@@ -62,7 +62,9 @@ def _plot(results: dict, out: Path) -> None:
       if task.get("lambda_exact") is not None:
         axis.axhline(task["lambda_exact"][index], color=line.get_color(), linestyle="--",
                      linewidth=1)
-    axis.set_title(f"{name}: multipliers (dashed: exact)", fontsize=9)
+    exact = " (dashed: exact)" if task.get("lambda_exact") is not None else ""
+    axis.set_title(f"{name}: {'weights mu' if name == 'composition' else 'multipliers'}{exact}",
+                   fontsize=9)
     axis.set_xlabel("round")
     axis.legend(fontsize=7)
     axis = axes[row, 1]

@@ -1,23 +1,34 @@
-"""Constrained digits: maximise prompt alignment while the quality stays at the pretrained model's (floor 3).
+"""Constrained digits: maximise a primary reward while the quality stays at the pretrained model's (floor 3).
 
-A class-conditional denoiser on the 8x8 digits is fine-tuned to maximise the primary reward
-r_0 = log p(c | x_0) (a classifier's prompt alignment) subject to one constraint: the quality
-reward (minus the RMS pixel distance to the nearest training digit) must stay at least the
-pretrained model's mean. The quality is standardised by the pretrained model's mean and std, so
-the constraint is E[r_1] >= 0 in standard units and the dual step size is in those units too
-(SPEC section 6).
+A class-conditional denoiser on the 8x8 digits is fine-tuned to maximise a primary reward r_0
+subject to one constraint: the quality reward (minus the RMS pixel distance to the nearest
+training digit) must stay at least the pretrained model's mean. Rewards are standardised by the
+pretrained model's mean and std on fresh samples, so the constraint is E[r_1] >= 0 in standard
+units and the dual step size is in those units too (SPEC section 6). The primary reward is
 
-Compared, over the same seeds and reward queries:
+  "ink"        the mean pixel intensity (bolder digits), standardised: the default, because it
+               conflicts with quality (more ink moves samples away from the training digits);
+  "alignment"  log p(c | x_0) from a classifier (the issue's example). The pretrained model
+               already aligns at -0.05 (p ~ 0.95), so there is little to gain and the
+               constraint's fate is decided by fine-tuning noise (module note below).
+
+Compared, over the same seeds and reward queries, LOOP with a path-KL weight of 0.01:
   primal-dual    finetune(constraints=...): the policy step on r_0 + lambda (r_1 - 0), a dual
                  step lambda <- max(0, lambda - eta rbar_1) every round;
   fixed weights  finetune on r_0 + w r_1 for each w of a small grid, and the w with the best
                  primary reward (a sum "tuned for the primary reward").
 Both are evaluated on fresh samples of their final parameters (every digit, equally many
-samples), per seed.
+samples), per seed; the claims' tolerance is 2 Monte-Carlo standard errors of a seed's slack.
 
 The denoiser is an MLP on the flattened 64 pixels (it compiles in seconds on a CPU, unlike the
-loop experiment's conv net); its samples are rougher, which leaves the quality constraint room
-to bind.
+loop experiment's conv net).
+
+Measured with "alignment" (FULL sizes otherwise, 40 rounds, 3 seeds): without a KL term the
+fine-tuned MLP drifted (path KL to the pretrained model ~1,900 after 80 rounds at 5e-5): quality
+fell 0.3-0.5 std while the multiplier climbed past 15, and alignment did not improve; with a KL
+weight of 0.01 primal-dual met the constraint (worst slack +0.07) and improved alignment by
++0.015, but so did the unconstrained fixed weight w = 0 (worst slack -0.004): the KL alone kept
+quality, the constraint never bound (lambda <= 0.3).
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from saferl_jax import stats
+from saferl_jax import checks, stats
 from saferl_jax.constrained.duals import dual_descent
 from saferl_jax.data import digits as digits_data
 from saferl_jax.diffusion.rewards import combine_rewards, prompt_alignment_reward, quality_reward
@@ -56,14 +67,15 @@ class Config:
   classifier_steps: int = 300
   prompts_per_round: int = 8        # P
   samples_per_prompt: int = 4       # K
-  rounds: int = 40
+  rounds: int = 80
   eval_every: int = 10
   num_seeds: int = 3
   method: str = "loop"
+  primary: str = "ink"              # r_0: "ink" or "alignment" (module docstring)
   # Adam after a global-norm clip of 1. At 3e-4 (the loop experiment's conv-net rate) this MLP
   # collapsed within 12 rounds: alignment -0.25 -> -8, quality 23 pretrained stds lower.
   learning_rate: float = 3e-5
-  kl_weight: float = 0.0            # the constraint, not a KL, keeps quality here
+  kl_weight: float = 0.01           # beta of the path KL to the pretrained model
   dual_learning_rate: float = 0.5   # eta, in standard units of the quality
   fixed_weights: tuple[float, ...] = (0.0, 1.0, 4.0)
   eval_samples_per_digit: int = 20  # fresh samples per digit for the final evaluation
@@ -77,6 +89,11 @@ FULL = Config()
 
 def _optimizer(learning_rate: float) -> optax.GradientTransformation:
   return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(learning_rate))
+
+
+def _mean_intensity(images: jax.Array) -> jax.Array:
+  """Mean pixel intensity in [0, 1] of images in [-1, 1], [B, H, W, C] -> [B]."""
+  return jnp.mean((images + 1.0) / 2.0, axis=tuple(range(1, images.ndim)))
 
 
 class _Task:
@@ -111,9 +128,18 @@ class _Task:
     x0, _ = self.samples(self.params, jax.random.fold_in(key, 4))
     quality = np.asarray(quality_reward(x0, self.references))
     self.quality_mean, self.quality_std = float(quality.mean()), float(quality.std())
+    ink = np.asarray(_mean_intensity(x0))
+    self.ink_mean, self.ink_std = float(ink.mean()), float(ink.std())
 
   def alignment(self, x0, conditions):
     return prompt_alignment_reward(self.classifier.apply_fn, self.classifier.params, x0, conditions)
+
+  def ink(self, x0, conditions):
+    del conditions
+    return (_mean_intensity(x0) - self.ink_mean) / self.ink_std
+
+  def primary(self, x0, conditions):
+    return (self.alignment if self.config.primary == "alignment" else self.ink)(x0, conditions)
 
   def quality(self, x0, conditions):
     del conditions
@@ -127,14 +153,14 @@ class _Task:
     return trajectory.x0, trajectory.conditions
 
   def evaluate(self, seed_params) -> dict:
-    """Per seed: mean alignment, mean standardised quality (= slack) and its standard error."""
+    """Per seed: mean primary reward, mean standardised quality (= slack) and its standard error."""
     def one(params, key):
       x0, conditions = self.samples(params, jax.random.fold_in(key, 1000))
       quality = self.quality(x0, conditions)
-      return (jnp.mean(self.alignment(x0, conditions)), jnp.mean(quality),
+      return (jnp.mean(self.primary(x0, conditions)), jnp.mean(quality),
               jnp.std(quality) / jnp.sqrt(quality.shape[0]))
-    alignment, slack, error = jax.vmap(one)(seed_params, self.keys)
-    return {"alignment": np.asarray(alignment).tolist(), "slack": np.asarray(slack).tolist(),
+    primary, slack, error = jax.vmap(one)(seed_params, self.keys)
+    return {"primary": np.asarray(primary).tolist(), "slack": np.asarray(slack).tolist(),
             "slack_standard_error": np.asarray(error).tolist()}
 
   def finetune(self, reward_fn, *, checkpoint_path: Path, constraints=None):
@@ -158,6 +184,7 @@ def _ci(values) -> list[float]:
 def run_task(out: Path, config: Config = QUICK) -> dict:
   """Runs the primal-dual and fixed-weight fine-tunes; returns the task's results (see
   saferl_jax.experiments.constrained for the schema) and writes out/samples.png."""
+  checks.check_choice("config.primary", config.primary, ("alignment", "ink"))
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
   checkpoint = Checkpoint(out, dataclasses.asdict(config))
@@ -170,7 +197,7 @@ def run_task(out: Path, config: Config = QUICK) -> dict:
   if "primal_dual" not in checkpoint:
     constraints = Constraints(rewards={"quality": task.quality}, thresholds={"quality": 0.0},
                               dual_optimizer=dual_descent(config.dual_learning_rate))
-    result = task.finetune(task.alignment, constraints=constraints,
+    result = task.finetune(task.primary, constraints=constraints,
                            checkpoint_path=checkpoint.path_for("primal_dual"))
     history = result.history
     checkpoint.save("primal_dual", {
@@ -181,11 +208,11 @@ def run_task(out: Path, config: Config = QUICK) -> dict:
   for weight in config.fixed_weights:
     cell = f"fixed/{weight:g}"
     if cell not in checkpoint:
-      reward_fn = combine_rewards({"alignment": task.alignment, "quality": task.quality},
-                                  {"alignment": 1.0, "quality": weight})
+      reward_fn = combine_rewards({"primary": task.primary, "quality": task.quality},
+                                  {"primary": 1.0, "quality": weight})
       result = task.finetune(reward_fn, checkpoint_path=checkpoint.path_for(f"fixed_{weight:g}"))
       history = result.history
-      checkpoint.save(cell, {"reward": np.asarray(history["reward/alignment"]),
+      checkpoint.save(cell, {"reward": np.asarray(history["reward/primary"]),
                              "slack": np.asarray(history["reward/quality"]),
                              "kl": np.asarray(history["kl_to_reference"]),
                              "final": task.evaluate(result.params)})
@@ -199,8 +226,8 @@ def _results(checkpoint: Checkpoint, config: Config, task: _Task) -> dict:
   primal = checkpoint["primal_dual"]
   pretrained = checkpoint["pretrained"]
   fixed = {weight: checkpoint[f"fixed/{weight:g}"] for weight in config.fixed_weights}
-  # The fixed weight tuned for the primary reward: the best mean alignment on the evaluation.
-  best = max(config.fixed_weights, key=lambda w: np.mean(fixed[w]["final"]["alignment"]))
+  # The fixed weight tuned for the primary reward: the best mean primary reward on the evaluation.
+  best = max(config.fixed_weights, key=lambda w: np.mean(fixed[w]["final"]["primary"]))
   tuned = fixed[best]
 
   def tolerance(final) -> float:
@@ -216,17 +243,18 @@ def _results(checkpoint: Checkpoint, config: Config, task: _Task) -> dict:
           "holds": primal_worst >= -primal_tolerance, "value": primal_worst,
           "tolerance": primal_tolerance,
           "detail": "worst seed's standardised quality slack on fresh samples >= -2 standard errors"},
-      "fixed_weight_tuned_for_alignment_violates": {
+      "fixed_weight_tuned_for_primary_violates": {
           "holds": tuned_worst < -tuned_tolerance, "value": tuned_worst,
           "tolerance": tuned_tolerance,
-          "detail": f"the fixed weight w={best:g} (best alignment of {list(config.fixed_weights)}): "
+          "detail": f"the fixed weight w={best:g} (best {config.primary} of "
+                    f"{list(config.fixed_weights)}): "
                     "worst seed's slack below -2 standard errors"},
-      "primal_dual_improves_alignment": {
-          "holds": _ci(np.asarray(primal["final"]["alignment"]) -
-                       np.asarray(pretrained["alignment"]))[0] > 0,
-          "value": float(np.mean(primal["final"]["alignment"]) - np.mean(pretrained["alignment"])),
+      "primal_dual_improves_primary": {
+          "holds": _ci(np.asarray(primal["final"]["primary"]) -
+                       np.asarray(pretrained["primary"]))[0] > 0,
+          "value": float(np.mean(primal["final"]["primary"]) - np.mean(pretrained["primary"])),
           "tolerance": None,
-          "detail": "the lower end of the t interval over seeds of (final - pretrained) alignment "
+          "detail": f"the lower end of the t interval over seeds of (final - pretrained) {config.primary} "
                     "is above 0"},
   }
   rows = lambda values: np.asarray(values, float).mean(axis=1).tolist()  # [rounds, S] -> [rounds]
@@ -237,14 +265,15 @@ def _results(checkpoint: Checkpoint, config: Config, task: _Task) -> dict:
       "slack": {"quality": rows(primal["slack"])},
       "final_slack_per_seed": {"quality": primal["final"]["slack"]},
       "reward": rows(primal["reward"]), "kl": rows(primal["kl"]),
-      "final_alignment_per_seed": primal["final"]["alignment"],
+      "primary": config.primary,
+      "final_primary_per_seed": primal["final"]["primary"],
       "pretrained": pretrained,
       "quality_scale": {"mean": task.quality_mean, "std": task.quality_std},
       "fixed_weights": {
-          "weights": {"quality": best}, "reward": float(np.mean(tuned["final"]["alignment"])),
+          "weights": {"quality": best}, "reward": float(np.mean(tuned["final"]["primary"])),
           "final_slack_per_seed": {"quality": tuned["final"]["slack"]},
           "kl": float(np.mean(tuned["kl"])),
-          "grid": {f"{w:g}": {"alignment": float(np.mean(fixed[w]["final"]["alignment"])),
+          "grid": {f"{w:g}": {"primary": float(np.mean(fixed[w]["final"]["primary"])),
                               "worst_slack": float(np.min(fixed[w]["final"]["slack"]))}
                    for w in config.fixed_weights}},
       "claims": claims,

@@ -30,8 +30,8 @@ def test_tiny_run_schema_finiteness_and_resume(tmp_path, monkeypatch):
   assert fixed["weights"]["quality"] in TINY.fixed_weights
   assert set(fixed["grid"]) == {"0", "1"}
   # The tuned weight has the grid's best alignment.
-  best = max(fixed["grid"].values(), key=lambda cell: cell["alignment"])
-  assert fixed["reward"] == best["alignment"]
+  best = max(fixed["grid"].values(), key=lambda cell: cell["primary"])
+  assert fixed["reward"] == best["primary"]
   for claim in results["claims"].values():
     assert isinstance(claim["holds"], bool) and {"value", "tolerance", "detail"} <= set(claim)
   # The pretrained model is the threshold's reference: its mean standardised quality is near 0
