@@ -1,7 +1,8 @@
-"""Test-session settings no test file can make: XLA's optimisation level, and marks for the
-docstring examples (doctests) of saferl_jax."""
+"""Test-session settings no test file can make: XLA's optimisation level, a compilation cache for
+the session, and marks for the docstring examples (doctests) of saferl_jax."""
 
 import os
+import tempfile
 
 import pytest
 
@@ -12,6 +13,21 @@ import pytest
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_backend_optimization_level=0").strip()
+
+# JAX's persistent compilation cache, one fresh directory per test session, shared by the xdist
+# workers (the controller loads this file first and the workers inherit its environment). Many
+# tests compile programs another test (or another closure with the same program) compiled
+# already: the demo test and each experiment's own test run the same tiny configurations, and
+# every finetune call with a new reward closure retraces an identical program. Entries are keyed
+# by the program, the compile options and the JAX version, so results cannot change; only the
+# compile time does (tests/experiments/test_constrained_digits.py, run twice in two processes:
+# 27 s, then 12 s). Every program is cached, however short its compilation: most are short at
+# optimisation level 0. Set SAFERL_JAX_TEST_XLA_CACHE to reuse a directory across sessions.
+if "SAFERL_JAX_TEST_XLA_CACHE" not in os.environ:
+  os.environ["SAFERL_JAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="saferl-jax-xla-cache-")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["SAFERL_JAX_TEST_XLA_CACHE"])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 # Examples that take 0.6 s or more on 2 CPU cores (mostly XLA compilation); they run in the slow
 # tier, so `pytest -m "not slow"` stays near 2 minutes.
@@ -26,6 +42,8 @@ SLOW_DOCTESTS = {
     "saferl_jax.data.composition2d.optimal_weights",
     "saferl_jax.data.composition2d.sample_grid",
     "saferl_jax.data.constrained_bandit.constrained_batch",
+    "saferl_jax.data.constrained_bandit.policy_values",
+    "saferl_jax.data.constrained_bandit.simulate_log",
     "saferl_jax.data.constrained_bandit.simulate_logs",
     "saferl_jax.data.digits.split",
     "saferl_jax.data.ltr.make_ltr_dataset",

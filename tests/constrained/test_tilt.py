@@ -160,6 +160,7 @@ def float64_minimiser():
     return np.asarray(minimize_dual(dual_fn, jnp.ones(2), num_iterations=2000, tolerance=1e-12))
 
 
+@pytest.mark.slow
 def test_minimize_dual_matches_lbfgsb_with_kkt_and_strong_duality():
   log_ref, q0, q, b, beta = active_inactive_problem()
   lam_star = float64_minimiser()

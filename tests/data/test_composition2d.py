@@ -95,6 +95,7 @@ def test_mixture_optimum_has_equal_kls_on_its_support_and_no_larger_off_it():
     assert float(worst) >= float(best.dual_value) - 1e-4
 
 
+@pytest.mark.slow
 def test_grid_discretisation_error_of_the_normaliser():
   mixtures = shifted_mixtures()
   mu = jnp.array([0.3, 0.5, 0.2])
@@ -106,6 +107,7 @@ def test_grid_discretisation_error_of_the_normaliser():
   assert abs(values[0] - values[1]) < 1e-5
 
 
+@pytest.mark.slow
 def test_grid_mmd_matches_the_closed_form_mixture_mmd():
   mixture = default_mixture()
   x = sample_mixture(mixture, key=jax.random.key(0), num_samples=400)
@@ -123,6 +125,7 @@ def test_sample_grid_draws_the_grid_density():
   np.testing.assert_allclose(x.std(0), STDS[1], atol=0.02)
 
 
+@pytest.mark.slow
 def test_mixture_eps_is_the_exact_gaussian_noise_prediction():
   schedule = linear_schedule(100)
   score = c2d.MixtureScore(GAUSSIANS._replace(weights=GAUSSIANS.weights[1],

@@ -37,6 +37,7 @@ def _trajectory(params, apply_fn=None, samples=6):
                 samples_per_condition=samples, shape=(2,))
 
 
+@pytest.mark.slow
 def test_path_kls_match_path_kl_per_model_and_the_step_kls_by_hand():
   weights = jnp.array([0.2, 0.5, 0.3])
   composed = weighted_apply(toy_apply)
@@ -69,6 +70,7 @@ def test_one_model_is_at_path_kl_zero_from_itself():
   np.testing.assert_allclose(kls, 0.0, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_path_kl_is_differentiable_and_zero_gradient_at_equality():
   traj = _trajectory((0.5, 0.0), apply_fn=toy_apply)
   grad = jax.grad(lambda a: jnp.mean(path_kl(toy_apply, (a, 0.0), (0.5, 0.0), traj,

@@ -121,6 +121,7 @@ def test_mse_selection_against_a_hand_computation():
     np.testing.assert_allclose(tuned.estimate.value, values[int(tuned.index)], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_slope_in_tune_uses_width_scale_times_stderr():
   args = small_log(jax.random.key(3), heavy=True)
   grid = jnp.array([0.5, 1.0, 2.0, 5.0, jnp.inf])

@@ -25,6 +25,7 @@ def objective(logits, multipliers=(1.5,), **options):
                                jnp.asarray(multipliers), **options)
 
 
+@pytest.mark.slow
 def test_on_the_logging_policy_the_values_are_the_means_and_the_bound_is_students_t():
   # pi = pi_0: every weight is 1, beta-IPS is the plain mean whatever beta*, and the t bound is
   # mean - t_{n-1, 0.95} s / sqrt(n) with the sample std s.
@@ -58,6 +59,7 @@ def test_dr_gradient_matches_central_finite_differences():
   np.testing.assert_allclose(grad, numeric, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_beta_ips_gradient_is_the_beta_corrected_one_with_beta_held_fixed():
   # grad of V0hat = mean_i (r_i - beta*) grad w_i, beta* = Cov(r w, w) / Var(w) at the current w.
   with jax.enable_x64(True):

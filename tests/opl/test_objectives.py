@@ -236,6 +236,7 @@ def test_per_example_weight_gradients_equal_a_loop_of_grads():
       np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.slow
 def test_per_example_weight_gradients_closed_form_for_a_linear_policy():
   # w = pi(a|x) / p, so grad_kernel w = w x (e_a - pi(.|x))^T and grad_bias w = w (e_a - pi(.|x)).
   with jax.enable_x64(True):

@@ -52,6 +52,7 @@ def test_the_history_has_every_name_and_shape(four_steps):
   assert np.all(history["lambda/safety"] >= 0)
 
 
+@pytest.mark.slow
 def test_the_first_dual_step_is_projected_descent_on_the_initial_slack(four_steps):
   # Step 0 sees the initial (uniform) policy and lambda = 0: its slack is the objective's there,
   # and lambda_1 = max(0, 0 - eta * slack).
@@ -91,6 +92,7 @@ def test_a_single_key_runs_one_seed_like_the_first_of_two(four_steps):
                              four_steps.history["lambda/safety"][:, 0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_after_an_interrupt_equals_the_uninterrupted_run(four_steps, tmp_path,
                                                                 interrupt_checkpoints):
   reference = four_steps

@@ -259,6 +259,7 @@ def flat(tree):
   return np.asarray(ravel_pytree(tree)[0])
 
 
+@pytest.mark.slow
 def test_method_gradient_beta_grad(batch_and_params):
   batch, params = batch_and_params
   grads, baseline = method_gradient("beta_grad", APPLY_FN, params, batch)
