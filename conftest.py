@@ -91,21 +91,7 @@ SLOW_DOCTESTS = {
 }
 
 
-# The longest test files (2 CPU cores: the demo test alone takes about 4 minutes), run first. The
-# xdist workers take whole files (--dist loadfile) in collection order, where tests/test_cli.py
-# came 100th of 116: the worker that drew it ran alone for minutes at the end.
-LONGEST_FIRST = ("tests/test_cli.py", "tests/test_notebooks.py", "tests/test_readme.py",
-                 "tests/training/test_batch_sharding.py",
-                 "tests/experiments/test_constrained_mixture2d.py",
-                 "tests/experiments/test_constrained_digits.py",
-                 "tests/experiments/test_constrained_composition.py",
-                 "tests/training/test_finetune_beyond.py", "tests/training/test_finetune.py")
-
-
 def pytest_collection_modifyitems(items):
   for item in items:
     if isinstance(item, pytest.DoctestItem) and item.name in SLOW_DOCTESTS:
       item.add_marker(pytest.mark.slow)
-  rank = {path: index for index, path in enumerate(LONGEST_FIRST)}
-  # A stable sort: every worker collects the same order, as xdist requires.
-  items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(LONGEST_FIRST)))
