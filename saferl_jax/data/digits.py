@@ -65,6 +65,16 @@ def load_digits() -> Digits:
   return Digits(jnp.asarray(images, jnp.float32), jnp.asarray(labels, jnp.int32))
 
 
+def mean_intensity(images: jax.Array) -> jax.Array:
+  """Mean pixel intensity in [0, 1] of images in [-1, 1]: [B, H, W, C] -> [B] (the ink of a digit).
+
+  Example:
+    >>> mean_intensity(jnp.array([[[[-1.0], [1.0]]]])).tolist()  # one 1x2 image: black and white
+    [0.5]
+  """
+  return jnp.mean((images + 1.0) / 2.0, axis=tuple(range(1, images.ndim)))
+
+
 def split(data: Digits, fractions: Sequence[float] = (0.8, 0.2), *, key: jax.Array) -> tuple[Digits, ...]:
   """Splits the images at random into parts of the given fractions, stratified by class.
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from saferl_jax import stats
+
 from saferl_jax.training.checkpoints import fingerprint_digest
 from saferl_jax.training.driver import progress  # noqa: F401 (re-exported for the experiments)
 
@@ -71,6 +73,15 @@ class Checkpoint:
   def save(self, cell: str, result: Any) -> None:
     self.cells[cell] = to_jsonable(result)
     write_json(self.path, {"config": self.config, "cells": self.cells})
+
+
+def seed_interval(values) -> list[float]:
+  """The t interval (95%) of a mean over seeds, [lower, upper]; both the value for one seed."""
+  values = np.asarray(values, float)
+  if len(values) < 2:
+    return [float(values.mean())] * 2
+  interval = stats.confidence_interval(values, method="t")
+  return [float(interval.lower), float(interval.upper)]
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:

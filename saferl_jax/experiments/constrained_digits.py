@@ -42,13 +42,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from saferl_jax import checks, stats
+from saferl_jax import checks
 from saferl_jax.constrained.duals import dual_descent
 from saferl_jax.data import digits as digits_data
 from saferl_jax.diffusion.rewards import combine_rewards, prompt_alignment_reward, quality_reward
 from saferl_jax.diffusion.sampler import sample
 from saferl_jax.diffusion.schedules import linear_schedule
-from saferl_jax.experiments.common import Checkpoint, pyplot
+from saferl_jax.experiments.common import Checkpoint, pyplot, seed_interval
 from saferl_jax.models.denoisers import MLPDenoiser
 from saferl_jax.models.functional import as_functional
 from saferl_jax.training.classifier import train_classifier
@@ -91,9 +91,6 @@ def _optimizer(learning_rate: float) -> optax.GradientTransformation:
   return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(learning_rate))
 
 
-def _mean_intensity(images: jax.Array) -> jax.Array:
-  """Mean pixel intensity in [0, 1] of images in [-1, 1], [B, H, W, C] -> [B]."""
-  return jnp.mean((images + 1.0) / 2.0, axis=tuple(range(1, images.ndim)))
 
 
 class _Task:
@@ -128,7 +125,7 @@ class _Task:
     x0, _ = self.samples(self.params, jax.random.fold_in(key, 4))
     quality = np.asarray(quality_reward(x0, self.references))
     self.quality_mean, self.quality_std = float(quality.mean()), float(quality.std())
-    ink = np.asarray(_mean_intensity(x0))
+    ink = np.asarray(digits_data.mean_intensity(x0))
     self.ink_mean, self.ink_std = float(ink.mean()), float(ink.std())
 
   def alignment(self, x0, conditions):
@@ -136,7 +133,7 @@ class _Task:
 
   def ink(self, x0, conditions):
     del conditions
-    return (_mean_intensity(x0) - self.ink_mean) / self.ink_std
+    return (digits_data.mean_intensity(x0) - self.ink_mean) / self.ink_std
 
   def primary(self, x0, conditions):
     return (self.alignment if self.config.primary == "alignment" else self.ink)(x0, conditions)
@@ -173,12 +170,6 @@ class _Task:
                     checkpoint_path=checkpoint_path)
 
 
-def _ci(values) -> list[float]:
-  values = np.asarray(values, float)
-  if len(values) < 2:
-    return [float(values.mean())] * 2
-  interval = stats.confidence_interval(values, method="t")
-  return [float(interval.lower), float(interval.upper)]
 
 
 def run_task(out: Path, config: Config = QUICK) -> dict:
@@ -250,7 +241,7 @@ def _results(checkpoint: Checkpoint, config: Config, task: _Task) -> dict:
                     f"{list(config.fixed_weights)}): "
                     "worst seed's slack below -2 standard errors"},
       "primal_dual_improves_primary": {
-          "holds": _ci(np.asarray(primal["final"]["primary"]) -
+          "holds": seed_interval(np.asarray(primal["final"]["primary"]) -
                        np.asarray(pretrained["primary"]))[0] > 0,
           "value": float(np.mean(primal["final"]["primary"]) - np.mean(pretrained["primary"])),
           "tolerance": None,

@@ -59,7 +59,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from saferl_jax import checks, stats
+from saferl_jax import checks
 from saferl_jax.data import digits as digits_data
 from saferl_jax.data import mixture2d
 from saferl_jax.models.denoisers import (ClassEncoder, ConvDenoiser, DictEncoder, MLPDenoiser,
@@ -71,7 +71,7 @@ from saferl_jax.training.classifier import train_classifier
 from saferl_jax.diffusion.sampler import sample
 from saferl_jax.diffusion.schedules import linear_schedule
 from saferl_jax.experiments.common import (Checkpoint, finish, markdown_table, plot_curve,
-                                           progress, pyplot)
+                                           progress, pyplot, seed_interval)
 from saferl_jax.models.functional import as_functional
 
 # The digits and 2-D mixture tasks compare these three (their results keys since issue 5).
@@ -150,17 +150,12 @@ def _optimizer(learning_rate: float) -> optax.GradientTransformation:
   return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(learning_rate))
 
 
-def _ci(values: np.ndarray) -> list[float]:
-  if len(values) < 2:
-    return [float(values.mean())] * 2
-  interval = stats.confidence_interval(values, method="t")
-  return [float(interval.lower), float(interval.upper)]
 
 
 def _curves(rewards: np.ndarray, queries: np.ndarray) -> dict:
   """rewards [rounds, S] -> mean and CI per round, against cumulative reward queries."""
   return {"reward_queries": queries.tolist(), "reward_mean": rewards.mean(axis=1).tolist(),
-          "reward_ci": [_ci(row) for row in rewards]}
+          "reward_ci": [seed_interval(row) for row in rewards]}
 
 
 def _digits(out: Path, config: Config, checkpoint: Checkpoint) -> dict:
@@ -291,7 +286,7 @@ def _mixture(out: Path, config: Config, checkpoint: Checkpoint) -> dict:
     saved = checkpoint[cell]
     mmd = np.asarray(saved["mmd"])
     methods[method] = {**_curves(np.asarray(saved["reward"]), np.asarray(saved["queries"])),
-                       "mmd_to_optimum": float(mmd.mean()), "mmd_to_optimum_ci": _ci(mmd)}
+                       "mmd_to_optimum": float(mmd.mean()), "mmd_to_optimum_ci": seed_interval(mmd)}
   initial_mmd = np.asarray(jax.vmap(distance)(seed_params, keys))
   return {"task": "mixture2d", "tilt": list(config.tilt), "kl_weight": config.kl_weight,
           "optimal_reward": float(mixture2d.mixture_mean(target) @ direction),
@@ -440,7 +435,7 @@ def _circle(task: _CircleTask, checkpoint: Checkpoint) -> dict:
       checkpoint.save(cell, {
           **_many_prompt_curves(history, config.eval_every),
           "distance_to_optimum": distance.mean(axis=1),
-          "distance_ci": [_ci(row) for row in distance],
+          "distance_ci": [seed_interval(row) for row in distance],
           "distance_queries": batch * config.eval_every * np.arange(distance.shape[0]),
           "final_distance_per_seed": distance[-1],
           "kl_to_reference": np.asarray(history["kl_to_reference"]).mean(axis=1),
@@ -462,7 +457,7 @@ def _many_prompt_claims(methods: dict) -> dict:
   margins = {}
   for other in (m for m in methods if m != "loop"):
     difference = per_seed["loop"] - per_seed[other]
-    interval = _ci(difference)
+    interval = seed_interval(difference)
     margins[other] = {"mean": float(difference.mean()), "ci": interval,
                       "loop_higher": bool(interval[0] > 0) if len(difference) > 1 else None}
   last = {m: float(v.mean()) for m, v in per_seed.items()}
@@ -473,9 +468,6 @@ def _many_prompt_claims(methods: dict) -> dict:
           "loop_highest_worst_seed": max(worst, key=worst.get) == "loop"}
 
 
-def _mean_intensity(images: jax.Array) -> jax.Array:
-  """Mean pixel intensity in [0, 1] of images in [-1, 1], [B, H, W, C] -> [B]."""
-  return jnp.mean((images + 1.0) / 2.0, axis=tuple(range(1, images.ndim)))
 
 
 def _classifier(config: Config, checkpoint: Checkpoint):
@@ -492,10 +484,11 @@ def _digits_ink(config: Config, checkpoint: Checkpoint) -> dict:
   data = digits_data.load_digits()
   key = jax.random.key(config.seed + 30)
   # ink(x): mean intensity rescaled so that the data's 5th and 95th percentiles are 0 and 1.
-  low, high = (float(v) for v in np.percentile(np.asarray(_mean_intensity(data.images)), [5, 95]))
+  intensities = np.asarray(digits_data.mean_intensity(data.images))
+  low, high = (float(v) for v in np.percentile(intensities, [5, 95]))
 
   def ink(images):
-    return (_mean_intensity(images) - low) / (high - low)
+    return (digits_data.mean_intensity(images) - low) / (high - low)
 
   rngs = nnx.Rngs(config.seed)
   features = 4 * config.channels  # ConvDenoiser's embedding width
@@ -632,7 +625,7 @@ def _claims(results: dict) -> dict:
   margins = {}
   for other in ("reinforce", "ppo"):
     difference = per_seed["loop"] - per_seed[other]
-    interval = _ci(difference)
+    interval = seed_interval(difference)
     margins[other] = {"mean": float(difference.mean()), "ci": interval,
                       "loop_higher": bool(interval[0] > 0) if len(difference) > 1 else None}
   return {"last_rounds_reward": last, "mean_reward_over_rounds": area,

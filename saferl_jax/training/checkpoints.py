@@ -84,6 +84,18 @@ def optimizer_probe(optimizer, params) -> list[float]:
   return probe
 
 
+def dual_optimizer_probe(dual_optimizer, multipliers) -> list[list[float]]:
+  """What a `constrained.DualOptimizer` does, as numbers: two updates from `multipliers` [m] (a
+  valid start: >= 0, or on the simplex) on fixed slacks of both signs, the second also reading
+  the first's controller memory (nu-PI's smoothed error). Any change of step size, gains or
+  update shows in them."""
+  multipliers = jnp.asarray(multipliers, jnp.float32)
+  slacks = jnp.linspace(-1.0, 0.5, multipliers.shape[0])
+  first = dual_optimizer.update(dual_optimizer.init(multipliers), slacks)
+  second = dual_optimizer.update(first, -slacks)
+  return [np.asarray(state.multipliers).round(7).tolist() for state in (first, second)]
+
+
 def _same(saved, current) -> bool:
   if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current) and \
      all(isinstance(v, (int, float)) for v in saved + current):

@@ -47,7 +47,7 @@ from saferl_jax.diffusion import conditions as conds
 from saferl_jax.diffusion.composition import check_weights, path_kls, weighted_apply
 from saferl_jax.diffusion.sampler import (_check_num_steps, _check_process, _check_shape,
                                           differentiable_sample, sample)
-from saferl_jax.training import driver
+from saferl_jax.training import checkpoints, driver
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +260,7 @@ def compose(apply_fn: Callable, model_params: Any, *, key: jax.Array, rounds: in
   fingerprint = None if checkpoint_path is None else driver.fingerprint(
       loop="compose", state=state, data=data, key=key, num_steps=rounds, eval_every=eval_every,
       options=options, evaluate=evaluate, run_config=run_config,
-      dual=_dual_probe(dual_optimizer, weights))
+      dual=checkpoints.dual_optimizer_probe(dual_optimizer, weights))
   step_fn = driver.step_function(_compose_round, apply_fn=apply_fn, dual=dual_optimizer,
                                  sampling=sampling, normalize_kls=bool(normalize_kls))
   state, history, _ = driver.run(step_fn, state, data, key, num_steps=rounds,
@@ -335,7 +335,7 @@ def compose_train(apply_fn: Callable, model_params: Any, *, key: jax.Array, roun
   fingerprint = None if checkpoint_path is None else driver.fingerprint(
       loop="compose_train", state=state, data=data, key=key, num_steps=rounds,
       eval_every=eval_every, options=options, evaluate=evaluate, optimizer=optimizer,
-      run_config=run_config, dual=_dual_probe(dual_optimizer, weights))
+      run_config=run_config, dual=checkpoints.dual_optimizer_probe(dual_optimizer, weights))
   step_fn = driver.step_function(_compose_train_round, apply_fn=apply_fn, dual=dual_optimizer,
                                  optimizer=optimizer, sampling=sampling,
                                  normalize_kls=bool(normalize_kls))
@@ -350,8 +350,3 @@ def compose_train(apply_fn: Callable, model_params: Any, *, key: jax.Array, roun
   return CompositionResult(weights, result.params, result.history)
 
 
-def _dual_probe(dual_optimizer: DualOptimizer, weights) -> list:
-  """The dual update's response to a fixed probe: what fingerprints the dual optimiser."""
-  weights = jnp.reshape(weights, (-1, jnp.shape(weights)[-1]))[0]
-  probe = -jnp.linspace(1.0, 2.0, weights.shape[0])
-  return np.asarray(dual_optimizer.update(dual_optimizer.init(weights), probe).multipliers).tolist()

@@ -25,7 +25,6 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from saferl_jax import checks
@@ -33,7 +32,7 @@ from saferl_jax.constrained.duals import DualOptimizer, DualState
 from saferl_jax.opl.constrained import (ESTIMATORS, PENALTIES, ConstrainedBatch,
                                         constrained_objective)
 from saferl_jax.stats.bounds import METHODS as BOUNDS
-from saferl_jax.training import driver
+from saferl_jax.training import checkpoints, driver
 from saferl_jax.training.driver import TrainResult
 
 
@@ -84,15 +83,6 @@ def _step(state: ConstrainedTrainState, data: tuple, key: jax.Array, step: jax.A
   return ConstrainedTrainState(params, opt_state, new_dual), metrics
 
 
-def _dual_probe(dual: DualOptimizer | None, m: int) -> list | None:
-  """The dual update's response to fixed slacks: what fingerprints it in a checkpoint."""
-  if dual is None:
-    return None
-  state = dual.init(jnp.ones(m))
-  slacks = jnp.linspace(-1.0, 0.5, m)
-  out = [dual.update(state, slacks)]
-  out.append(dual.update(out[0], -slacks))
-  return [np.asarray(s.multipliers).round(7).tolist() for s in out]
 
 
 def train_constrained(
@@ -215,7 +205,8 @@ def train_constrained(
   options = {"thresholds": thresholds.tolist(), "names": list(names), "estimator": estimator,
              "delta": float(delta), "bound": bound,
              "max_value": None if max_value is None else float(max_value), "penalty": penalty,
-             "dual_every": int(dual_every), "dual": _dual_probe(dual, m)}
+             "dual_every": int(dual_every),
+             "dual": None if dual is None else checkpoints.dual_optimizer_probe(dual, jnp.ones(m))}
   fingerprint = None if checkpoint_path is None else driver.fingerprint(
       loop="constrained_opl.train_constrained", state=state, data=data, key=key,
       num_steps=num_steps, eval_every=eval_every, options=options, evaluate=evaluate,

@@ -779,11 +779,7 @@ def _constraints_fingerprint(constraints, static, duals, sampling: Sampling, exa
   if constraints is None:
     return None
   names, fns, thresholds, dual_optimizer, dual_every = static
-  m = len(names)
-  probe_state = DualState(jnp.full((m,), 0.5), jnp.linspace(-0.25, 0.25, m))
-  probe_slacks = jnp.linspace(-1.0, 0.75, m)
-  probed = dual_optimizer.update(probe_state, probe_slacks)
   return {"names": list(names), "thresholds": list(thresholds),
           "initial_multipliers": _probe_values(duals), "dual_every": dual_every,
           "rewards": [_reward_fingerprint(fn, sampling, example) for fn in fns],
-          "dual_optimizer": _probe_values(probed)}
+          "dual_optimizer": checkpoints.dual_optimizer_probe(dual_optimizer, duals.multipliers)}
