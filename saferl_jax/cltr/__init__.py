@@ -23,7 +23,7 @@ from saferl_jax.cltr.estimators import (OBJECTIVES, dr_document_rewards, exposur
                                         prpo_objective, query_rewards, safe_objective)
 from saferl_jax.cltr.reward_model import RidgeModel, fit_reward_regression, predict_rewards
 from saferl_jax.cltr.learning import (AscentDirection, RankingData, SupervisedData, ascent_direction,
-                                      relevance_data)
+                                      estimated_objective, relevance_data)
 
 __all__ = [
     # Click models and simulation (clicks.py, click_logs.py).
@@ -36,7 +36,8 @@ __all__ = [
     "Propensities", "prpo_objective", "query_rewards", "safe_objective",
     "RidgeModel", "fit_reward_regression", "predict_rewards",
     # The gradient through a ranker (learning.py).
-    "AscentDirection", "RankingData", "SupervisedData", "ascent_direction", "relevance_data",
+    "AscentDirection", "RankingData", "SupervisedData", "ascent_direction", "estimated_objective",
+    "relevance_data",
 ]
 
 # Floors 2 and 3: click-log simulation and the training loop, loaded on first use.

@@ -21,6 +21,8 @@ from jax.typing import ArrayLike
 from saferl_jax import checks
 from saferl_jax.cltr.estimators import logged_objective
 from saferl_jax.ranking.exposure_gradient import exposure_objective_gradient
+from saferl_jax.ranking.metrics import exposure_from_samples
+from saferl_jax.ranking.plackett_luce import sample_rankings
 
 
 class RankingData(NamedTuple):
@@ -97,6 +99,25 @@ def check_ranking_data(data: RankingData) -> None:
     checks.check_finite(f"data.{name}", getattr(data, name))
   for name in ("session_counts", "logging_exposure"):
     checks.check_nonnegative(f"data.{name}", getattr(data, name))
+
+
+def estimated_objective(apply_fn: Callable, params, data: RankingData, *, key: jax.Array,
+                        objective: str, num_sessions: int, rank_weights: jax.Array,
+                        num_samples: int, delta: float, clip_low: float, clip_high: float,
+                        quantile: float = 0.5) -> jax.Array:
+  """The objective (`logged_objective`) of the ranker's policy at exposures from `num_samples`
+  sampled rankings per query; on held-out logged queries, the estimate early stopping watches."""
+  checks.check_key("key", key)
+  check_ranking_data(data)
+  checks.check_positive_int("num_samples", num_samples)
+  logits = apply_fn(params, data.features)
+  k = min(rank_weights.shape[0], logits.shape[-1])
+  rankings = sample_rankings(logits, key=key, where=data.where, sample_shape=num_samples, k=k)
+  exposure = exposure_from_samples(rankings, rank_weights[:k], logits.shape[-1], where=data.where)
+  return logged_objective(exposure, data.logging_exposure, data.rewards, data.session_counts,
+                          objective=objective, num_sessions=num_sessions, delta=delta,
+                          clip_low=clip_low, clip_high=clip_high, quantile=quantile,
+                          where=data.where)
 
 
 def ascent_direction(apply_fn: Callable, params, data: RankingData, *, key: jax.Array,

@@ -187,14 +187,18 @@ def _compiled_chunk(step_fn: Callable, length: int, data_axes, sharding: NamedSh
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_evaluate(evaluate: Callable):
-  return jax.jit(jax.vmap(evaluate))
+def _compiled_evaluate(evaluate: Callable, data_axes=-1):
+  """evaluate vmapped over seeds; data_axes -1: evaluate(params), else evaluate(params, data)."""
+  if data_axes == -1:
+    return jax.jit(jax.vmap(evaluate))
+  return jax.jit(jax.vmap(evaluate, in_axes=(0, data_axes)))
 
 
 def run(step_fn: Callable, state, data, key: jax.Array, *, num_steps: int, eval_every: int,
         fingerprint: dict | None, data_axes=0, evaluate: Callable | None = None,
         checkpoint_path: str | Path | None = None, checkpoint_mismatch: str = "error",
         description: str = "training", evaluate_state: bool = False,
+        evaluate_data=None, evaluate_data_axes=0,
         mesh: Mesh | None = None) -> tuple[Any, dict, bool]:
   """Runs `num_steps` steps of `step_fn` for S seeds: (final state, history, resumed_finished).
 
@@ -218,6 +222,10 @@ def run(step_fn: Callable, state, data, key: jax.Array, *, num_steps: int, eval_
     description: the progress bar's label and the prefix of error messages.
     evaluate_state: evaluate receives the whole state instead of state.params (to evaluate,
       say, a moving average of the parameters kept in the state).
+    evaluate_data: optional data handed to evaluate as its second argument,
+      evaluate(params, evaluate_data), e.g. each seed's held-out logs for early stopping; part of
+      the run's identity, so put it in the fingerprint's data too.
+    evaluate_data_axes: 0 (a leading seed axis on evaluate_data), None (shared), or a tuple.
     mesh: a `parallel.device_mesh` whose "seeds" axis splits the seeds and whose "batch" axis
       step_fn's `shard_batch` constraints use; None: seeds over every device.
 
@@ -232,7 +240,14 @@ def run(step_fn: Callable, state, data, key: jax.Array, *, num_steps: int, eval_
   sharding = seed_sharding(num_seeds, mesh=mesh)
   state, key = jax.device_put((state, key), sharding)
   data = _put(data, data_axes, sharding)
-  evaluate_fn = _compiled_evaluate(evaluate) if evaluate is not None else (lambda params: {})
+  if evaluate is None:
+    evaluate_fn = lambda params: {}  # noqa: E731
+  elif evaluate_data is None:
+    evaluate_fn = _compiled_evaluate(evaluate)
+  else:
+    evaluate_data = _put(evaluate_data, evaluate_data_axes, sharding)
+    with_data = _compiled_evaluate(evaluate, evaluate_data_axes)
+    evaluate_fn = lambda params: with_data(params, evaluate_data)  # noqa: E731
   evaluated = (lambda state: state) if evaluate_state else (lambda state: state.params)
   history = {name: [value] for name, value in evaluate_fn(evaluated(state)).items()}
 

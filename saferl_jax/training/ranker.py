@@ -22,6 +22,7 @@ References:
 
 # No `from __future__ import annotations`: pdoc evaluates NamedTuple fields outside this module.
 
+import functools
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,7 +33,8 @@ from jax.typing import ArrayLike
 
 from saferl_jax import checks
 from saferl_jax.cltr.estimators import OBJECTIVES
-from saferl_jax.cltr.learning import RankingData, ascent_direction, check_ranking_data
+from saferl_jax.cltr.learning import (RankingData, ascent_direction, check_ranking_data,
+                                      estimated_objective)
 from saferl_jax.training import driver
 from saferl_jax.training.driver import TrainResult, TrainState
 
@@ -76,6 +78,8 @@ def train_ranker(
     quantile: float = 0.5,
     evaluate: Callable[[Any], dict] | None = None,
     eval_every: int = 10,
+    validation: RankingData | None = None,
+    validation_sessions: int | None = None,
     checkpoint_path: str | Path | None = None,
     checkpoint_mismatch: str = "error",
     run_config: dict | None = None,
@@ -104,6 +108,12 @@ def train_ranker(
     evaluate: optional jittable evaluate(params) -> {name: scalar} for one seed, recorded before
       training and every `eval_every` steps.
     eval_every: steps per chunk between evaluations and checkpoints.
+    validation: optional held-out logged queries (a `RankingData` like `data`, shared or per
+      seed): the objective's estimate on them is recorded as history["validation"] at every
+      evaluation, for early stopping (pick the evaluation where it peaks: later steps never
+      change earlier ones, so that equals stopping there). Its exposures use
+      `num_samples` rankings per query drawn with a fixed key (common random numbers).
+    validation_sessions: the number of sessions behind `validation` (its N); required with it.
     checkpoint_path: an orbax checkpoint directory, written after every chunk and resumed from
       when it holds this very run (data, initial parameters, keys, options, optimizer, evaluate,
       steps); another run's checkpoint raises a ValueError naming what differs.
@@ -141,6 +151,24 @@ def train_ranker(
   if batch_queries is not None:
     driver.check_batch_size("batch_queries", batch_queries, num_queries, what="Q")
 
+  evaluate_data, evaluate_data_axes, full_evaluate = None, 0, evaluate
+  if validation is not None:
+    validation = RankingData(*(jnp.asarray(x) for x in validation))
+    check_ranking_data(validation)
+    if validation_sessions is None:
+      raise ValueError("validation_sessions: required with validation (the held-out log's N)")
+    checks.check_count("validation_sessions", validation_sessions)
+    validation_per_seed = validation.session_counts.ndim == 2
+    driver.check_data_seeds(validation.session_counts.shape[0] if validation_per_seed else None,
+                            key, single_seed)
+    evaluate_data, evaluate_data_axes = validation, (0 if validation_per_seed else None)
+    full_evaluate = _validated(evaluate, apply_fn, objective=objective,
+                               num_sessions=int(validation_sessions),
+                               rank_weights=tuple(float(w) for w in rank_weights),
+                               num_samples=int(num_samples), delta=float(delta),
+                               clip_low=float(clip_low), clip_high=float(clip_high),
+                               quantile=float(quantile))
+
   state = TrainState(params, jax.vmap(optimizer.init)(params))
   options = dict(objective=objective, num_sessions=int(num_sessions), num_samples=int(num_samples),
                  delta=float(delta), clip_low=float(clip_low), clip_high=float(clip_high),
@@ -148,14 +176,31 @@ def train_ranker(
   run_data = (data, rank_weights)
   # Fingerprinting costs a few eager updates and checksums: only for checkpointed runs.
   fingerprint = None if checkpoint_path is None else driver.fingerprint(
-      loop="train_ranker", state=state, data=run_data, key=key, num_steps=steps,
+      loop="train_ranker", state=state, data=(run_data, evaluate_data), key=key, num_steps=steps,
       eval_every=eval_every, options={**options, "batch_queries": batch_queries},
       evaluate=evaluate, optimizer=optimizer, run_config=run_config)
   step_fn = driver.step_function(_step, apply_fn=apply_fn, optimizer=optimizer,
                                  batch_queries=batch_queries, options=tuple(sorted(options.items())))
   state, history, _ = driver.run(
       step_fn, state, run_data, key, num_steps=steps, eval_every=eval_every,
-      fingerprint=fingerprint, data_axes=(0 if per_seed else None, None), evaluate=evaluate,
+      fingerprint=fingerprint, data_axes=(0 if per_seed else None, None), evaluate=full_evaluate,
+      evaluate_data=evaluate_data, evaluate_data_axes=evaluate_data_axes,
       checkpoint_path=checkpoint_path, checkpoint_mismatch=checkpoint_mismatch,
       description=f"train_ranker ({objective})")
   return driver.finish(state.params, history, single_seed)
+
+
+@functools.lru_cache(maxsize=32)
+def _validated(evaluate, apply_fn, *, rank_weights: tuple, **options):
+  """evaluate(params) plus the objective's estimate on held-out logs: f(params, validation);
+  one object per configuration, so repeated runs reuse the compiled evaluation."""
+
+  def fn(params, validation):
+    metrics = {} if evaluate is None else dict(evaluate(params))
+    key = jax.random.key(0)  # common random numbers: every evaluation sees the same samples
+    metrics["validation"] = estimated_objective(apply_fn, params, validation, key=key,
+                                                rank_weights=jnp.asarray(rank_weights), **options)
+    return metrics
+
+  fn.__name__ = f"validated_{getattr(evaluate, '__name__', 'none')}"
+  return fn

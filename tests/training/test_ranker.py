@@ -165,3 +165,33 @@ def test_mini_batches_of_queries_also_learn():
                                  num_sessions=num_sessions, rank_weights=RANK_WEIGHTS, steps=60,
                                  optimizer=OPTIMIZER, batch_queries=4, eval_every=20)
   assert expected_value(result.params) > expected_value(PARAMS) + 0.1
+
+
+def test_validation_history_is_the_held_out_estimate_per_seed():
+  """history["validation"] records, per seed and evaluation, the objective on that seed's
+  held-out logs; it equals `estimated_objective` recomputed on the final parameters."""
+  data, num_sessions = supervised()
+  # Two seeds with different held-out "logs": the second's rewards are the first's reversed.
+  held_out = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), data)
+  held_out = held_out._replace(rewards=held_out.rewards.at[1].set(1.0 - held_out.rewards[1]))
+  keys = jax.random.split(jax.random.key(3), 2)
+  params = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), PARAMS)
+  result = training.train_ranker(APPLY_FN, params, data, key=keys, objective="value",
+                                 num_sessions=num_sessions, rank_weights=RANK_WEIGHTS, steps=20,
+                                 optimizer=OPTIMIZER, eval_every=10, validation=held_out,
+                                 validation_sessions=num_sessions)
+  history = result.history["validation"]
+  assert history.shape == (3, 2)
+  for seed in range(2):
+    one = jax.tree_util.tree_map(lambda x: x[seed], held_out)
+    final = jax.tree_util.tree_map(lambda x: x[seed], result.params)
+    expected = cltr.estimated_objective(
+        APPLY_FN, final, one, key=jax.random.key(0), objective="value", num_sessions=num_sessions,
+        rank_weights=RANK_WEIGHTS, num_samples=32, delta=0.05, clip_low=0.8, clip_high=1.2)
+    np.testing.assert_allclose(history[-1, seed], expected, rtol=1e-5)
+  # Learning on the labels raises the first seed's held-out value and lowers the reversed one's.
+  assert history[-1, 0] > history[0, 0] and history[-1, 1] < history[0, 1]
+  with pytest.raises(ValueError, match="validation_sessions"):
+    training.train_ranker(APPLY_FN, PARAMS, data, key=jax.random.key(0), objective="value",
+                          num_sessions=num_sessions, rank_weights=RANK_WEIGHTS, steps=10,
+                          optimizer=OPTIMIZER, validation=data)
