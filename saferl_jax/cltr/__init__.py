@@ -21,7 +21,8 @@ from saferl_jax.cltr.estimators import (OBJECTIVES, dr_document_rewards, exposur
                                         Propensities, ips_document_rewards, logged_objective,
                                         policy_aware_propensities, policy_value, propensity_floor,
                                         prpo_objective, query_rewards, safe_objective)
-from saferl_jax.cltr.reward_model import RidgeModel, fit_reward_regression, predict_rewards
+from saferl_jax.cltr.reward_model import (RidgeModel, counterfactual_cross_entropy,
+                                          fit_reward_regression, predict_rewards)
 from saferl_jax.cltr.learning import (AscentDirection, RankingData, SupervisedData, ascent_direction,
                                       estimated_objective, relevance_data)
 
@@ -34,7 +35,7 @@ __all__ = [
     "OBJECTIVES", "dr_document_rewards", "exposure_divergence", "ips_document_rewards",
     "logged_objective", "policy_aware_propensities", "policy_value", "propensity_floor",
     "Propensities", "prpo_objective", "query_rewards", "safe_objective",
-    "RidgeModel", "fit_reward_regression", "predict_rewards",
+    "RidgeModel", "counterfactual_cross_entropy", "fit_reward_regression", "predict_rewards",
     # The gradient through a ranker (learning.py).
     "AscentDirection", "RankingData", "SupervisedData", "ascent_direction", "estimated_objective",
     "relevance_data",

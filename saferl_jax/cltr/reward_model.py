@@ -86,3 +86,36 @@ def predict_rewards(model: RidgeModel, features: ArrayLike, *,
                       where=None if where is None else jnp.asarray(where, bool)[..., None])
   prediction = jnp.clip(features @ model.coef + model.intercept, 0.0, 1.0)
   return prediction if where is None else jnp.where(where, prediction, 0.0)
+
+
+def counterfactual_cross_entropy(logits: ArrayLike, ips_targets: ArrayLike,
+                                 propensity_ratios: ArrayLike, weights: ArrayLike) -> jax.Array:
+  """The DR regression model's counterfactual loss, as in the [PRPO] and [DR-LTR] code.
+
+  L = -sum_j w_j [rt_j log s_j + (a_j - rt_j) log(1 - s_j)],  s = sigmoid(logits),
+
+  with rt = (cbar - betabar) / rho_c the (clipped) IPS estimate of a document's relevance and
+  a = rho / rho_c (1 unless the propensity was clipped). In expectation over clicks rt = a R,
+  so L is a cross-entropy whose minimiser is s = R: an unbiased regression target from clicks
+  (shashankg7/cikm-safeultr src/utils/click_trainer.py `trainer_regression`;
+  HarrieO/2022-doubly-robust-LTR utils/optimization.py).
+
+  Args:
+    logits: [...] the model's outputs before the sigmoid.
+    ips_targets: [...] rt, the mean clipped IPS estimates.
+    propensity_ratios: [...] a = rho / rho_c in [0, 1].
+    weights: [...] non-negative weights (0 for padding and documents never displayed).
+
+  Returns:
+    The scalar loss (a weighted sum).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> round(float(counterfactual_cross_entropy(jnp.zeros(1), jnp.array([0.5]), jnp.ones(1),
+    ...                                          jnp.ones(1))), 4)  # log 2
+    0.6931
+  """
+  logits = jnp.asarray(logits)
+  log_s, log_not_s = jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits)
+  terms = ips_targets * log_s + (propensity_ratios - ips_targets) * log_not_s
+  return -jnp.sum(jnp.where(jnp.asarray(weights) > 0, weights * terms, 0.0))
