@@ -1,4 +1,5 @@
-"""Ranking metrics and exposure: DCG@k, NDCG@k, Monte Carlo exposure and expected metrics (floor 1).
+"""Ranking metrics and exposure: DCG@k, NDCG@k, MRR@k, ERR@k, P@k, Monte Carlo exposure and
+expected metrics (floor 1).
 
 Gain 2^y - 1 for a graded label y, discount 1 / log2(k + 2) at the 0-based rank k:
 
@@ -11,8 +12,15 @@ ranking; leading batch axes broadcast), vmap to batch. Padded items (`where`
 False) have zero gain and zero exposure; a list with no relevant item has
 NDCG 0, not NaN.
 
+The metrics take rankings (permutations or top-k prefixes, e.g. sampled from a PL
+policy), where rax's take scores: for scores s, the ranking `np.lexsort((-s, ~where))`
+(valid items first, ties in index order, as rax's stable sort) gives rax's values,
+which tests/ranking/test_rax_agreement.py checks. MRR and precision count an item as
+relevant when its label is >= `threshold` (default 1, rax's rule).
+
 References:
   Jarvelin, Kekalainen. Cumulated Gain-Based Evaluation of IR Techniques. TOIS 2002.
+  Chapelle, Metzler, Zhang, Grinspan. Expected Reciprocal Rank for Graded Relevance. CIKM 2009.
   [PLR] Oosterhuis. Computationally Efficient Optimization of Plackett-Luce Ranking Models for Relevance and Fairness. SIGIR 2021. https://arxiv.org/abs/2105.00855
   [SAFE] Gupta, Oosterhuis, de Rijke. Safe Deployment for Counterfactual Learning to Rank with Exposure-Based Risk Minimization. SIGIR 2023. https://arxiv.org/abs/2305.01522
 """
@@ -166,6 +174,140 @@ def ndcg_at_k(labels: ArrayLike, rankings: ArrayLike, *, k: int,
   ideal = _ideal_dcg(gains, k)
   positive = ideal > 0
   return jnp.where(positive, dcg / jnp.where(positive, ideal, 1.0), 0.0)
+
+
+def _top_k(labels: jax.Array, where: jax.Array, rankings: jax.Array,
+           k: int) -> tuple[jax.Array, jax.Array]:
+  """The labels [..., k] and validity [..., k] of the items at ranks 0..k-1."""
+  batch = jnp.broadcast_shapes(labels.shape[:-1], rankings.shape[:-1])
+  top = jnp.broadcast_to(rankings[..., :k], batch + (k,))
+  labels = jnp.broadcast_to(labels, batch + labels.shape[-1:])
+  where = jnp.broadcast_to(where, batch + where.shape[-1:])
+  return (jnp.take_along_axis(labels, top, axis=-1), jnp.take_along_axis(where, top, axis=-1))
+
+
+def _check_threshold(threshold) -> float:
+  return float(checks.check_real("threshold", threshold))
+
+
+def mrr_at_k(labels: ArrayLike, rankings: ArrayLike, *, k: int, threshold: float = 1.0,
+             where: ArrayLike | None = None) -> jax.Array:
+  """Reciprocal rank of the first relevant item in the top k: 1 / (r + 1), 0 if there is none.
+
+  An item is relevant when it is valid and its label is >= `threshold` (default 1: on graded
+  labels 0..4 every label above 0, as in rax's `mrr_metric`). Ranks count positions of the given
+  ranking, so rank r is 0-based and the first position scores 1.
+
+  Args:
+    labels: [..., D] graded relevance labels.
+    rankings: int [..., K] item indices in ranked order, K >= k.
+    k: the cut-off.
+    threshold: the smallest label that counts as relevant.
+    where: optional bool [..., D], True for valid items; padded items are never relevant.
+
+  Returns:
+    [...] MRR@k in [0, 1] (the mean over lists is left to the caller).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> # Item 2 (label 1) is the first relevant one, at rank 1.
+    >>> float(mrr_at_k(jnp.array([2., 0., 1.]), jnp.array([1, 2, 0]), k=3))
+    0.5
+
+  References:
+    Voorhees. The TREC-8 Question Answering Track Report. TREC 1999.
+  """
+  labels, where = _check_labels(labels, where)
+  rankings = _check_rankings(rankings, labels.shape[-1])
+  _check_k(k, rankings.shape[-1])
+  threshold = _check_threshold(threshold)
+  checks.check_finite("labels", jnp.where(where, labels, 0.0))
+  top_labels, top_valid = _top_k(labels, where, rankings, k)
+  relevant = top_valid & (top_labels >= threshold)
+  reciprocal = 1.0 / jnp.arange(1, k + 1, dtype=top_labels.dtype)
+  return jnp.max(jnp.where(relevant, reciprocal, 0.0), axis=-1)
+
+
+def precision_at_k(labels: ArrayLike, rankings: ArrayLike, *, k: int, threshold: float = 1.0,
+                   where: ArrayLike | None = None) -> jax.Array:
+  """Fraction of the valid items in the top k that are relevant (label >= threshold).
+
+    P@k = #{r < k : y_r valid and label(y_r) >= threshold} / #{r < k : y_r valid},
+
+  0 when the top k holds no valid item. The denominator is the number of valid items shown,
+  min(k, number of valid items) for a ranking that puts padding last (as rax's
+  `precision_metric` does), not k as in trec_eval: a list of 3 valid, relevant items has P@5 = 1.
+
+  Args:
+    labels: [..., D] graded relevance labels.
+    rankings: int [..., K] item indices in ranked order, K >= k.
+    k: the cut-off.
+    threshold: the smallest label that counts as relevant (default 1, as in rax).
+    where: optional bool [..., D], True for valid items.
+
+  Returns:
+    [...] P@k in [0, 1].
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> float(precision_at_k(jnp.array([2., 0., 1., 0.]), jnp.array([1, 2, 0, 3]), k=2))
+    0.5
+
+  References:
+    Manning, Raghavan, Schuetze. Introduction to Information Retrieval, section 8.4. 2008.
+  """
+  labels, where = _check_labels(labels, where)
+  rankings = _check_rankings(rankings, labels.shape[-1])
+  _check_k(k, rankings.shape[-1])
+  threshold = _check_threshold(threshold)
+  checks.check_finite("labels", jnp.where(where, labels, 0.0))
+  top_labels, top_valid = _top_k(labels, where, rankings, k)
+  hits = jnp.sum(top_valid & (top_labels >= threshold), axis=-1)
+  shown = jnp.sum(top_valid, axis=-1)
+  return jnp.where(shown > 0, hits / jnp.maximum(shown, 1), 0.0).astype(top_labels.dtype)
+
+
+def err_at_k(labels: ArrayLike, rankings: ArrayLike, *, k: int, max_label: float,
+             where: ArrayLike | None = None) -> jax.Array:
+  """Expected reciprocal rank of the top k (cascade user, Chapelle et al. 2009).
+
+    ERR@k = sum_{r<k} (1 / (r + 1)) R_r prod_{i<r} (1 - R_i),   R = (2^label - 1) / 2^max_label,
+
+  the probability that the user stops at rank r (satisfied with probability R), weighted by
+  1 / (r + 1). Padded items have R = 0. rax 0.4 has no ERR metric to compare with.
+
+  Args:
+    labels: [..., D] graded relevance labels in [0, max_label].
+    rankings: int [..., K] item indices in ranked order, K >= k.
+    k: the cut-off.
+    max_label: the top grade of the label scale (4 for the 0..4 LETOR grades, 1 for binary
+      labels), a property of the scale, not of the list.
+    where: optional bool [..., D], True for valid items.
+
+  Returns:
+    [...] ERR@k in [0, 1).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> # R = 3/4 at rank 0, then 1/4 at rank 1: 3/4 + (1/2)(1/4)(1/4) = 0.78125.
+    >>> float(err_at_k(jnp.array([2., 1., 0.]), jnp.array([0, 1, 2]), k=2, max_label=2))
+    0.78125
+
+  References:
+    Chapelle, Metzler, Zhang, Grinspan. Expected Reciprocal Rank for Graded Relevance. CIKM 2009.
+  """
+  labels, where = _check_labels(labels, where)
+  rankings = _check_rankings(rankings, labels.shape[-1])
+  _check_k(k, rankings.shape[-1])
+  max_label = float(checks.check_real("max_label", max_label, low=0.0, open_low=True))
+  checks.check_nonnegative("labels", labels, where=where, upper=max_label)
+  top_labels, top_valid = _top_k(labels, where, rankings, k)
+  stop = jnp.where(top_valid, jnp.exp2(jnp.where(top_valid, top_labels, 0.0)) - 1.0, 0.0)
+  stop = stop / 2.0 ** max_label
+  reach = jnp.cumprod(1.0 - stop, axis=-1)
+  reach = jnp.concatenate([jnp.ones_like(reach[..., :1]), reach[..., :-1]], axis=-1)
+  reciprocal = 1.0 / jnp.arange(1, k + 1, dtype=stop.dtype)
+  return jnp.sum(reciprocal * stop * reach, axis=-1)
 
 
 def exposure_from_samples(rankings: ArrayLike, rank_weights: ArrayLike, num_items: int, *,
