@@ -15,12 +15,13 @@ from saferl_jax.models.lora import (LoRAFunctional, ParameterCounts, add_lora, c
                                     disable_adapters, lora_functional, merge_lora,
                                     parameter_counts)
 from saferl_jax.models.policies import LinearPolicy, MLPPolicy
-from saferl_jax.models.rankers import LinearRanker, MLPRanker
+from saferl_jax.models.rankers import (LinearRanker, MLPRanker, TrustRegionRanker,
+                                       trust_region_radius)
 from saferl_jax.models.reward_models import (PropensityFit, RewardModelFit, cross_fit_propensities,
                                              cross_fit_reward_model, fitting_weights)
 
 __all__ = ["ClassEncoder", "ConvDenoiser", "DictEncoder", "DigitClassifier", "Functional",
            "LoRAFunctional", "ParameterCounts", "add_lora", "count_parameters", "disable_adapters",
-           "lora_functional", "merge_lora", "parameter_counts", "LinearPolicy", "LinearRanker", "MLPDenoiser", "MLPPolicy", "MLPRanker", "PatchConv",
+           "lora_functional", "merge_lora", "parameter_counts", "LinearPolicy", "LinearRanker", "MLPDenoiser", "MLPPolicy", "MLPRanker", "PatchConv", "TrustRegionRanker", "trust_region_radius",
            "PropensityFit", "RewardModelFit", "SequenceEncoder", "VectorEncoder", "as_functional",
            "cross_fit_propensities", "cross_fit_reward_model", "fitting_weights"]
