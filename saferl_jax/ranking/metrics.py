@@ -365,6 +365,7 @@ def expected_metric_from_samples(
     metric: Literal["ndcg", "dcg"] = "ndcg",
     where: ArrayLike | None = None,
     generator: Generator = "hash",
+    gain: Literal["exponential", "linear"] = "exponential",
 ) -> MetricEstimate:
   """Expected DCG@k or NDCG@k of a Plackett-Luce policy, E_{y~pi}[metric(y)], from samples.
 
@@ -380,6 +381,8 @@ def expected_metric_from_samples(
     metric: "ndcg" (default) or "dcg".
     where: optional bool [..., D], True for valid items.
     generator: the Gumbel noise generator, see `sample_rankings`.
+    gain: "exponential" (2^label - 1, the default everywhere here) or "linear" (the label
+      itself, as the safe-CLTR authors' code evaluates NDCG@5 with gains label / 4).
 
   Returns:
     A `MetricEstimate` with value [...], per_sample [N, ...] and stderr [...].
@@ -398,6 +401,8 @@ def expected_metric_from_samples(
   checks.check_key("key", key)
   if metric not in ("ndcg", "dcg"):
     raise ValueError(f"metric: must be 'ndcg' or 'dcg', got {metric!r}")
+  if gain not in ("exponential", "linear"):
+    raise ValueError(f"gain: must be 'exponential' or 'linear', got {gain!r}")
   checks.check_count("num_samples", num_samples)
   labels, valid = _check_labels(labels, where)
   logits = checks.as_float("logits", logits)
@@ -406,7 +411,7 @@ def expected_metric_from_samples(
   _check_k(k, logits.shape[-1], of="logits")
   rankings = sample_rankings(logits, key=key, where=where, sample_shape=(num_samples,), k=k,
                              generator=generator)
-  gains = _gains(labels, valid)
+  gains = _gains(labels, valid) if gain == "exponential" else jnp.where(valid, labels, 0.0)
   per_sample = _dcg_from_gains(gains, rankings, k)
   if metric == "ndcg":
     ideal = _ideal_dcg(gains, k)

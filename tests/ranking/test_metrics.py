@@ -184,3 +184,20 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
     expected_metric_from_samples(LOGITS, LABELS, key=jax.random.key(0), k=2, num_samples=0)
   with pytest.raises(ValueError, match="k"):
     dcg_rank_weights(0)
+
+
+def test_linear_gains_score_each_sample_with_the_labels_themselves():
+  """gain="linear": each sampled ranking's NDCG uses gains = labels (not 2^y - 1), per sample."""
+  labels = np.array([3.0, 1.0, 0.0, 2.0])
+  est = expected_metric_from_samples(LOGITS, labels, key=jax.random.key(2), k=2, num_samples=16,
+                                     gain="linear")
+  rankings = sample_rankings(LOGITS, key=jax.random.key(2), sample_shape=(16,), k=2)
+  ideal = 3.0 + 2.0 / np.log2(3)
+  manual = [(labels[r[0]] + labels[r[1]] / np.log2(3)) / ideal for r in np.asarray(rankings)]
+  np.testing.assert_allclose(est.per_sample, manual, rtol=1e-5)
+  exponential = expected_metric_from_samples(LOGITS, labels, key=jax.random.key(2), k=2,
+                                             num_samples=16)
+  assert not np.allclose(exponential.per_sample, est.per_sample)
+  with pytest.raises(ValueError, match="gain"):
+    expected_metric_from_samples(LOGITS, labels, key=jax.random.key(2), k=2, num_samples=2,
+                                 gain="log")
