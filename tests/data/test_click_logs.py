@@ -1,5 +1,7 @@
 """Click logs kept as counts per query, the estimates built on them, and DR's regression model."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -207,3 +209,72 @@ def test_drpo_imitates_only_the_documents_above_the_quantile():
       e, logging_exposure, rewards, counts, objective="drpo", num_sessions=10, quantile=0.5))(exposure)
   # Of the three logged documents, the quantile keeps 0.8 and 0.1 (median 0.1); never-shown 5 is ignored.
   np.testing.assert_allclose(grad, [[0.0, 1.0, 1.0, 0.0]])
+
+
+@pytest.mark.slow
+def test_rank_counts_in_the_log_agree_with_its_counts():
+  """rank_counts=True: impressions summed over ranks and documents are K n_q (every session shows
+  K of the query's documents), clicks summed over ranks are click_counts; the other fields and
+  the estimates built on them are those of the log without rank counts."""
+  run = lambda ranks: click_logs.simulate_click_log(
+      LOGITS, LABELS, MODEL, key=jax.random.key(7), num_sessions=500, where=MASK,
+      propensity_samples=200, chunk_size=200, rank_counts=ranks)
+  log, plain = run(True), run(False)
+  assert plain.rank_counts is None
+  impressions, clicks = log.rank_counts
+  assert impressions.shape == (2, 5, 3)
+  np.testing.assert_array_equal(impressions.sum(axis=(1, 2)), 3 * log.session_counts)
+  np.testing.assert_array_equal(clicks.sum(axis=2), log.click_counts)
+  assert float(clicks[1, 4].sum()) == 0.0  # the masked document is never clicked
+  for x, y in zip(log[:4], plain):
+    np.testing.assert_array_equal(x, y)
+  np.testing.assert_array_equal(click_logs.estimated_rewards(log, estimator="ips"),
+                                click_logs.estimated_rewards(plain, estimator="ips"))
+
+
+def test_assumed_model_sets_the_propensities_not_the_clicks():
+  assumed = click_model(jnp.array([0.5, 0.5, 0.5]), jnp.array([0.3, 0.3, 0.3]))
+  run = lambda users, **extra: click_logs.simulate_click_log(
+      LOGITS, LABELS, users, key=jax.random.key(8), num_sessions=300, where=MASK,
+      propensity_samples=200, **extra)
+  log = run(MODEL, assumed_model=assumed)
+  same_clicks, same_propensities = run(MODEL), run(assumed)
+  np.testing.assert_array_equal(log.click_counts, same_clicks.click_counts)
+  np.testing.assert_array_equal(log.rho, same_propensities.rho)
+  np.testing.assert_array_equal(log.betabar, same_propensities.betabar)
+  assert not np.allclose(log.rho, same_clicks.rho)
+  # with_click_model recomputes them: with the log key's first half, exactly the same numbers.
+  recomputed = click_logs.with_click_model(same_clicks, LOGITS, assumed,
+                                           key=jax.random.split(jax.random.key(8))[0], where=MASK,
+                                           propensity_samples=200)
+  np.testing.assert_array_equal(recomputed.rho, log.rho)
+  np.testing.assert_array_equal(recomputed.betabar, log.betabar)
+  np.testing.assert_array_equal(recomputed.click_counts, same_clicks.click_counts)
+
+
+def test_a_non_affine_click_model_needs_an_assumed_model():
+  class Cascade(NamedTuple):  # stands for any click model that is not an affine ClickModel
+    continue_after_skip: jax.Array
+
+  with pytest.raises(ValueError, match="assumed_model"):
+    click_logs.simulate_click_log(LOGITS, LABELS, Cascade(jnp.ones(3)), key=jax.random.key(0),
+                                  num_sessions=5)
+  with pytest.raises(ValueError, match="^assumed_model"):
+    click_logs.simulate_click_log(LOGITS, LABELS, MODEL, key=jax.random.key(0), num_sessions=5,
+                                  assumed_model=MODEL._replace(beta=jnp.array([2.0, 0.0, 0.0])))
+  with pytest.raises(TypeError, match="rank_counts"):
+    click_logs.simulate_click_log(LOGITS, LABELS, MODEL, key=jax.random.key(0), num_sessions=5,
+                                  rank_counts="yes")
+
+
+def test_with_click_model_rejects_bad_input():
+  log = click_logs.ClickLog(jnp.ones(2), jnp.zeros((2, 5)), jnp.ones((2, 5)), jnp.zeros((2, 5)))
+  key = jax.random.key(0)
+  with pytest.raises(ValueError, match="^log"):
+    click_logs.with_click_model(tuple(log), LOGITS, MODEL, key=key)
+  with pytest.raises(ValueError, match="^logging_logits"):
+    click_logs.with_click_model(log, LOGITS[:, :4], MODEL, key=key)
+  with pytest.raises(ValueError, match="^model"):
+    click_logs.with_click_model(log, LOGITS, (MODEL.alpha, MODEL.beta), key=key)
+  with pytest.raises(ValueError, match="^where"):
+    click_logs.with_click_model(log, LOGITS, MODEL, key=key, where=MASK[:, :3])
