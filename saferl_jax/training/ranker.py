@@ -48,10 +48,15 @@ def _step(state: TrainState, data: tuple[RankingData, jax.Array], key: jax.Array
   batch = data
   if batch_queries is not None:
     batch_key, step_key = jax.random.split(step_key)
-    index = jax.random.choice(batch_key, num_queries, (batch_queries,), replace=False)
+    # Batches come from the logged queries (n_q > 0): a query without sessions adds nothing to
+    # any objective, so drawing it would only waste the step (at small N most queries have none).
+    logged = data.session_counts > 0
+    num_logged = jnp.sum(logged)
+    index = jax.random.choice(batch_key, num_queries, (batch_queries,), replace=False,
+                              p=logged / jnp.maximum(num_logged, 1))
     batch = jax.tree_util.tree_map(lambda x: x[index], data)
-    # Sums over queries of a mini-batch, scaled to estimate the sums over all of them.
-    batch = batch._replace(rewards=batch.rewards * (num_queries / batch_queries))
+    # Sums over queries of a mini-batch, scaled to estimate the sums over all logged ones.
+    batch = batch._replace(rewards=batch.rewards * (num_logged / batch_queries))
   gradient, value = ascent_direction(apply_fn, state.params, batch, key=step_key,
                                      rank_weights=rank_weights, **dict(options))
   descent = jax.tree_util.tree_map(jnp.negative, gradient)
@@ -101,7 +106,8 @@ def train_ranker(
     optimizer: an optax optimizer, e.g. optax.adam(0.01); pass the same object again to reuse
       the compiled step.
     num_samples: rankings sampled per query and step (for the exposures and PL-Rank).
-    batch_queries: queries per step (None: all of them).
+    batch_queries: queries per step, drawn without replacement from the queries with sessions
+      (None: all queries); at most the number of logged queries.
     delta: [SAFE]'s failure probability.
     clip_low, clip_high: PRPO's clip range.
     quantile: DRPO's fraction of (query, document) pairs discarded by its hard filter.
@@ -150,6 +156,10 @@ def train_ranker(
   num_queries = data.session_counts.shape[-1]
   if batch_queries is not None:
     driver.check_batch_size("batch_queries", batch_queries, num_queries, what="Q")
+    fewest_logged = int(jnp.min(jnp.sum(data.session_counts > 0, axis=-1)))
+    if batch_queries > fewest_logged:
+      raise ValueError(f"batch_queries: {batch_queries} exceeds the {fewest_logged} queries with "
+                       "sessions (batches are drawn from the logged queries)")
 
   evaluate_data, evaluate_data_axes, full_evaluate = None, 0, evaluate
   if validation is not None:
