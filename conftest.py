@@ -32,6 +32,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # Examples that take 0.6 s or more on 2 CPU cores (mostly XLA compilation); they run in the slow
 # tier, so `pytest -m "not slow"` stays near 2 minutes.
 SLOW_DOCTESTS = {
+    "saferl_jax.cltr.bias_estimation.estimate_bias",
+    "saferl_jax.data.click_logs.with_click_model",
+    "saferl_jax.training.reward_network.train_reward_network",
     "saferl_jax.cltr.estimators.policy_aware_propensities",
     "saferl_jax.cltr.reward_model.fit_reward_regression",
     "saferl_jax.data.click_logs.simulate_click_log",

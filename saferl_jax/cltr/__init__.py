@@ -13,6 +13,7 @@ are re-exported here lazily.
 """
 
 from saferl_jax._lazy import lazy_exports
+from saferl_jax.cltr.bias_estimation import BiasEstimate, RankCounts, estimate_bias, rank_counts
 from saferl_jax.cltr.clicks import (ClickModel, adversarial, check_click_model, click_model,
                                     click_probabilities, misspecified, position_based,
                                     relevance_at_ranks, simulate_clicks, simulate_sessions,
@@ -31,6 +32,8 @@ __all__ = [
     "ClickModel", "adversarial", "check_click_model", "click_model", "click_probabilities",
     "misspecified", "position_based", "relevance_at_ranks", "simulate_clicks", "simulate_sessions",
     "trust_bias",
+    # Estimating the affine bias from logs (bias_estimation.py).
+    "BiasEstimate", "RankCounts", "estimate_bias", "rank_counts",
     # Estimators and objectives (estimators.py, reward_model.py).
     "OBJECTIVES", "dr_document_rewards", "exposure_divergence", "ips_document_rewards",
     "logged_objective", "policy_aware_propensities", "policy_value", "propensity_floor",
@@ -47,6 +50,7 @@ _LAZY = {
     "SessionCounts": "saferl_jax.data.click_logs",
     "aggregate_sessions": "saferl_jax.data.click_logs",
     "simulate_click_log": "saferl_jax.data.click_logs",
+    "with_click_model": "saferl_jax.data.click_logs",
     "estimated_rewards": "saferl_jax.data.click_logs",
     "train_ranker": "saferl_jax.training.ranker",
     "TrainResult": "saferl_jax.training.driver",
