@@ -41,6 +41,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
 from saferl_jax import checks
+from saferl_jax.cltr.click_chains import (ChainClickModel, check_chain_click_model,
+                                          simulate_chain_clicks)
 from saferl_jax.parallel import seed_sharding
 
 
@@ -301,19 +303,23 @@ def relevance_at_ranks(query_ids: ArrayLike, rankings: ArrayLike, labels: ArrayL
   return labels[query_ids[:, None], rankings].astype(jnp.result_type(float)) / max_label
 
 
-def simulate_sessions(model: ClickModel, query_ids: ArrayLike, rankings: ArrayLike,
-                      labels: ArrayLike, *, key: jax.Array, k: int | None = None,
+def simulate_sessions(model: ClickModel | ChainClickModel, query_ids: ArrayLike,
+                      rankings: ArrayLike, labels: ArrayLike, *, key: jax.Array, k: int | None = None,
                       where: ArrayLike | None = None, max_label: int = 4) -> jax.Array:
   """Clicks on the top K of N logged sessions, in one jitted call sharded over devices.
 
   Session i shows query q_i's documents rankings[i, 0..K-1]; the document at rank
-  k is clicked with `click_probabilities` of its relevance labels[q_i, d] / max_label.
+  k is clicked with `click_probabilities` of its relevance labels[q_i, d] / max_label
+  (an affine `ClickModel`), or by a user who scans the list as a
+  `saferl_jax.cltr.click_chains.ChainClickModel` says (cascade, DCM, DBN).
   The session axis is split over all devices when they divide N (replicated
-  otherwise); the clicks equal `simulate_clicks(model, R, key=key)` on the gathered
-  relevance R [N, K], whatever the number of devices.
+  otherwise); the clicks equal `simulate_clicks(model, R, key=key)` (or
+  `simulate_chain_clicks(model, R, key=key)`) on the gathered relevance R [N, K],
+  whatever the number of devices.
 
   Args:
-    model: a `ClickModel` with at least K ranks (its first K are used).
+    model: a `ClickModel` or a `ChainClickModel` with at least K ranks (its first K
+      are used).
     query_ids: [N] int query of each session, in [0, Q).
     rankings: [N, L] int displayed rankings (document indices of the query, in
       [0, D)), L >= K; only the first K are shown.
@@ -321,7 +327,8 @@ def simulate_sessions(model: ClickModel, query_ids: ArrayLike, rankings: ArrayLi
     key: PRNG key.
     k: number of displayed ranks K; defaults to the model's.
     where: optional [Q, D] bool document mask (True = real document, e.g.
-      `LTRData.where`); padded documents are never clicked.
+      `LTRData.where`); padded documents are never clicked (a chain model's user
+      passes over them).
     max_label: the label with relevance probability 1.
 
   Returns:
@@ -334,10 +341,21 @@ def simulate_sessions(model: ClickModel, query_ids: ArrayLike, rankings: ArrayLi
     ...                            jnp.array([[0, 1, 2], [1, 2, 0]]), labels, key=jax.random.key(0))
     >>> clicks.tolist()
     [[1.0, 0.0], [0.0, 1.0]]
+    >>> cascade = ChainClickModel(jnp.zeros(2), jnp.ones(2))  # click once, then leave
+    >>> simulate_sessions(cascade, jnp.array([0, 0]), jnp.array([[0, 1, 2], [1, 0, 2]]), labels,
+    ...                   key=jax.random.key(0)).tolist()
+    [[1.0, 0.0], [0.0, 1.0]]
   """
   checks.check_key("key", key)
-  check_click_model(model)
-  num_model_ranks = jnp.shape(model.alpha)[0]
+  if isinstance(model, ChainClickModel):
+    check_chain_click_model(model)
+    num_model_ranks = jnp.shape(model.continue_after_click)[0]
+  elif isinstance(model, ClickModel):
+    check_click_model(model)
+    num_model_ranks = jnp.shape(model.alpha)[0]
+  else:
+    raise ValueError(f"model: must be a ClickModel or a ChainClickModel, "
+                     f"got {type(model).__name__}")
   k = num_model_ranks if k is None else k
   _check_k(k)
   if k > num_model_ranks:
@@ -377,8 +395,7 @@ def simulate_sessions(model: ClickModel, query_ids: ArrayLike, rankings: ArrayLi
                          f"{lowest if lowest < low else highest}")
   if n == 0:
     return jnp.zeros((0, k), jnp.result_type(float))
-  model = ClickModel(jnp.asarray(model.alpha)[:k], jnp.asarray(model.beta)[:k],
-                     jnp.asarray(model.flip_probability, jnp.result_type(float)))
+  model = _first_ranks(model, k)
   if traced:  # inside the caller's jit, which decides the sharding
     return _session_clicks(key, model, query_ids, rankings, labels, where, max_label)
   sharding = seed_sharding(n)
@@ -395,10 +412,21 @@ def _extremes(*arrays):
           jnp.stack([jnp.max(x).astype(jnp.int32) for x in arrays]))
 
 
+def _first_ranks(model: ClickModel | ChainClickModel, k: int) -> ClickModel | ChainClickModel:
+  """The model restricted to its first k ranks, with a float array for its scalar field."""
+  if isinstance(model, ChainClickModel):
+    return ChainClickModel(jnp.asarray(model.continue_after_click)[:k],
+                           jnp.asarray(model.continue_after_skip)[:k],
+                           jnp.asarray(model.satisfaction, jnp.result_type(float)))
+  return ClickModel(jnp.asarray(model.alpha)[:k], jnp.asarray(model.beta)[:k],
+                    jnp.asarray(model.flip_probability, jnp.result_type(float)))
+
+
 def _session_clicks(key, model, query_ids, rankings, labels, where, max_label):
   relevance = relevance_at_ranks(query_ids, rankings, labels, max_label=max_label)
   shown = None if where is None else where[query_ids[:, None], rankings]
-  return simulate_clicks(model, relevance, key=key, where=shown)
+  simulate = simulate_chain_clicks if isinstance(model, ChainClickModel) else simulate_clicks
+  return simulate(model, relevance, key=key, where=shown)
 
 
 @functools.lru_cache(maxsize=32)
