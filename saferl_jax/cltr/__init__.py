@@ -1,7 +1,9 @@
 """Counterfactual learning to rank from clicks: click models, estimators and safe objectives.
 
 Click models (`position_based`, `trust_bias`, `adversarial`, `misspecified`) are affine in the
-relevance probability R = label / 4; `simulate_sessions` turns logged sessions into clicks in one
+relevance probability R = label / 4; `cascade`, `dcm` and `dbn` are not (users who scan down and
+stop), which the affine estimators cannot model; `estimate_bias` fits the affine alpha, beta from
+logs by EM; `simulate_sessions` turns logged sessions into clicks in one
 jitted call sharded over devices, and `simulate_click_log` keeps a whole log as counts per query.
 The estimators correct clicks for position and trust bias (affine IPS, DR with a ridge model)
 and the safe objectives ([SAFE]'s exposure penalty, PRPO's clipping) keep a learned ranker close
@@ -14,6 +16,9 @@ are re-exported here lazily.
 
 from saferl_jax._lazy import lazy_exports
 from saferl_jax.cltr.bias_estimation import BiasEstimate, RankCounts, estimate_bias, rank_counts
+from saferl_jax.cltr.click_chains import (ChainClickModel, cascade, chain_click_model,
+                                          chain_click_probabilities, check_chain_click_model, dbn,
+                                          dcm, simulate_chain_clicks)
 from saferl_jax.cltr.clicks import (ClickModel, adversarial, check_click_model, click_model,
                                     click_probabilities, misspecified, position_based,
                                     relevance_at_ranks, simulate_clicks, simulate_sessions,
@@ -32,6 +37,9 @@ __all__ = [
     "ClickModel", "adversarial", "check_click_model", "click_model", "click_probabilities",
     "misspecified", "position_based", "relevance_at_ranks", "simulate_clicks", "simulate_sessions",
     "trust_bias",
+    # Users the affine estimators cannot model: cascade, DCM, DBN (click_chains.py).
+    "ChainClickModel", "cascade", "chain_click_model", "chain_click_probabilities",
+    "check_chain_click_model", "dbn", "dcm", "simulate_chain_clicks",
     # Estimating the affine bias from logs (bias_estimation.py).
     "BiasEstimate", "RankCounts", "estimate_bias", "rank_counts",
     # Estimators and objectives (estimators.py, reward_model.py).
@@ -50,6 +58,7 @@ _LAZY = {
     "SessionCounts": "saferl_jax.data.click_logs",
     "aggregate_sessions": "saferl_jax.data.click_logs",
     "simulate_click_log": "saferl_jax.data.click_logs",
+    "ips_regression_targets": "saferl_jax.data.click_logs",
     "with_click_model": "saferl_jax.data.click_logs",
     "estimated_rewards": "saferl_jax.data.click_logs",
     "train_ranker": "saferl_jax.training.ranker",

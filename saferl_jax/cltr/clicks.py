@@ -1,6 +1,9 @@
 """Click models for counterfactual learning to rank, and click simulation (floor 1).
 
-A click model is affine in the relevance probability R_d = y_d / 4 of the
+The models here are affine (the estimators' assumption); `click_chains` holds the cascade, DCM
+and DBN users who scan down the list and stop, which `simulate_sessions` also accepts.
+
+An affine click model is affine in the relevance probability R_d = y_d / 4 of the
 document shown at (0-based) rank k of the displayed top K:
 
   P(click | d at rank k) = alpha_k R_d + beta_k,

@@ -223,7 +223,7 @@ def _propensities(key, logging_logits, click_model, valid, num_samples):
 
 def estimated_rewards(log: ClickLog, *, estimator: str, features: ArrayLike | None = None,
                       where: ArrayLike | None = None, min_propensity: float | None = None,
-                      l2: float = 1.0) -> jax.Array:
+                      l2: float = 1.0, reward_hat: ArrayLike | None = None) -> jax.Array:
   """R_q(d) [Q, D], the summed per-session IPS or DR rewards of every query (see `query_rewards`).
 
   Args:
@@ -233,6 +233,9 @@ def estimated_rewards(log: ClickLog, *, estimator: str, features: ArrayLike | No
     where: optional [Q, D] document mask.
     min_propensity: clipping threshold; default `propensity_floor(N)` = min(1, 10 / sqrt(N)).
     l2: the ridge penalty of DR's regression model.
+    reward_hat: optional [Q, D] predictions of another regression model for DR (e.g. the
+      network of `training.reward_network`, fitted to `ips_regression_targets`); then no ridge
+      model is fitted and `features` is not needed.
   """
   if estimator not in ("ips", "dr"):
     raise ValueError(f"estimator: must be 'ips' or 'dr', got {estimator!r}")
@@ -249,6 +252,14 @@ def estimated_rewards(log: ClickLog, *, estimator: str, features: ArrayLike | No
       *fields)
   if estimator == "ips":
     return ips
+  if reward_hat is not None:
+    reward_hat = checks.as_float("reward_hat", reward_hat)
+    if reward_hat.shape != ips.shape:
+      raise ValueError(f"reward_hat: expected shape {tuple(ips.shape)} like the log's click "
+                       f"counts, got {tuple(reward_hat.shape)}")
+    checks.check_finite("reward_hat", reward_hat)
+    return jax.vmap(lambda n, c, r, b, rh: query_rewards(
+        n, c, r, b, reward_hat=rh, min_propensity=min_propensity))(*fields, reward_hat)
   if features is None:
     raise ValueError("features: DR needs the documents' features for its regression model")
   weights = log.session_counts[:, None] * (log.rho > 0)
@@ -259,3 +270,37 @@ def estimated_rewards(log: ClickLog, *, estimator: str, features: ArrayLike | No
   reward_hat = predict_rewards(model, features, where=where)
   return jax.vmap(lambda n, c, r, b, rh: query_rewards(
       n, c, r, b, reward_hat=rh, min_propensity=min_propensity))(*fields, reward_hat)
+
+
+class RegressionTargets(NamedTuple):
+  """`ips_regression_targets`' result, per (query, document) [Q, D]."""
+  ips_targets: jax.Array
+  propensity_ratios: jax.Array
+  weights: jax.Array
+
+
+def ips_regression_targets(log: ClickLog, *, where: ArrayLike | None = None,
+                           min_propensity: float | None = None) -> RegressionTargets:
+  """What a DR regression model learns from: rt = (cbar - betabar) / rho_c, a = rho / rho_c, and
+  weights 1 for every displayed document of a logged query (each query counts once, as in the
+  [PRPO] authors' code), 0 elsewhere. See `cltr.counterfactual_cross_entropy`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> log = ClickLog(jnp.array([4.0]), jnp.array([[2.0, 0.0]]), jnp.array([[0.5, 0.0]]),
+    ...                jnp.array([[0.1, 0.0]]))
+    >>> targets = ips_regression_targets(log, min_propensity=0.0)
+    >>> [round(v, 3) for v in targets.ips_targets[0].tolist()], targets.weights.tolist()
+    ([0.8, 0.0], [[1.0, 0.0]])
+  """
+  if min_propensity is None:
+    min_propensity = propensity_floor(max(log.num_sessions, 1))
+  checks.check_real("min_propensity", min_propensity, low=0.0, high=1.0)
+  clipped = jnp.maximum(log.rho, min_propensity)
+  shown = (log.rho > 0) & (log.session_counts[:, None] > 0)
+  if where is not None:
+    shown = shown & jnp.asarray(where, bool)
+  mean_clicks = log.click_counts / jnp.maximum(log.session_counts, 1.0)[:, None]
+  safe = jnp.where(shown, clipped, 1.0)
+  return RegressionTargets(jnp.where(shown, (mean_clicks - log.betabar) / safe, 0.0),
+                           jnp.where(shown, log.rho / safe, 0.0), shown.astype(log.rho.dtype))
