@@ -146,8 +146,10 @@ def _em_step(impressions, clicks, alpha, beta, gamma):
   """One EM step: posteriors of relevance per (q, d, k) and click outcome, then closed-form M."""
   g = gamma[..., None]
   p = jnp.clip(alpha * g + beta, 0.0, 1.0)
-  relevant_if_click = _safe_divide((alpha + beta) * g, p)             # P(r = 1 | c = 1)
-  relevant_if_skip = _safe_divide((1.0 - alpha - beta) * g, 1.0 - p)  # P(r = 1 | c = 0)
+  # Posteriors are probabilities; clipping keeps float error near p = 0 or 1 (degenerate fits
+  # on small logs) from pushing a count above the impressions and a rate outside [0, 1].
+  relevant_if_click = jnp.clip(_safe_divide((alpha + beta) * g, p), 0.0, 1.0)       # P(r=1|c=1)
+  relevant_if_skip = jnp.clip(_safe_divide((1.0 - alpha - beta) * g, 1.0 - p), 0.0, 1.0)  # P(r=1|c=0)
   relevant_clicks = clicks * relevant_if_click
   relevant = relevant_clicks + (impressions - clicks) * relevant_if_skip   # E[# relevant]
   per_doc = jnp.sum(impressions, axis=-1)
@@ -158,7 +160,8 @@ def _em_step(impressions, clicks, alpha, beta, gamma):
       jnp.sum(relevant_clicks, axis=(0, 1)), relevant_k), alpha + beta)
   beta = jnp.where(irrelevant_k > 0, _safe_divide(
       jnp.sum(clicks - relevant_clicks, axis=(0, 1)), irrelevant_k), beta)
-  return click_if_relevant - beta, beta, gamma
+  click_if_relevant, beta = jnp.clip(click_if_relevant, 0.0, 1.0), jnp.clip(beta, 0.0, 1.0)
+  return click_if_relevant - beta, beta, jnp.clip(gamma, 0.0, 1.0)
 
 
 @jax.jit

@@ -244,3 +244,16 @@ def test_estimate_bias_rejects_bad_input(change, name):
 def test_rank_counts_rejects_bad_input(args, name):
   with pytest.raises(ValueError, match=rf"^{name}\b"):
     be.rank_counts(*args, num_queries=2, num_docs=3)
+
+
+def test_small_logs_still_give_a_valid_click_model():
+  """On tiny logs EM drifts towards degenerate fits (probabilities at 0 or 1); the fit must still
+  be a valid click model (every P(click) in [0, 1]), or the estimators cannot use it. Random
+  sparse counts of 6 queries x 5 documents x 5 ranks, 40 draws."""
+  rng = np.random.default_rng(0)
+  for _ in range(40):
+    impressions = rng.integers(0, 4, size=(6, 5, 5)).astype(float)
+    clicks = rng.binomial(impressions.astype(int), rng.uniform(0, 1, size=(6, 5, 5))).astype(float)
+    fit = be.estimate_bias(be.RankCounts(jnp.asarray(impressions), jnp.asarray(clicks)),
+                           max_iterations=300)
+    check_click_model(fit.click_model)
