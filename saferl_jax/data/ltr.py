@@ -11,7 +11,10 @@ labels at fixed thresholds of the standardised score so that, as in real LTR
 data (MSLR-WEB30K, Yahoo! LTR), label 0 is the most common and 4 the rarest.
 `load_letor` reads the text files that real LTR data comes in
 ("label qid:Q 1:v 2:v ... # comment"); they cannot be downloaded here, so it
-reads a local path. `split` divides a dataset by query.
+reads a local path: dense files in feature order (MSLR-WEB30K, Istella) through pyarrow's CSV
+reader, anything else through an exact line parser. `read_letor_rows` gives the unpadded rows
+(grouped by query) that `saferl_jax.data.letor` prepares -- query-level normalisation, clipping,
+a candidate cap, folds -- before `pad_queries` pads them. `split` divides a dataset by query.
 
 References:
   Qin, Liu. Introducing LETOR 4.0 Datasets. 2013. https://arxiv.org/abs/1306.2597
@@ -23,6 +26,7 @@ References:
 
 import functools
 import gzip
+import re
 import zlib
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -30,6 +34,9 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 
 from saferl_jax import checks
 
@@ -258,6 +265,313 @@ def _raise_bad_feature(where: str, tokens: list[str], bound: int, bound_name: st
   raise ValueError(f"{where}: malformed features")  # unreachable while both paths agree
 
 
+class LetorRows(NamedTuple):
+  """A ranking file's documents grouped by query, unpadded: the layout before a candidate cap.
+
+  Rows are grouped by query (queries in the order of their first line, each query's documents in
+  the order of their lines), as in HarrieO/2022-doubly-robust-LTR's `DataFoldSplit`
+  (utils/dataset.py: one feature matrix and `doclist_ranges`). Padding to [Q, D, F] happens only
+  in `pad_queries`, after any cap: MSLR-WEB30K has queries of more than 1,000 documents, and its
+  2.3 million training lines padded to the longest list would take ~13 GB.
+
+  Attributes:
+    features: [N, F] float32 numpy array, one row per document (0 for a missing sparse feature).
+    labels: [N] int32 graded relevance.
+    lengths: [Q] int64 number of documents of each query (all >= 1).
+    query_ids: [Q] numpy array of the file's query ids (int64 when all are integers, else strings).
+  """
+  features: np.ndarray
+  labels: np.ndarray
+  lengths: np.ndarray
+  query_ids: np.ndarray
+
+  @property
+  def starts(self) -> np.ndarray:
+    """[Q] index of each query's first row."""
+    return np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
+
+  @property
+  def query_index(self) -> np.ndarray:
+    """[N] the query (0..Q-1) of each row."""
+    return np.repeat(np.arange(len(self.lengths)), self.lengths)
+
+
+def _rows_from_groups(docs_of_query: dict, num_features: int) -> LetorRows:
+  """LetorRows from {qid: [(label, indices, values), ...]} (the exact parser's result)."""
+  lengths = np.array([len(docs) for docs in docs_of_query.values()], np.int64)
+  features = np.zeros((int(lengths.sum()), num_features), np.float32)
+  labels = np.zeros(len(features), np.int32)
+  row = 0
+  for docs in docs_of_query.values():
+    for label, indices, values in docs:
+      features[row, indices] = values
+      labels[row] = label
+      row += 1
+  return LetorRows(features, labels, lengths, _query_id_array(list(docs_of_query)))
+
+
+def _query_id_array(ids: list[str]) -> np.ndarray:
+  """int64 ids when every id is an integer (as Python's int() reads it), the strings otherwise."""
+  try:
+    return np.array([int(i) for i in ids], dtype=np.int64)
+  except ValueError:
+    return np.array(ids)
+
+
+def _read_exact(path: Path, bound: int, bound_name: str, max_label: int,
+                num_features: int | None) -> LetorRows:
+  """The exact line-by-line parser: any sparse, unordered file, and every error message."""
+  docs_of_query: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+  largest_index = 0
+  for line_number, line in enumerate(_read_lines(path), start=1):
+    body = line.split("#", 1)[0].strip()
+    if not body:
+      continue
+    where = f"{path}: line {line_number}"
+    if "\ufffd" in body:
+      column = body.index("\ufffd") + 1
+      raise ValueError(f"{where}: bytes that are not UTF-8 text at character {column}")
+    tokens = body.split()
+    try:
+      label_value = float(tokens[0])
+    except ValueError:
+      raise ValueError(f"{where}: the label {tokens[0]!r} is not a number") from None
+    if not np.isfinite(label_value) or label_value != int(label_value):
+      raise ValueError(f"{where}: the label {tokens[0]!r} is not an integer grade")
+    label = int(label_value)
+    if not 0 <= label <= max_label:
+      raise ValueError(f"{where}: label {label} is outside 0..{max_label} (see max_label)")
+    if len(tokens) < 2 or not tokens[1].startswith("qid:") or len(tokens[1]) == 4:
+      raise ValueError(f"{where}: missing qid (expected 'label qid:Q i:v ...')")
+    qid = tokens[1][4:]
+    indices, values = _parse_features(where, tokens[2:], bound, bound_name)
+    if indices.size:
+      largest_index = max(largest_index, int(indices.max()) + 1)
+    docs_of_query.setdefault(qid, []).append((label, indices, values))
+  if not docs_of_query:
+    raise ValueError(f"path: {path} holds no data lines")
+  num_features = largest_index if num_features is None else num_features
+  return _rows_from_groups(docs_of_query, max(num_features, 1))
+
+
+# The dense fast path. A block of lines is accepted only if it is plainly "label qid:Q 1:v 2:v ... F:v"
+# on every line (after comments, CR and repeated blanks are removed); anything else -- sparse or
+# unordered features, damage of any kind -- makes `_read_dense` return None and the exact parser
+# reads the whole file, so results and error messages are the exact parser's.
+_BLOCK_BYTES = 32 * 2**20
+_COMMENT = re.compile(rb"#[^\n]*")
+_PLAIN = bytes(range(0x21, 0x7F)) + b" \n"  # printable ASCII, blank and newline: all a dense line needs
+
+
+class _NotDense(Exception):
+  """The file is not a plain dense LETOR file: read it with the exact parser."""
+
+
+def _clean_block(block: bytes) -> bytes:
+  """Comments, CR, tabs and repeated or edge blanks removed, so that a ' ' separates the tokens."""
+  if b"#" in block:
+    block = _COMMENT.sub(b"", block.replace(b"\r", b"\n"))  # a comment ends at \r or \n, as in splitlines
+  block = block.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\t", b" ")
+  while b"  " in block:
+    block = block.replace(b"  ", b" ")
+  block = block.replace(b" \n", b"\n").replace(b"\n ", b"\n")
+  block = block[1:] if block.startswith(b" ") else block
+  if block.translate(None, _PLAIN):  # other whitespace or non-ASCII bytes: the exact parser decides
+    raise _NotDense
+  return block
+
+
+def _blocks(path: Path):
+  """The file's bytes in blocks of whole lines (decompressing .gz), each ending in a newline."""
+  opener = gzip.open if path.suffix == ".gz" else open
+  with opener(path, "rb") as stream:
+    rest = b""
+    while True:
+      data = stream.read(_BLOCK_BYTES)
+      if not data:
+        break
+      data = rest + data
+      cut = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+      if cut == 0:
+        rest = data
+        continue
+      rest = data[cut:]
+      yield data[:cut]
+    if rest:
+      yield rest + b"\n"
+
+
+def _parse_block(block: bytes, num_columns: int, max_label: int):
+  """Labels [n], qid strings (pyarrow) and float64 feature columns of one cleaned block."""
+  names = [f"c{i}" for i in range(num_columns)]
+  table = pa_csv.read_csv(
+      pa.py_buffer(block),
+      read_options=pa_csv.ReadOptions(column_names=names, use_threads=True),
+      parse_options=pa_csv.ParseOptions(delimiter=" ", quote_char=False, escape_char=False,
+                                        ignore_empty_lines=True),
+      convert_options=pa_csv.ConvertOptions(
+          column_types={name: (pa.float64() if i == 0 else pa.string()) for i, name in enumerate(names)},
+          null_values=[], strings_can_be_null=False, quoted_strings_can_be_null=False))
+  labels = table.column(0).to_numpy()
+  if not (np.isfinite(labels).all() and (labels == np.round(labels)).all()
+          and labels.min(initial=0) >= 0 and labels.max(initial=0) <= max_label):
+    raise _NotDense
+  qids = table.column(1)
+  if not (pc.all(pc.starts_with(qids, "qid:")).as_py() and pc.min(pc.binary_length(qids)).as_py() > 4):
+    raise _NotDense
+  columns = []
+  for j in range(1, num_columns - 1):  # feature j sits in column j + 1 as "j:value"
+    prefix = f"{j}:"
+    column = table.column(j + 1)
+    if not pc.all(pc.starts_with(column, prefix)).as_py():
+      raise _NotDense
+    values = pc.cast(pc.utf8_slice_codeunits(column, len(prefix)), pa.float64()).to_numpy()
+    if not np.isfinite(values).all():
+      raise _NotDense
+    columns.append(values)
+  return labels.astype(np.int32), pc.utf8_slice_codeunits(qids, 4), columns
+
+
+def _read_dense(path: Path, bound: int, max_label: int, num_features: int | None) -> LetorRows | None:
+  """The fast reader of dense, in-order files (MSLR-WEB30K, Istella); None when the file is not one.
+
+  Reads blocks of lines with pyarrow's CSV reader (space-separated, every token a string), checks
+  that column j + 1 of every line starts with "j:" and converts the rest; features go into one
+  [N, F] float32 buffer grown in place (ndarray.resize: realloc, no copy of what is written), so the
+  peak stays near the returned arrays plus one block.
+  """
+  try:
+    features = labels = None
+    qid_chunks, rows, num_columns = [], 0, None
+    for block in _blocks(path):
+      block = _clean_block(block)
+      if not block.strip(b"\n"):
+        continue
+      if num_columns is None:
+        first = block.lstrip(b"\n").split(b"\n", 1)[0]
+        num_columns = first.count(b" ") + 1
+        width = num_columns - 2
+        if width < 1 or width > bound:
+          return None
+        capacity = max(1024, 2 * block.count(b"\n"))
+        features = np.zeros((capacity, num_features or width), np.float32)
+        labels = np.zeros(capacity, np.int32)
+      block_labels, qids, columns = _parse_block(block, num_columns, max_label)
+      n = len(block_labels)
+      if rows + n > len(labels):
+        capacity = max(rows + n, int(1.5 * len(labels)))
+        features.resize((capacity, features.shape[1]), refcheck=False)
+        labels.resize(capacity, refcheck=False)
+      for j, values in enumerate(columns):
+        features[rows:rows + n, j] = values
+      labels[rows:rows + n] = block_labels
+      qid_chunks.append(qids)
+      rows += n
+  except (_NotDense, pa.ArrowInvalid, OSError, EOFError, zlib.error):
+    return None  # BadGzipFile is an OSError; the exact parser names the problem
+  if not rows:
+    return None
+  features.resize((rows, features.shape[1]), refcheck=False)
+  labels.resize(rows, refcheck=False)
+  encoded = pc.dictionary_encode(pa.chunked_array(qid_chunks))  # one dictionary, first-seen order
+  index = np.concatenate([chunk.indices.to_numpy() for chunk in encoded.chunks]).astype(np.int64)
+  ids = encoded.chunks[0].dictionary.to_pylist()
+  if np.any(np.diff(index) < 0):  # a query's lines are not contiguous: group them (a copy)
+    order = np.argsort(index, kind="stable")
+    features, labels, index = features[order], labels[order], index[order]
+  lengths = np.bincount(index, minlength=len(ids)).astype(np.int64)
+  return LetorRows(features, labels, lengths, _query_id_array(ids))
+
+
+def _check_load_options(max_docs, num_features, max_label):
+  if max_docs is not None and (not isinstance(max_docs, (int, np.integer)) or max_docs < 1):
+    raise ValueError(f"max_docs: must be a positive int or None, got {max_docs!r}")
+  if num_features is not None and (not isinstance(num_features, (int, np.integer)) or num_features < 1):
+    raise ValueError(f"num_features: must be a positive int or None, got {num_features!r}")
+  if not isinstance(max_label, (int, np.integer)) or max_label < 1:
+    raise ValueError(f"max_label: must be a positive int, got {max_label!r}")
+
+
+def read_letor_rows(path: str | Path, *, num_features: int | None = None, max_label: int = 4,
+                    fast: bool = True) -> LetorRows:
+  """Reads a LETOR/SVMlight ranking file into unpadded rows grouped by query (see `load_letor`).
+
+  Dense files whose lines list features 1..F in order (MSLR-WEB30K, Istella) take a fast path:
+  pyarrow's CSV reader on space-separated tokens, with the "j:" prefixes checked and stripped
+  column by column. Any other file -- sparse or unordered features, or damage -- is read by the
+  exact line parser, which also gives every error message; both give the same rows.
+
+  Args:
+    path: the text file (.gz is decompressed).
+    num_features: F; defaults to the largest feature index (at most `MAX_FEATURES`).
+    max_label: the largest allowed label.
+    fast: False forces the exact parser (for tests and comparisons).
+
+  Returns:
+    A `LetorRows`.
+
+  Raises:
+    ValueError: as `load_letor`.
+
+  Example:
+    >>> import pathlib, tempfile
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "train.txt"
+    >>> _ = path.write_text("2 qid:7 1:0.5 2:1\\n1 qid:9 1:0.2 2:0\\n0 qid:7 1:1 2:3\\n")
+    >>> rows = read_letor_rows(path)
+    >>> rows.features.shape, rows.labels.tolist(), rows.lengths.tolist(), rows.query_ids.tolist()
+    ((3, 2), [2, 0, 1], [2, 1], [7, 9])
+  """
+  path = Path(path)
+  _check_load_options(None, num_features, max_label)
+  if not path.is_file():
+    raise ValueError(f"path: {path} is not a file")
+  # Bound the indices before allocating: one damaged "99999999999:1" would ask for terabytes.
+  if num_features is None:
+    bound, bound_name = MAX_FEATURES, f"MAX_FEATURES={MAX_FEATURES} (pass num_features to read more)"
+  else:
+    bound, bound_name = num_features, f"num_features={num_features}"
+  rows = _read_dense(path, bound, max_label, num_features) if fast else None
+  return rows if rows is not None else _read_exact(path, bound, bound_name, max_label, num_features)
+
+
+def pad_queries(rows: LetorRows, *, max_docs: int | None = None) -> LTRData:
+  """Pads (or truncates, keeping each query's first documents) rows to an `LTRData` of [Q, D, F].
+
+  Args:
+    rows: a `LetorRows`.
+    max_docs: D; defaults to the longest query. Apply a candidate cap first
+      (`saferl_jax.data.letor.prepare_letor`) on files with long lists.
+
+  Returns:
+    An `LTRData`.
+
+  Example:
+    >>> rows = LetorRows(np.ones((3, 2), np.float32), np.array([1, 0, 2]), np.array([2, 1]), np.array([5, 6]))
+    >>> pad_queries(rows).labels.tolist()
+    [[1, 0], [2, 0]]
+  """
+  if max_docs is not None and (not isinstance(max_docs, (int, np.integer)) or max_docs < 1):
+    raise ValueError(f"max_docs: must be a positive int or None, got {max_docs!r}")
+  lengths = np.asarray(rows.lengths, np.int64)
+  num_docs = int(lengths.max(initial=1)) if max_docs is None else int(max_docs)
+  position = np.arange(len(rows.labels)) - np.repeat(rows.starts, lengths)
+  query = np.repeat(np.arange(len(lengths)), lengths)
+  keep = position < num_docs
+  if not keep.all():
+    position, query = position[keep], query[keep]
+  features = np.zeros((len(lengths), num_docs, rows.features.shape[1]), np.float32)
+  labels = np.zeros((len(lengths), num_docs), np.int32)
+  where = np.zeros((len(lengths), num_docs), bool)
+  if keep.all():
+    features[query, position] = rows.features
+    labels[query, position] = rows.labels
+  else:
+    features[query, position] = rows.features[keep]
+    labels[query, position] = np.asarray(rows.labels)[keep]
+  where[query, position] = True
+  return LTRData(jnp.asarray(features), jnp.asarray(labels), jnp.asarray(where), rows.query_ids)
+
+
 def load_letor(path: str | Path, *, max_docs: int | None = None, num_features: int | None = None,
                max_label: int = 4) -> LTRData:
   """Reads a LETOR/SVMlight ranking file ("label qid:Q 1:v 2:v ... # comment").
@@ -265,7 +579,10 @@ def load_letor(path: str | Path, *, max_docs: int | None = None, num_features: i
   Features may be sparse (missing ones are 0) and in any order; indices are
   1-based. Text after "#" and blank lines are ignored. A query's lines need not
   be contiguous: queries keep the order of their first line, documents the
-  order of their lines. Files ending in .gz are decompressed.
+  order of their lines. Files ending in .gz are decompressed. Dense files in
+  feature order are read by a fast path (see `read_letor_rows`); for
+  preparation (query-level normalisation, clipping, a candidate cap, folds) see
+  `saferl_jax.data.letor`.
 
   Args:
     path: the text file.
@@ -296,65 +613,6 @@ def load_letor(path: str | Path, *, max_docs: int | None = None, num_features: i
     >>> data.features.shape, data.labels.tolist(), data.query_ids.tolist()
     ((2, 2, 3), [[2, 0], [1, 0]], [7, 9])
   """
-  path = Path(path)
-  if max_docs is not None and (not isinstance(max_docs, (int, np.integer)) or max_docs < 1):
-    raise ValueError(f"max_docs: must be a positive int or None, got {max_docs!r}")
-  if num_features is not None and (not isinstance(num_features, (int, np.integer)) or num_features < 1):
-    raise ValueError(f"num_features: must be a positive int or None, got {num_features!r}")
-  if not isinstance(max_label, (int, np.integer)) or max_label < 1:
-    raise ValueError(f"max_label: must be a positive int, got {max_label!r}")
-
-  # Bound the indices before allocating [Q, D, F]: one damaged "99999999999:1" would ask for terabytes.
-  if num_features is None:
-    bound, bound_name = MAX_FEATURES, f"MAX_FEATURES={MAX_FEATURES} (pass num_features to read more)"
-  else:
-    bound, bound_name = num_features, f"num_features={num_features}"
-  docs_of_query: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
-  largest_index = 0
-  for line_number, line in enumerate(_read_lines(path), start=1):
-    body = line.split("#", 1)[0].strip()
-    if not body:
-      continue
-    where = f"{path}: line {line_number}"
-    if "\ufffd" in body:
-      column = body.index("\ufffd") + 1
-      raise ValueError(f"{where}: bytes that are not UTF-8 text at character {column}")
-    tokens = body.split()
-    try:
-      label_value = float(tokens[0])
-    except ValueError:
-      raise ValueError(f"{where}: the label {tokens[0]!r} is not a number") from None
-    if not np.isfinite(label_value) or label_value != int(label_value):
-      raise ValueError(f"{where}: the label {tokens[0]!r} is not an integer grade")
-    label = int(label_value)
-    if not 0 <= label <= max_label:
-      raise ValueError(f"{where}: label {label} is outside 0..{max_label} (see max_label)")
-    if len(tokens) < 2 or not tokens[1].startswith("qid:") or len(tokens[1]) == 4:
-      raise ValueError(f"{where}: missing qid (expected 'label qid:Q i:v ...')")
-    qid = tokens[1][4:]
-    indices, values = _parse_features(where, tokens[2:], bound, bound_name)
-    if indices.size:
-      largest_index = max(largest_index, int(indices.max()) + 1)
-    docs_of_query.setdefault(qid, []).append((label, indices, values))
-  if not docs_of_query:
-    raise ValueError(f"path: {path} holds no data lines")
-
-  num_features = largest_index if num_features is None else num_features
-  num_features = max(num_features, 1)
-  longest = max(len(docs) for docs in docs_of_query.values())
-  num_docs = longest if max_docs is None else max_docs
-  num_queries = len(docs_of_query)
-  features = np.zeros((num_queries, num_docs, num_features), np.float32)
-  labels = np.zeros((num_queries, num_docs), np.int32)
-  where = np.zeros((num_queries, num_docs), bool)
-  for q, docs in enumerate(docs_of_query.values()):
-    for d, (label, indices, values) in enumerate(docs[:num_docs]):
-      features[q, d, indices] = values
-      labels[q, d] = label
-      where[q, d] = True
-  ids = list(docs_of_query)
-  try:
-    query_ids = np.array([int(i) for i in ids], dtype=np.int64)
-  except ValueError:
-    query_ids = np.array(ids)
-  return LTRData(jnp.asarray(features), jnp.asarray(labels), jnp.asarray(where), query_ids)
+  _check_load_options(max_docs, num_features, max_label)
+  rows = read_letor_rows(path, num_features=num_features, max_label=max_label)
+  return pad_queries(rows, max_docs=max_docs)

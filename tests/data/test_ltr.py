@@ -317,3 +317,88 @@ def test_any_damage_is_a_value_error_naming_the_file(tmp_path, gz, cut, flips):
     ltr.load_letor(path)  # some damage leaves a valid file
   except ValueError as err:
     assert str(path) in str(err)
+
+
+# The dense fast path (pyarrow) against the exact parser.
+
+def _dense_text(rng, *, num_lines, num_features, string_ids, comments, shuffle, crlf, blanks):
+  """A random dense file: features 1..F in order, optional comments, string ids, interleaved queries."""
+  qids = rng.integers(0, max(1, num_lines // 4), num_lines)
+  if not shuffle:
+    qids = np.sort(qids)
+  lines = []
+  for q in qids:
+    values = rng.choice([0.0, 1.0, -2.5, 1e-7, 3.25e5, 0.1], num_features) * rng.random(num_features)
+    qid = f"q{q}x" if string_ids else str(q)
+    tokens = [str(rng.integers(0, 5)), f"qid:{qid}"] + [f"{j + 1}:{float(v)!r}" for j, v in enumerate(values)]
+    line = " ".join(tokens) + (" " if blanks else "")
+    if comments and rng.random() < 0.5:
+      line += f" # docid = {rng.integers(1000)} caf\u00e9"
+    lines.append(line)
+    if comments and rng.random() < 0.1:
+      lines.append("# a comment line")
+    if blanks and rng.random() < 0.1:
+      lines.append("   ")
+  return ("\r\n" if crlf else "\n").join(lines) + "\n"
+
+
+def _assert_same_rows(a, b):
+  np.testing.assert_array_equal(a.features, b.features)
+  assert a.features.dtype == b.features.dtype == np.float32
+  np.testing.assert_array_equal(a.labels, b.labels)
+  np.testing.assert_array_equal(a.lengths, b.lengths)
+  np.testing.assert_array_equal(a.query_ids, b.query_ids)
+  assert a.query_ids.dtype == b.query_ids.dtype
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_dense_fast_path_equals_the_exact_parser(tmp_path, monkeypatch, case):
+  rng = np.random.default_rng(case)
+  flags = dict(string_ids=case % 2 == 1, comments=case in (2, 3, 6), shuffle=case >= 4,
+               crlf=case in (3, 5), blanks=case in (1, 6, 7))
+  text = _dense_text(rng, num_lines=int(rng.integers(1, 60)), num_features=int(rng.integers(1, 7)), **flags)
+  name = "data.txt.gz" if case in (2, 7) else "data.txt"
+  path = tmp_path / name
+  path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
+  exact = ltr.read_letor_rows(path, fast=False)
+  monkeypatch.setattr(ltr, "_read_exact", lambda *args: pytest.fail("the fast path fell back"))
+  fast = ltr.read_letor_rows(path)
+  _assert_same_rows(fast, exact)
+  monkeypatch.undo()
+  padded = ltr.load_letor(path)  # and the padded layout equals the exact parser's, padded
+  np.testing.assert_array_equal(padded.features, ltr.pad_queries(exact).features)
+
+
+def test_dense_fast_path_reads_blocks_and_wider_num_features(tmp_path, monkeypatch):
+  # Blocks of a few hundred bytes: lines cut across block ends, the buffer grows many times.
+  monkeypatch.setattr(ltr, "_BLOCK_BYTES", 300)
+  rng = np.random.default_rng(9)
+  path = write(tmp_path, _dense_text(rng, num_lines=200, num_features=5, string_ids=False, comments=True,
+                                     shuffle=True, crlf=False, blanks=True))
+  exact = ltr.read_letor_rows(path, fast=False, num_features=8)
+  assert ltr._read_dense(path, 8, 4, 8) is not None
+  _assert_same_rows(ltr.read_letor_rows(path, num_features=8), exact)
+  assert exact.features.shape == (200, 8) and not exact.features[:, 5:].any()
+
+
+@pytest.mark.parametrize("text", [
+    SAMPLE,  # sparse and unordered
+    "1 qid:1 1:0.5 2:1\n0 qid:1 2:1 1:0.5\n",  # out of order
+    "1 qid:1 1:0.5 2:1\n0 qid:1 1:1\n",  # a missing feature
+    "1 qid:1 1:1_0 2:1\n",  # Python reads 1_0 as 10, pyarrow does not
+    "1 qid:7\u00a0 1:1\n",  # a no-break space separates tokens in str.split, not in pyarrow
+    "1.0 qid:001 1:+1 2:1e-3\n",  # both read these alike, but the exact path must agree
+])
+def test_files_that_are_not_plain_dense_give_the_exact_result(tmp_path, text):
+  path = write(tmp_path, text)
+  _assert_same_rows(ltr.read_letor_rows(path), ltr.read_letor_rows(path, fast=False))
+
+
+def test_damaged_dense_file_gives_the_exact_parsers_error(tmp_path):
+  good = "".join(f"{i % 3} qid:{i // 4} 1:{i} 2:0.5\n" for i in range(40))
+  path = write(tmp_path, good + "2 qid:11 1:0.5 2:nan\n" + good)
+  with pytest.raises(ValueError, match="line 41: .*finite"):
+    ltr.load_letor(path)
+  path = write(tmp_path, good + "9 qid:11 1:0.5 2:1\n")
+  with pytest.raises(ValueError, match="line 41: label 9 is outside 0..4"):
+    ltr.load_letor(path)
