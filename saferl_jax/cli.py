@@ -5,8 +5,9 @@
   saferl-jax obd --out DIR [--data ROOT] [--behavior-policy bts|random] [--campaign C]
                 [--max-rounds N]                one OBD logger's click rate from the other's log
   saferl-jax opl [--quick] --out DIR            off-policy learning with baseline corrections
-  saferl-jax cltr [--quick] --out DIR [--data PATH]
+  saferl-jax cltr [--quick] --out DIR [--data PATH] [--protocol default|paper]
                                                 safe counterfactual LTR from simulated clicks
+                                                (paper: the authors' ranker, weights, schedule)
   saferl-jax loop [--quick] --out DIR           diffusion fine-tuning: REINFORCE, PPO, GRPO and LOOP,
                                                 also with many prompts each seen once (LOOP's regime)
   saferl-jax constrained [--quick] --out DIR [--task T ...]
@@ -39,8 +40,8 @@ def _opl(out: Path, quick: bool) -> str:
   return opl_learning.summary(opl_learning.run(out, opl_learning.QUICK if quick else opl_learning.FULL))
 
 
-def _cltr(out: Path, quick: bool, data: Path | None = None) -> str:
-  config = cltr_safety.QUICK if quick else cltr_safety.FULL
+def _cltr(out: Path, quick: bool, data: Path | None = None, protocol: str = "default") -> str:
+  config = cltr_safety.CONFIGS[protocol, quick]
   return cltr_safety.summary(cltr_safety.run(out, config, data_path=data))
 
 
@@ -102,6 +103,10 @@ def main(argv: list[str] | None = None) -> None:
   ranking.add_argument("--out", type=Path, required=True)
   ranking.add_argument("--data", type=Path, default=None,
                        help="a LETOR/SVMlight file (label qid:Q f:v ...) instead of synthetic data")
+  ranking.add_argument("--protocol", choices=cltr_safety.PROTOCOLS, default="default",
+                       help="paper: the safe-CLTR authors' protocol (MLP ranker from scratch, "
+                       "alpha+beta exposure weights, delta 0.01, PRPO clip [0.1, 10], Adam 1e-3/1e-4 "
+                       "with early stopping, a network DR model); see docs/results.md")
   finetuning = commands.add_parser(
       "loop", help="diffusion fine-tuning with REINFORCE, PPO, GRPO and LOOP (digits, 2-D mixture, "
       "and the many-prompt circle and digits x ink tasks)")
@@ -139,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
   elif args.command == "opl":
     print(_opl(args.out, args.quick))
   elif args.command == "cltr":
-    print(_cltr(args.out, args.quick, args.data))
+    print(_cltr(args.out, args.quick, args.data, args.protocol))
   elif args.command == "loop":
     print(_loop(args.out, args.quick, args.many_prompts_only))
   elif args.command == "constrained":
