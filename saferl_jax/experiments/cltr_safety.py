@@ -1,22 +1,33 @@
 """Safe counterfactual learning to rank from clicks, after [SAFE] and [PRPO] (floor 3).
 
-A logging policy (a linear Plackett-Luce ranker fitted on the labels of a few percent of the
-training queries) shows top-5 lists to simulated users whose clicks follow the trust-bias model,
-or an adversarial one that flips every click probability (the estimators are told the
-trust-bias parameters, so the flip is what they cannot explain). From N logged sessions, five
-methods learn a ranker of the same form, each starting from the logging policy:
+A logging policy (a Plackett-Luce ranker fitted on the labels of a few percent of the training
+queries) shows top-5 lists to simulated users. From N logged sessions, six methods learn a ranker
+(each seed a fresh click log):
 
   ips, dr     the plain IPS or DR value estimate (clipped propensities, 10 / sqrt(N))
   safe_ips,   [SAFE]'s objective: the estimate minus lam sqrt(d2 / N), d2 the exposure divergence
-  safe_dr     from the logging policy (delta = 0.05)
+  safe_dr     from the logging policy
   prpo        [PRPO]'s clipped surrogate of exposure ratios, on DR rewards
+  prpo_trust_region
+              PRPO with the ranker's logits kept within a radius of the logger's
+              (`models.TrustRegionRanker`): every exposure ratio, hence NDCG, stays >= 0.8 times
+              the logger's whatever the clicks (our answer to PRPO's adversarial drop)
 
-and is scored by its expected NDCG@5 on held-out test queries (true labels), for several seeds
-(a fresh click log each) and N from 1e2 upward.
+scored by expected NDCG@5 on held-out test queries (true labels), for N from 1e2 upward.
 
-Claims checked: with few sessions safe DR and PRPO stay at or above the logging policy while
-IPS/DR can fall below it; with many sessions safe DR clearly beats the logging policy and
-approaches DR; under adversarial clicks PRPO stays safe.
+Users: trust bias (the affine model the estimators assume), its maximally adversarial flip, and
+the cascade, DCM and DBN users that scan down and stop (`cltr.click_chains`), which no affine
+model describes; the estimators are always told trust bias, or (the "_estimated_bias" entries)
+the alpha, beta that EM fits to each seed's own log (`cltr.estimate_bias`).
+
+Two protocols: "default" (this library's choices: a linear ranker starting at the logger, DCG
+exposure weights, delta 0.05, clip [0.8, 1.2], full-batch Adam 0.05, ridge DR model) and "paper"
+(`PAPER_FULL`: the authors' choices, each cited in a comment to the file it comes from).
+
+Claims checked, on the worst seed: with few sessions safe DR and PRPO stay at or above the
+logging policy while IPS/DR can fall below it; with many sessions safe DR clearly beats the
+logging policy and approaches DR; under adversarial clicks PRPO stays safe; under non-affine
+users, which methods stay at or above the logging policy.
 
 References:
   [SAFE] Gupta, Oosterhuis, de Rijke. Safe Deployment for Counterfactual Learning to Rank with
