@@ -36,11 +36,10 @@ References:
   Counterfactual Learning to Rank. CIKM 2024. https://arxiv.org/abs/2407.19943
 """
 
-from __future__ import annotations
-
 import dataclasses
 import functools
 from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -246,10 +245,24 @@ def _early_stopped(history: dict, patience: int | None) -> np.ndarray:
   return chosen
 
 
-def run(out: Path, config: Config = QUICK, *, data_path: Path | None = None) -> dict:
-  """Runs every (click model, N) cell, writes DIR/results.json, cltr.png and summary.md."""
+class Setup(NamedTuple):
+  """What every cell shares: the data, the exposure weights and the fitted logging policy."""
+  train: ltr.LTRData
+  test: ltr.LTRData
+  rank_weights: jax.Array
+  apply_fn: Callable
+  init_params: Any
+  logger: Any                  # the logging policy's parameters
+  logger_queries: int
+  logging_ndcg: float
+  logging_logits: jax.Array    # [Q, D] on the training queries
+  logging_exposure: jax.Array  # [Q, D]
+  ndcg_of: Callable            # apply -> evaluate(params) -> {"ndcg": test NDCG@K}
+
+
+def setup(config: Config, data_path: Path | None = None) -> Setup:
+  """Loads the data and fits the logging policy: supervised PL-Rank on a few training queries."""
   _check_config(config)
-  out = Path(out)
   train, test = _load(config, data_path)
   num_features = train.features.shape[-1]
   k = config.displayed
@@ -269,8 +282,6 @@ def run(out: Path, config: Config = QUICK, *, data_path: Path | None = None) -> 
     return evaluate
 
   evaluate = ndcg_of(apply_fn)
-
-  # The logging policy: supervised PL-Rank on the labels of a few training queries.
   n_logger = max(1, int(round(config.logger_fraction * train.num_queries)))
   supervised, n_sup = relevance_data(train.features[:n_logger], train.labels[:n_logger],
                                      train.where[:n_logger])
@@ -284,12 +295,27 @@ def run(out: Path, config: Config = QUICK, *, data_path: Path | None = None) -> 
                                              config.weight_decay),
                         num_samples=config.num_samples, evaluate=evaluate,
                         eval_every=logger_steps).params
-  logging_ndcg = float(evaluate(logger)["ndcg"])
   logging_logits = apply_fn(logger, train.features)
   logging_exposure = exposure_from_samples(
       sample_rankings(logging_logits, key=jax.random.key(config.seed + 3), where=train.where,
                       sample_shape=10_000, k=k),
       rank_weights, train.features.shape[1], where=train.where)
+  return Setup(train, test, rank_weights, apply_fn, init_params, logger, n_logger,
+               float(evaluate(logger)["ndcg"]), logging_logits, logging_exposure, ndcg_of)
+
+
+def run(out: Path, config: Config = QUICK, *, data_path: Path | None = None) -> dict:
+  """Runs every (click model, N) cell, writes DIR/results.json, cltr.png and summary.md."""
+  out = Path(out)
+  shared = setup(config, data_path)
+  train, rank_weights, apply_fn, logger = shared.train, shared.rank_weights, shared.apply_fn, shared.logger
+  logging_logits, logging_exposure = shared.logging_logits, shared.logging_exposure
+  logging_ndcg, n_logger = shared.logging_ndcg, shared.logger_queries
+  num_features = train.features.shape[-1]
+  k = config.displayed
+  honest = trust_bias(k)
+  evaluate = shared.ndcg_of(apply_fn)
+  ndcg_of = shared.ndcg_of
 
   # PRPO inside a trust region around the logger: every exposure ratio >= the bound, by design.
   inner_apply, inner_init = _ranker(config, num_features, config.seed + 7)
