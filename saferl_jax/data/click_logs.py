@@ -13,7 +13,7 @@ propensities can come from a model other than the users' (`assumed_model`: what 
 believes), and `with_click_model` recomputes them under another (e.g. estimated) model.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: pdoc evaluates NamedTuple fields outside this module.
 
 import functools
 from typing import NamedTuple
