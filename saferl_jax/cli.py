@@ -41,7 +41,7 @@ def _opl(out: Path, quick: bool) -> str:
 
 
 def _cltr(out: Path, quick: bool, data: Path | None = None, protocol: str = "default") -> str:
-  config = cltr_safety.CONFIGS[protocol, quick]
+  config = cltr_safety.config_for(protocol, quick)
   return cltr_safety.summary(cltr_safety.run(out, config, data_path=data))
 
 

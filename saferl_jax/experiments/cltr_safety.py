@@ -157,8 +157,16 @@ PAPER_FULL = Config(
 PAPER_QUICK = dataclasses.replace(PAPER_FULL, num_queries=500, sessions=(100, 1_000, 10_000, 100_000),
                                   learning_rates=(1e-3, 1e-3, 1e-4, 1e-4), num_seeds=3, epochs=5,
                                   num_samples=32)
-CONFIGS = {("default", True): QUICK, ("default", False): FULL,
-           ("paper", True): PAPER_QUICK, ("paper", False): PAPER_FULL}
+# (protocol, quick) -> the name of its config here (looked up when used, so tests may patch it).
+CONFIGS = {("default", True): "QUICK", ("default", False): "FULL",
+           ("paper", True): "PAPER_QUICK", ("paper", False): "PAPER_FULL"}
+
+
+def config_for(protocol: str, quick: bool) -> Config:
+  """The config of `saferl-jax cltr [--quick] --protocol P`."""
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"protocol: must be one of {PROTOCOLS}, got {protocol!r}")
+  return globals()[CONFIGS[protocol, bool(quick)]]
 
 
 def _check_config(config: Config) -> None:

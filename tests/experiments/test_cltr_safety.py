@@ -46,7 +46,7 @@ def test_the_paper_protocol_runs_from_the_command_line(tmp_path, monkeypatch, ca
                              dr_steps=10, hidden=(8,), click_models=("cascade",),
                              estimated_bias=(), methods=("dr", "safe_dr", "prpo"),
                              **{**TINY, "sessions": (300,)})
-  monkeypatch.setitem(cltr_safety.CONFIGS, ("paper", True), tiny)
+  monkeypatch.setattr(cltr_safety, "PAPER_QUICK", tiny)
   cli.main(["cltr", "--quick", "--protocol", "paper", "--out", str(tmp_path)])
   assert "paper protocol" in capsys.readouterr().out
   saved = json.loads((tmp_path / "results.json").read_text())
