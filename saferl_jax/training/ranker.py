@@ -42,7 +42,7 @@ from saferl_jax.training.driver import TrainResult, TrainState
 def _step(state: TrainState, data: tuple[RankingData, jax.Array], key: jax.Array,
           step_index: jax.Array, *, apply_fn, optimizer, batch_queries: int | None, options: tuple):
   """One optax step along the objective's gradient; its randomness is fold_in(key, step)."""
-  data, rank_weights = data
+  data, rank_weights, num_sessions = data
   num_queries = data.session_counts.shape[0]
   step_key = jax.random.fold_in(key, step_index)
   batch = data
@@ -58,7 +58,8 @@ def _step(state: TrainState, data: tuple[RankingData, jax.Array], key: jax.Array
     # Sums over queries of a mini-batch, scaled to estimate the sums over all logged ones.
     batch = batch._replace(rewards=batch.rewards * (num_logged / batch_queries))
   gradient, value = ascent_direction(apply_fn, state.params, batch, key=step_key,
-                                     rank_weights=rank_weights, **dict(options))
+                                     rank_weights=rank_weights, num_sessions=num_sessions,
+                                     **dict(options))
   descent = jax.tree_util.tree_map(jnp.negative, gradient)
   updates, opt_state = optimizer.update(descent, state.opt_state, state.params)
   return TrainState(optax.apply_updates(state.params, updates), opt_state), {"objective": value}
@@ -171,9 +172,10 @@ def train_ranker(
     validation_per_seed = validation.session_counts.ndim == 2
     driver.check_data_seeds(validation.session_counts.shape[0] if validation_per_seed else None,
                             key, single_seed)
-    evaluate_data, evaluate_data_axes = validation, (0 if validation_per_seed else None)
+    # N enters as data, not as a static option: runs at another N reuse the compiled evaluation.
+    evaluate_data = (validation, jnp.asarray(float(validation_sessions), jnp.float32))
+    evaluate_data_axes = (0 if validation_per_seed else None, None)
     full_evaluate = _validated(evaluate, apply_fn, objective=objective,
-                               num_sessions=int(validation_sessions),
                                rank_weights=tuple(float(w) for w in rank_weights),
                                num_samples=int(num_samples), delta=float(delta),
                                clip_low=float(clip_low), clip_high=float(clip_high),
@@ -183,17 +185,21 @@ def train_ranker(
   options = dict(objective=objective, num_sessions=int(num_sessions), num_samples=int(num_samples),
                  delta=float(delta), clip_low=float(clip_low), clip_high=float(clip_high),
                  quantile=float(quantile))
-  run_data = (data, rank_weights)
+  # N is data rather than a static option, so runs at several N compile the step once.
+  run_data = (data, rank_weights, jnp.asarray(float(num_sessions), jnp.float32))
   # Fingerprinting costs a few eager updates and checksums: only for checkpointed runs.
   fingerprint = None if checkpoint_path is None else driver.fingerprint(
       loop="train_ranker", state=state, data=(run_data, evaluate_data), key=key, num_steps=steps,
       eval_every=eval_every, options={**options, "batch_queries": batch_queries},
       evaluate=evaluate, optimizer=optimizer, run_config=run_config)
   step_fn = driver.step_function(_step, apply_fn=apply_fn, optimizer=optimizer,
-                                 batch_queries=batch_queries, options=tuple(sorted(options.items())))
+                                 batch_queries=batch_queries,
+                                 options=tuple(sorted((k, v) for k, v in options.items()
+                                                      if k != "num_sessions")))
   state, history, _ = driver.run(
       step_fn, state, run_data, key, num_steps=steps, eval_every=eval_every,
-      fingerprint=fingerprint, data_axes=(0 if per_seed else None, None), evaluate=full_evaluate,
+      fingerprint=fingerprint, data_axes=(0 if per_seed else None, None, None),
+      evaluate=full_evaluate,
       evaluate_data=evaluate_data, evaluate_data_axes=evaluate_data_axes,
       checkpoint_path=checkpoint_path, checkpoint_mismatch=checkpoint_mismatch,
       description=f"train_ranker ({objective})")
@@ -205,11 +211,13 @@ def _validated(evaluate, apply_fn, *, rank_weights: tuple, **options):
   """evaluate(params) plus the objective's estimate on held-out logs: f(params, validation);
   one object per configuration, so repeated runs reuse the compiled evaluation."""
 
-  def fn(params, validation):
+  def fn(params, held_out):
+    validation, num_sessions = held_out
     metrics = {} if evaluate is None else dict(evaluate(params))
     key = jax.random.key(0)  # common random numbers: every evaluation sees the same samples
     metrics["validation"] = estimated_objective(apply_fn, params, validation, key=key,
-                                                rank_weights=jnp.asarray(rank_weights), **options)
+                                                rank_weights=jnp.asarray(rank_weights),
+                                                num_sessions=num_sessions, **options)
     return metrics
 
   fn.__name__ = f"validated_{getattr(evaluate, '__name__', 'none')}"
