@@ -23,10 +23,8 @@ benchmarks/results/letor_<platform>.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from timing import platform_description, write_results
+from timing import measure_in_fresh_process, platform_description, write_results
 
 LABEL_SHARES = (0.52, 0.32, 0.13, 0.02, 0.01)  # MSLR-WEB30K's grades 0..4, roughly
 
@@ -71,28 +69,6 @@ def write_file(path: Path, num_lines: int, num_features: int, docs: int, *, seed
   return len(lengths)
 
 
-PEAK_SCRIPT = """
-import gc, json, re, resource, sys, time
-{imports}
-
-def kib(field):
-  return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
-
-gc.collect()
-try:  # Linux: reset the peak RSS (VmHWM) to the current RSS, so the imports' own peak is forgotten
-  with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-  before, peak = kib("VmRSS"), lambda: kib("VmHWM")
-except OSError:  # ru_maxrss instead (KiB on Linux): the call's peak if it exceeds the imports'
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-{call}
-seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
-cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
-print(json.dumps({{"peak_bytes": (peak() - before) * 1024, "returned_bytes": int({returned}),
-                  "seconds": seconds, "cpu_seconds": cpu}}))
-"""
 
 READERS = {
     "load_letor": dict(
@@ -113,10 +89,8 @@ READERS = {
 
 def run_reader(reader: str, path: Path) -> dict:
   """One call in a fresh process: its wall and CPU seconds, peak RSS growth, bytes returned."""
-  script = PEAK_SCRIPT.format(**READERS[reader])
-  out = subprocess.run([sys.executable, "-c", script, str(path)], check=True,
-                       capture_output=True, text=True, cwd=Path(__file__).parents[1])
-  return json.loads(out.stdout.splitlines()[-1])
+  spec = READERS[reader]
+  return measure_in_fresh_process(spec["imports"], spec["call"], spec["returned"], path)
 
 
 def check_agreement(path: Path) -> None:

@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from saferl_jax.data import load_obd, sample_path
-from timing import platform_description, write_results
+from timing import measure_in_fresh_process, platform_description, write_results
 
 TIME_GOAL = 2.0  # load_obd's time over pandas.read_csv's
 MEMORY_GOAL = 3.0  # load_obd's peak memory over the bytes of the arrays it returns
@@ -86,24 +84,6 @@ def log_bytes(log) -> int:
   return sum(value.nbytes for value in log if isinstance(value, np.ndarray))
 
 
-PEAK_SCRIPT = """
-import gc, json, re, resource, sys
-{imports}
-
-def kib(field):
-  return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
-
-gc.collect()
-try:  # Linux: reset the peak RSS (VmHWM) to the current RSS, so the imports' own peak is forgotten
-  with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-  before, peak = kib("VmRSS"), lambda: kib("VmHWM")
-except OSError:  # ru_maxrss instead (KiB on Linux): the call's peak if it exceeds the imports'
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-{call}
-print(json.dumps({{"peak_bytes": (peak() - before) * 1024, "returned_bytes": int({returned})}}))
-"""
 
 READERS = {
     "load_obd": dict(
@@ -119,10 +99,8 @@ READERS = {
 
 def peak_memory(reader: str, root: Path, path: Path) -> dict:
   """Peak RSS growth during one call in a fresh process, and the bytes it returned."""
-  script = PEAK_SCRIPT.format(**READERS[reader])
-  out = subprocess.run([sys.executable, "-c", script, str(root), str(path)], check=True,
-                       capture_output=True, text=True, cwd=Path(__file__).parents[1])
-  return json.loads(out.stdout.splitlines()[-1])
+  spec = READERS[reader]
+  return measure_in_fresh_process(spec["imports"], spec["call"], spec["returned"], root, path)
 
 
 def markdown(results: dict) -> str:

@@ -6,6 +6,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -52,3 +54,37 @@ def write_results(name: str, results: dict, markdown_text: str) -> None:
   (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))
   (RESULTS / f"{stem}.md").write_text(markdown_text)
   print(markdown_text)
+
+
+# One call in a fresh Python process: its wall and CPU seconds, peak RSS growth and bytes returned.
+PEAK_SCRIPT = """
+import gc, json, re, resource, sys, time
+{imports}
+
+def kib(field):
+  return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+
+gc.collect()
+try:  # Linux: reset the peak RSS (VmHWM) to the current RSS, so the imports' own peak is forgotten
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+  before, peak = kib("VmRSS"), lambda: kib("VmHWM")
+except OSError:  # ru_maxrss instead (KiB on Linux): the call's peak if it exceeds the imports'
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+{call}
+seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+print(json.dumps({{"peak_bytes": (peak() - before) * 1024, "returned_bytes": int({returned}),
+                  "seconds": seconds, "cpu_seconds": cpu}}))
+"""
+
+
+def measure_in_fresh_process(imports: str, call: str, returned: str, *args: str) -> dict:
+  """Runs `call` (after `imports`) in a fresh process with sys.argv[1:] = args: {"seconds",
+  "cpu_seconds", "peak_bytes" (RSS growth during the call), "returned_bytes" (`returned`)}."""
+  script = PEAK_SCRIPT.format(imports=imports, call=call, returned=returned)
+  out = subprocess.run([sys.executable, "-c", script, *map(str, args)], check=True,
+                       capture_output=True, text=True, cwd=Path(__file__).parents[1])
+  return json.loads(out.stdout.splitlines()[-1])
