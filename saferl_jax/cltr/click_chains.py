@@ -234,11 +234,10 @@ def dbn(k: int = 5, *, gamma: ArrayLike = DBN_GAMMA,
   return ChainClickModel(gamma, gamma, _satisfaction(satisfaction))
 
 
-def _inputs(model: ChainClickModel, relevance_at_ranks, where):
-  """Checks the model, the relevance [..., K] and the mask; returns them as arrays."""
-  check_chain_click_model(model)
+def relevance_of_ranks(relevance_at_ranks, num_ranks: int) -> jax.Array:
+  """relevance_at_ranks as floats, checked: shape [..., K] for a model of K ranks, values in
+  [0, 1] (on concrete input). Every click model's functions take it this way."""
   relevance = checks.as_float("relevance_at_ranks", relevance_at_ranks)
-  num_ranks = jnp.shape(model.continue_after_click)[0]
   if relevance.ndim == 0 or relevance.shape[-1] != num_ranks:
     raise ValueError(
         f"relevance_at_ranks: expected shape [..., K] with K = {num_ranks} ranks of the model, "
@@ -249,6 +248,13 @@ def _inputs(model: ChainClickModel, relevance_at_ranks, where):
     if np.any(bad):
       raise ValueError(f"relevance_at_ranks: relevance probabilities must be in [0, 1], found "
                        f"{int(bad.sum())} outside (e.g. {values[bad].ravel()[0]})")
+  return relevance
+
+
+def _inputs(model: ChainClickModel, relevance_at_ranks, where):
+  """Checks the model, the relevance [..., K] and the mask; returns them as arrays."""
+  check_chain_click_model(model)
+  relevance = relevance_of_ranks(relevance_at_ranks, jnp.shape(model.continue_after_click)[0])
   if where is None:
     where = jnp.ones(relevance.shape, bool)
   else:

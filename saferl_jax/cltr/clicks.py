@@ -45,7 +45,7 @@ from jax.typing import ArrayLike
 
 from saferl_jax import checks
 from saferl_jax.cltr.click_chains import (ChainClickModel, check_chain_click_model,
-                                          simulate_chain_clicks)
+                                          relevance_of_ranks, simulate_chain_clicks)
 from saferl_jax.parallel import seed_sharding
 
 
@@ -232,18 +232,7 @@ def click_probabilities(model: ClickModel, relevance_at_ranks: ArrayLike, *,
     [1.0, 0.258]
   """
   check_click_model(model)
-  relevance = checks.as_float("relevance_at_ranks", relevance_at_ranks)
-  num_ranks = jnp.shape(model.alpha)[0]
-  if relevance.ndim == 0 or relevance.shape[-1] != num_ranks:
-    raise ValueError(
-        f"relevance_at_ranks: expected shape [..., K] with K = {num_ranks} ranks of the model, "
-        f"got {tuple(relevance.shape)} (take the top K: relevance[..., :K])")
-  if checks.is_concrete(relevance):
-    values = np.asarray(relevance)
-    bad = ~((values >= 0) & (values <= 1))
-    if np.any(bad):
-      raise ValueError(f"relevance_at_ranks: relevance probabilities must be in [0, 1], found "
-                       f"{int(bad.sum())} outside (e.g. {values[bad].ravel()[0]})")
+  relevance = relevance_of_ranks(relevance_at_ranks, jnp.shape(model.alpha)[0])
   alpha = jnp.asarray(model.alpha, relevance.dtype)
   beta = jnp.asarray(model.beta, relevance.dtype)
   eps = jnp.asarray(model.flip_probability, relevance.dtype)
