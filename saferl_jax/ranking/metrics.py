@@ -217,6 +217,14 @@ def mrr_at_k(labels: ArrayLike, rankings: ArrayLike, *, k: int, threshold: float
   References:
     Voorhees. The TREC-8 Question Answering Track Report. TREC 1999.
   """
+  relevant, _ = _relevant_in_top_k(labels, rankings, k, threshold, where)
+  reciprocal = 1.0 / jnp.arange(1, k + 1, dtype=relevant.dtype)
+  return jnp.max(jnp.where(relevant > 0, reciprocal, 0.0), axis=-1)
+
+
+def _relevant_in_top_k(labels, rankings, k: int, threshold, where) -> tuple[jax.Array, jax.Array]:
+  """(relevant, valid) [..., k] as floats: the top k items with label >= threshold, and the
+  valid ones among them; checks the inputs (MRR and precision share it)."""
   labels, where = _check_labels(labels, where)
   rankings = _check_rankings(rankings, labels.shape[-1])
   _check_k(k, rankings.shape[-1])
@@ -224,8 +232,7 @@ def mrr_at_k(labels: ArrayLike, rankings: ArrayLike, *, k: int, threshold: float
   checks.check_finite("labels", jnp.where(where, labels, 0.0))
   top_labels, top_valid = _top_k(labels, where, rankings, k)
   relevant = top_valid & (top_labels >= threshold)
-  reciprocal = 1.0 / jnp.arange(1, k + 1, dtype=top_labels.dtype)
-  return jnp.max(jnp.where(relevant, reciprocal, 0.0), axis=-1)
+  return relevant.astype(top_labels.dtype), top_valid.astype(top_labels.dtype)
 
 
 def precision_at_k(labels: ArrayLike, rankings: ArrayLike, *, k: int, threshold: float = 1.0,
@@ -256,15 +263,9 @@ def precision_at_k(labels: ArrayLike, rankings: ArrayLike, *, k: int, threshold:
   References:
     Manning, Raghavan, Schuetze. Introduction to Information Retrieval, section 8.4. 2008.
   """
-  labels, where = _check_labels(labels, where)
-  rankings = _check_rankings(rankings, labels.shape[-1])
-  _check_k(k, rankings.shape[-1])
-  threshold = _check_threshold(threshold)
-  checks.check_finite("labels", jnp.where(where, labels, 0.0))
-  top_labels, top_valid = _top_k(labels, where, rankings, k)
-  hits = jnp.sum(top_valid & (top_labels >= threshold), axis=-1)
-  shown = jnp.sum(top_valid, axis=-1)
-  return jnp.where(shown > 0, hits / jnp.maximum(shown, 1), 0.0).astype(top_labels.dtype)
+  relevant, valid = _relevant_in_top_k(labels, rankings, k, threshold, where)
+  hits, shown = jnp.sum(relevant, axis=-1), jnp.sum(valid, axis=-1)
+  return jnp.where(shown > 0, hits / jnp.maximum(shown, 1), 0.0)
 
 
 def err_at_k(labels: ArrayLike, rankings: ArrayLike, *, k: int, max_label: float,
