@@ -187,6 +187,7 @@ def test_extreme_relevance_stays_finite_and_gradients_match_finite_differences()
   np.testing.assert_allclose(grad, fd, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_jit_equals_eager_and_vmap_equals_loop():
   model = chains.dbn(4, gamma=0.8, satisfaction=0.5)
   relevance = jnp.asarray(np.random.default_rng(0).random((6, 4)), jnp.float32)
@@ -226,6 +227,7 @@ def _log(num_sessions, num_queries=6, num_docs=7, seed=0):
   return jnp.asarray(query_ids), jnp.asarray(rankings), jnp.asarray(labels)
 
 
+@pytest.mark.slow
 def test_sessions_with_a_chain_model_equal_chain_clicks_on_gathered_relevance():
   # The chain model's class as clicks.py sees it (a doctest run may import click_chains twice).
   model = clicks.ChainClickModel(*chains.dbn(5, gamma=0.8, satisfaction=0.5))

@@ -232,6 +232,7 @@ def test_rank_counts_in_the_log_agree_with_its_counts():
                                 click_logs.estimated_rewards(plain, estimator="ips"))
 
 
+@pytest.mark.slow
 def test_assumed_model_sets_the_propensities_not_the_clicks():
   assumed = click_model(jnp.array([0.5, 0.5, 0.5]), jnp.array([0.3, 0.3, 0.3]))
   run = lambda users, **extra: click_logs.simulate_click_log(

@@ -61,6 +61,7 @@ def test_closed_forms():
   assert float(exposure_disparity(exposure, merit, form="ratio")) == 0.0
 
 
+@pytest.mark.slow
 def test_matches_the_pairwise_loop_with_masks_and_batches():
   rng = np.random.default_rng(0)
   exposure = rng.random((20, 6))

@@ -44,6 +44,7 @@ def test_rankings_are_the_ones_rax_induces(seed, num_items, ties):
 
 
 @pytest.mark.parametrize("seed,num_items,ties", CASES)
+@pytest.mark.slow
 def test_dcg_ndcg_mrr_precision_agree_with_rax(seed, num_items, ties):
   scores, labels, where, rankings = random_lists(seed, 200, num_items, ties=ties)
   s, y, w = jnp.asarray(scores), jnp.asarray(labels), jnp.asarray(where)
@@ -62,6 +63,7 @@ def test_dcg_ndcg_mrr_precision_agree_with_rax(seed, num_items, ties):
                                rtol=1e-5, atol=1e-6, err_msg=ours.__name__)
 
 
+@pytest.mark.slow
 def test_threshold_moves_what_counts_as_relevant():
   scores, labels, where, rankings = random_lists(4, 200, 6, ties=True)
   # rax counts label >= 1 as relevant; binarising at 3 first gives our threshold=3.
@@ -86,6 +88,7 @@ def reference_err(labels, ranking, valid, k, max_label):
 
 
 @pytest.mark.parametrize("seed,num_items,ties", [(0, 7, True), (1, 7, False)])
+@pytest.mark.slow
 def test_err_matches_the_cascade_recursion(seed, num_items, ties):
   _, labels, where, rankings = random_lists(seed, 100, num_items, ties=ties)
   for k in (1, 3, num_items):
@@ -94,6 +97,7 @@ def test_err_matches_the_cascade_recursion(seed, num_items, ties):
                                expected, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_metric_closed_forms_and_checks():
   labels = np.array([0.0, 3.0, 1.0, 0.0])
   ranking = np.array([3, 0, 2, 1])
@@ -130,6 +134,7 @@ def test_new_metrics_jit_and_vmap():
 # Losses from rax.
 
 
+@pytest.mark.slow
 def test_listmle_is_minus_the_pl_log_prob_of_the_label_order():
   rng = np.random.default_rng(6)
   logits = rng.normal(size=(50, 6)).astype(np.float32)
@@ -171,6 +176,7 @@ def test_softmax_loss_closed_form_and_masks():
 
 
 @pytest.mark.parametrize("loss", [softmax_loss, listmle_loss])
+@pytest.mark.slow
 def test_all_masked_list_has_zero_loss_and_finite_gradient(loss):
   logits = jnp.array([[1.0, 2.0, 3.0], [0.0, 1.0, -1.0]])
   labels = jnp.array([[1.0, 0.0, 2.0], [2.0, 1.0, 0.0]])

@@ -167,6 +167,7 @@ def test_mini_batches_of_queries_also_learn():
   assert expected_value(result.params) > expected_value(PARAMS) + 0.1
 
 
+@pytest.mark.slow
 def test_validation_history_is_the_held_out_estimate_per_seed():
   """history["validation"] records, per seed and evaluation, the objective on that seed's
   held-out logs; it equals `estimated_objective` recomputed on the final parameters."""

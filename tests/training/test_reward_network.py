@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from saferl_jax.cltr import counterfactual_cross_entropy
 from saferl_jax.training.reward_network import ClickRegressionData, train_reward_network
@@ -15,6 +16,7 @@ def tabular(params, features):
   return params
 
 
+@pytest.mark.slow
 def test_the_minimiser_is_the_ips_target_over_the_propensity_ratio():
   """-[rt log s + (a - rt) log(1 - s)] is minimised at s = rt / a; a weight of 0 leaves a
   document untouched; the loss is the weighted sum."""
@@ -33,6 +35,7 @@ def test_the_minimiser_is_the_ips_target_over_the_propensity_ratio():
   np.testing.assert_allclose(float(loss), manual, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_seeds_run_together_equal_seeds_run_alone():
   features = jax.random.normal(jax.random.key(1), (3, 4, 2))
   targets = jax.random.uniform(jax.random.key(2), (2, 3, 4))
