@@ -44,7 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
 from saferl_jax import checks
-from saferl_jax.cltr.click_chains import (ChainClickModel, check_chain_click_model,
+from saferl_jax.cltr.click_chains import (ChainClickModel, _check_k, check_chain_click_model,
                                           relevance_of_ranks, simulate_chain_clicks)
 from saferl_jax.parallel import seed_sharding
 
@@ -61,11 +61,6 @@ class ClickModel(NamedTuple):
   alpha: jax.Array
   beta: jax.Array
   flip_probability: jax.Array | float = 0.0
-
-
-def _check_k(k) -> None:
-  if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-    raise ValueError(f"k: must be a positive int (the number of displayed ranks), got {k!r}")
 
 
 def _check_unit_interval(name: str, value) -> None:

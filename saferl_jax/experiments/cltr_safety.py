@@ -346,8 +346,8 @@ def run(out: Path, config: Config = QUICK, *, data_path: Path | None = None) -> 
                   else _fresh_params(config, num_features, seeds, offset=100))
   region_params = _stack(inner_init, seeds)
   # DR's network relevance model (one architecture for every cell: its training compiles once).
-  network = as_functional(MLPRanker(num_features, hidden=config.hidden,
-                                    rngs=nnx.Rngs(config.seed + 50)))
+  network_apply = as_functional(MLPRanker(num_features, hidden=config.hidden,
+                                    rngs=nnx.Rngs(config.seed + 50))).apply_fn
   checkpoint = Checkpoint(out, {**dataclasses.asdict(config), "data": str(data_path)})
   runs = [(m, False) for m in config.click_models] + [(m, True) for m in config.estimated_bias]
   cells = [(m, estimated, i) for m, estimated in runs for i in range(len(config.sessions))]
@@ -372,7 +372,7 @@ def run(out: Path, config: Config = QUICK, *, data_path: Path | None = None) -> 
               for seed, (log, fit) in enumerate(zip(logs, fits))]
       bias_fits[cell] = {"alpha": [np.asarray(f.alpha).tolist() for f in fits],
                          "beta": [np.asarray(f.beta).tolist() for f in fits]}
-    rewards = {estimator: _rewards(config, logs, estimator, train, network)
+    rewards = {estimator: _rewards(config, logs, estimator, train, network_apply)
                for estimator in ("ips", "dr")}
     counts = jnp.stack([log.session_counts for log in logs])
     learning_rate = config.learning_rates[index] if config.learning_rates else config.learning_rate
@@ -387,13 +387,12 @@ def run(out: Path, config: Config = QUICK, *, data_path: Path | None = None) -> 
         options = dict(validation=_queries(data, held_out),
                        validation_sessions=max(1, int(round(num_sessions * config.validation_fraction))))
         data = _queries(data, ~held_out)
-      logged = float(np.mean(np.sum(np.asarray(data.session_counts) > 0, axis=-1)))
-      batch = (None if config.batch_queries is None
-               else min(config.batch_queries, int(np.min(np.sum(np.asarray(data.session_counts) > 0, axis=-1)))))
+      logged = np.sum(np.asarray(data.session_counts) > 0, axis=-1)  # [S] logged queries
+      batch = None if config.batch_queries is None else min(config.batch_queries, int(logged.min()))
       if config.epochs is None:
         steps, eval_every = config.steps, config.steps
-      else:
-        eval_every = max(1, int(np.ceil(logged / (batch or logged))))
+      else:  # an epoch: one pass over the (mean number of) logged queries
+        eval_every = max(1, int(np.ceil(logged.mean() / (batch or logged.mean()))))
         steps = config.epochs * eval_every
       trust_region = method == "prpo_trust_region"
       result = train_ranker(
@@ -466,18 +465,16 @@ def _queries(data: RankingData, keep: jax.Array) -> RankingData:
                        session_counts=jnp.where(keep, data.session_counts, 0.0))
 
 
-def _rewards(config: Config, logs: list, estimator: str, train, network) -> jax.Array:
+def _rewards(config: Config, logs: list, estimator: str, train, network_apply) -> jax.Array:
   """R_q(d) [S, Q, D] from each seed's log: IPS, or DR with the ridge or the network model (the
   network is fitted for every seed at once, each from its own initialisation)."""
   if estimator == "ips" or config.dr_model == "ridge":
     return jnp.stack([estimated_rewards(log, estimator=estimator, features=train.features,
                                         where=train.where) for log in logs])
-  network_apply, network_init = network
   seeds = len(logs)
   targets = [ips_regression_targets(log, where=train.where) for log in logs]
   data = ClickRegressionData(_stack(train.features, seeds),
                              *(jnp.stack(field) for field in zip(*targets)))
-  del network_init
   params = _fresh_params(dataclasses.replace(config, ranker="mlp"), train.features.shape[-1],
                          seeds, offset=200)
   fit = train_reward_network(network_apply, params, data, key=jax.random.split(
