@@ -4,7 +4,8 @@ Functions take one logged dataset: rewards [n], actions [n], logging_probs [n],
 target_dist [n, A] and, for the model-based estimators, reward_hat [n, A]; with
 `positions` [n] (a log that shows L slots) target_dist and reward_hat are [n, A, L].
 Batch datasets with `jax.vmap`; every function works under `jax.jit`. `tune` picks
-clip/tau/lambda_ from a grid, `evaluate` runs many estimators on one log. The
+clip/tau/lambda_ from a grid, `evaluate` runs many estimators on one log; `estimate_streaming` (and `streaming`'s
+init/update/finalize) estimate a log delivered in chunks or sharded over devices. The
 cross-fitted reward and propensity models (floor 2, optax) are re-exported lazily.
 """
 
@@ -22,6 +23,8 @@ from saferl_jax.ope.estimators import (FROM_ROUNDS, BetaIPSBias, Estimate, beta_
 from saferl_jax.ope.report import Report, Scores, evaluate, evaluate_from_rounds, score_estimators
 from saferl_jax.ope.tuning import (TUNABLE, SlopeSelection, Tunable, Tuned, estimated_mse,
                                    slope_selection, tune, tune_from_rounds)
+from saferl_jax.ope.streaming import (StreamedEstimates, StreamingEstimator, StreamState,
+                                      estimate_streaming, streaming)
 from saferl_jax.ope.rounds import (LoggedRounds, WeightDiagnostics, importance_weights,
                                    logged_rounds, weight_diagnostics)
 
@@ -38,6 +41,8 @@ __all__ = [
 __all__ += ["Report", "Scores", "SlopeSelection", "TUNABLE", "Tunable", "Tuned", "estimated_mse",
             "evaluate", "evaluate_from_rounds", "score_estimators", "slope_selection", "tune",
             "tune_from_rounds"]
+__all__ += ["StreamState", "StreamedEstimates", "StreamingEstimator", "estimate_streaming",
+            "streaming"]
 
 # Floor 2: cross-fitted reward and propensity models, loaded on first use.
 _LAZY = {

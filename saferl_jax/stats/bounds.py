@@ -77,26 +77,48 @@ def _host_quantile_value(tfp_numpy, distribution: str, df: float, q: float) -> f
   return float(dist.quantile(q))
 
 
-def _quantile(distribution: str, df: float, q) -> jax.Array:
-  """A standard normal or Student-t quantile; on the host when q is concrete (fast eagerly)."""
-  if checks.is_concrete(q):
-    return jnp.asarray(_host_quantile(distribution, df, float(q)))
+def _quantile(distribution: str, df, q) -> jax.Array:
+  """A standard normal or Student-t quantile; on the host when q and df are concrete (fast eagerly)."""
+  if checks.is_concrete(q, df):
+    return jnp.asarray(_host_quantile(distribution, float(df), float(q)))
   dist = (tfp.distributions.Normal(0.0, 1.0) if distribution == "normal"
-          else tfp.distributions.StudentT(df, 0.0, 1.0))
+          else tfp.distributions.StudentT(jnp.asarray(df, jnp.result_type(float)), 0.0, 1.0))
   return dist.quantile(q)
 
 
 def _half_width(samples: jax.Array, delta, method: str, max_value) -> jax.Array:
   """Width of a one-sided bound at level 1 - delta."""
-  n = samples.shape[0]
   # std on samples / max|X|: the squares of importance-weighted contributions near 1e20 (a
   # propensity of 1e-20) overflow float32, their std does not.
   scale = jax.lax.stop_gradient(jnp.max(jnp.abs(samples)))
   scale = jnp.where(scale > 0, scale, 1.0)
   std = scale * jnp.std(samples / scale, ddof=1)
+  return half_width(std, samples.shape[0], delta, method, max_value)
+
+
+def half_width(std, num_samples, delta, method: str, max_value=None) -> jax.Array:
+  """Width of a one-sided 1 - delta bound from the samples' std (ddof=1) and count alone.
+
+  normal / t: z (or t_{n-1}) s / sqrt(n); hoeffding: b sqrt(ln(1/delta) / (2n));
+  bernstein: sqrt(2 ln(2/delta) s^2 / n) + 7 b ln(2/delta) / (3 (n - 1)). The bounds of
+  `lower_bound` use it, and so do the streaming estimators, which keep only these moments.
+
+  Args:
+    std: the samples' standard deviation (ddof=1), scalar.
+    num_samples: n, an int or int scalar array (traced under jit).
+    delta: the one-sided miss probability.
+    method: "normal", "t", "hoeffding" or "bernstein".
+    max_value: b, for hoeffding and bernstein.
+
+  Example:
+    >>> round(float(half_width(1.0, 100, 0.05, "normal")), 4)  # 1.645 / 10
+    0.1645
+  """
+  std = jnp.asarray(std, jnp.result_type(float))
+  n = jnp.asarray(num_samples, std.dtype) if not isinstance(num_samples, int) else num_samples
   if method in ("normal", "t"):
-    quantile = _quantile(method, float(n - 1), 1.0 - delta)
-    return quantile.astype(samples.dtype) * std / jnp.sqrt(n)
+    quantile = _quantile(method, n - 1, 1.0 - delta)
+    return quantile.astype(std.dtype) * std / jnp.sqrt(n)
   log_term = jnp.log(1.0 / delta) if method == "hoeffding" else jnp.log(2.0 / delta)
   if method == "hoeffding":
     return max_value * jnp.sqrt(log_term / (2.0 * n))
