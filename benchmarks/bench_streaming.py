@@ -39,7 +39,7 @@ def stream_log(num_rounds: int, chunk_rounds: int, num_actions: int, estimate: b
   import jax
   from saferl_jax import ope
   make = _chunk_maker(num_actions, chunk_rounds)
-  stream = ope.streaming(NAMES)
+  stream = ope.stream_estimators(NAMES)
   state = stream.init()
   for i in range(num_rounds // chunk_rounds):
     chunk = make(jax.random.fold_in(jax.random.key(1), i))

@@ -4,8 +4,9 @@ Functions take one logged dataset: rewards [n], actions [n], logging_probs [n],
 target_dist [n, A] and, for the model-based estimators, reward_hat [n, A]; with
 `positions` [n] (a log that shows L slots) target_dist and reward_hat are [n, A, L].
 Batch datasets with `jax.vmap`; every function works under `jax.jit`. `tune` picks
-clip/tau/lambda_ from a grid, `evaluate` runs many estimators on one log; `estimate_streaming` (and `streaming`'s
-init/update/finalize) estimate a log delivered in chunks or sharded over devices. The
+clip/tau/lambda_ from a grid, `evaluate` runs many estimators on one log;
+`estimate_streaming` (and `stream_estimators`' init/update/finalize) estimate a log delivered
+in chunks or sharded over devices. The
 cross-fitted reward and propensity models (floor 2, optax) are re-exported lazily.
 """
 
@@ -24,7 +25,7 @@ from saferl_jax.ope.report import Report, Scores, evaluate, evaluate_from_rounds
 from saferl_jax.ope.tuning import (TUNABLE, SlopeSelection, Tunable, Tuned, estimated_mse,
                                    slope_selection, tune, tune_from_rounds)
 from saferl_jax.ope.streaming import (StreamedEstimates, StreamingEstimator, StreamState,
-                                      estimate_streaming, streaming)
+                                      estimate_streaming, stream_estimators)
 from saferl_jax.ope.rounds import (LoggedRounds, WeightDiagnostics, importance_weights,
                                    logged_rounds, weight_diagnostics)
 
@@ -42,7 +43,7 @@ __all__ += ["Report", "Scores", "SlopeSelection", "TUNABLE", "Tunable", "Tuned",
             "evaluate", "evaluate_from_rounds", "score_estimators", "slope_selection", "tune",
             "tune_from_rounds"]
 __all__ += ["StreamState", "StreamedEstimates", "StreamingEstimator", "estimate_streaming",
-            "streaming"]
+            "stream_estimators"]
 
 # Floor 2: cross-fitted reward and propensity models, loaded on first use.
 _LAZY = {

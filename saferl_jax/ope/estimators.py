@@ -50,7 +50,8 @@ class Estimate(NamedTuple):
 
   Attributes:
     value: scalar estimate of the target policy's value.
-    per_sample: [n] per-round contributions; their mean is `value`.
+    per_sample: [n] per-round contributions; their mean is `value` (None from the streaming
+      estimators, which keep no per-round array).
     stderr: scalar standard error (sample std / sqrt(n) for the linear
       estimators, the delta method for the self-normalised ones).
   """

@@ -4,7 +4,7 @@ Every estimator of `estimators.py` except the cross-fitted beta* is a function o
 moments of per-round terms: the linear ones (IPS, DM, DR, Switch-DR, DRos, the SubGaussian
 ones, beta-IPS with a fixed beta) of the mean and variance of their per-round contribution; the
 self-normalised ones (SNIPS, SNDR) and the plug-in beta*-IPS of the means and co-moments of
-w r, w (r - qhat), dm and w. `streaming(...)` returns an optax-style triple: `init()` gives a
+w r, w (r - qhat), dm and w. `stream_estimators(...)` returns an optax-style triple: `init()` gives a
 `StreamState` (counts, means [k], centred co-moments [k, k], per-column min and max), `update`
 folds one chunk into it by Chan, Golub and LeVeque's pairwise update, `finalize` turns it into
 `Estimate`s (per_sample None: no per-round array is kept), intervals and weight diagnostics.
@@ -274,7 +274,7 @@ def _finalize(state: StreamState, spec: _Spec, delta: float, max_value) -> Strea
   return StreamedEstimates(estimates, intervals, diagnostics, count)
 
 
-def streaming(
+def stream_estimators(
     estimators: Iterable[str] = DEFAULT_ESTIMATORS, *, options: Mapping[str, dict] | None = None,
     bounds: Iterable[str] = (), delta: float = 0.05, max_value: float | None = None,
     truncate: bool = False,
@@ -306,7 +306,7 @@ def streaming(
 
   Example:
     >>> import jax.numpy as jnp
-    >>> stream = streaming(("ips", "snips"))
+    >>> stream = stream_estimators(("ips", "snips"))
     >>> state = stream.init()
     >>> for rewards in (jnp.array([1., 0.]), jnp.array([1., 1.])):
     ...   state = stream.update(state, dict(rewards=rewards, actions=jnp.array([0, 1]),
@@ -386,7 +386,7 @@ def estimate_streaming(
     >>> round(float(out["ips"].value), 4), round(float(out["snips"].value), 4)
     (0.8, 0.8)
   """
-  stream = streaming(estimators, options=options)
+  stream = stream_estimators(estimators, options=options)
   state, size = stream.init(), None
   for chunk in chunks:
     length = _chunk_length(chunk)

@@ -66,7 +66,7 @@ def test_fixed_baseline_and_positions_stream_like_in_memory():
 
 
 def test_intervals_and_diagnostics_match_the_in_memory_bounds(log_inputs):
-  stream = st.streaming(("ips", "snips"), bounds=("normal", "t", "hoeffding", "bernstein"),
+  stream = st.stream_estimators(("ips", "snips"), bounds=("normal", "t", "hoeffding", "bernstein"),
                         max_value=20.0, truncate=True, delta=0.1)
   state = stream.init()
   for chunk in _chunks(log_inputs, [0, 600, 2003]):
@@ -85,7 +85,7 @@ def test_intervals_and_diagnostics_match_the_in_memory_bounds(log_inputs):
 
 def test_where_masks_rounds_and_update_runs_under_jit(log_inputs):
   chunk = _chunks(log_inputs, [0, 64])[0]
-  stream = st.streaming(("snips", "dr"))
+  stream = st.stream_estimators(("snips", "dr"))
   where = jnp.arange(64) % 3 != 0
   masked = jax.jit(stream.update)(stream.init(), chunk, where=where)
   kept = stream.update(stream.init(), {k: v[np.asarray(where)] for k, v in chunk.items()})
@@ -113,14 +113,14 @@ def test_bad_chunks_and_options_name_the_problem(log_inputs):
   with pytest.raises(ValueError, match="chunk: keys.*unknown \\['reward'\\]"):
     st.estimate_streaming([dict(chunk, reward=1)], estimators=("ips",))
   with pytest.raises(ValueError, match="cross_fit"):
-    st.streaming(("beta_ips",), options={"beta_ips": {"baseline": "cross_fit"}})
+    st.stream_estimators(("beta_ips",), options={"beta_ips": {"baseline": "cross_fit"}})
   with pytest.raises(ValueError, match="switch_dr needs 'tau'"):
-    st.streaming(("switch_dr",))
+    st.stream_estimators(("switch_dr",))
   with pytest.raises(ValueError, match="max_value"):
-    st.streaming(("ips",), bounds=("hoeffding",))
+    st.stream_estimators(("ips",), bounds=("hoeffding",))
   with pytest.raises(ValueError, match="chunks: no rounds"):
     st.estimate_streaming([], estimators=("ips",))
-  stream = st.streaming(("ips",), bounds=("hoeffding",), max_value=0.5)
+  stream = st.stream_estimators(("ips",), bounds=("hoeffding",), max_value=0.5)
   with pytest.raises(ValueError, match="max_value: ips's per-round contributions span"):
     stream.finalize(stream.update(stream.init(), chunk))
   with pytest.raises(ValueError, match="where: must be a bool array"):
@@ -138,7 +138,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     names = ("ips", "snips", "dr", "sndr", "beta_ips")
     reference = ope.estimate_all(*inputs, estimators=names)
     sharded = parallel.shard_rounds(dict(inputs._asdict()))
-    stream = st.streaming(names)
+    stream = st.stream_estimators(names)
     state = jax.jit(stream.update)(stream.init(), sharded.data, where=sharded.where)
     out = stream.finalize(state).estimates
     print(json.dumps({
