@@ -38,7 +38,9 @@ def memory_bandwidth() -> dict:
   return {"copy_GBps": 2 * src.nbytes / copy_s / 1e9, "read_GBps": src.nbytes / read_s / 1e9}
 
 
-RESULTS = Path(__file__).parent / "results"
+# benchmarks/results, or the folder named by SAFERL_BENCH_RESULTS: run_all.py gives each benchmark
+# its own folder, so that quick runs never overwrite the full results kept in benchmarks/results.
+RESULTS = Path(os.environ.get("SAFERL_BENCH_RESULTS") or Path(__file__).parent / "results")
 
 
 def platform_description(extra: str = "") -> str:
