@@ -6,8 +6,8 @@
 Three floors, and imports only go down (tests/test_layout.py holds them):
 
 1. Core maths, pure functions of arrays (no Flax, optax, I/O or plotting): `ope`, `stats`,
-   `ranking`, `cltr`, `diffusion`, `opl`, `constrained`, `policy_gradient`, `parallel`, `checks`,
-   `fast_random`.
+   `ranking`, `cltr`, `diffusion`, `opl`, `constrained`, `policy_gradient`, `parallel`,
+   `distributed`, `checks`, `fast_random`.
 2. Models, simulators and data: `models` (every Flax NNX module), `data` (simulators, loaders).
 3. Training, experiments and the command line: `training` (the one driver, checkpoints and every
    loop), `experiments`, `cli`.
@@ -21,8 +21,9 @@ from saferl_jax._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-_SUBPACKAGES = ("checks", "cltr", "constrained", "data", "diffusion", "experiments", "fast_random", "models",
-                "ope", "opl", "parallel", "policy_gradient", "ranking", "stats", "training")
+_SUBPACKAGES = ("checks", "cltr", "constrained", "data", "diffusion", "distributed", "experiments",
+                "fast_random", "models", "ope", "opl", "parallel", "policy_gradient", "ranking", "stats",
+                "training")
 __all__ = list(_SUBPACKAGES)
 __getattr__, __dir__ = lazy_exports(__name__, {name: f"saferl_jax.{name}" for name in _SUBPACKAGES},
                                     ["__version__", *__all__])

@@ -1,7 +1,7 @@
 """The floors hold: imports only go down, and floor 1 loads no Flax, optax, plotting or progress bars.
 
 Floor of a module, by its path (the README's layout section says why):
-  1: ope, stats, ranking, cltr, diffusion, opl, policy_gradient, parallel, checks, fast_random
+  1: ope, stats, ranking, cltr, diffusion, opl, policy_gradient, parallel, distributed, checks, fast_random
   2: models, data
   3: training, experiments, cli
 Package `__init__`s are facades: they import their own floor eagerly and re-export the floors
