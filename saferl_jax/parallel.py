@@ -136,32 +136,93 @@ def seed_sharding(num_seeds: int, *, mesh: Mesh | None = None) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(SEEDS))
 
 
-def map_over_seeds(fn: Callable, keys: jax.Array, *args, **kwargs):
+def map_over_seeds(fn: Callable, keys: jax.Array, *args, batch_size: int | None = None, **kwargs):
   """jax.vmap(fn) over `keys` [S], sharded over devices; `args` and `kwargs` are shared.
+
+  With `batch_size`, each device runs its share of the seeds in sequential batches of at most
+  batch_size seeds (a `lax.map` over batches of the vmapped fn, inside the same jitted, sharded
+  call), so a sweep holds only batch_size seeds' intermediates per device at once, whatever S.
+  Each seed sees the same key and the same computation as without batching, so the results are
+  the same draws (equal to the unbatched call). batch_size need not divide S: the batches are
+  balanced (ceil(S / (devices * batch_size)) steps of equal size) and the keys padded by at most
+  devices x steps - 1 seeds whose outputs are dropped.
 
   Args:
     fn: fn(key, *args, **kwargs) -> pytree, for one seed. Keyword arguments are
-      static (closed over), positional ones traced.
+      static (closed over), positional ones traced. `batch_size` is reserved: fn cannot
+      receive a keyword argument of that name through map_over_seeds.
     keys: [S] PRNG keys, one per seed.
+    batch_size: optional int >= 1, the most seeds each device computes at once; None (the
+      default) vmaps all S seeds at once.
 
   Returns:
     fn's outputs stacked over the leading seed axis, sharded over devices.
 
+  Raises:
+    ValueError: batch_size below 1 or a float; TypeError: batch_size not a number.
+
   Example:
     >>> import jax
-    >>> out = map_over_seeds(lambda k: jax.random.uniform(k), jax.random.split(jax.random.key(0), 4))
+    >>> keys = jax.random.split(jax.random.key(0), 5)
+    >>> out = map_over_seeds(lambda k: jax.random.uniform(k), keys)
     >>> out.shape
-    (4,)
+    (5,)
+    >>> bool((map_over_seeds(lambda k: jax.random.uniform(k), keys, batch_size=2) == out).all())
+    True
   """
   checks.check_key("keys", keys)
+  if batch_size is not None:
+    batch_size = checks.check_count("batch_size", batch_size)
   sharding = seed_sharding(keys.shape[0])
-  batched = _compiled(fn, tuple(sorted(kwargs.items())), len(args), sharding)
+  batched = _compiled(fn, tuple(sorted(kwargs.items())), len(args), sharding, batch_size)
   return batched(jax.device_put(keys, sharding), *args)
 
 
+def _batch_layout(num_seeds: int, num_devices: int, batch_size: int) -> tuple[int, int]:
+  """(steps, seeds per device per step): the fewest steps of at most batch_size seeds per device,
+  balanced so that padding to steps * devices * per_step seeds adds fewer than devices * steps."""
+  steps = -(-num_seeds // (num_devices * batch_size))
+  return steps, -(-num_seeds // (num_devices * steps))
+
+
 @functools.lru_cache(maxsize=64)
-def _compiled(fn: Callable, static_kwargs: tuple, num_args: int, sharding: NamedSharding):
-  """One jitted, vmapped function per (fn, static options), so repeated calls do not recompile."""
+def _compiled(fn: Callable, static_kwargs: tuple, num_args: int, sharding: NamedSharding,
+              batch_size: int | None = None):
+  """One jitted, vmapped function per (fn, static options, batch size), so repeated calls do not
+  recompile.
+
+  With batch_size the S keys are padded to steps * D * b (D devices, b seeds per device per
+  step, `_batch_layout`) and laid out as [steps, D * b] so that device d's column block holds
+  its own contiguous share of the seeds (as the P("seeds") sharding of [S] places them); a
+  `lax.map` over the steps runs the vmapped fn on one [D * b] slice at a time, sharded over the
+  devices, and the outputs are laid back out as [S] without moving data between devices.
+  """
   kwargs = dict(static_kwargs)
-  return jax.jit(jax.vmap(lambda key, *a: fn(key, *a, **kwargs), in_axes=(0,) + (None,) * num_args),
-                 out_shardings=sharding)
+  vmapped = jax.vmap(lambda key, *a: fn(key, *a, **kwargs), in_axes=(0,) + (None,) * num_args)
+  if batch_size is None:
+    return jax.jit(vmapped, out_shardings=sharding)
+  mesh = sharding.mesh
+  num_devices = mesh.shape[SEEDS]
+  step_sharding = NamedSharding(mesh, PartitionSpec(SEEDS))
+  constrain = lambda tree: jax.tree_util.tree_map(
+      lambda leaf: jax.lax.with_sharding_constraint(leaf, step_sharding), tree)
+
+  def batched(keys, *args):
+    num_seeds = keys.shape[0]
+    steps, per_step = _batch_layout(num_seeds, num_devices, batch_size)
+    padded = steps * num_devices * per_step
+    if padded > num_seeds:  # padding seeds reuse the first keys; their outputs are dropped
+      keys = jnp.concatenate([keys, keys[jnp.arange(padded - num_seeds) % num_seeds]])
+    # [D * steps * b] -> [D, steps, b] -> [steps, D, b] -> [steps, D * b]
+    by_step = jnp.swapaxes(constrain(keys).reshape(num_devices, steps, per_step), 0, 1)
+    by_step = by_step.reshape(steps, num_devices * per_step)
+    outputs = jax.lax.map(lambda step_keys: constrain(vmapped(constrain(step_keys), *args)),
+                          by_step)
+
+    def unstep(leaf):  # [steps, D * b, ...] -> [steps, D, b, ...] -> [D, steps, b, ...] -> [S, ...]
+      leaf = jnp.swapaxes(leaf.reshape((steps, num_devices, per_step) + leaf.shape[2:]), 0, 1)
+      return leaf.reshape((padded,) + leaf.shape[3:])[:num_seeds]
+
+    return jax.tree_util.tree_map(unstep, outputs)
+
+  return jax.jit(batched, out_shardings=sharding)

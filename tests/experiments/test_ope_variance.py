@@ -95,3 +95,33 @@ def test_cell_statistics_are_the_shared_scores_in_float64(monkeypatch):
                 "mse_stderr": (errors**2).std(ddof=1) / np.sqrt(16)}
     for stat, want in expected.items():
       np.testing.assert_allclose(cell[name][stat], want, rtol=1e-12, err_msg=f"{name} {stat}")
+
+
+@pytest.mark.slow
+def test_estimates_per_seed_equal_the_gathered_inputs_path():
+  # _estimates_for_seed reads the rounds from per-context arrays (sb.logged_rounds); the
+  # estimators' values match the [n, A] route (ope.logged_rounds of estimator_inputs) to float32
+  # rounding: only the dm sums over A are added in another order.
+  from saferl_jax import ope
+  from saferl_jax.data import synthetic_bandit as sb
+  problem = sb.make_problem(jax.random.key(3), num_actions=5, num_contexts=50,
+                            logger_inverse_temperature=-1.0)
+  key = jax.random.key(7)
+  got = ope_variance._estimates_for_seed(key, problem, 300)
+  rounds = ope.logged_rounds(*sb.estimator_inputs(problem, sb.simulate_log(problem, key=key,
+                                                                           num_rounds=300)))
+  for name, options in ope_variance.ESTIMATORS.items():
+    want = ope.FROM_ROUNDS["beta_ips" if name.startswith("beta_ips") else name](rounds, **options)
+    np.testing.assert_allclose(got[name], want.value, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.slow
+def test_cell_is_the_same_whatever_the_seed_batch(monkeypatch):
+  # The cell's seeds run in batches of MAX_ROWS_PER_BATCH // n seeds; the batching changes the
+  # memory, never the numbers (3 batches of 6, one a padding seed, versus all 17 at once).
+  from saferl_jax.data import synthetic_bandit as sb
+  problem = sb.make_problem(jax.random.key(3), num_actions=5, num_contexts=50)
+  monkeypatch.setattr(ope_variance, "MAX_ROWS_PER_BATCH", 17 * 40)
+  whole = ope_variance._cell(problem, 40, 17, jax.random.key(0))
+  monkeypatch.setattr(ope_variance, "MAX_ROWS_PER_BATCH", 6 * 40)
+  assert ope_variance._cell(problem, 40, 17, jax.random.key(0)) == whole
