@@ -19,7 +19,7 @@ in another order: results equal an unsharded run to float precision, not bit for
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -175,7 +175,10 @@ def map_over_seeds(fn: Callable, keys: jax.Array, *args, batch_size: int | None 
     batch_size = checks.check_count("batch_size", batch_size)
   sharding = seed_sharding(keys.shape[0])
   batched = _compiled(fn, tuple(sorted(kwargs.items())), len(args), sharding, batch_size)
-  return batched(jax.device_put(keys, sharding), *args)
+  # The key data, not the typed keys, is put: JAX refuses typed keys on another process's devices.
+  keys = jax.random.wrap_key_data(jax.device_put(jax.random.key_data(keys), sharding),
+                                  impl=jax.random.key_impl(keys))
+  return batched(keys, *args)
 
 
 def _batch_layout(num_seeds: int, num_devices: int, batch_size: int) -> tuple[int, int]:
@@ -226,3 +229,83 @@ def _compiled(fn: Callable, static_kwargs: tuple, num_args: int, sharding: Named
     return jax.tree_util.tree_map(unstep, outputs)
 
   return jax.jit(batched, out_shardings=sharding)
+
+
+def pad_rows(tree, size: int):
+  """Every leaf's axis 0 padded to `size` rows by repeating its last row (valid values, to be masked).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> pad_rows({"x": jnp.array([1., 2.])}, 4)["x"].tolist()
+    [1.0, 2.0, 2.0, 2.0]
+  """
+  def pad(leaf):
+    leaf = jnp.asarray(leaf)
+    missing = size - leaf.shape[0]
+    if missing < 0:
+      raise ValueError(f"size: {size} is below the {leaf.shape[0]} rows to pad")
+    return leaf if missing == 0 else jnp.concatenate([leaf, jnp.repeat(leaf[-1:], missing, axis=0)])
+  return jax.tree_util.tree_map(pad, tree)
+
+
+class ShardedRounds(NamedTuple):
+  """A log split along its rounds over devices: `data` padded to a multiple of the device count.
+
+  Attributes:
+    data: the pytree of arrays, each [N, ...] with N the padded round count, axis 0 split over
+      the devices.
+    where: [N] bool, True for the real rounds (False for the repeated last rows of the padding).
+  """
+  data: Any
+  where: jax.Array
+
+
+def shard_rounds(data, *, mesh: Mesh | None = None) -> ShardedRounds:
+  """Places a log's rounds (axis 0 of every leaf) split over every device, padded and masked.
+
+  Sums over the rounds of the placed arrays, in a jitted function, become partial sums on each
+  device added across devices: the streaming estimators (`saferl_jax.ope.streaming`, which take
+  `where`) then estimate one log larger than one device's memory. The rounds are padded to a
+  multiple of the device count by repeating the last round, and `where` masks the copies.
+
+  With several processes (`saferl_jax.distributed.initialize`) `data` is this process's own
+  rounds: processes may hold different counts; each is padded to the largest (rounded up to a
+  multiple of its local devices) and the global arrays are assembled from every process's rows
+  with `jax.make_array_from_process_local_data`.
+
+  Args:
+    data: a pytree (e.g. the dict of a chunk) of arrays with the same length n on axis 0, n >= 1.
+    mesh: a `device_mesh`: rounds split over its "batch" axis and replicated over "seeds";
+      default every device on "batch".
+
+  Returns:
+    A `ShardedRounds(data, where)`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> sharded = shard_rounds({"rewards": jnp.ones(3)})
+    >>> int(sharded.where.sum()), sharded.data["rewards"].shape[0] % jax.device_count()
+    (3, 0)
+  """
+  leaves = jax.tree_util.tree_leaves(data)
+  if not leaves:
+    raise ValueError("data: has no arrays to shard")
+  lengths = {int(np.shape(leaf)[0]) if np.ndim(leaf) else 0 for leaf in leaves}
+  if len(lengths) != 1 or 0 in lengths:
+    raise ValueError(f"data: every array needs the same number of rounds n >= 1 on axis 0, got "
+                     f"lengths {sorted(lengths)}")
+  if mesh is None:
+    mesh = device_mesh(batch_devices=jax.device_count())
+  sharding = NamedSharding(mesh, PartitionSpec(BATCH))
+  length = lengths.pop()
+  if jax.process_count() == 1:
+    size = -(-length // batch_devices(mesh)) * batch_devices(mesh)
+    padded = (pad_rows(data, size), np.arange(size) < length)
+    return ShardedRounds(*jax.device_put(padded, sharding))
+  from jax.experimental import multihost_utils  # only multi-process runs need it
+  local_devices = batch_devices(mesh) // jax.process_count()
+  longest = int(np.max(multihost_utils.process_allgather(np.asarray(length))))
+  size = -(-longest // local_devices) * local_devices
+  padded = (pad_rows(data, size), np.arange(size) < length)
+  return ShardedRounds(*jax.tree_util.tree_map(
+      lambda leaf: jax.make_array_from_process_local_data(sharding, np.asarray(leaf)), padded))

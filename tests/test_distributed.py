@@ -102,9 +102,6 @@ def wait_for(started: list, out: Path) -> None:
 
 # What JAX 0.10 says when parallel.map_over_seeds device_puts typed PRNG keys onto devices of
 # other processes.
-_KEYS_REFUSED = "device_put's second argument must be a Device or a Sharding which represents"
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """(two processes' results, this process's results): the reference runs while the others do."""
@@ -115,13 +112,7 @@ def runs(tmp_path_factory):
   except BaseException:
     stop(started)
     raise
-  try:
-    wait_for(started, out)
-  except pytest.fail.Exception as failure:
-    if _KEYS_REFUSED in str(failure):  # TODO(lead): drop this once parallel.py puts key data
-      pytest.xfail("parallel.map_over_seeds: jax.device_put(keys, sharding) refuses typed keys "
-                   "across processes (put jax.random.key_data(keys) and wrap it back)")
-    raise
+  wait_for(started, out)
   return dict(np.load(out)), one
 
 
@@ -146,9 +137,15 @@ def test_two_processes_equal_one(runs):
       continue
     got = two_processes[name]
     assert got.shape == expected.shape and got.dtype == expected.dtype, name
-    if name.startswith("log_"):
+    if name.startswith("log_") and np.issubdtype(expected.dtype, np.integer):
       # Simulation is per seed and elementwise: the same draws bit for bit.
       np.testing.assert_array_equal(got, expected, err_msg=name)
+    elif name.startswith("log_"):
+      # Float fields are gathered from the problem's softmax, compiled in each process by its
+      # own XLA (the reference has 1 CPU device, the workers 2): its exp may round differently,
+      # by up to 8 ulp measured (1e-6 relative); 64 ulp bounds that with room, far below any
+      # difference a wrong shard or a lost round would make.
+      np.testing.assert_allclose(got, expected, rtol=64 * np.finfo(np.float32).eps, err_msg=name)
     elif name.startswith("streamed_"):
       # The streaming estimators against the in-memory ones on the same log: Chan's merge of
       # two-pass moments, float rounding only (tests/ope/test_streaming.py checks 1e-5 relative).
