@@ -1,7 +1,7 @@
 """Benchmark: diffusion sampling with log-probs and a LOOP update, saferl_jax against torch + diffusers.
 
     python benchmarks/bench_diffusion.py [--quick] [--cases mlp conv ...] [--batches 32 256]
-                                         [--repeats N]
+                                         [--repeats N] [--no-torch]
 
 Each case runs one network on both sides, the PyTorch module (benchmarks/torch_diffusion_side.py)
 with the JAX weights copied in and its output checked against JAX's. Timings do not depend on the
@@ -63,7 +63,10 @@ load average is recorded before and after. Medians still move by tens of percent
 busy machine. On a GPU, JAX runs there and torch uses CUDA when its build has it (synchronised
 before each clock read). Results go to benchmarks/results/diffusion_<platform>.json and .md
 (diffusion_quick_<platform>.* with --quick). PyTorch and diffusers are needed only here
-(`pip install torch diffusers`; neither is a saferl_jax dependency).
+(`pip install torch diffusers`; neither is a saferl_jax dependency). With `--no-torch` (no PyTorch
+installed) only the saferl_jax side runs, torch and diffusers are never imported, and the results
+(timings, the log-probs against float64, XLA's memory analysis, the JAX peak RSS) go to
+diffusion[_quick]_jax_only_<platform>.json and .md, the comparison left out and the file saying so.
 """
 
 from __future__ import annotations
@@ -99,6 +102,7 @@ T, STEPS, ETA, K, CLIP, LEARNING_RATE, NUM_CLASSES = 1000, 20, 1.0, 4, 0.2, 1e-4
 HIDDEN, CHANNELS = (128, 128, 128), 32
 FLOW_ETA = 0.7  # Flow-GRPO's noise level a
 LORA_RANK, LORA_KL_WEIGHT = 4, 0.1
+TORCH = True  # False with --no-torch: the saferl_jax side only, torch never imported
 
 
 class Model(NamedTuple):
@@ -271,12 +275,14 @@ def forward_flops(apply_fn, params, batch: int, shape: tuple) -> float | None:
 
 def matmul_gflops(repeats: int, n: int = 1024) -> dict:
   """The machine's reference rate: an n x n float32 matrix product, in XLA and in torch (best threads)."""
-  import torch
-  import torch_diffusion_side as ts
   a = jax.random.normal(jax.random.key(0), (n, n))
   product = jax.jit(lambda a: a @ a)
   jax.block_until_ready(product(a))
   rates = {"jax": 2 * n**3 / median_seconds(lambda: jax.block_until_ready(product(a)), repeats) / 1e9}
+  if not TORCH:
+    return rates
+  import torch
+  import torch_diffusion_side as ts
   b = torch.randn(n, n, device=ts.device())
   torch_rates = []
   for threads in ts.thread_counts():
@@ -386,9 +392,6 @@ def grad_rel_diff(jax_grads, net) -> float:
 
 
 def ddim_case(name: str, batch: int, repeats: int) -> dict:
-  import torch
-  import torch_diffusion_side as ts
-  torch.manual_seed(0)
   spec = MODELS[name]
   shape = spec.shape
   layout = lambda a: to_torch_layout(a, shape)
@@ -396,35 +399,38 @@ def ddim_case(name: str, batch: int, repeats: int) -> dict:
   schedule = linear_schedule(T)
   apply_fn, params = as_functional(model)
   prompts = jax_prompts(batch)
-  net = torch_from_jax(name, model)
-  scheduler = ts.ddim_scheduler(T, STEPS)
   options = dict(eta=ETA, samples_per_prompt=K, clip_range=CLIP)
   row = {"batch": batch, "prompts": batch // K, "samples_per_prompt": K, "steps": STEPS,
          "repeats": repeats, "denoiser_parameters": int(sum(
              np.size(p) for p in jax.tree_util.tree_leaves(params)))}
-
-  # Agreement: the timesteps, the schedules, eps.
-  ours = sampling_timesteps(T, STEPS)
-  theirs = scheduler.timesteps.cpu().numpy()
-  theirs_prev = np.clip(theirs - T // STEPS, 0, T - 1)
-  row["timesteps_equal"] = bool(np.array_equal(np.asarray(ours.timesteps), theirs)
-                                and np.array_equal(np.asarray(ours.previous), theirs_prev))
-  row["alphas_cumprod_max_abs_diff"] = float(np.max(np.abs(
-      np.asarray(schedule.alphas_cumprod, np.float64) - scheduler.alphas_cumprod.numpy())))
   keys = jax.random.split(jax.random.key(7), 3)
   x = jax.random.normal(keys[0], (batch,) + shape)
   t = jax.random.randint(keys[1], (batch,), 0, T)
   c = jax.random.randint(keys[2], (batch,), 0, NUM_CLASSES + 1)
   apply = jax.jit(apply_fn)
   eps_jax = np.asarray(apply(params, x, t, c))
-  x_torch, t_torch, c_torch = to_torch(layout(x)), to_torch(t).long(), to_torch(c).long()
-  with torch.no_grad():
-    eps_torch = net(x_torch, t_torch, c_torch).cpu().numpy()
-  row["eps_max_abs_diff"] = float(np.max(np.abs(layout(eps_jax) - eps_torch)))
   row["eps_scale"] = float(np.max(np.abs(eps_jax)))
-  if not row["eps_max_abs_diff"] <= 1e-4 * max(1.0, row["eps_scale"]):
-    raise AssertionError(f"{name}: the torch network disagrees with JAX's: eps differs by "
-                         f"{row['eps_max_abs_diff']:.2e}")
+
+  if TORCH:  # Agreement: the timesteps, the schedules, eps.
+    import torch
+    import torch_diffusion_side as ts
+    torch.manual_seed(0)
+    net = torch_from_jax(name, model)
+    scheduler = ts.ddim_scheduler(T, STEPS)
+    ours = sampling_timesteps(T, STEPS)
+    theirs = scheduler.timesteps.cpu().numpy()
+    theirs_prev = np.clip(theirs - T // STEPS, 0, T - 1)
+    row["timesteps_equal"] = bool(np.array_equal(np.asarray(ours.timesteps), theirs)
+                                  and np.array_equal(np.asarray(ours.previous), theirs_prev))
+    row["alphas_cumprod_max_abs_diff"] = float(np.max(np.abs(
+        np.asarray(schedule.alphas_cumprod, np.float64) - scheduler.alphas_cumprod.numpy())))
+    x_torch, t_torch, c_torch = to_torch(layout(x)), to_torch(t).long(), to_torch(c).long()
+    with torch.no_grad():
+      eps_torch = net(x_torch, t_torch, c_torch).cpu().numpy()
+    row["eps_max_abs_diff"] = float(np.max(np.abs(layout(eps_jax) - eps_torch)))
+    if not row["eps_max_abs_diff"] <= 1e-4 * max(1.0, row["eps_scale"]):
+      raise AssertionError(f"{name}: the torch network disagrees with JAX's: eps differs by "
+                           f"{row['eps_max_abs_diff']:.2e}")
 
   # 1. One forward pass.
   row["jax_forward_s"] = median_seconds(lambda: jax.block_until_ready(apply(params, x, t, c)), repeats)
@@ -433,21 +439,24 @@ def ddim_case(name: str, batch: int, repeats: int) -> dict:
   run_sample = jax_sampler(apply_fn, schedule, shape)
   trajectory = time_sampling(row, run_sample, params, prompts, repeats)
 
-  # Teacher forcing: torch's DDPO formula on the states saferl_jax sampled, and both against float64.
-  states = to_torch(layout(trajectory.states))
-  conditions = to_torch(trajectory.conditions).long()
-  torch_lp = ts.ddim_teacher_forced(net, scheduler, states, conditions, ETA)
-  jax_lp, torch_lp_np = np.asarray(trajectory.log_probs), torch_lp.cpu().numpy()
+  # The log-probs saferl_jax recorded against float64; with torch, its DDPO formula on the same
+  # states (teacher forcing).
+  jax_lp = np.asarray(trajectory.log_probs)
   eps_steps = np.stack([np.asarray(apply(params, trajectory.states[j], jnp.full((batch,), tj),
                                          trajectory.conditions))
                         for j, tj in enumerate(np.asarray(trajectory.timesteps))])
   exact = reference_log_probs(eps_steps, np.asarray(trajectory.states), trajectory.timesteps,
                               trajectory.previous_timesteps)
-  row["log_prob_max_abs_diff"] = float(np.max(np.abs(torch_lp_np - jax_lp)))
-  row["log_prob_max_rel_diff"] = float(np.max(np.abs(torch_lp_np - jax_lp) / np.abs(jax_lp)))
   row["log_prob_jax_vs_float64"] = float(np.max(np.abs(jax_lp - exact)))
-  row["log_prob_torch_vs_float64"] = float(np.max(np.abs(torch_lp_np - exact)))
   row["log_prob_range"] = [float(jax_lp.min()), float(jax_lp.max())]
+  if TORCH:
+    states = to_torch(layout(trajectory.states))
+    conditions = to_torch(trajectory.conditions).long()
+    torch_lp = ts.ddim_teacher_forced(net, scheduler, states, conditions, ETA)
+    torch_lp_np = torch_lp.cpu().numpy()
+    row["log_prob_max_abs_diff"] = float(np.max(np.abs(torch_lp_np - jax_lp)))
+    row["log_prob_max_rel_diff"] = float(np.max(np.abs(torch_lp_np - jax_lp) / np.abs(jax_lp)))
+    row["log_prob_torch_vs_float64"] = float(np.max(np.abs(torch_lp_np - exact)))
 
   # 3. One LOOP update.
   optimizer = optax.adam(LEARNING_RATE)
@@ -464,49 +473,50 @@ def ddim_case(name: str, batch: int, repeats: int) -> dict:
   row["jax_update_whole_s"] = median_seconds(
       lambda: jax.block_until_ready(update_whole(params, opt_state, trajectory, rewards)), repeats)
   row["forward_flops"] = forward_flops(apply_fn, params, batch, shape)
-  old_log_probs, rewards_torch = to_torch(trajectory.log_probs), to_torch(rewards)
-  args = (scheduler, states, old_log_probs, conditions, rewards_torch)
 
-  # The loss and gradient at the same parameters, before torch's optimiser moves them. Each side's
-  # old log-probs are its own evaluation of the stored steps (ratio 1 exactly), so the check is of
-  # the two gradients, not of the float32 rounding of the log-probs themselves.
-  jax_loss, jax_grads = jax.jit(jax.value_and_grad(loss_fn))(params, trajectory, rewards)
-  net.zero_grad()
-  torch_loss = ts.ddim_stacked_loss(net, scheduler, states, torch_lp, conditions, rewards_torch,
-                                    **options)
-  torch_loss.backward()
-  row["loss_jax"], row["loss_torch"] = float(jax_loss), float(torch_loss.detach())
-  row["grad_rel_diff"] = grad_rel_diff(jax_grads, net)
-  # The same with diffusers' alphas_cumprod replaced by saferl_jax's (float64-computed, then float32):
-  # what is left is the two formulas' float32 rounding.
-  scheduler_ours = ts.ddim_scheduler(T, STEPS)
-  scheduler_ours.alphas_cumprod = torch.tensor(np.asarray(schedule.alphas_cumprod))
-  scheduler_ours.final_alpha_cumprod = scheduler_ours.alphas_cumprod[0]
-  torch_lp_ours = ts.ddim_teacher_forced(net, scheduler_ours, states, conditions, ETA)
-  row["log_prob_max_abs_diff_same_alphas"] = float(np.max(np.abs(torch_lp_ours.numpy() - jax_lp)))
-  net.zero_grad()
-  ts.ddim_stacked_loss(net, scheduler_ours, states, torch_lp_ours, conditions, rewards_torch,
-                       **options).backward()
-  row["grad_rel_diff_same_alphas"] = grad_rel_diff(jax_grads, net)
+  if TORCH:
+    old_log_probs, rewards_torch = to_torch(trajectory.log_probs), to_torch(rewards)
+    args = (scheduler, states, old_log_probs, conditions, rewards_torch)
+    # The loss and gradient at the same parameters, before torch's optimiser moves them. Each
+    # side's old log-probs are its own evaluation of the stored steps (ratio 1 exactly), so the
+    # check is of the two gradients, not of the float32 rounding of the log-probs themselves.
+    jax_loss, jax_grads = jax.jit(jax.value_and_grad(loss_fn))(params, trajectory, rewards)
+    net.zero_grad()
+    torch_loss = ts.ddim_stacked_loss(net, scheduler, states, torch_lp, conditions, rewards_torch,
+                                      **options)
+    torch_loss.backward()
+    row["loss_jax"], row["loss_torch"] = float(jax_loss), float(torch_loss.detach())
+    row["grad_rel_diff"] = grad_rel_diff(jax_grads, net)
+    # The same with diffusers' alphas_cumprod replaced by saferl_jax's (float64-computed, then
+    # float32): what is left is the two formulas' float32 rounding.
+    scheduler_ours = ts.ddim_scheduler(T, STEPS)
+    scheduler_ours.alphas_cumprod = torch.tensor(np.asarray(schedule.alphas_cumprod))
+    scheduler_ours.final_alpha_cumprod = scheduler_ours.alphas_cumprod[0]
+    torch_lp_ours = ts.ddim_teacher_forced(net, scheduler_ours, states, conditions, ETA)
+    row["log_prob_max_abs_diff_same_alphas"] = float(np.max(np.abs(torch_lp_ours.numpy() - jax_lp)))
+    net.zero_grad()
+    ts.ddim_stacked_loss(net, scheduler_ours, states, torch_lp_ours, conditions, rewards_torch,
+                         **options).backward()
+    row["grad_rel_diff_same_alphas"] = grad_rel_diff(jax_grads, net)
 
-  # Torch's timings, with all cores and with one thread.
-  prompts_torch = to_torch(prompts).long()
-  generator = torch.Generator(device=ts.device()).manual_seed(0)
-  torch_optimizer = torch.optim.Adam(net.parameters(), lr=LEARNING_RATE)
+    # Torch's timings, with all cores and with one thread.
+    prompts_torch = to_torch(prompts).long()
+    generator = torch.Generator(device=ts.device()).manual_seed(0)
+    torch_optimizer = torch.optim.Adam(net.parameters(), lr=LEARNING_RATE)
 
-  def forward():
-    with torch.no_grad():
-      return net(x_torch, t_torch, c_torch)
+    def forward():
+      with torch.no_grad():
+        return net(x_torch, t_torch, c_torch)
 
-  row["torch"] = time_torch({
-      "forward_s": forward,
-      "sample_s": lambda: ts.ddim_sample(net, scheduler, prompts_torch, shape=spec.torch_shape,
-                                         samples_per_prompt=K, eta=ETA, generator=generator),
-      "update_s": lambda: ts.ddim_update_per_step(net, torch_optimizer, *args, **options),
-      "stacked_update_s": lambda: ts.update_stacked(ts.ddim_stacked_loss, net, torch_optimizer,
-                                                    *args, **options)}, repeats)
-  best_torch(row, (("forward_s", "jax_forward_s"), ("sample_s", "jax_sample_s"),
-                   ("update_s", "jax_update_s"), ("stacked_update_s", "jax_update_s")))
+    row["torch"] = time_torch({
+        "forward_s": forward,
+        "sample_s": lambda: ts.ddim_sample(net, scheduler, prompts_torch, shape=spec.torch_shape,
+                                           samples_per_prompt=K, eta=ETA, generator=generator),
+        "update_s": lambda: ts.ddim_update_per_step(net, torch_optimizer, *args, **options),
+        "stacked_update_s": lambda: ts.update_stacked(ts.ddim_stacked_loss, net, torch_optimizer,
+                                                      *args, **options)}, repeats)
+    best_torch(row, (("forward_s", "jax_forward_s"), ("sample_s", "jax_sample_s"),
+                     ("update_s", "jax_update_s"), ("stacked_update_s", "jax_update_s")))
 
   # 4. Memory.
   row["trajectory_bytes"] = int(sum(np.asarray(a).nbytes for a in trajectory))
@@ -517,10 +527,11 @@ def ddim_case(name: str, batch: int, repeats: int) -> dict:
       update.lower(params, opt_state, trajectory, rewards).compile())
   row["jax_update_whole_memory"] = memory_analysis(
       update_whole.lower(params, opt_state, trajectory, rewards).compile())
-  row["torch_saved_for_backward_bytes"] = saved_tensor_bytes(
-      lambda: ts.ddim_stacked_loss(net, *args, **options))
-  row["torch_saved_for_backward_per_step_bytes"] = saved_tensor_bytes(
-      lambda: ts.ddim_first_step_loss(net, *args, **options))
+  if TORCH:
+    row["torch_saved_for_backward_bytes"] = saved_tensor_bytes(
+        lambda: ts.ddim_stacked_loss(net, *args, **options))
+    row["torch_saved_for_backward_per_step_bytes"] = saved_tensor_bytes(
+        lambda: ts.ddim_first_step_loss(net, *args, **options))
   return row
 
 
@@ -558,10 +569,7 @@ def flow_reference_log_probs(velocity: np.ndarray, states: np.ndarray, times, pr
 
 def flow_case(name: str, batch: int, repeats: int) -> dict:
   """saferl_jax's flow SDE sampler against diffusers' flow scheduler + Flow-GRPO's step in torch."""
-  import torch
-  import torch_diffusion_side as ts
   from saferl_jax.diffusion.flow import flow_schedule, flow_timesteps
-  torch.manual_seed(0)
   spec = MODELS[name]
   shape = spec.shape
   layout = lambda a: to_torch_layout(a, shape)
@@ -569,18 +577,21 @@ def flow_case(name: str, batch: int, repeats: int) -> dict:
   schedule = flow_schedule()
   apply_fn, params = as_functional(model)
   prompts = jax_prompts(batch)
-  net = torch_from_jax(name, model)
   grid = flow_timesteps(schedule, STEPS)
-  scheduler = ts.flow_scheduler(np.asarray(grid.timesteps))
   row = {"batch": batch, "prompts": batch // K, "samples_per_prompt": K, "steps": STEPS,
          "repeats": repeats, "eta": FLOW_ETA, "t_max": float(schedule.t_max),
          "t_min": float(schedule.t_min), "time_scale": float(schedule.time_scale)}
 
-  # Agreement: the times (diffusers' sigmas end with the data level 0), the network's time input.
-  ours = np.append(np.asarray(grid.timesteps), np.asarray(grid.previous)[-1])
-  row["times_max_abs_diff"] = float(np.max(np.abs(ours - scheduler.sigmas.cpu().numpy())))
-  row["model_times_max_abs_diff"] = float(np.max(np.abs(
-      np.asarray(grid.timesteps) * float(schedule.time_scale) - scheduler.timesteps.cpu().numpy())))
+  if TORCH:  # Agreement: the times (diffusers' sigmas end with the data level 0), the network's time input.
+    import torch
+    import torch_diffusion_side as ts
+    torch.manual_seed(0)
+    net = torch_from_jax(name, model)
+    scheduler = ts.flow_scheduler(np.asarray(grid.timesteps))
+    ours = np.append(np.asarray(grid.timesteps), np.asarray(grid.previous)[-1])
+    row["times_max_abs_diff"] = float(np.max(np.abs(ours - scheduler.sigmas.cpu().numpy())))
+    row["model_times_max_abs_diff"] = float(np.max(np.abs(
+        np.asarray(grid.timesteps) * float(schedule.time_scale) - scheduler.timesteps.cpu().numpy())))
 
   # Sampling.
   def run_sample(params, prompts, key):
@@ -590,10 +601,7 @@ def flow_case(name: str, batch: int, repeats: int) -> dict:
   trajectory = time_sampling(row, run_sample, params, prompts, repeats)
   row["max_abs_state"] = float(jnp.max(jnp.abs(trajectory.states)))
 
-  # Teacher forcing: Flow-GRPO's formula on saferl_jax's states, and both against float64.
-  states = to_torch(layout(trajectory.states))
-  conditions = to_torch(trajectory.conditions).long()
-  torch_lp = ts.flow_teacher_forced(net, scheduler, states, conditions, FLOW_ETA).cpu().numpy()
+  # The recorded log-probs against float64; with torch, Flow-GRPO's formula on saferl_jax's states.
   jax_lp = np.asarray(trajectory.log_probs)
   apply = jax.jit(apply_fn)
   times = np.asarray(trajectory.timesteps)
@@ -602,18 +610,21 @@ def flow_case(name: str, batch: int, repeats: int) -> dict:
                                         trajectory.conditions)) for j, t in enumerate(times)])
   exact = flow_reference_log_probs(velocity, np.asarray(trajectory.states), times,
                                    trajectory.previous_timesteps)
-  row["log_prob_max_abs_diff"] = float(np.max(np.abs(torch_lp - jax_lp)))
   row["log_prob_jax_vs_float64"] = float(np.max(np.abs(jax_lp - exact)))
-  row["log_prob_torch_vs_float64"] = float(np.max(np.abs(torch_lp - exact)))
   row["log_prob_range"] = [float(jax_lp.min()), float(jax_lp.max())]
-
-  prompts_torch = to_torch(prompts).long()
-  generator = torch.Generator(device=ts.device()).manual_seed(0)
-  row["torch"] = time_torch({
-      "sample_s": lambda: ts.flow_sample(net, scheduler, prompts_torch, shape=spec.torch_shape,
-                                         samples_per_prompt=K, noise_level=FLOW_ETA,
-                                         generator=generator)}, repeats)
-  best_torch(row, (("sample_s", "jax_sample_s"),))
+  if TORCH:
+    states = to_torch(layout(trajectory.states))
+    conditions = to_torch(trajectory.conditions).long()
+    torch_lp = ts.flow_teacher_forced(net, scheduler, states, conditions, FLOW_ETA).cpu().numpy()
+    row["log_prob_max_abs_diff"] = float(np.max(np.abs(torch_lp - jax_lp)))
+    row["log_prob_torch_vs_float64"] = float(np.max(np.abs(torch_lp - exact)))
+    prompts_torch = to_torch(prompts).long()
+    generator = torch.Generator(device=ts.device()).manual_seed(0)
+    row["torch"] = time_torch({
+        "sample_s": lambda: ts.flow_sample(net, scheduler, prompts_torch, shape=spec.torch_shape,
+                                           samples_per_prompt=K, noise_level=FLOW_ETA,
+                                           generator=generator)}, repeats)
+    best_torch(row, (("sample_s", "jax_sample_s"),))
   row["jax_sample_memory"] = memory_analysis(
       jax.jit(run_sample).lower(params, prompts, jax.random.key(3)).compile())
   return row
@@ -777,8 +788,13 @@ def main() -> None:
                       help="timed calls per case at B = 32 (default 10; scaled by 32 / B, at least 3)")
   parser.add_argument("--batches", type=int, nargs="+", default=None,
                       help="samples per batch, multiples of K = 4 (default 32 256; 32 with --quick)")
+  parser.add_argument("--no-torch", action="store_true",
+                      help="the saferl_jax side only, without importing torch or diffusers; "
+                           "results to diffusion[_quick]_jax_only_<platform>")
   parser.add_argument("--memory-side", choices=("jax", "torch"), help=argparse.SUPPRESS)
   args = parser.parse_args()
+  global TORCH
+  TORCH = not args.no_torch
   batches = args.batches or ([32] if args.quick else [32, 256])
   if args.memory_side:  # a child process: peak RSS of one side of one case only
     if args.memory_side == "torch":  # imported before the first reading, as jax is
@@ -788,15 +804,18 @@ def main() -> None:
     return
   repeats = args.repeats or (3 if args.quick else 10)
 
-  import diffusers
-  import torch
-  import torch_diffusion_side as ts
-  torch.set_num_threads(os.cpu_count())
+  if TORCH:
+    import diffusers
+    import torch
+    import torch_diffusion_side as ts
+    torch.set_num_threads(os.cpu_count())
+    platform = platform_description(
+        f", torch {torch.__version__} ({ts.device()}; timed with "
+        f"{' and '.join(map(str, ts.thread_counts()))} threads), diffusers {diffusers.__version__}")
+  else:
+    platform = platform_description()
   results = {
-      "platform": platform_description(
-          f", torch {torch.__version__} ({ts.device()}; timed with "
-          f"{' and '.join(map(str, ts.thread_counts()))} threads), "
-          f"diffusers {diffusers.__version__}"),
+      "platform": platform, "torch": TORCH,
       "load_average_before": load_average(),
       "setup": {"num_train_timesteps": T, "steps": STEPS, "eta": ETA, "samples_per_prompt": K,
                 "clip_range": CLIP, "reduce": "sum", "learning_rate": LEARNING_RATE,
@@ -813,14 +832,16 @@ def main() -> None:
         break
       if not args.quick and name in MODELS:
         row["peak_rss_jax"] = measure_memory_in_subprocess("jax", name, batch)
-        row["peak_rss_torch"] = measure_memory_in_subprocess("torch", name, batch)
+        if TORCH:
+          row["peak_rss_torch"] = measure_memory_in_subprocess("torch", name, batch)
       rows.append(row)
       print(json.dumps({"case": name, **row}), flush=True)
     if rows:
       results["cases"][name] = rows
   results["matmul_gflops"] = matmul_gflops(repeats)
   results["load_average_after"] = load_average()
-  write_results("diffusion_quick" if args.quick else "diffusion", results, markdown(results))
+  stem = ("diffusion_quick" if args.quick else "diffusion") + ("" if TORCH else "_jax_only")
+  write_results(stem, results, markdown(results))
 
 
 # Markdown.
@@ -1005,8 +1026,54 @@ def lora_markdown(rows_by_model: dict[str, list[dict]]) -> list[str]:
   return lines
 
 
+def jax_only_markdown(results: dict) -> list[str]:
+  """The saferl_jax side's tables (--no-torch): timings, agreement with float64, XLA memory."""
+  lines = []
+  ddim = {name: rows for name, rows in results["cases"].items() if name in MODELS}
+  if ddim:
+    lines += ["## DDIM: sampling and a LOOP update", "",
+              f"S = {STEPS} DDIM steps, eta = {ETA}, B = P prompts x K = {K}. Seconds per call; "
+              "compilation (first call) apart. Log-probs: the largest difference from a float64 "
+              "evaluation of the same steps. XLA memory: arguments + outputs + temporaries, MB.", "",
+              "| network | B | forward | sample | sample in jit | LOOP update | update, whole "
+              "gradient | compile: sample, update | log-prob vs float64 | XLA sample | XLA update |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, rows in ddim.items():
+      for r in rows:
+        lines.append(f"| {name} | {r['batch']} | {r['jax_forward_s']:.5f} | {r['jax_sample_s']:.5f} | "
+                     f"{r['jax_sample_in_jit_s']:.5f} | {r['jax_update_s']:.5f} | "
+                     f"{r['jax_update_whole_s']:.5f} | {r['jax_sample_compile_s']:.1f}, "
+                     f"{r['jax_update_compile_s']:.1f} | {r['log_prob_jax_vs_float64']:.1e} | "
+                     f"{_xla(r['jax_sample_memory'])} | {_xla(r['jax_update_memory'])} |")
+    lines.append("")
+  flow = {name[len("flow_"):]: rows for name, rows in results["cases"].items()
+          if name.startswith("flow_")}
+  if flow:
+    lines += ["## Rectified flow: Flow-GRPO's SDE sampler", "",
+              "| network | B | sample | sample in jit | compile | log-prob vs float64 | XLA sample |",
+              "|---|---|---|---|---|---|---|"]
+    for name, rows in flow.items():
+      for r in rows:
+        lines.append(f"| {name} | {r['batch']} | {r['jax_sample_s']:.5f} | "
+                     f"{r['jax_sample_in_jit_s']:.5f} | {r['jax_sample_compile_s']:.1f} | "
+                     f"{r['log_prob_jax_vs_float64']:.1e} | {_xla(r['jax_sample_memory'])} |")
+    lines.append("")
+  lora = {name[len("lora_"):]: rows for name, rows in results["cases"].items()
+          if name.startswith("lora_")}
+  if lora:
+    lines += lora_markdown(lora) + [""]
+  lines.append(f"Reference: a 1024 x 1024 float32 matmul runs at {results['matmul_gflops']['jax']:.0f} "
+               "GFLOP/s in XLA.")
+  return lines
+
+
 def markdown(results: dict) -> str:
   before, after = results["load_average_before"], results["load_average_after"]
+  if not results.get("torch", True):
+    return "\n".join([f"# Diffusion benchmark on {results['platform']}, saferl_jax only", "",
+                      "The PyTorch comparison was left out (--no-torch: no PyTorch in this "
+                      f"Python). Load average (1, 5, 15 min) {before} before the run and {after} "
+                      "after.", ""] + jax_only_markdown(results)) + "\n"
   lines = [f"# Diffusion benchmark on {results['platform']}", "",
            "Seconds per call, median of the given repeats after a warm-up call (JAX compilation "
            "excluded, and shown apart). Log-probs summed over dimensions; rewards fixed (the mean "

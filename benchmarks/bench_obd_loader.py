@@ -1,23 +1,26 @@
-"""Benchmark: `data.load_obd` against `pandas.read_csv` of the same Open Bandit Dataset file.
+"""Benchmark: `data.load_obd` and `data.iter_obd` against `pandas.read_csv` of one OBD file.
 
     python benchmarks/bench_obd_loader.py [--rows 2000000] [--repeats 3] [--gzip]
+                                          [--chunk-rounds 50000]
 
 Writes a log in OBD's exact format (the shipped BTS sample's header and columns, its rows drawn
 with replacement and kept in time order, a fresh index column) to a temporary folder in OBD's
 layout, <tmp>/bts/all/all.csv (all.csv.gz with --gzip) beside the sample's item_context.csv,
 then measures in one run:
-  - time: the median of `repeats` calls of load_obd(<tmp>) and of pandas.read_csv(<file>) (its
-    default C engine and type inference: what a user would call), after one warm-up call each
-    (so both read the file from the page cache), the two taking turns so that a change in the
-    machine's load falls on both; with each call's CPU time (all threads), which other work on a
+  - time: the median of `repeats` calls of load_obd(<tmp>), of a loop over every chunk of
+    iter_obd(<tmp>, chunk_rounds=...) (its first pass included) and of pandas.read_csv(<file>)
+    (its default C engine and type inference: what a user would call), after one warm-up call
+    each (so all read the file from the page cache), taking turns so that a change in the
+    machine's load falls on all; with each call's CPU time (all threads), which other work on a
     shared machine disturbs less than wall time;
   - peak memory: each reader once in a fresh Python process, its peak resident set size during
     the call minus its resident set size before it (Linux: VmHWM after resetting it through
     /proc/self/clear_refs; elsewhere ru_maxrss minus its value after the imports); tracemalloc
     would miss pyarrow's allocations.
 Prints the time ratio and each reader's peak over the bytes it returns (the OBDLog's arrays; the
-DataFrame's deep memory usage), and whether the loader's goals are met: at most 2x pandas' time,
-peak at most 3x the arrays returned. Results go to benchmarks/results/obd_loader_<platform>.json
+DataFrame's deep memory usage; for iter_obd the largest chunk's arrays, the loop holding one
+chunk while the next is built, as a `for chunk in iter_obd(...)` loop does), and whether the
+loader's goals are met: at most 2x pandas' time, peak at most 3x the arrays returned. Results go to benchmarks/results/obd_loader_<platform>.json
 and .md. pandas is needed only here (pip install pandas); the library never imports it.
 """
 
@@ -36,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from saferl_jax.data import load_obd, sample_path
+from saferl_jax.data import iter_obd, load_obd, sample_path
 from timing import measure_in_fresh_process, platform_description, write_results
 
 TIME_GOAL = 2.0  # load_obd's time over pandas.read_csv's
@@ -85,11 +88,23 @@ def log_bytes(log) -> int:
 
 
 
+def consume_chunks(root: Path, chunk_rounds: int) -> int:
+  """Reads every chunk of iter_obd(root); returns the rounds read."""
+  return sum(len(chunk.rewards) for chunk in iter_obd(root, chunk_rounds=chunk_rounds))
+
+
+# In a fresh process: sys.argv[1:] = the root folder, the file, chunk_rounds.
 READERS = {
     "load_obd": dict(
         imports="import numpy as np\nfrom saferl_jax.data import load_obd",
         call="result = load_obd(sys.argv[1])",
         returned="sum(v.nbytes for v in result if isinstance(v, np.ndarray))"),
+    "iter_obd": dict(
+        imports="import numpy as np\nfrom saferl_jax.data import iter_obd",
+        call=("result = 0\n"
+              "for chunk in iter_obd(sys.argv[1], chunk_rounds=int(sys.argv[3])):\n"
+              "  result = max(result, sum(v.nbytes for v in chunk if isinstance(v, np.ndarray)))"),
+        returned="result"),
     "pandas.read_csv": dict(
         imports="import pandas",
         call="result = pandas.read_csv(sys.argv[2])",
@@ -97,10 +112,11 @@ READERS = {
 }
 
 
-def peak_memory(reader: str, root: Path, path: Path) -> dict:
+def peak_memory(reader: str, root: Path, path: Path, chunk_rounds: int) -> dict:
   """Peak RSS growth during one call in a fresh process, and the bytes it returned."""
   spec = READERS[reader]
-  return measure_in_fresh_process(spec["imports"], spec["call"], spec["returned"], root, path)
+  return measure_in_fresh_process(spec["imports"], spec["call"], spec["returned"], root, path,
+                                  chunk_rounds)
 
 
 def markdown(results: dict) -> str:
@@ -111,7 +127,9 @@ def markdown(results: dict) -> str:
       f"{results['rows']:,} rows, {results['file_bytes'] / 1e6:,.0f} MB ({results['file']}), "
       f"median of {results['repeats']} calls each (taking turns) after a warm-up; peak memory in a "
       f"fresh process. {results['cpu_count']} cores; load average "
-      f"{results['load_average'][0]:.1f} before the timings, {results['load_average'][1]:.1f} after.",
+      f"{results['load_average'][0]:.1f} before the timings, {results['load_average'][1]:.1f} after. "
+      f"iter_obd reads chunks of {results['chunk_rounds']:,} rounds; its 'returned' is the "
+      f"largest chunk's arrays.",
       "",
       "| reader | time (s) | CPU time (s) | peak memory (MB) | returned (MB) | peak / returned |",
       "|---|---|---|---|---|---|",
@@ -125,6 +143,10 @@ def markdown(results: dict) -> str:
       f"{'met' if time_ratio <= TIME_GOAL else 'NOT met'}).",
       f"- peak memory / bytes of the arrays returned = {m['load_obd']['ratio']:.2f} (goal <= "
       f"{MEMORY_GOAL}: {'met' if m['load_obd']['ratio'] <= MEMORY_GOAL else 'NOT met'}).",
+      f"- iter_obd: peak {m['iter_obd']['peak_bytes'] / 1e6:,.0f} MB = "
+      f"{m['iter_obd']['peak_bytes'] / m['load_obd']['returned_bytes']:.3f} x the whole log's "
+      f"arrays, {m['iter_obd']['ratio']:.2f} x one chunk's; time "
+      f"{t['iter_obd'] / t['load_obd']:.2f} x load_obd's (it reads the file twice).",
       "",
   ]
   return "\n".join(lines)
@@ -135,6 +157,7 @@ def main() -> None:
   parser.add_argument("--rows", type=int, default=2_000_000)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--gzip", action="store_true", help="write and read all.csv.gz")
+  parser.add_argument("--chunk-rounds", type=int, default=50_000, help="iter_obd's chunk_rounds")
   args = parser.parse_args()
   import pandas  # the benchmark's alternative, not a dependency of the library
 
@@ -146,18 +169,21 @@ def main() -> None:
     returned = log_bytes(log)
     del log
     load_before = os.getloadavg()[0]
+    assert consume_chunks(root, args.chunk_rounds) == args.rows, "unexpected chunks"
     times, cpu_times = interleaved_times(
-        {"load_obd": lambda: load_obd(root), "pandas.read_csv": lambda: pandas.read_csv(path)},
+        {"load_obd": lambda: load_obd(root),
+         "iter_obd": lambda: consume_chunks(root, args.chunk_rounds),
+         "pandas.read_csv": lambda: pandas.read_csv(path)},
         args.repeats)
     load_after = os.getloadavg()[0]
-    memory = {name: peak_memory(name, root, path) for name in READERS}
+    memory = {name: peak_memory(name, root, path, args.chunk_rounds) for name in READERS}
     for entry in memory.values():
       entry["ratio"] = entry["peak_bytes"] / entry["returned_bytes"]
     results = {
         "platform": platform_description(f", pandas {pandas.__version__}, "
                                          f"pyarrow {__import__('pyarrow').__version__}"),
         "rows": args.rows, "file": path.name, "file_bytes": path.stat().st_size,
-        "repeats": args.repeats, "time_s": times, "cpu_s": cpu_times, "memory": memory,
+        "repeats": args.repeats, "chunk_rounds": args.chunk_rounds, "time_s": times, "cpu_s": cpu_times, "memory": memory,
         "load_average": [load_before, load_after], "cpu_count": os.cpu_count(),
         "time_ratio": times["load_obd"] / times["pandas.read_csv"],
         "returned_bytes": returned,

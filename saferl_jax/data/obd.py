@@ -16,6 +16,12 @@ is made per row. Memory follows the arrays returned (about 460 bytes a round wit
 their bytes, and under half of pandas.read_csv's peak on the same file
 (benchmarks/bench_obd_loader.py measures time and memory against pandas.read_csv).
 
+`iter_obd` reads the same file in chunks of rounds with pyarrow's streaming reader
+(pyarrow.csv.open_csv), for a log larger than memory: memory of one chunk, the chunks together
+equal to load_obd's log, each with the whole log's items, slots and vocabulary; a chunk's
+per-round arrays feed `ope.estimate_streaming` directly. Both convert a table of rows to an
+`OBDLog` through one function (`_to_log`), so their parsing, checks and messages are the same.
+
 User features are categorical (hashed strings): contexts one-hot encode them with an
 `OBDVocabulary`, the sorted values of each column, which the log carries so that another file
 can be encoded the same way (`load_obd(..., vocabulary=log.vocabulary)`). `split_by_time`
@@ -31,7 +37,7 @@ References:
 import gzip
 import zlib
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -281,15 +287,25 @@ def _read_table(csv: _Csv, types: dict, include: list[str]) -> pa.Table:
   """
   try:
     return pa_csv.read_csv(csv.path, **_options(csv, types, include))
-  except (pa.ArrowException, OSError, EOFError, zlib.error) as err:
-    if _gz(csv.path):
-      _check_gzip(csv.path)
-    _check_lines(csv)
-    try:
-      _first_bad_value(csv, types)
-    except pa.ArrowException:  # damage the checks above cannot see: name the file and say what
-      pass
-    raise ValueError(f"{csv.path}: {err}") from err
+  except _READ_ERRORS as err:
+    raise _read_error(csv, types, err) from err
+
+
+# What a read of a damaged file raises: pyarrow's errors, and gzip's and zlib's for a .gz.
+_READ_ERRORS = (pa.ArrowException, OSError, EOFError, zlib.error)
+
+
+def _read_error(csv: _Csv, types: dict, err: Exception) -> ValueError:
+  """Diagnoses a failed read: raises the ValueError naming the file's first damaged line (and
+  column), reading it again from its start; returns one naming the file where none is found."""
+  if _gz(csv.path):
+    _check_gzip(csv.path)
+  _check_lines(csv)
+  try:
+    _first_bad_value(csv, types)
+  except pa.ArrowException:  # damage the checks above cannot see: name the file and say what
+    pass
+  return ValueError(f"{csv.path}: {err}")
 
 
 def _cell_text(csv: _Csv, row: int, name: str) -> str:
@@ -302,10 +318,13 @@ def _cell_text(csv: _Csv, row: int, name: str) -> str:
 
 
 class _Problems:
-  """The first out-of-domain cell in file order (earliest row, then leftmost column)."""
+  """The first out-of-domain cell in file order (earliest row, then leftmost column).
 
-  def __init__(self, csv: _Csv):
-    self.csv, self.first = csv, None
+  row_offset: the data rows of the file before the table checked (iter_obd's earlier chunks).
+  """
+
+  def __init__(self, csv: _Csv, row_offset: int = 0):
+    self.csv, self.first, self.row_offset = csv, None, row_offset
 
   def check(self, names: str | list[str], ok: np.ndarray, problem: str, row_offset: int = 0) -> None:
     """ok: [n] bool for column `names`, or [n, k] for the k columns `names`; False where bad."""
@@ -317,7 +336,7 @@ class _Problems:
     else:
       row = int(np.argmax(bad.any(axis=1)))
       index = min(self.csv.header.index(names[c]) for c in np.flatnonzero(bad[row]))
-    candidate = (row + row_offset, index, problem)
+    candidate = (row + row_offset + self.row_offset, index, problem)
     if self.first is None or candidate[:2] < self.first[:2]:
       self.first = candidate
 
@@ -371,11 +390,14 @@ def _check_header(csv: _Csv, required: tuple[str, ...]) -> list[str]:
   return sorted(columns, key=lambda c: int(c[len(AFFINITY_PREFIX):]))
 
 
-def _vocabulary(path: Path, columns: dict, vocabulary) -> OBDVocabulary:
-  """The given vocabulary, checked, or the sorted values of each user-feature column."""
+def _vocabulary(path: Path, values: dict | None, vocabulary) -> OBDVocabulary:
+  """The given vocabulary, checked, or the sorted values of each user-feature column.
+
+  values: {user-feature column: the values it holds (repeats allowed)}; None with a vocabulary.
+  """
   if vocabulary is None:
     return OBDVocabulary(columns=USER_FEATURES, categories=tuple(
-        tuple(sorted(columns[name].dictionary.to_pylist())) for name in USER_FEATURES))
+        tuple(sorted(set(values[name]))) for name in USER_FEATURES))
   if not isinstance(vocabulary, OBDVocabulary):
     raise ValueError(f"vocabulary: expected an OBDVocabulary (a log's .vocabulary), got "
                      f"{type(vocabulary).__name__}")
@@ -471,6 +493,100 @@ def _item_features(context, ids, num_actions: int) -> np.ndarray:
   return np.concatenate(numeric + categorical + [np.zeros((num_actions, 0), np.float32)], axis=1)
 
 
+class _LogWide(NamedTuple):
+  """What every chunk of one log shares: its items, slots and context encoding."""
+  num_actions: int
+  num_positions: int
+  item_features: np.ndarray
+  vocabulary: OBDVocabulary
+
+
+class _LogFile(NamedTuple):
+  """A log file opened for reading: its header, affinity columns, item_context.csv and the
+  types its columns are read with."""
+  csv: _Csv
+  affinity_columns: list[str]
+  context: tuple | None
+  types: dict
+
+
+def _open_log(root, behavior_policy: str, campaign: str) -> _LogFile:
+  """The log file that load_obd's arguments name, its header checked and its item context read."""
+  csv = _read_header(_log_file(root, behavior_policy, campaign), quoted=False)
+  affinity_columns = _check_header(csv, REQUIRED_COLUMNS + USER_FEATURES)
+  context = _item_context(csv.path.parent)
+  types = {"timestamp": TIMESTAMP, **{c: pa.float64() for c in REQUIRED_COLUMNS[1:]},
+           **{c: pa.dictionary(pa.int32(), pa.string()) for c in USER_FEATURES},
+           **{c: pa.float32() for c in affinity_columns}}
+  return _LogFile(csv, affinity_columns, context, types)
+
+
+def _highest_item(affinity_columns: list[str]) -> int:
+  # Without affinity columns nothing bounds the item ids, and num_actions sizes the affinity array.
+  return (len(affinity_columns) or MAX_ACTIONS) - 1
+
+
+def _log_wide(log_file: _LogFile, *, max_action: int, max_position: int, user_values: dict | None,
+              vocabulary) -> _LogWide:
+  """The items (item_context.csv checked), slots and vocabulary of a log whose rounds' largest
+  item id and 1-based position are max_action and max_position."""
+  item_ids = _item_ids(log_file.context, _highest_item(log_file.affinity_columns))
+  num_actions = max(max_action + 1, len(log_file.affinity_columns),
+                    0 if item_ids is None else int(item_ids.max()) + 1)
+  vocabulary = _vocabulary(log_file.csv.path, user_values, vocabulary)
+  return _LogWide(num_actions, max_position, _item_features(log_file.context, item_ids, num_actions),
+                  vocabulary)
+
+
+def _to_log(log_file: _LogFile, table: pa.Table, *, row_offset: int = 0,
+            log_wide: _LogWide | None = None, vocabulary=None) -> OBDLog:
+  """A table of the log's rows as an `OBDLog`, every value checked (load_obd's and iter_obd's).
+
+  row_offset: the file's data rows before the table (for the line numbers of errors). log_wide:
+  what the whole log shares (iter_obd's first pass), or None to take it from this table (and
+  `vocabulary`, None to build one), as load_obd does.
+  """
+  csv, affinity_columns = log_file.csv, log_file.affinity_columns
+  n = table.num_rows
+  if n == 0:
+    raise ValueError(f"{csv.path}: has a header but no data rows")
+  problems = _Problems(csv, row_offset)
+  high = _highest_item(affinity_columns)
+  actions = _integers(problems, "item_id", _numpy(table.column("item_id")), 0, high, "an item id")
+  positions = _integers(problems, "position", _numpy(table.column("position")), 1, MAX_POSITIONS,
+                        "a 1-based position")
+  rewards = _numpy(table.column("click"))
+  problems.check("click", (rewards == 0) | (rewards == 1), "is not a click, 0 or 1")
+  logging_probs = _numpy(table.column("propensity_score"))
+  problems.check("propensity_score", (logging_probs > 0) & (logging_probs <= 1), "is outside (0, 1]")
+  timestamps = _numpy(table.column("timestamp").cast(pa.int64())).view("datetime64[ns]")
+  user_features = {c: table.column(c).unify_dictionaries().combine_chunks() for c in USER_FEATURES}
+  table = table.select(affinity_columns)
+  if affinity_columns:  # copied batch by batch, each batch's buffers freed once copied
+    affinity = np.empty((n, len(affinity_columns)), np.float32)
+    batches, table = table.to_batches(), None
+    start = 0
+    for i in range(len(batches)):
+      block = np.asarray(batches[i].to_tensor(row_major=True))
+      batches[i] = None
+      affinity[start:start + len(block)] = block
+      problems.check(affinity_columns, np.isfinite(block), "is not finite", row_offset=start)
+      start += len(block)
+  problems.raise_first()
+
+  if log_wide is None:
+    log_wide = _log_wide(log_file, max_action=int(actions.max()), max_position=int(positions.max()),
+                         user_values={c: user_features[c].dictionary.to_pylist() for c in USER_FEATURES},
+                         vocabulary=vocabulary)
+  if not affinity_columns:
+    affinity = np.zeros((n, log_wide.num_actions), np.float32)
+  return OBDLog(actions=actions, positions=positions - 1, rewards=rewards, logging_probs=logging_probs,
+                contexts=_encode(user_features, n, log_wide.vocabulary), user_item_affinity=affinity,
+                num_actions=log_wide.num_actions, num_positions=log_wide.num_positions,
+                timestamps=timestamps, item_features=log_wide.item_features,
+                vocabulary=log_wide.vocabulary)
+
+
 def load_obd(root: str | Path | None = None, *, behavior_policy: str = "bts", campaign: str = "all",
              vocabulary: OBDVocabulary | None = None) -> OBDLog:
   """Loads one OBD log: `<root>/<behavior_policy>/<campaign>/<campaign>.csv` and its item_context.csv.
@@ -512,54 +628,137 @@ def load_obd(root: str | Path | None = None, *, behavior_policy: str = "bts", ca
     >>> bts.contexts.shape == log.contexts.shape
     True
   """
-  csv = _read_header(_log_file(root, behavior_policy, campaign), quoted=False)
-  path = csv.path
-  affinity_columns = _check_header(csv, REQUIRED_COLUMNS + USER_FEATURES)
-  context = _item_context(path.parent)
+  log_file = _open_log(root, behavior_policy, campaign)
+  # The table is not named here: _to_log frees its columns as it converts them.
+  return _to_log(log_file, _read_table(log_file.csv, log_file.types, list(log_file.types)),
+                 vocabulary=vocabulary)
 
-  types = {"timestamp": TIMESTAMP, **{c: pa.float64() for c in REQUIRED_COLUMNS[1:]},
-           **{c: pa.dictionary(pa.int32(), pa.string()) for c in USER_FEATURES},
-           **{c: pa.float32() for c in affinity_columns}}
-  table = _read_table(csv, types, list(types))
-  n = table.num_rows
-  if n == 0:
-    raise ValueError(f"{path}: has a header but no data rows")
 
-  problems = _Problems(csv)
-  # Without affinity columns nothing bounds the item ids, and num_actions sizes the affinity array.
-  high = (len(affinity_columns) or MAX_ACTIONS) - 1
-  actions = _integers(problems, "item_id", _numpy(table.column("item_id")), 0, high, "an item id")
-  positions = _integers(problems, "position", _numpy(table.column("position")), 1, MAX_POSITIONS,
-                        "a 1-based position")
-  rewards = _numpy(table.column("click"))
-  problems.check("click", (rewards == 0) | (rewards == 1), "is not a click, 0 or 1")
-  logging_probs = _numpy(table.column("propensity_score"))
-  problems.check("propensity_score", (logging_probs > 0) & (logging_probs <= 1), "is outside (0, 1]")
-  timestamps = _numpy(table.column("timestamp").cast(pa.int64())).view("datetime64[ns]")
-  user_features = {c: table.column(c).unify_dictionaries().combine_chunks() for c in USER_FEATURES}
-  table = table.select(affinity_columns)
-  if affinity_columns:  # copied batch by batch, each batch's buffers freed once copied
-    affinity = np.empty((n, len(affinity_columns)), np.float32)
-    batches, table = table.to_batches(), None
-    start = 0
-    for i in range(len(batches)):
-      block = np.asarray(batches[i].to_tensor(row_major=True))
-      batches[i] = None
-      affinity[start:start + len(block)] = block
-      problems.check(affinity_columns, np.isfinite(block), "is not finite", row_offset=start)
-      start += len(block)
-  problems.raise_first()
+def iter_obd(root: str | Path | None = None, *, chunk_rounds: int = 1_000_000,
+             behavior_policy: str = "bts", campaign: str = "all",
+             vocabulary: OBDVocabulary | None = None) -> Iterator[OBDLog]:
+  """Reads one OBD log in chunks of at most chunk_rounds rounds: a file larger than memory.
 
-  item_ids = _item_ids(context, high)
-  num_actions = max(int(actions.max()) + 1, len(affinity_columns),
-                    0 if item_ids is None else int(item_ids.max()) + 1)
-  if not affinity_columns:
-    affinity = np.zeros((n, num_actions), np.float32)
-  vocabulary = _vocabulary(path, user_features, vocabulary)
-  return OBDLog(actions=actions, positions=positions - 1, rewards=rewards, logging_probs=logging_probs,
-                contexts=_encode(user_features, n, vocabulary), user_item_affinity=affinity,
-                num_actions=num_actions, num_positions=int(positions.max()), timestamps=timestamps,
-                item_features=_item_features(context, item_ids, num_actions), vocabulary=vocabulary)
+  The chunks, concatenated, are `load_obd`'s log field by field (same arguments, same checks,
+  same error messages, line numbers counted from the file's start); each chunk is an `OBDLog`
+  with the whole log's num_actions, num_positions, item_features and vocabulary, so that
+  chunks fit together (one one-hot encoding, one [A, L] shape of a target policy).
+
+  The file is read twice, each time by pyarrow's streaming CSV reader (pyarrow.csv.open_csv),
+  which holds a block of text at a time: memory is that of one chunk, whatever the file's
+  length. A first pass, when iter_obd is called, reads only the columns that every chunk
+  needs in advance: the user features (to build the vocabulary, unless one is given; each
+  column's values, sorted, as load_obd builds it), the positions (num_positions) and, in a
+  file without user-item_affinity columns, the item ids (num_actions). The second pass, as
+  the chunks are consumed, reads every column, chunk by chunk.
+
+  A damaged file raises as the chunks are read: a value out of its domain with the chunk that
+  holds it (the chunks before it delivered), a cell that does not parse (or a damaged gzip
+  stream) when the reader parses its block, which may be a block or two ahead of the chunks
+  delivered, or at the call where the first pass reads it. With several problems in one
+  file, the one raised may differ from load_obd's: iter_obd stops at the first chunk holding
+  any, load_obd reports a cell that does not parse anywhere in the file before a value out of
+  its domain.
+
+  Args:
+    root: OBD's folder, a log's folder, a log file, or None for the shipped sample (as in
+      `load_obd`).
+    chunk_rounds: the most rounds in one chunk (the last one may hold fewer).
+    behavior_policy: "bts" or "random".
+    campaign: "all", "men" or "women" (only "all" is shipped).
+    vocabulary: encode contexts with this `OBDVocabulary` (as in `load_obd`); None builds
+      one in the first pass.
+
+  Returns:
+    An iterator of `OBDLog`s, in the file's order, each of at most chunk_rounds rounds; it
+    reads the file once (call iter_obd again for another pass).
+
+  Raises:
+    ValueError: as `load_obd`, and for a chunk_rounds that is not an int >= 1.
+
+  Example:
+    IPS of the uniform policy over the shipped sample, one chunk of 4,000 rounds at a time,
+    equals IPS over the whole log:
+
+    >>> import numpy as np
+    >>> from saferl_jax import ope
+    >>> def rounds(log):  # the uniform target policy at every slot: target_dist [m, A, L]
+    ...   shape = (len(log.rewards), log.num_actions, log.num_positions)
+    ...   return dict(rewards=log.rewards, actions=log.actions, logging_probs=log.logging_probs,
+    ...               positions=log.positions, target_dist=np.full(shape, 1 / log.num_actions))
+    >>> streamed = ope.estimate_streaming(map(rounds, iter_obd(chunk_rounds=4000)),
+    ...                                   estimators=("ips",))["ips"]
+    >>> whole = ope.ips(**rounds(load_obd()))
+    >>> round(float(streamed.value), 5), bool(np.isclose(streamed.value, whole.value, rtol=1e-5))
+    (0.00236, True)
+  """
+  checks.check_count("chunk_rounds", chunk_rounds)
+  log_file = _open_log(root, behavior_policy, campaign)
+  log_wide = _first_pass(log_file, vocabulary)
+  return _chunks(log_file, log_wide, int(chunk_rounds))
+
+
+def _first_pass(log_file: _LogFile, vocabulary) -> _LogWide:
+  """What every chunk shares, from a streaming read of only the columns that decide it."""
+  csv = log_file.csv
+  names = (["position"] + ([] if log_file.affinity_columns else ["item_id"])
+           + (list(USER_FEATURES) if vocabulary is None else []))
+  options = _options(csv, {name: log_file.types[name] for name in names}, names)
+  problems = _Problems(csv)  # ignored: the chunk holding a problem reports it, in file order
+  high = _highest_item(log_file.affinity_columns)
+  num_rows, max_action, max_position = 0, 0, 0
+  values = {name: set() for name in USER_FEATURES}
+  try:
+    for batch in pa_csv.open_csv(csv.path, **options):
+      if not batch.num_rows:
+        continue
+      num_rows += batch.num_rows
+      # Out-of-domain values count as in-domain ones (as `_integers` leaves them): a damaged id
+      # must not size num_actions before its chunk reports it.
+      positions = _integers(problems, "position", _view(batch.column("position")), 1,
+                            MAX_POSITIONS, "a 1-based position")
+      max_position = max(max_position, int(positions.max()))
+      if not log_file.affinity_columns:
+        actions = _integers(problems, "item_id", _view(batch.column("item_id")), 0, high,
+                            "an item id")
+        max_action = max(max_action, int(actions.max()))
+      if vocabulary is None:
+        for name in USER_FEATURES:
+          values[name].update(batch.column(name).dictionary.to_pylist())
+  except _READ_ERRORS as err:
+    raise _read_error(csv, log_file.types, err) from err
+  if num_rows == 0:
+    raise ValueError(f"{csv.path}: has a header but no data rows")
+  return _log_wide(log_file, max_action=max_action, max_position=max_position,
+                   user_values=None if vocabulary is not None else values, vocabulary=vocabulary)
+
+
+def _chunks(log_file: _LogFile, log_wide: _LogWide, chunk_rounds: int) -> Iterator[OBDLog]:
+  """The log's rows, chunk_rounds at a time, as `OBDLog`s (the streaming read of every column)."""
+  csv, types = log_file.csv, log_file.types
+  pending, num_pending, start = [], 0, 0  # record batches read and not yet delivered
+  batches = None
+  while True:
+    try:
+      if batches is None:
+        batches = iter(pa_csv.open_csv(csv.path, **_options(csv, types, list(types))))
+      batch = next(batches, None)
+    except _READ_ERRORS as err:
+      raise _read_error(csv, types, err) from err
+    if batch is not None:
+      pending.append(batch)
+      num_pending += batch.num_rows
+    while num_pending >= chunk_rounds or (batch is None and num_pending):
+      table = pa.Table.from_batches(pending)
+      size = min(chunk_rounds, num_pending)
+      chunk, pending = table.slice(0, size), table.slice(size).to_batches()
+      table = None
+      num_pending -= size
+      yield _to_log(log_file, chunk, row_offset=start, log_wide=log_wide)
+      chunk = None
+      start += size
+    if batch is None:
+      return
 
 
 def split_by_time(log: OBDLog, *, test_fraction: float = 0.3) -> OBDSplit:
