@@ -33,8 +33,10 @@ def test_plan_without_side_environments_says_what_it_leaves_out():
   planned = {p.name: p for p in run_all.plan(BENCHMARKS, python="PY")}
   assert "--obp-python" not in planned["ope"].command
   assert any("OBP" in note for note in planned["ope"].notes)
-  for name in ("opl", "diffusion"):
-    assert planned[name].command is None and "--torch-python" in planned[name].skipped
+  for name in ("opl", "diffusion"):  # run without torch: their saferl_jax side only
+    assert planned[name].skipped is None
+    assert planned[name].command == ["PY", f"benchmarks/bench_{name}.py", "--quick", "--no-torch"]
+    assert any("PyTorch comparison left out" in note for note in planned[name].notes)
   only = run_all.plan(BENCHMARKS, only=["bench_ope.py", "ranking"], skip=["ranking"])
   assert [p.name for p in only if p.command] == ["ope"]
 
