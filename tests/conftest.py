@@ -4,6 +4,11 @@ from hypothesis import settings
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 settings.load_profile("ci")
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import pytest
 
@@ -42,3 +47,21 @@ def interrupt_checkpoints(monkeypatch):
       raise KeyboardInterrupt
   monkeypatch.setattr(checkpoints, "write", save)
   return interrupt
+
+
+def _run_on_cpu_devices(script: str, num_devices: int = 8) -> dict:
+  """Runs `script` in a fresh Python with `num_devices` forced CPU devices (XLA reads the flag
+  once, at start-up) and returns the JSON object its last printed line holds."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+             JAX_PLATFORMS="cpu", SAFERL_JAX_QUIET="1")
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-4000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def run_on_cpu_devices():
+  """run_on_cpu_devices(script, num_devices=8) -> the JSON of the script's last line, run with
+  that many forced CPU devices."""
+  return _run_on_cpu_devices

@@ -1,9 +1,5 @@
 """map_over_seeds with batch_size: the same draws as the unbatched call, in bounded memory, sharded."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -112,11 +108,8 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_batched_sweep_is_sharded_over_eight_devices_and_equal():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True,
-                       text=True, check=True)
-  result = json.loads(out.stdout.strip().splitlines()[-1])
+def test_batched_sweep_is_sharded_over_eight_devices_and_equal(run_on_cpu_devices):
+  result = run_on_cpu_devices(SHARDED_SCRIPT)
   assert result["devices"] == 8
   # 32 seeds, batch 3 on 8 devices: 2 steps of 2 seeds per device, each device its own 4 seeds,
   # the output sharded as the unbatched one and no data moved between devices.

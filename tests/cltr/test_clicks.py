@@ -1,10 +1,6 @@
 """Click models: SPEC constants, click frequencies, adversarial flips, misspecification,
 jit and vmap, session simulation and its sharding over devices, bad inputs."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import hypothesis.strategies as st
@@ -268,11 +264,8 @@ SHARDING_SCRIPT = IMPORTS + SESSIONS + textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_session_axis_is_sharded_over_eight_devices():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], env=env, capture_output=True,
-                       text=True, check=True)
-  result = json.loads(out.stdout.strip().splitlines()[-1])
+def test_session_axis_is_sharded_over_eight_devices(run_on_cpu_devices):
+  result = run_on_cpu_devices(SHARDING_SCRIPT)
   assert result["devices"] == 8 and result["shards"] == 8
   assert result["shard_rows"] == [8] * 8  # split along the session axis, not replicated
   # The same clicks as on this process's devices: they depend on the key, not the device count.

@@ -1,9 +1,5 @@
 """The synthetic bandit: exact values, logging frequencies, reproducibility, vmap and sharding."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -172,9 +168,6 @@ SHARDING_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_seed_axis_is_sharded_over_eight_devices():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], env=env, capture_output=True,
-                       text=True, check=True)
-  result = json.loads(out.stdout.strip().splitlines()[-1])
+def test_seed_axis_is_sharded_over_eight_devices(run_on_cpu_devices):
+  result = run_on_cpu_devices(SHARDING_SCRIPT)
   assert result == {"devices": 8, "shards": 8, "equal": True}

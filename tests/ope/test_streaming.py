@@ -1,10 +1,6 @@
 """Streaming and round-sharded estimation (issue 16): equal to the in-memory estimators on the
 concatenated log, masks, bounds, diagnostics, jit, bad chunks, and 8 forced CPU devices."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -151,13 +147,8 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_rounds_sharded_over_8_devices_equal_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-             SAFERL_JAX_QUIET="1")
-  out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True,
-                       text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-4000:]
-  result = json.loads(out.stdout.strip().splitlines()[-1])
+def test_rounds_sharded_over_8_devices_equal_one_device(run_on_cpu_devices):
+  result = run_on_cpu_devices(SHARDED_SCRIPT)
   assert result["devices"] == 8 and result["shards"] == 8
   assert result["padded"] == 10_008 and result["rounds"] == 10_007  # one masked copy of the last round
   for name, expected in result["in_memory"].items():

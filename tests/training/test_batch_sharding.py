@@ -14,10 +14,6 @@ embedding table, whose gradient the model rounds to float32 (it differed by one 
 the float32 differences are rounding, not sharding.
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -127,12 +123,8 @@ SCRIPT = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def eight_devices():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-             SAFERL_JAX_QUIET="1")
-  out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True)
-  assert out.returncode == 0, out.stderr[-4000:]
-  return json.loads(out.stdout.strip().splitlines()[-1])
+def eight_devices(run_on_cpu_devices):
+  return run_on_cpu_devices(SCRIPT)
 
 
 def kappa(result) -> float:
