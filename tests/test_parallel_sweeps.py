@@ -24,7 +24,8 @@ def _assert_trees_equal(want, got):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("num_seeds, batch_size", [(12, 4), (12, 5), (7, 1), (7, 3), (3, 10), (1, 1)])
+@pytest.mark.parametrize("num_seeds, batch_size", [
+    (12, 5), *(pytest.param(s, b, marks=pytest.mark.slow) for s, b in [(12, 4), (7, 1), (7, 3), (3, 10), (1, 1)])])
 def test_batched_sweep_equals_the_unbatched_call_exactly(num_seeds, batch_size):
   # batch sizes that divide S, do not, are 1, and exceed S (the padded seeds are dropped)
   keys = jax.random.split(jax.random.key(0), num_seeds)
@@ -48,6 +49,7 @@ def test_batch_layout_is_balanced_and_bounded():
         assert per_step <= batch_size and num_seeds <= padded < num_seeds + devices * steps
 
 
+@pytest.mark.slow
 def test_batch_size_bounds_the_compiled_temporaries():
   # XLA's own accounting of the compiled sweep: with batch_size only batch_size seeds' [n, A]
   # intermediates are live at once, so the temporary buffers shrink by about S / batch_size.

@@ -173,6 +173,7 @@ def _rounds(log) -> dict:
               positions=log.positions, target_dist=np.full(shape, 1 / log.num_actions))
 
 
+@pytest.mark.slow
 def test_streamed_ips_of_the_sample_equals_ips_of_the_loaded_log():
   # 3000-round chunks (the last, of 1000, padded and masked by estimate_streaming). Exact but for
   # float32 rounding of the running moments: 1e-5 relative, as ope.streaming documents.

@@ -22,9 +22,17 @@ RTOL = 1e-5
 
 @pytest.fixture(scope="module")
 def log_inputs():
-  problem = sb.make_problem(jax.random.key(0), num_actions=10, num_contexts=100)
-  log = sb.simulate_log(problem, key=jax.random.key(1), num_rounds=2003)
-  return sb.estimator_inputs(problem, log)
+  """A log of 2,003 rounds, A = 10, drawn with numpy (no simulator to compile): logging
+  propensities of the logged actions from per-round Dirichlet rows, a Dirichlet target."""
+  rng = np.random.default_rng(0)
+  n, num_actions = 2003, 10
+  logging = rng.dirichlet(np.ones(num_actions), size=n)
+  actions = np.array([rng.choice(num_actions, p=row) for row in logging])
+  inputs = (rng.binomial(1, 0.4, n).astype(np.float32), actions,
+            logging[np.arange(n), actions].astype(np.float32),
+            rng.dirichlet(np.ones(num_actions) * 0.5, size=n).astype(np.float32),
+            rng.uniform(0.2, 0.6, (n, num_actions)).astype(np.float32))
+  return sb.EstimatorInputs(*map(jnp.asarray, inputs))
 
 
 def _chunks(inputs, cuts):
@@ -33,6 +41,16 @@ def _chunks(inputs, cuts):
                reward_hat=inputs.reward_hat[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
+def test_default_and_dr_streamed_estimates_equal_in_memory_ones(log_inputs):
+  names = ("ips", "snips", "dr", "beta_ips")
+  reference = ope.estimate_all(*log_inputs, estimators=names)
+  out = st.estimate_streaming(_chunks(log_inputs, [0, 800, 1500, 2003]), estimators=names)
+  for name in names:
+    np.testing.assert_allclose(out[name].value, reference[name].value, rtol=RTOL, err_msg=name)
+    np.testing.assert_allclose(out[name].stderr, reference[name].stderr, rtol=RTOL, err_msg=name)
+
+
+@pytest.mark.slow
 def test_streamed_estimates_equal_in_memory_ones(log_inputs):
   reference = ope.estimate_all(*log_inputs, estimators=NAMES, options=OPTIONS)
   # uneven chunks, a 1-round one, and a last chunk shorter than the first (padded and masked)
@@ -45,6 +63,7 @@ def test_streamed_estimates_equal_in_memory_ones(log_inputs):
     assert out[name].per_sample is None
 
 
+@pytest.mark.slow
 def test_fixed_baseline_and_positions_stream_like_in_memory():
   rng = np.random.default_rng(0)
   n, num_actions, num_slots = 3001, 4, 3
@@ -61,6 +80,7 @@ def test_fixed_baseline_and_positions_stream_like_in_memory():
   np.testing.assert_allclose(out.stderr, reference.stderr, rtol=RTOL)
 
 
+@pytest.mark.slow
 def test_intervals_and_diagnostics_match_the_in_memory_bounds(log_inputs):
   stream = st.stream_estimators(("ips", "snips"), bounds=("normal", "t", "hoeffding", "bernstein"),
                         max_value=20.0, truncate=True, delta=0.1)
