@@ -16,7 +16,7 @@ the batch devices. Parameters stay replicated over "batch". Sums over the batch 
 in another order: results equal an unsharded run to float precision, not bit for bit.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: pdoc evaluates the NamedTuple fields outside this module.
 
 import functools
 from typing import Any, Callable, NamedTuple
