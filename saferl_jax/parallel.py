@@ -240,11 +240,14 @@ def pad_rows(tree, size: int):
     [1.0, 2.0, 2.0, 2.0]
   """
   def pad(leaf):
-    leaf = jnp.asarray(leaf)
+    # Host arrays stay numpy: their values (an int64 id past int32, say) are checked by whoever
+    # converts them, not wrapped here.
+    xp = jnp if isinstance(leaf, jax.Array) else np
+    leaf = xp.asarray(leaf)
     missing = size - leaf.shape[0]
     if missing < 0:
       raise ValueError(f"size: {size} is below the {leaf.shape[0]} rows to pad")
-    return leaf if missing == 0 else jnp.concatenate([leaf, jnp.repeat(leaf[-1:], missing, axis=0)])
+    return leaf if missing == 0 else xp.concatenate([leaf, xp.repeat(leaf[-1:], missing, axis=0)])
   return jax.tree_util.tree_map(pad, tree)
 
 

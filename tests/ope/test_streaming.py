@@ -134,6 +134,11 @@ def test_bad_chunks_and_options_name_the_problem(log_inputs):
     st.stream_estimators(("switch_dr",))
   with pytest.raises(ValueError, match="max_value"):
     st.stream_estimators(("ips",), bounds=("hoeffding",))
+  # A short last chunk is padded on the host, so an int64 id past int32 is refused, not wrapped.
+  host = {k: np.asarray(v) for k, v in chunk.items()}
+  short = dict({k: v[:3] for k, v in host.items()}, actions=np.array([0, 1, 2**33]))
+  with pytest.raises(ValueError, match="actions: values must fit in int32"):
+    st.estimate_streaming([host, short], estimators=("ips",))
   with pytest.raises(ValueError, match="chunks: no rounds"):
     st.estimate_streaming([], estimators=("ips",))
   stream = st.stream_estimators(("ips",), bounds=("hoeffding",), max_value=0.5)
