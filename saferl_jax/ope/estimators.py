@@ -673,6 +673,15 @@ def estimate_all(
   if estimators is None:
     estimators = ("ips", "snips", "beta_ips") + (("dm", "dr", "sndr") if reward_hat is not None else ())
   options = options or {}
+  check_requests(estimators, options)
+  if reward_hat is None and set(estimators) & set(MODEL_BASED):
+    raise ValueError(f"reward_hat: needed by {sorted(set(estimators) & set(MODEL_BASED))}")
+  return _estimate(tuple(estimators), options, rewards, actions, logging_probs, target_dist,
+                   reward_hat, positions)
+
+
+def check_requests(estimators, options: dict) -> None:
+  """Estimator names known, options only for requested ones, and each required option given."""
   unknown = set(estimators) - set(FROM_ROUNDS) or set(options) - set(estimators)
   if unknown:
     raise ValueError(f"estimators/options: unknown or unrequested names {sorted(unknown)}; "
@@ -680,10 +689,6 @@ def estimate_all(
   for name, option in REQUIRED_OPTIONS.items():
     if name in estimators and option not in options.get(name, {}):
       raise ValueError(f"options: {name} needs {option!r}, e.g. options={{'{name}': {{'{option}': ...}}}}")
-  if reward_hat is None and set(estimators) & set(MODEL_BASED):
-    raise ValueError(f"reward_hat: needed by {sorted(set(estimators) & set(MODEL_BASED))}")
-  return _estimate(tuple(estimators), options, rewards, actions, logging_probs, target_dist,
-                   reward_hat, positions)
 
 
 # The compiled path shared by every public estimator.

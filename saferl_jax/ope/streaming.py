@@ -109,13 +109,9 @@ def _linear(name: str, options: dict) -> bool:
 
 def _spec(estimators, options, bounds, max_value, truncate) -> tuple[_Spec, dict]:
   estimators = tuple(estimators)
-  unknown = set(estimators) - set(estimators_lib.FROM_ROUNDS) or set(options) - set(estimators)
-  if not estimators or unknown:
-    raise ValueError(f"estimators/options: unknown or unrequested names {sorted(unknown)} (or "
-                     f"none requested); choose from {sorted(estimators_lib.FROM_ROUNDS)}")
-  for name, option in estimators_lib.REQUIRED_OPTIONS.items():
-    if name in estimators and option not in options.get(name, {}):
-      raise ValueError(f"options: {name} needs {option!r}, e.g. options={{'{name}': {{'{option}': ...}}}}")
+  if not estimators:
+    raise ValueError(f"estimators: none requested; choose from {sorted(estimators_lib.FROM_ROUNDS)}")
+  estimators_lib.check_requests(estimators, options)
   bounds = tuple(bounds)
   for method in bounds:
     checks.check_choice("bounds", method, bounds_lib.METHODS)
