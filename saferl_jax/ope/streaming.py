@@ -131,8 +131,8 @@ def _spec(estimators, options, bounds, max_value, truncate) -> tuple[_Spec, dict
       static, dynamic[name] = estimators_lib._split_options(name, opts)
       requests.append((name, static))
       columns.append(name)
-      if {"hoeffding", "bernstein"} & set(bounds):
-        columns.append("bounded:" + name)
+      if truncate and {"hoeffding", "bernstein"} & set(bounds):
+        columns.append("bounded:" + name)  # the truncated contributions (else their own column)
     else:
       columns += [c for c in _RATIO_COLUMNS[name] if c not in columns]
   return _Spec(tuple(columns), tuple(requests), estimators, bounds, bool(truncate)), dynamic
@@ -144,11 +144,9 @@ def _columns(rounds: LoggedRounds, spec: _Spec, dynamic: dict, max_value) -> jax
   values = {"w": rounds.weights, "rw": rounds.weights * rounds.rewards, "dm": rounds.dm,
             "wres": rounds.weights * residuals}
   for name, static in spec.requests:
-    contributions = estimators_lib.FROM_ROUNDS[name](rounds, **dict(static), **dynamic[name]).per_sample
-    values[name] = contributions
+    values[name] = estimators_lib.FROM_ROUNDS[name](rounds, **dict(static), **dynamic[name]).per_sample
     if "bounded:" + name in spec.columns:
-      values["bounded:" + name] = (jnp.clip(contributions, 0.0, max_value) if spec.truncate
-                                   else contributions)
+      values["bounded:" + name] = jnp.clip(values[name], 0.0, max_value)
   return jnp.stack([values[c] for c in spec.columns], axis=1)
 
 
@@ -213,6 +211,11 @@ def _chunk_inputs(chunk: Mapping) -> tuple:
   return rounds_lib.prepare_inputs(*(chunk.get(key) for key in CHUNK_KEYS))
 
 
+def _bounded_column(spec: _Spec, name: str) -> str:
+  """The column whose moments the hoeffding and bernstein bounds of linear estimator `name` use."""
+  return "bounded:" + name if spec.truncate else name
+
+
 def _finalize(state: StreamState, spec: _Spec, delta: float, max_value) -> StreamedEstimates:
   index = {name: i for i, name in enumerate(spec.columns)}
   count = state.num_rounds
@@ -220,9 +223,8 @@ def _finalize(state: StreamState, spec: _Spec, delta: float, max_value) -> Strea
   enough = count >= 2
   mean, co = state.means, state.comoments
 
-  def stderr_from(square_sum):  # sqrt(sum of squared deviations / (n - 1)) / sqrt(n)
-    variance = jnp.maximum(square_sum, 0.0) / jnp.maximum(n - 1, 1.0)
-    return jnp.where(enough, jnp.sqrt(variance / n), jnp.inf)
+  def std_from(square_sum):  # the sample std (ddof=1) from a sum of squared deviations
+    return jnp.sqrt(jnp.maximum(square_sum, 0.0) / jnp.maximum(n - 1, 1.0))
 
   w, m_w = index["w"], mean[index["w"]]
   nonzero = m_w != 0
@@ -249,10 +251,11 @@ def _finalize(state: StreamState, spec: _Spec, delta: float, max_value) -> Strea
       beta = jnp.where(varies, co[rw, w] / jnp.where(varies, co[w, w], 1.0), 0.0)
       value = mean[rw] - beta * (m_w - 1.0)
       square_sum = co[rw, rw] - 2 * beta * co[rw, w] + beta**2 * co[w, w]
-    stderr = stderr_from(square_sum)
-    # delta-method estimators: stderr = sqrt(sum influence^2) / n, not the (n - 1) form
-    if name in ("snips", "sndr"):
-      stderr = jnp.where(enough, jnp.sqrt(jnp.maximum(square_sum, 0.0)) / n, jnp.inf)
+    if name in ("snips", "sndr"):  # the delta method: sqrt(sum influence^2) / n
+      stderr = jnp.sqrt(jnp.maximum(square_sum, 0.0)) / n
+    else:  # std / sqrt(n)
+      stderr = std_from(square_sum) / jnp.sqrt(n)
+    stderr = jnp.where(enough, stderr, jnp.inf)
     estimates[name] = Estimate(value, None, stderr)
     intervals[name] = {}
     for method in spec.bounds:
@@ -260,9 +263,8 @@ def _finalize(state: StreamState, spec: _Spec, delta: float, max_value) -> Strea
         half = bounds_lib.half_width(stderr * jnp.sqrt(n), count, delta / 2, method, max_value)
         intervals[name][method] = Interval(value - half, value + half)
       elif name in index:
-        b = index["bounded:" + name]
-        std = jnp.sqrt(jnp.maximum(co[b, b], 0.0) / jnp.maximum(n - 1, 1.0))
-        half = bounds_lib.half_width(std, count, delta / 2, method, max_value)
+        b = index[_bounded_column(spec, name)]
+        half = bounds_lib.half_width(std_from(co[b, b]), count, delta / 2, method, max_value)
         intervals[name][method] = Interval(mean[b] - half, mean[b] + half)
   square_sum_w = co[w, w] + n * m_w**2
   ess = jnp.where(square_sum_w > 0, (n * m_w) ** 2 / jnp.where(square_sum_w > 0, square_sum_w, 1.0), 0.0)
@@ -332,7 +334,7 @@ def stream_estimators(
     return rounds_lib.run_validated(_update_kernel, inputs, state, where, dynamic, bound, spec=spec)
 
   def finalize(state: StreamState) -> StreamedEstimates:
-    if checks.is_concrete(state.maximum) and not spec.truncate:
+    if checks.is_concrete(state.maximum) and not spec.truncate and int(state.num_rounds) > 0:
       _check_bounded(state, spec, bound)
     return _finalize(state, spec, delta, bound)
 
@@ -340,14 +342,17 @@ def stream_estimators(
 
 
 def _check_bounded(state: StreamState, spec: _Spec, max_value) -> None:
-  for i, column in enumerate(spec.columns):
-    if column.startswith("bounded:") and int(state.num_rounds) > 0:
-      low, high = float(state.minimum[i]), float(state.maximum[i])
-      if low < 0 or high > max_value:
-        name = column.split(":", 1)[1]
-        raise ValueError(f"max_value: {name}'s per-round contributions span [{low:.6g}, {high:.6g}], "
-                         f"outside [0, max_value={max_value}] for the {'/'.join(spec.bounds)} "
-                         "bound; pass truncate=True to truncate them")
+  """The linear estimators' contributions lie in [0, max_value] where hoeffding or bernstein
+  bounds them (their running min and max)."""
+  if not {"hoeffding", "bernstein"} & set(spec.bounds):
+    return
+  for name, _ in spec.requests:
+    i = spec.columns.index(name)
+    low, high = float(state.minimum[i]), float(state.maximum[i])
+    if low < 0 or high > max_value:
+      raise ValueError(f"max_value: {name}'s per-round contributions span [{low:.6g}, {high:.6g}], "
+                       f"outside [0, max_value={max_value}] for the {'/'.join(spec.bounds)} "
+                       "bound; pass truncate=True to truncate them")
 
 
 def estimate_streaming(
@@ -356,14 +361,14 @@ def estimate_streaming(
 ) -> dict[str, Estimate]:
   """Estimators over a log delivered as an iterable of chunks, in memory independent of its length.
 
-  Each chunk is a dict of per-round arrays (see `streaming`); every chunk is checked like the
+  Each chunk is a dict of per-round arrays (see `stream_estimators`); every chunk is checked like the
   in-memory estimators' inputs. Chunks shorter than the first are padded (masked) to its length,
   so a last, short chunk does not compile the update again.
 
   Args:
     chunks: an iterable of dicts with rewards, actions, logging_probs, target_dist (and
       reward_hat, positions where needed).
-    estimators: names from `ope.FROM_ROUNDS`, as in `streaming`.
+    estimators: names from `ope.FROM_ROUNDS`, as in `stream_estimators`.
     options: keyword options per estimator, as in `estimate_all`.
 
   Returns:

@@ -94,6 +94,12 @@ def test_intervals_and_diagnostics_match_the_in_memory_bounds(log_inputs):
                                           truncate=True)
     np.testing.assert_allclose(result.intervals["ips"][method], expected, rtol=RTOL, err_msg=method)
   assert set(result.intervals["snips"]) == {"normal", "t"}  # a ratio has no bounded contributions
+  # Without truncation the bounds read the contributions' own column (checked to lie in range).
+  untruncated = st.stream_estimators(("ips",), bounds=("bernstein",), max_value=1e4, delta=0.1)
+  state = untruncated.update(untruncated.init(), _chunks(log_inputs, [0, 2003])[0])
+  expected = bounds.confidence_interval(per_sample, delta=0.1, method="bernstein", max_value=1e4)
+  np.testing.assert_allclose(untruncated.finalize(state).intervals["ips"]["bernstein"], expected,
+                             rtol=RTOL)
   diagnostics = ope.weight_diagnostics(ope.logged_rounds(*log_inputs).weights)
   np.testing.assert_allclose(result.weight_diagnostics, diagnostics, rtol=RTOL)
   assert int(result.num_rounds) == 2003
