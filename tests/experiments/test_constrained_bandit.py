@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from saferl_jax import cli
 from saferl_jax.experiments import constrained_bandit
 from saferl_jax.training import driver
 
@@ -19,8 +20,13 @@ TINY = dataclasses.replace(constrained_bandit.QUICK, num_actions=5, num_contexts
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-  out = tmp_path_factory.mktemp("bandit")
-  return out, constrained_bandit.run_task(out, TINY)
+  """`saferl-jax constrained --quick --task bandit` at the TINY size: (the task's folder, its
+  results as the command wrote them). The command's own files are checked below."""
+  out = tmp_path_factory.mktemp("constrained")
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(constrained_bandit, "QUICK", TINY)
+    cli.main(["constrained", "--quick", "--task", "bandit", "--out", str(out)])
+  return out / "bandit", json.loads((out / "results.json").read_text())["tasks"]["bandit"]
 
 
 def finite(value) -> bool:
@@ -30,7 +36,6 @@ def finite(value) -> bool:
 @pytest.mark.slow
 def test_the_result_has_the_contracts_schema_and_finite_values(finished):
   out, result = finished
-  json.dumps(result)  # JSON-able as it is
   name = constrained_bandit.NAME
   assert result["names"] == [name]
   assert np.shape(result["lambda"]) == (TINY.num_steps, 1)
@@ -85,3 +90,16 @@ def test_the_wilson_interval_matches_its_formula():
   low, high = constrained_bandit.wilson_interval(8, 10)
   np.testing.assert_allclose([low, high], [0.4902, 0.9433], atol=1e-4)
   assert constrained_bandit.wilson_interval(10, 10)[1] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_the_command_writes_the_results_plot_and_claims_table(finished):
+  out = finished[0].parent
+  results = json.loads((out / "results.json").read_text())
+  assert results["mode"] == "quick" and set(results["tasks"]) == {"bandit"}
+  task = results["tasks"]["bandit"]
+  assert {"lambda", "lambda_exact", "slack", "reward", "kl", "fixed_weights", "claims"} <= set(task)
+  assert task["lambda_exact"] is not None
+  assert (out / "constrained.png").exists()
+  summary = (out / "summary.md").read_text()
+  assert "Constrained alignment" in summary and "| bandit |" in summary
