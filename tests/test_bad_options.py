@@ -9,6 +9,7 @@ message names that option, and never fall back to a default. The arrays these fu
 covered by tests/test_bad_inputs.py; this file is about the options.
 """
 
+import functools
 import re
 from typing import Callable, NamedTuple
 
@@ -97,22 +98,39 @@ def _sample(**extra):
   return make
 
 
-TRAJECTORY = sampler.sample(_zeros_eps, None, np.array([0, 1], np.int32), key=KEY, schedule=SCHEDULE,
-                            num_steps=2, eta=1.0, shape=(2,))
+# The shared inputs below are built on first use, not at import: every xdist worker imports every
+# test file, and building them compiles.
+
+@functools.cache
+def _trajectory():
+  return sampler.sample(_zeros_eps, None, np.array([0, 1], np.int32), key=KEY, schedule=SCHEDULE,
+                        num_steps=2, eta=1.0, shape=(2,))
 
 
 def _transitions(**extra):
   def make():
-    return dict(apply_fn=_zeros_eps, params=None, trajectory=TRAJECTORY, schedule=SCHEDULE, eta=1.0,
+    return dict(apply_fn=_zeros_eps, params=None, trajectory=_trajectory(), schedule=SCHEDULE, eta=1.0,
                 **extra)
   return make
 
 
-PROBLEM = synthetic_bandit.make_problem(KEY, num_actions=3, dim_context=2, num_contexts=5)
-LTR = make_ltr_dataset(KEY, num_queries=3, max_docs=4, min_docs=3, num_features=2)
+@functools.cache
+def _problem():
+  return synthetic_bandit.make_problem(KEY, num_actions=3, dim_context=2, num_contexts=5)
+
+
+@functools.cache
+def _ltr():
+  return make_ltr_dataset(KEY, num_queries=3, max_docs=4, min_docs=3, num_features=2)
+
+
 CLICK_MODEL = clicks.position_based(2)
-CLICK_LOG = click_logs.simulate_click_log(np.zeros((2, 3), F32), np.array([[0, 1, 4], [2, 0, 1]]),
-                                          CLICK_MODEL, key=KEY, num_sessions=8, propensity_samples=8)
+
+
+@functools.cache
+def _simulated_click_log():
+  return click_logs.simulate_click_log(np.zeros((2, 3), F32), np.array([[0, 1, 4], [2, 0, 1]]),
+                                       CLICK_MODEL, key=KEY, num_sessions=8, propensity_samples=8)
 
 
 def _click_log():
@@ -125,8 +143,10 @@ def _train_classifier():
               batch_size=2)
 
 
-MLP_APPLY, MLP_PARAMS = as_functional(denoisers.MLPDenoiser(2, num_classes=2, hidden=(4,),
-                                                            rngs=nnx.Rngs(0)))
+@functools.cache
+def _mlp():
+  """(apply_fn, params) of a small denoiser."""
+  return as_functional(denoisers.MLPDenoiser(2, num_classes=2, hidden=(4,), rngs=nnx.Rngs(0)))
 
 
 def _pretrain():
@@ -136,29 +156,33 @@ def _pretrain():
               learning_rate=1e-3)
 
 
-POLICY_APPLY, POLICY_PARAMS = as_functional(policies.LinearPolicy(2, 3, rngs=nnx.Rngs(0)))
+@functools.cache
+def _policy():
+  return as_functional(policies.LinearPolicy(2, 3, rngs=nnx.Rngs(0)))
 
 
 def _train_opl():
   rng = np.random.default_rng(0)
   data = logged_batch(rng.normal(size=(6, 2)).astype(F32), rng.integers(0, 3, 6).astype(np.int32),
                       rng.uniform(size=6).astype(F32), np.full(6, 0.5, F32))
-  return dict(apply_fn=POLICY_APPLY, params=POLICY_PARAMS, data=data, key=KEY, method="ips", epochs=1,
+  return dict(apply_fn=_policy()[0], params=_policy()[1], data=data, key=KEY, method="ips", epochs=1,
               optimizer=optax.sgd(0.1))
 
 
-RANKER_APPLY, RANKER_PARAMS = as_functional(rankers.LinearRanker(2, rngs=nnx.Rngs(0)))
+@functools.cache
+def _ranker():
+  return as_functional(rankers.LinearRanker(2, rngs=nnx.Rngs(0)))
 
 
 def _train_ranker():
-  data, num_sessions = relevance_data(LTR.features, LTR.labels, LTR.where)
-  return dict(apply_fn=RANKER_APPLY, params=RANKER_PARAMS, data=data, key=KEY, objective="value",
+  data, num_sessions = relevance_data(_ltr().features, _ltr().labels, _ltr().where)
+  return dict(apply_fn=_ranker()[0], params=_ranker()[1], data=data, key=KEY, objective="value",
               num_sessions=num_sessions, rank_weights=ranking.dcg_rank_weights(2), steps=1,
               eval_every=1, optimizer=optax.sgd(0.1), num_samples=2)
 
 
 def _finetune():
-  return dict(apply_fn=MLP_APPLY, params=MLP_PARAMS, reward_fn=lambda x0, c: x0[:, 0], key=KEY,
+  return dict(apply_fn=_mlp()[0], params=_mlp()[1], reward_fn=lambda x0, c: x0[:, 0], key=KEY,
               method="loop", rounds=1, eval_every=1, schedule=SCHEDULE, optimizer=optax.sgd(0.1),
               sampling=finetuning.Sampling(shape=(2,), num_classes=2, prompts_per_round=1,
                                            samples_per_prompt=2, num_steps=2))
@@ -300,9 +324,9 @@ TABLE = {
                                lambda: dict(expected_rewards=np.ones((2, 3), F32), inverse_temperature=1.0),
                                {"inverse_temperature": "finite"}),
     "data.simulate_log": Row(synthetic_bandit.simulate_log,
-                             lambda: dict(problem=PROBLEM, key=KEY, num_rounds=4), {"num_rounds": "count"}),
+                             lambda: dict(problem=_problem(), key=KEY, num_rounds=4), {"num_rounds": "count"}),
     "data.simulate_logs": Row(synthetic_bandit.simulate_logs,
-                              lambda: dict(problem=PROBLEM, keys=jax.random.split(KEY, 2), num_rounds=4),
+                              lambda: dict(problem=_problem(), keys=jax.random.split(KEY, 2), num_rounds=4),
                               {"num_rounds": "count"}),
     "data.sample_mixture": Row(mixture2d.sample_mixture,
                                lambda: dict(mixture=mixture2d.default_mixture(), key=KEY, num_samples=4),
@@ -324,10 +348,10 @@ TABLE = {
                                                 clicks=np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], F32),
                                                 num_queries=2, num_docs=3),
                                    {"num_queries": "count", "num_docs": "count"}),
-    "diffusion.select_step": Row(sampler.select_step, lambda: dict(trajectory=TRAJECTORY, index=1),
+    "diffusion.select_step": Row(sampler.select_step, lambda: dict(trajectory=_trajectory(), index=1),
                                  {"index": "step index"}),
     "data.estimated_rewards": Row(click_logs.estimated_rewards,
-                                  lambda: dict(log=CLICK_LOG, estimator="ips", min_propensity=0.1, l2=1.0),
+                                  lambda: dict(log=_simulated_click_log(), estimator="ips", min_propensity=0.1, l2=1.0),
                                   {"min_propensity": "unit", "l2": "nonnegative"}),
     "parallel.seed_sharding": Row(parallel.seed_sharding, lambda: dict(num_seeds=2), {"num_seeds": "count"}),
     # training: every option is checked before anything is compiled.

@@ -1,6 +1,8 @@
 """Primal-dual constrained off-policy learning: the dual step by hand, fixed multipliers, the
 history's names and shapes, resume equal to an uninterrupted run, bad inputs."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,9 +14,20 @@ from saferl_jax.data import constrained_bandit as cb
 from saferl_jax.opl.constrained import constrained_objective
 from saferl_jax.training.constrained_opl import train_constrained
 
-PROBLEM = cb.two_reward_problem(jax.random.key(0), num_actions=4, dim_context=3, num_contexts=30)
+# The problem and its logs are built on first use, not when xdist's workers import the file.
+
+@functools.cache
+def problem():
+  return cb.two_reward_problem(jax.random.key(0), num_actions=4, dim_context=3, num_contexts=30)
+
+
+@functools.cache
+def logged_data():
+  """Two seeds' logs of 200 rounds."""
+  return cb.constrained_batch(problem(), cb.simulate_logs(problem(), keys=KEYS, num_rounds=200))
+
+
 KEYS = jax.random.split(jax.random.key(1), 2)
-DATA = cb.constrained_batch(PROBLEM, cb.simulate_logs(PROBLEM, keys=KEYS, num_rounds=200))
 PARAMS = jnp.zeros((2, 3, 4))  # the uniform policy, two seeds
 OPTIMIZER = optax.adam(0.1)
 DUAL = dual_descent(2.0)
@@ -26,7 +39,7 @@ def apply_fn(params, contexts):
 
 
 def evaluate(params):
-  values = cb.policy_values(jax.nn.softmax(apply_fn(params, PROBLEM.contexts), axis=-1), PROBLEM)
+  values = cb.policy_values(jax.nn.softmax(apply_fn(params, problem().contexts), axis=-1), problem())
   return {"true/primary": values[0], "true/safety": values[1]}
 
 
@@ -34,7 +47,7 @@ def run(num_steps=4, **changes):
   options = dict(key=KEYS, thresholds=[THRESHOLD], num_steps=num_steps, optimizer=OPTIMIZER,
                  dual=DUAL, names=["safety"], estimator="dr", eval_every=2,
                  evaluate=evaluate) | changes
-  return train_constrained(apply_fn, PARAMS, DATA, **options)
+  return train_constrained(apply_fn, PARAMS, logged_data(), **options)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +72,8 @@ def test_the_first_dual_step_is_projected_descent_on_the_initial_slack(four_step
   uniform = jnp.full((200, 4), 0.25)
   for s in range(2):
     expected = constrained_objective(
-        uniform, DATA.actions[s], DATA.rewards[s], DATA.logging_probs[s], jnp.zeros(1),
-        thresholds=jnp.array([THRESHOLD]), estimator="dr", reward_hat=DATA.reward_hat[s])
+        uniform, logged_data().actions[s], logged_data().rewards[s], logged_data().logging_probs[s], jnp.zeros(1),
+        thresholds=jnp.array([THRESHOLD]), estimator="dr", reward_hat=logged_data().reward_hat[s])
     history = four_steps.history
     np.testing.assert_allclose(history["slack/safety"][0, s], expected.slacks[0], atol=1e-5)
     np.testing.assert_allclose(history["lambda/safety"][0, s],
@@ -84,7 +97,7 @@ def test_without_a_dual_the_multipliers_stay_fixed_per_seed():
 
 
 def test_a_single_key_runs_one_seed_like_the_first_of_two(four_steps):
-  one = train_constrained(apply_fn, PARAMS[0], jax.tree_util.tree_map(lambda x: x[0], DATA),
+  one = train_constrained(apply_fn, PARAMS[0], jax.tree_util.tree_map(lambda x: x[0], logged_data()),
                           key=KEYS[0], thresholds=[THRESHOLD], num_steps=4, optimizer=OPTIMIZER,
                           dual=DUAL, names=["safety"], estimator="dr", eval_every=2,
                           evaluate=evaluate)
@@ -130,7 +143,7 @@ def test_bad_inputs_raise_naming_the_argument(change, error, match):
 
 
 def test_actions_beyond_the_policy_are_refused():
-  data = DATA._replace(actions=DATA.actions.at[0, 0].set(4))
+  data = logged_data()._replace(actions=logged_data().actions.at[0, 0].set(4))
   with pytest.raises(ValueError, match="action"):
     train_constrained(apply_fn, PARAMS, data, key=KEYS, thresholds=[0.5], num_steps=1,
                       optimizer=OPTIMIZER, dual=DUAL)

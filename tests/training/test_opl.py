@@ -1,6 +1,7 @@
 """Tests for saferl_jax.training.opl: input checks, the seed axis, learning on a simulated problem,
 checkpoint/resume equal to an uninterrupted run bit for bit, and each method's gradient."""
 
+import functools
 import shutil
 
 import jax
@@ -19,9 +20,25 @@ from saferl_jax.opl import (METHODS, LinearPolicy, as_functional, corrected_grad
 from saferl_jax.training import opl as training
 
 D, NA = 3, 4
-PROBLEM = make_problem(jax.random.key(0), num_actions=NA, dim_context=D, num_contexts=50)
-APPLY_FN = as_functional(LinearPolicy(D, NA, rngs=nnx.Rngs(0)))[0]
 OPTIMIZER = optax.adam(0.05)
+
+# The problem, the policy and the logs are built on first use, not when xdist's workers import the
+# file (building them compiles).
+
+
+@functools.cache
+def problem():
+  return make_problem(jax.random.key(0), num_actions=NA, dim_context=D, num_contexts=50)
+
+
+@functools.cache
+def _policy_apply():
+  return as_functional(LinearPolicy(D, NA, rngs=nnx.Rngs(0)))[0]
+
+
+def apply_fn(params, contexts):
+  """The linear policy's logits."""
+  return _policy_apply()(params, contexts)
 
 
 def init_params(seed):
@@ -33,9 +50,9 @@ def stacked_params(seeds):
 
 
 def simulated_data(seed, num_seeds, n):
-  """A LoggedBatch [num_seeds, n, ...] from PROBLEM's logging policy."""
-  log = simulate_logs(PROBLEM, keys=jax.random.split(jax.random.key(seed), num_seeds), num_rounds=n)
-  return logged_batch(PROBLEM.contexts[log.context_ids], log.actions, log.rewards,
+  """A LoggedBatch [num_seeds, n, ...] from the problem's logging policy."""
+  log = simulate_logs(problem(), keys=jax.random.split(jax.random.key(seed), num_seeds), num_rounds=n)
+  return logged_batch(problem().contexts[log.context_ids], log.actions, log.rewards,
                       log.logging_probs)
 
 
@@ -44,8 +61,8 @@ def seed_slice(tree, s):
 
 
 def evaluate(params):
-  return {"value": policy_value(jax.nn.softmax(APPLY_FN(params, PROBLEM.contexts), axis=-1),
-                                PROBLEM.expected_rewards)}
+  return {"value": policy_value(jax.nn.softmax(apply_fn(params, problem().contexts), axis=-1),
+                                problem().expected_rewards)}
 
 
 def assert_same_result(got, expected, exact=True):
@@ -59,20 +76,28 @@ def assert_same_result(got, expected, exact=True):
     compare(x, y)
 
 
-# One seed's data for the cheap tests.
-DATA = seed_slice(simulated_data(1, 1, 16), 0)
+@functools.cache
+def one_seed_data():
+  """One seed's data for the cheap tests."""
+  return seed_slice(simulated_data(1, 1, 16), 0)
 
 
 # Input checks.
 
-GOOD = dict(contexts=np.asarray(DATA.contexts), actions=np.asarray(DATA.actions),
-            rewards=np.asarray(DATA.rewards), logging_probs=np.asarray(DATA.logging_probs))
+@functools.cache
+def good():
+  data = one_seed_data()
+  return dict(contexts=np.asarray(data.contexts), actions=np.asarray(data.actions),
+              rewards=np.asarray(data.rewards), logging_probs=np.asarray(data.logging_probs))
 
 
 def changed(name, index, value):
-  x = GOOD[name].copy()
-  x[index] = value
-  return {name: x}
+  """good -> {name: good[name] with [index] set to value}."""
+  def change(good):
+    x = good[name].copy()
+    x[index] = value
+    return {name: x}
+  return change
 
 
 BAD_BATCHES = [
@@ -82,10 +107,10 @@ BAD_BATCHES = [
     ("rewards", changed("rewards", 3, np.nan)),
     ("rewards", changed("rewards", 3, np.inf)),
     ("contexts", changed("contexts", (1, 0), np.nan)),
-    ("shapes", {"rewards": GOOD["rewards"][:-1]}),
-    ("shapes", {"actions": GOOD["actions"][:, None]}),
-    ("shapes", {"contexts": GOOD["contexts"][:-2]}),
-    ("actions", {"actions": GOOD["actions"].astype(float)}),
+    ("shapes", lambda good: {"rewards": good["rewards"][:-1]}),
+    ("shapes", lambda good: {"actions": good["actions"][:, None]}),
+    ("shapes", lambda good: {"contexts": good["contexts"][:-2]}),
+    ("actions", lambda good: {"actions": good["actions"].astype(float)}),
     ("actions", changed("actions", 0, -1)),
 ]
 
@@ -94,11 +119,11 @@ BAD_BATCHES = [
                          ids=[f"{m}-{i}" for i, (m, _) in enumerate(BAD_BATCHES)])
 def test_logged_batch_rejects_bad_inputs(match, change):
   with pytest.raises(ValueError, match=match):
-    logged_batch(**(GOOD | change))
+    logged_batch(**(good() | change(good())))
 
 
 def test_logged_batch_accepts_a_seed_axis():
-  batch = logged_batch(*(np.stack([x, x]) for x in GOOD.values()))
+  batch = logged_batch(*(np.stack([x, x]) for x in good().values()))
   assert batch.contexts.shape == (2, 16, D) and batch.actions.shape == (2, 16)
   assert jnp.issubdtype(batch.actions.dtype, jnp.integer)
 
@@ -112,18 +137,18 @@ def test_logged_batch_accepts_a_seed_axis():
 def test_train_rejects_bad_options(option, match):
   kwargs = dict(key=jax.random.key(0), method="ips", epochs=1, optimizer=OPTIMIZER) | option
   with pytest.raises(ValueError, match=match):
-    train(APPLY_FN, init_params(0), DATA, **kwargs)
+    train(apply_fn, init_params(0), one_seed_data(), **kwargs)
 
 
 def test_method_gradient_rejects_an_unknown_method():
   with pytest.raises(ValueError, match="method"):
-    method_gradient("dr", APPLY_FN, init_params(0), DATA)
+    method_gradient("dr", apply_fn, init_params(0), one_seed_data())
 
 
 def test_train_rejects_an_action_beyond_the_policy():
-  data = DATA._replace(actions=DATA.actions.at[0].set(NA))
+  data = one_seed_data()._replace(actions=one_seed_data().actions.at[0].set(NA))
   with pytest.raises(ValueError, match="actions"):
-    train(APPLY_FN, init_params(0), data, key=jax.random.key(0), method="ips", epochs=1,
+    train(apply_fn, init_params(0), data, key=jax.random.key(0), method="ips", epochs=1,
           optimizer=OPTIMIZER)
 
 
@@ -136,9 +161,9 @@ def test_single_key_and_three_seeds_equal_separate_runs():
   params = stacked_params([0, 1, 2])
   keys = jax.random.split(jax.random.key(3), 3)
   options = dict(method="beta_grad", epochs=3, batch_size=8, evaluate=evaluate, optimizer=OPTIMIZER)
-  together = train(APPLY_FN, params, data, key=keys, **options)
+  together = train(apply_fn, params, data, key=keys, **options)
   for s in range(3):
-    single = train(APPLY_FN, seed_slice(params, s), seed_slice(data, s), key=keys[s], **options)
+    single = train(apply_fn, seed_slice(params, s), seed_slice(data, s), key=keys[s], **options)
     # No seed axis with a single key.
     for x, y in zip(jax.tree_util.tree_leaves(single.params),
                     jax.tree_util.tree_leaves(init_params(s))):
@@ -161,7 +186,7 @@ def test_single_key_and_three_seeds_equal_separate_runs():
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_improves_the_true_value(method):
   data = simulated_data(4, 2, 200)
-  result = train(APPLY_FN, stacked_params([5, 6]), data, key=jax.random.split(jax.random.key(7), 2),
+  result = train(apply_fn, stacked_params([5, 6]), data, key=jax.random.split(jax.random.key(7), 2),
                  method=method, epochs=15, banditnet_lambda=0.5, evaluate=evaluate,
                  optimizer=OPTIMIZER)
   value = result.history["value"]
@@ -172,15 +197,25 @@ def test_every_method_improves_the_true_value(method):
 
 # Checkpoint and resume (the general cases for every loop are in test_checkpoints.py).
 
-RESUME_DATA = simulated_data(8, 2, 24)
-RESUME_PARAMS = stacked_params([9, 10])
-RESUME_OPTIONS = dict(key=jax.random.split(jax.random.key(11), 2), method="beta_grad",
+@functools.cache
+def resume_data():
+  return simulated_data(8, 2, 24)
+
+
+@functools.cache
+def resume_params():
+  return stacked_params([9, 10])
+
+
+def resume_options():
+  return dict(key=jax.random.split(jax.random.key(11), 2), method="beta_grad",
                       batch_size=8, evaluate=evaluate, optimizer=OPTIMIZER)
 
 
-def resume_run(path, epochs=6, data=RESUME_DATA, **changes):
-  return train(APPLY_FN, RESUME_PARAMS, data, epochs=epochs, checkpoint_path=path,
-               **(RESUME_OPTIONS | changes))
+def resume_run(path, epochs=6, data=None, **changes):
+  data = resume_data() if data is None else data
+  return train(apply_fn, resume_params(), data, epochs=epochs, checkpoint_path=path,
+               **(resume_options() | changes))
 
 
 @pytest.fixture(scope="module")
@@ -228,18 +263,18 @@ def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(six_epochs, 
   _, six_path = six_epochs
   path = tmp_path / "other"
   shutil.copytree(six_path, path)
-  rewards = np.asarray(RESUME_DATA.rewards).copy()
+  rewards = np.asarray(resume_data().rewards).copy()
   i, j = np.argmax(rewards[0] == 1.0), np.argmax(rewards[0] == 0.0)
   rewards[0, [i, j]] = rewards[0, [j, i]]  # the same rewards in another order
   runs = {
       "method": lambda: resume_run(path, method="beta_value"),
-      "data": lambda: resume_run(path, data=RESUME_DATA._replace(
-          rewards=RESUME_DATA.rewards.at[0, 0].add(0.5))),
-      "params": lambda: train(APPLY_FN, stacked_params([9, 12]), RESUME_DATA, epochs=6,
-                              checkpoint_path=path, **RESUME_OPTIONS),
+      "data": lambda: resume_run(path, data=resume_data()._replace(
+          rewards=resume_data().rewards.at[0, 0].add(0.5))),
+      "params": lambda: train(apply_fn, stacked_params([9, 12]), resume_data(), epochs=6,
+                              checkpoint_path=path, **resume_options()),
       "lambda": lambda: resume_run(path, method="banditnet", banditnet_lambda=0.25),
       "epochs": lambda: resume_run(path, epochs=3),  # a shorter run never overwrites a longer one
-      "permuted": lambda: resume_run(path, data=RESUME_DATA._replace(rewards=jnp.asarray(rewards))),
+      "permuted": lambda: resume_run(path, data=resume_data()._replace(rewards=jnp.asarray(rewards))),
       "evaluate": lambda: resume_run(path, evaluate=None),
   }
   with pytest.raises(ValueError, match=f"holds a different run.*{field}"):
@@ -252,7 +287,7 @@ def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(six_epochs, 
 
 @pytest.fixture(scope="module")
 def batch_and_params():
-  return DATA, jax.tree_util.tree_map(lambda x: x + 0.3, init_params(1))
+  return one_seed_data(), jax.tree_util.tree_map(lambda x: x + 0.3, init_params(1))
 
 
 def flat(tree):
@@ -262,8 +297,8 @@ def flat(tree):
 @pytest.mark.slow
 def test_method_gradient_beta_grad(batch_and_params):
   batch, params = batch_and_params
-  grads, baseline = method_gradient("beta_grad", APPLY_FN, params, batch)
-  per_example = per_example_weight_gradients(APPLY_FN, params, batch)
+  grads, baseline = method_gradient("beta_grad", apply_fn, params, batch)
+  per_example = per_example_weight_gradients(apply_fn, params, batch)
   beta = gradient_optimal_baseline(batch.rewards, per_example)
   np.testing.assert_allclose(baseline, beta, rtol=1e-6)
   np.testing.assert_allclose(flat(grads), -flat(corrected_gradient(batch.rewards, per_example, beta)),
@@ -273,14 +308,14 @@ def test_method_gradient_beta_grad(batch_and_params):
 
 def test_method_gradient_banditnet(batch_and_params):
   batch, params = batch_and_params
-  ips_grads, ips_baseline = method_gradient("ips", APPLY_FN, params, batch)
-  zero_grads, zero_baseline = method_gradient("banditnet", APPLY_FN, params, batch,
+  ips_grads, ips_baseline = method_gradient("ips", apply_fn, params, batch)
+  zero_grads, zero_baseline = method_gradient("banditnet", apply_fn, params, batch,
                                               banditnet_lambda=0.0)
   np.testing.assert_array_equal(flat(zero_grads), flat(ips_grads))
   assert float(ips_baseline) == 0.0 and float(zero_baseline) == 0.0
   # A non-zero lambda: the negated corrected gradient with that fixed baseline.
-  grads, baseline = method_gradient("banditnet", APPLY_FN, params, batch, banditnet_lambda=0.3)
-  per_example = per_example_weight_gradients(APPLY_FN, params, batch)
+  grads, baseline = method_gradient("banditnet", apply_fn, params, batch, banditnet_lambda=0.3)
+  per_example = per_example_weight_gradients(apply_fn, params, batch)
   np.testing.assert_allclose(baseline, 0.3, rtol=1e-7)
   np.testing.assert_allclose(flat(grads), -flat(corrected_gradient(batch.rewards, per_example, 0.3)),
                              rtol=1e-5, atol=1e-7)
@@ -289,18 +324,18 @@ def test_method_gradient_banditnet(batch_and_params):
 
 def test_method_gradient_beta_value_and_snips(batch_and_params):
   batch, params = batch_and_params
-  log_probs = logged_log_probs(APPLY_FN, params, batch.contexts, batch.actions)
+  log_probs = logged_log_probs(apply_fn, params, batch.contexts, batch.actions)
   beta = value_optimal_baseline(log_probs, batch.rewards, batch.logging_probs)
-  grads, baseline = method_gradient("beta_value", APPLY_FN, params, batch)
+  grads, baseline = method_gradient("beta_value", apply_fn, params, batch)
   np.testing.assert_allclose(baseline, beta, rtol=1e-6)
-  per_example = per_example_weight_gradients(APPLY_FN, params, batch)
+  per_example = per_example_weight_gradients(apply_fn, params, batch)
   np.testing.assert_allclose(flat(grads), -flat(corrected_gradient(batch.rewards, per_example, beta)),
                              rtol=1e-5, atol=1e-7)
 
   def snips(p):
-    lp = logged_log_probs(APPLY_FN, p, batch.contexts, batch.actions)
+    lp = logged_log_probs(apply_fn, p, batch.contexts, batch.actions)
     return snips_objective(lp, batch.rewards, batch.logging_probs)
-  grads, baseline = method_gradient("snips", APPLY_FN, params, batch)
+  grads, baseline = method_gradient("snips", apply_fn, params, batch)
   np.testing.assert_allclose(flat(grads), -flat(jax.grad(snips)(params)), rtol=1e-6, atol=1e-8)
   assert float(baseline) == 0.0
 
@@ -312,12 +347,12 @@ def test_method_gradient_beta_value_and_snips(batch_and_params):
 def test_one_epoch_with_batch_size_n_is_one_full_batch_step(method):
   params = init_params(2)
   optimizer = optax.adam(0.05)
-  grads, baseline = method_gradient(method, APPLY_FN, params, DATA)
+  grads, baseline = method_gradient(method, apply_fn, params, one_seed_data())
   updates, _ = optimizer.update(grads, optimizer.init(params), params)
   expected = optax.apply_updates(params, updates)
-  n = DATA.rewards.shape[0]
+  n = one_seed_data().rewards.shape[0]
   for batch_size in [n, None]:
-    result = train(APPLY_FN, params, DATA, key=jax.random.key(13), method=method, epochs=1,
+    result = train(apply_fn, params, one_seed_data(), key=jax.random.key(13), method=method, epochs=1,
                    batch_size=batch_size, optimizer=optimizer)
     np.testing.assert_allclose(flat(result.params), flat(expected), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(result.history["baseline"], [baseline], rtol=1e-5, atol=1e-7)
