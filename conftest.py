@@ -1,5 +1,5 @@
 """Test-session settings no test file can make: XLA's optimisation level, a compilation cache for
-the session, and marks for the docstring examples (doctests) of saferl_jax."""
+the session, marks for the docstring examples (doctests) of saferl_jax, and the files' order."""
 
 import os
 import tempfile
@@ -17,8 +17,7 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 # JAX's persistent compilation cache, one fresh directory per test session, shared by the xdist
 # workers (the controller loads this file first and the workers inherit its environment). Many
 # tests compile programs another test (or another closure with the same program) compiled
-# already: the demo test and each experiment's own test run the same tiny configurations, and
-# every finetune call with a new reward closure retraces an identical program. Entries are keyed
+# already: every finetune call with a new reward closure retraces an identical program. Entries are keyed
 # by the program, the compile options and the JAX version, so results cannot change; only the
 # compile time does (tests/experiments/test_constrained_digits.py, run twice in two processes:
 # 27 s, then 12 s). Every program is cached, however short its compilation: most are short at
@@ -94,7 +93,26 @@ SLOW_DOCTESTS = {
 }
 
 
+# Files measured at 40 s or more on 2 CPU cores (tests/test_cli.py's demo alone takes minutes).
+# They are handed to the xdist workers first, so that the two workers finish together;
+# pyproject.toml turns off xdist's own order (files with most tests first), which put the demo
+# last and left the other worker idle for minutes.
+LONGEST_FIRST = ("tests/test_cli.py", "tests/test_notebooks.py", "tests/ope/test_estimators.py",
+                 "tests/experiments/test_constrained_mixture2d.py", "tests/test_readme.py",
+                 "tests/training/test_finetune.py", "tests/models/test_reward_models.py",
+                 "tests/training/test_batch_sharding.py", "tests/training/test_finetune_beyond.py")
+
+
 def pytest_collection_modifyitems(items):
+  """Marks the slow doctests; orders the files: LONGEST_FIRST, then by number of tests."""
   for item in items:
     if isinstance(item, pytest.DoctestItem) and item.name in SLOW_DOCTESTS:
       item.add_marker(pytest.mark.slow)
+
+  def file_of(item):
+    return item.nodeid.split("::")[0]
+  counts = {}
+  for item in items:
+    counts[file_of(item)] = counts.get(file_of(item), 0) + 1
+  rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: (rank.get(file_of(item), len(rank)), -counts[file_of(item)]))
