@@ -1,6 +1,7 @@
 """Checkpoints that cannot lie, through the one driver: another optimizer, a shorter run, another
 reward, a damaged directory, 'new' beside a mismatch, and the resume message."""
 
+import functools
 import logging
 import shutil
 
@@ -17,16 +18,27 @@ from saferl_jax.training import checkpoints
 from saferl_jax.training.opl import train
 
 D, NA, N = 3, 4, 16
-APPLY_FN, PARAMS = as_functional(LinearPolicy(D, NA, rngs=nnx.Rngs(0)))
-_KEYS = jax.random.split(jax.random.key(1), 3)
-DATA = logged_batch(jax.random.normal(_KEYS[0], (N, D)), jax.random.randint(_KEYS[1], (N,), 0, NA),
-                    jax.random.bernoulli(_KEYS[2], 0.5, (N,)).astype(jnp.float32),
-                    jnp.full((N,), 1 / NA))
 FAST, SLOW = optax.adam(0.05), optax.adam(1e-6)
+
+# The policy and its data are built on first use, not when xdist's workers import the file.
+
+
+@functools.cache
+def policy():
+  """(apply_fn, params) of the linear policy."""
+  return as_functional(LinearPolicy(D, NA, rngs=nnx.Rngs(0)))
+
+
+@functools.cache
+def logged_data():
+  keys = jax.random.split(jax.random.key(1), 3)
+  return logged_batch(jax.random.normal(keys[0], (N, D)), jax.random.randint(keys[1], (N,), 0, NA),
+                      jax.random.bernoulli(keys[2], 0.5, (N,)).astype(jnp.float32),
+                      jnp.full((N,), 1 / NA))
 
 
 def run(path, optimizer=FAST, epochs=3, **options):
-  return train(APPLY_FN, PARAMS, DATA, key=jax.random.key(2), method="ips", epochs=epochs,
+  return train(policy()[0], policy()[1], logged_data(), key=jax.random.key(2), method="ips", epochs=epochs,
                optimizer=optimizer, checkpoint_path=path, **options)
 
 
@@ -80,7 +92,7 @@ def test_mismatch_new_trains_beside_and_finds_it_again(finished, tmp_path, inter
   assert len(siblings) == 1
   # The slow run moved the parameters far less than the fast one (which is still at `path`).
   moved = lambda result: float(jnp.abs(result.params["linear"]["kernel"][...] -
-                                       PARAMS["linear"]["kernel"][...]).max())
+                                       policy()[1]["linear"]["kernel"][...]).max())
   assert moved(slow) < 1e-3 < moved(finished[0])
   interrupt_checkpoints.saved.clear()
   again = run(path, optimizer=SLOW, checkpoint_mismatch="new")
@@ -127,9 +139,9 @@ def test_resuming_is_logged_with_the_step(finished, tmp_path, caplog, interrupt_
 
 
 def test_non_finite_initial_parameters_are_a_value_error():
-  bad = jax.tree_util.tree_map(lambda x: x.at[0].set(jnp.nan) if x.ndim == 1 else x, PARAMS)
+  bad = jax.tree_util.tree_map(lambda x: x.at[0].set(jnp.nan) if x.ndim == 1 else x, policy()[1])
   with pytest.raises(ValueError, match="params:.*NaN"):
-    train(APPLY_FN, bad, DATA, key=jax.random.key(2), method="ips", epochs=1, optimizer=FAST)
+    train(policy()[0], bad, logged_data(), key=jax.random.key(2), method="ips", epochs=1, optimizer=FAST)
 
 
 def test_differences_compare_probes_with_a_tolerance():

@@ -1,5 +1,7 @@
 """Reward fine-tuning loops: they raise the reward, the KL term holds the model back, resuming is exact."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,22 @@ from saferl_jax.training.finetuning import METHODS, Sampling, finetune
 from saferl_jax.diffusion.schedules import linear_schedule
 from saferl_jax.models.functional import as_functional
 
-APPLY_FN, PARAMS = as_functional(MLPDenoiser(2, num_classes=2, hidden=(16, 16), rngs=nnx.Rngs(0)))
+
+
+@functools.cache
+def _denoiser():
+  """(apply_fn, params), built on first use, not when xdist's workers import the file."""
+  return as_functional(MLPDenoiser(2, num_classes=2, hidden=(16, 16), rngs=nnx.Rngs(0)))
+
+
+def apply_fn(params, *inputs):
+  return _denoiser()[0](params, *inputs)
+
+
+def initial_params():
+  return _denoiser()[1]
+
+
 SCHEDULE = linear_schedule(100)
 SAMPLING = Sampling(shape=(2,), num_classes=2, prompts_per_round=4, samples_per_prompt=4, num_steps=8)
 OPTIMIZER = optax.adam(3e-3)
@@ -28,7 +45,7 @@ def tilt(x0, conditions):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_raises_the_reward(method):
-  result = finetune(APPLY_FN, PARAMS, tilt, key=jax.random.key(0), method=method, rounds=30,
+  result = finetune(apply_fn, initial_params(), tilt, key=jax.random.key(0), method=method, rounds=30,
                     schedule=SCHEDULE, sampling=SAMPLING, optimizer=OPTIMIZER, eval_every=10)
   rewards = result.history["reward"]
   assert rewards.shape == (30,)
@@ -56,8 +73,8 @@ def test_a_black_box_reward_on_the_host_is_raised_for_every_seed():
     shape = jax.ShapeDtypeStruct(x0.shape[:-1], jnp.float32)
     return jax.pure_callback(host_tilt, shape, x0, vmap_method="expand_dims")
 
-  params = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), PARAMS)
-  result = finetune(APPLY_FN, params, black_box, key=jax.random.split(jax.random.key(3), 2),
+  params = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), initial_params())
+  result = finetune(apply_fn, params, black_box, key=jax.random.split(jax.random.key(3), 2),
                     method="loop", rounds=30, schedule=SCHEDULE, sampling=SAMPLING,
                     optimizer=OPTIMIZER, eval_every=10)
   rewards = result.history["reward"]  # [rounds, seeds]
@@ -65,10 +82,10 @@ def test_a_black_box_reward_on_the_host_is_raised_for_every_seed():
 
 
 def distance_moved(kl_weight):
-  result = finetune(APPLY_FN, PARAMS, tilt, key=jax.random.key(1), method="loop", rounds=10,
+  result = finetune(apply_fn, initial_params(), tilt, key=jax.random.key(1), method="loop", rounds=10,
                     schedule=SCHEDULE, sampling=SAMPLING, optimizer=OPTIMIZER, kl_weight=kl_weight,
                     eval_every=10)
-  return float(jnp.linalg.norm(ravel_pytree(result.params)[0] - ravel_pytree(PARAMS)[0]))
+  return float(jnp.linalg.norm(ravel_pytree(result.params)[0] - ravel_pytree(initial_params())[0]))
 
 
 @pytest.mark.slow
@@ -77,7 +94,7 @@ def test_normalized_advantages_make_the_update_invariant_to_the_reward_scale():
   # give the same run for rewards scaled by 10. (REINFORCE takes its advantages from the same line.)
   method = "loop"
   def run(scale, normalize):
-    result = finetune(APPLY_FN, PARAMS, lambda x, c: scale * tilt(x, c), key=jax.random.key(2),
+    result = finetune(apply_fn, initial_params(), lambda x, c: scale * tilt(x, c), key=jax.random.key(2),
                       method=method, rounds=2, schedule=SCHEDULE, sampling=SAMPLING,
                       optimizer=optax.sgd(1e-3), normalize_advantages=normalize, eval_every=2)
     return ravel_pytree(result.params)[0]
@@ -96,14 +113,14 @@ def test_resume_after_an_interrupt_equals_the_uninterrupted_run(tmp_path, interr
   options = dict(key=jax.random.split(jax.random.key(2), 2), method="ppo", rounds=6,
                  schedule=SCHEDULE, sampling=SAMPLING, optimizer=OPTIMIZER, eval_every=2,
                  evaluate=lambda p: {"norm": jnp.linalg.norm(ravel_pytree(p)[0])})
-  params = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), PARAMS)
-  reference = finetune(APPLY_FN, params, tilt, **options)
+  params = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), initial_params())
+  reference = finetune(apply_fn, params, tilt, **options)
   path = tmp_path / "run"
   interrupt_checkpoints.at = 4
   saved = interrupt_checkpoints.saved
   with pytest.raises(KeyboardInterrupt):
-    finetune(APPLY_FN, params, tilt, checkpoint_path=path, **options)
-  resumed = finetune(APPLY_FN, params, tilt, checkpoint_path=path, **options)
+    finetune(apply_fn, params, tilt, checkpoint_path=path, **options)
+  resumed = finetune(apply_fn, params, tilt, checkpoint_path=path, **options)
   assert saved == [2, 4, 6]
   np.testing.assert_array_equal(ravel_pytree(resumed.params)[0], ravel_pytree(reference.params)[0])
   for name in ("reward", "approx_kl", "clip_fraction", "norm"):
@@ -111,9 +128,9 @@ def test_resume_after_an_interrupt_equals_the_uninterrupted_run(tmp_path, interr
   assert resumed.history["reward"].shape == (6, 2)
   # Another reward (a changed constant in the closure: same name) or learning rate is refused.
   with pytest.raises(ValueError, match="reward"):
-    finetune(APPLY_FN, params, lambda x0, c: 2 * tilt(x0, c), checkpoint_path=path, **options)
+    finetune(apply_fn, params, lambda x0, c: 2 * tilt(x0, c), checkpoint_path=path, **options)
   with pytest.raises(ValueError, match="optimizer"):
-    finetune(APPLY_FN, params, tilt, checkpoint_path=path, **(options | dict(optimizer=optax.adam(1e-7))))
+    finetune(apply_fn, params, tilt, checkpoint_path=path, **(options | dict(optimizer=optax.adam(1e-7))))
   assert saved == [2, 4, 6]
 
 
@@ -121,16 +138,16 @@ def test_bad_options_are_named():
   options = dict(key=jax.random.key(0), schedule=SCHEDULE, sampling=SAMPLING, rounds=2, eval_every=2,
                  optimizer=OPTIMIZER)
   with pytest.raises(ValueError, match="method"):
-    finetune(APPLY_FN, PARAMS, tilt, method="ddpo", **options)
+    finetune(apply_fn, initial_params(), tilt, method="ddpo", **options)
   with pytest.raises(ValueError, match="rounds"):
-    finetune(APPLY_FN, PARAMS, tilt, method="loop", **{**options, "rounds": 3})
+    finetune(apply_fn, initial_params(), tilt, method="loop", **{**options, "rounds": 3})
   with pytest.raises(ValueError, match="minibatches"):
-    finetune(APPLY_FN, PARAMS, tilt, method="loop", minibatches=3, **options)
+    finetune(apply_fn, initial_params(), tilt, method="loop", minibatches=3, **options)
   with pytest.raises(ValueError, match="samples_per_prompt"):
-    finetune(APPLY_FN, PARAMS, tilt, method="loop",
+    finetune(apply_fn, initial_params(), tilt, method="loop",
              **{**options, "sampling": Sampling(shape=(2,), num_classes=2, prompts_per_round=4,
                                                 samples_per_prompt=1)})
   with pytest.raises(ValueError, match="clip_range"):
-    finetune(APPLY_FN, PARAMS, tilt, method="ppo", clip_range=0.0, **options)
+    finetune(apply_fn, initial_params(), tilt, method="ppo", clip_range=0.0, **options)
   with pytest.raises(ValueError, match="^normalize_advantages: only reinforce and loop"):
-    finetune(APPLY_FN, PARAMS, tilt, method="ppo", normalize_advantages=True, **options)
+    finetune(apply_fn, initial_params(), tilt, method="ppo", normalize_advantages=True, **options)

@@ -1,5 +1,7 @@
 """Learning rankers from click logs: the gradient against enumeration, learning, PRPO, resuming."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,8 +18,28 @@ from saferl_jax.models.functional import as_functional
 from saferl_jax.ranking import LinearRanker, dcg_rank_weights, exact_objective
 
 RANK_WEIGHTS = dcg_rank_weights(3)
-DATA = make_ltr_dataset(jax.random.key(0), num_queries=12, max_docs=5, min_docs=3, num_features=3)
-APPLY_FN, PARAMS = as_functional(LinearRanker(3, rngs=nnx.Rngs(0)))
+
+
+# The dataset and the ranker are built on first use, not when xdist's workers import the file.
+
+@functools.cache
+def ltr_data():
+  return make_ltr_dataset(jax.random.key(0), num_queries=12, max_docs=5, min_docs=3, num_features=3)
+
+
+@functools.cache
+def _ranker():
+  return as_functional(LinearRanker(3, rngs=nnx.Rngs(0)))
+
+
+def apply_fn(params, *inputs):
+  return _ranker()[0](params, *inputs)
+
+
+def initial_params():
+  return _ranker()[1]
+
+
 OPTIMIZER = optax.adam(0.05)
 
 
@@ -27,7 +49,7 @@ def exact_exposure(logits, where):
 
 
 def supervised():
-  return cltr.relevance_data(DATA.features, DATA.labels, DATA.where)
+  return cltr.relevance_data(ltr_data().features, ltr_data().labels, ltr_data().where)
 
 
 @pytest.mark.slow
@@ -35,22 +57,22 @@ def test_the_ascent_direction_matches_the_exact_gradient():
   """Mean over keys of the sampled parameter gradient = the gradient by enumerating rankings."""
   data, num_sessions = supervised()
   data = data._replace(logging_exposure=jax.vmap(exact_exposure)(
-      jnp.zeros(DATA.where.shape), DATA.where))
+      jnp.zeros(ltr_data().where.shape), ltr_data().where))
   for objective in ("value", "safe"):
     def exact_fn(params):
-      exposure = jax.vmap(exact_exposure)(APPLY_FN(params, DATA.features), DATA.where)
+      exposure = jax.vmap(exact_exposure)(apply_fn(params, ltr_data().features), ltr_data().where)
       return cltr.logged_objective(exposure, data.logging_exposure, data.rewards,
                                    data.session_counts, objective=objective,
-                                   num_sessions=num_sessions, where=DATA.where)
-    exact = ravel_pytree(jax.grad(exact_fn)(PARAMS))[0]
+                                   num_sessions=num_sessions, where=ltr_data().where)
+    exact = ravel_pytree(jax.grad(exact_fn)(initial_params()))[0]
     estimates = jax.jit(jax.vmap(lambda k: ravel_pytree(cltr.ascent_direction(
-        APPLY_FN, PARAMS, data, key=k, objective=objective, num_sessions=num_sessions,
+        apply_fn, initial_params(), data, key=k, objective=objective, num_sessions=num_sessions,
         rank_weights=RANK_WEIGHTS, num_samples=16, delta=0.05, clip_low=0.8, clip_high=1.2)[0])[0]))(
             jax.random.split(jax.random.key(1), 2000))
     # 4 standard errors of the Monte Carlo mean, plus float32 rounding where the estimate has no
     # variance (the bias: PL is shift-invariant, so its gradient is a sum of Q D = 60 logit
     # gradients that cancel exactly; each rounds by at most eps times the largest gradient).
-    rounding = DATA.where.size * np.finfo(np.float32).eps * np.abs(np.asarray(exact)).max()
+    rounding = ltr_data().where.size * np.finfo(np.float32).eps * np.abs(np.asarray(exact)).max()
     tolerance = 4 * np.asarray(estimates.std(0)) / np.sqrt(2000) + rounding
     np.testing.assert_array_less(np.abs(np.asarray(estimates.mean(0)) - np.asarray(exact)), tolerance)
     assert np.abs(np.asarray(exact)).max() > 5 * tolerance.max()
@@ -58,18 +80,18 @@ def test_the_ascent_direction_matches_the_exact_gradient():
 
 def expected_value(params):
   data, num_sessions = supervised()
-  exposure = jax.vmap(exact_exposure)(APPLY_FN(params, DATA.features), DATA.where)
+  exposure = jax.vmap(exact_exposure)(apply_fn(params, ltr_data().features), ltr_data().where)
   return float(jnp.sum(exposure * data.rewards) / num_sessions)
 
 
 @pytest.mark.slow
 def test_supervised_learning_raises_the_exact_value():
   data, num_sessions = supervised()
-  result = training.train_ranker(APPLY_FN, PARAMS, data, key=jax.random.key(2), objective="value",
+  result = training.train_ranker(apply_fn, initial_params(), data, key=jax.random.key(2), objective="value",
                                  num_sessions=num_sessions, rank_weights=RANK_WEIGHTS, steps=60,
                                  optimizer=OPTIMIZER, eval_every=20,
                                  evaluate=lambda p: {"w": jnp.sum(p["linear"]["kernel"][...])})
-  before, after = expected_value(PARAMS), expected_value(result.params)
+  before, after = expected_value(initial_params()), expected_value(result.params)
   assert after > before + 0.1, (before, after)
   assert result.history["objective"].shape == (60,) and result.history["w"].shape == (4,)
 
@@ -78,12 +100,12 @@ def test_supervised_learning_raises_the_exact_value():
 def test_seeds_run_together_equal_seeds_run_alone():
   data, num_sessions = supervised()
   keys = jax.random.split(jax.random.key(3), 2)
-  stacked = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), (PARAMS, data))
+  stacked = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), (initial_params(), data))
   options = dict(objective="value", num_sessions=num_sessions, rank_weights=RANK_WEIGHTS, steps=10,
                  optimizer=OPTIMIZER, eval_every=10)
-  together = training.train_ranker(APPLY_FN, stacked[0], stacked[1], key=keys, **options)
+  together = training.train_ranker(apply_fn, stacked[0], stacked[1], key=keys, **options)
   for seed in range(2):
-    alone = training.train_ranker(APPLY_FN, PARAMS, data, key=keys[seed], **options)
+    alone = training.train_ranker(apply_fn, initial_params(), data, key=keys[seed], **options)
     np.testing.assert_allclose(ravel_pytree(jax.tree_util.tree_map(lambda x: x[seed], together.params))[0],
                                ravel_pytree(alone.params)[0], rtol=1e-5, atol=1e-6)
 
@@ -94,17 +116,17 @@ def test_prpo_keeps_exposures_near_the_logging_policy():
   PRPO's clipping stops each document's own push once its ratio leaves [0.8, 1.2], but the
   ranker's shared parameters still move with the documents inside the range, so ratios do leave
   it (measured: 0.45 to 4.6, against 0.003 to 10 for the plain objective)."""
-  logits = APPLY_FN(PARAMS, DATA.features)
-  logging_exposure = jax.vmap(exact_exposure)(logits, DATA.where)
-  rewards = jnp.where(DATA.where, -jax.nn.softmax(jnp.where(DATA.where, logits, -1e9)), 0.0)
-  data = cltr.RankingData(DATA.features, DATA.where, rewards, jnp.ones(12), logging_exposure)
+  logits = apply_fn(initial_params(), ltr_data().features)
+  logging_exposure = jax.vmap(exact_exposure)(logits, ltr_data().where)
+  rewards = jnp.where(ltr_data().where, -jax.nn.softmax(jnp.where(ltr_data().where, logits, -1e9)), 0.0)
+  data = cltr.RankingData(ltr_data().features, ltr_data().where, rewards, jnp.ones(12), logging_exposure)
   divergence = {}
   for objective in ("value", "prpo"):
-    result = training.train_ranker(APPLY_FN, PARAMS, data, key=jax.random.key(4), objective=objective,
+    result = training.train_ranker(apply_fn, initial_params(), data, key=jax.random.key(4), objective=objective,
                                    num_sessions=12, rank_weights=RANK_WEIGHTS, steps=100,
                                    optimizer=OPTIMIZER, num_samples=64, eval_every=50)
-    exposure = jax.vmap(exact_exposure)(APPLY_FN(result.params, DATA.features), DATA.where)
-    ratio = np.asarray(exposure / jnp.where(logging_exposure > 0, logging_exposure, 1.0))[np.asarray(DATA.where)]
+    exposure = jax.vmap(exact_exposure)(apply_fn(result.params, ltr_data().features), ltr_data().where)
+    ratio = np.asarray(exposure / jnp.where(logging_exposure > 0, logging_exposure, 1.0))[np.asarray(ltr_data().where)]
     divergence[objective] = (ratio.min(), ratio.max(), float(jnp.mean(jax.vmap(exposure_divergence)(
         exposure, logging_exposure))))
   assert divergence["value"][0] < 0.01 and divergence["prpo"][0] > 0.3, divergence
@@ -118,13 +140,13 @@ def test_resume_after_an_interrupt_equals_the_uninterrupted_run(tmp_path, interr
   options = dict(key=jax.random.key(5), objective="safe", num_sessions=num_sessions,
                  rank_weights=RANK_WEIGHTS, steps=30, optimizer=OPTIMIZER, eval_every=10,
                  evaluate=lambda p: {"w": jnp.sum(p["linear"]["kernel"][...])})
-  reference = training.train_ranker(APPLY_FN, PARAMS, data, **options)
+  reference = training.train_ranker(apply_fn, initial_params(), data, **options)
   path = tmp_path / "run"
   interrupt_checkpoints.at = 20
   calls = interrupt_checkpoints.saved
   with pytest.raises(KeyboardInterrupt):
-    training.train_ranker(APPLY_FN, PARAMS, data, checkpoint_path=path, **options)
-  resumed = training.train_ranker(APPLY_FN, PARAMS, data, checkpoint_path=path, **options)
+    training.train_ranker(apply_fn, initial_params(), data, checkpoint_path=path, **options)
+  resumed = training.train_ranker(apply_fn, initial_params(), data, checkpoint_path=path, **options)
   assert calls == [10, 20, 30]  # the resumed run did only the last chunk
   np.testing.assert_array_equal(ravel_pytree(resumed.params)[0], ravel_pytree(reference.params)[0])
   for name in reference.history:
@@ -132,9 +154,9 @@ def test_resume_after_an_interrupt_equals_the_uninterrupted_run(tmp_path, interr
   # Other data or another learning rate: the checkpoint is refused, naming what differs.
   other = data._replace(rewards=data.rewards[::-1])
   with pytest.raises(ValueError, match="data_sha256"):
-    training.train_ranker(APPLY_FN, PARAMS, other, checkpoint_path=path, **options)
+    training.train_ranker(apply_fn, initial_params(), other, checkpoint_path=path, **options)
   with pytest.raises(ValueError, match="optimizer"):
-    training.train_ranker(APPLY_FN, PARAMS, data, checkpoint_path=path,
+    training.train_ranker(apply_fn, initial_params(), data, checkpoint_path=path,
                           **(options | dict(optimizer=optax.adam(1e-5))))
   assert calls == [10, 20, 30]
 
@@ -144,27 +166,27 @@ def test_bad_input_is_named():
   options = dict(key=jax.random.key(0), num_sessions=num_sessions, rank_weights=RANK_WEIGHTS,
                  optimizer=OPTIMIZER)
   with pytest.raises(ValueError, match="objective"):
-    training.train_ranker(APPLY_FN, PARAMS, data, objective="ips", steps=10, **options)
+    training.train_ranker(apply_fn, initial_params(), data, objective="ips", steps=10, **options)
   with pytest.raises(ValueError, match="steps"):
-    training.train_ranker(APPLY_FN, PARAMS, data, objective="value", steps=15, eval_every=10, **options)
+    training.train_ranker(apply_fn, initial_params(), data, objective="value", steps=15, eval_every=10, **options)
   with pytest.raises(ValueError, match="data.rewards"):
-    training.train_ranker(APPLY_FN, PARAMS, data._replace(rewards=data.rewards[:, :2]),
+    training.train_ranker(apply_fn, initial_params(), data._replace(rewards=data.rewards[:, :2]),
                           objective="value", steps=10, **options)
   with pytest.raises(ValueError, match="data.rewards"):
-    training.train_ranker(APPLY_FN, PARAMS, data._replace(rewards=data.rewards.at[0, 0].set(jnp.nan)),
+    training.train_ranker(apply_fn, initial_params(), data._replace(rewards=data.rewards.at[0, 0].set(jnp.nan)),
                           objective="value", steps=10, **options)
   with pytest.raises(ValueError, match="batch_queries"):
-    training.train_ranker(APPLY_FN, PARAMS, data, objective="value", steps=10, batch_queries=13,
+    training.train_ranker(apply_fn, initial_params(), data, objective="value", steps=10, batch_queries=13,
                           **options)
 
 
 @pytest.mark.slow
 def test_mini_batches_of_queries_also_learn():
   data, num_sessions = supervised()
-  result = training.train_ranker(APPLY_FN, PARAMS, data, key=jax.random.key(6), objective="value",
+  result = training.train_ranker(apply_fn, initial_params(), data, key=jax.random.key(6), objective="value",
                                  num_sessions=num_sessions, rank_weights=RANK_WEIGHTS, steps=60,
                                  optimizer=OPTIMIZER, batch_queries=4, eval_every=20)
-  assert expected_value(result.params) > expected_value(PARAMS) + 0.1
+  assert expected_value(result.params) > expected_value(initial_params()) + 0.1
 
 
 @pytest.mark.slow
@@ -176,8 +198,8 @@ def test_validation_history_is_the_held_out_estimate_per_seed():
   held_out = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), data)
   held_out = held_out._replace(rewards=held_out.rewards.at[1].set(1.0 - held_out.rewards[1]))
   keys = jax.random.split(jax.random.key(3), 2)
-  params = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), PARAMS)
-  result = training.train_ranker(APPLY_FN, params, data, key=keys, objective="value",
+  params = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), initial_params())
+  result = training.train_ranker(apply_fn, params, data, key=keys, objective="value",
                                  num_sessions=num_sessions, rank_weights=RANK_WEIGHTS, steps=20,
                                  optimizer=OPTIMIZER, eval_every=10, validation=held_out,
                                  validation_sessions=num_sessions)
@@ -187,12 +209,12 @@ def test_validation_history_is_the_held_out_estimate_per_seed():
     one = jax.tree_util.tree_map(lambda x: x[seed], held_out)
     final = jax.tree_util.tree_map(lambda x: x[seed], result.params)
     expected = cltr.estimated_objective(
-        APPLY_FN, final, one, key=jax.random.key(0), objective="value", num_sessions=num_sessions,
+        apply_fn, final, one, key=jax.random.key(0), objective="value", num_sessions=num_sessions,
         rank_weights=RANK_WEIGHTS, num_samples=32, delta=0.05, clip_low=0.8, clip_high=1.2)
     np.testing.assert_allclose(history[-1, seed], expected, rtol=1e-5)
   # Learning on the labels raises the first seed's held-out value and lowers the reversed one's.
   assert history[-1, 0] > history[0, 0] and history[-1, 1] < history[0, 1]
   with pytest.raises(ValueError, match="validation_sessions"):
-    training.train_ranker(APPLY_FN, PARAMS, data, key=jax.random.key(0), objective="value",
+    training.train_ranker(apply_fn, initial_params(), data, key=jax.random.key(0), objective="value",
                           num_sessions=num_sessions, rank_weights=RANK_WEIGHTS, steps=10,
                           optimizer=OPTIMIZER, validation=data)
