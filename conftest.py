@@ -1,6 +1,7 @@
 """Test-session settings no test file can make: XLA's optimisation level, a compilation cache for
 the session, marks for the docstring examples (doctests) of saferl_jax, and the files' order."""
 
+import collections
 import os
 import tempfile
 
@@ -17,11 +18,11 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 # JAX's persistent compilation cache, one fresh directory per test session, shared by the xdist
 # workers (the controller loads this file first and the workers inherit its environment). Many
 # tests compile programs another test (or another closure with the same program) compiled
-# already: every finetune call with a new reward closure retraces an identical program. Entries are keyed
-# by the program, the compile options and the JAX version, so results cannot change; only the
-# compile time does (tests/experiments/test_constrained_digits.py, run twice in two processes:
-# 27 s, then 12 s). Every program is cached, however short its compilation: most are short at
-# optimisation level 0. Set SAFERL_JAX_TEST_XLA_CACHE to reuse a directory across sessions.
+# already: every finetune call with a new reward closure retraces an identical program. Entries
+# are keyed by the program, the compile options and the JAX version, so results cannot change;
+# only the compile time does (tests/experiments/test_constrained_digits.py, run twice in two
+# processes: 27 s, then 12 s). Every program is cached, however short its compilation: most are
+# short at optimisation level 0. Set SAFERL_JAX_TEST_XLA_CACHE to reuse a directory across sessions.
 if "SAFERL_JAX_TEST_XLA_CACHE" not in os.environ:
   os.environ["SAFERL_JAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="saferl-jax-xla-cache-")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["SAFERL_JAX_TEST_XLA_CACHE"])
@@ -111,8 +112,6 @@ def pytest_collection_modifyitems(items):
 
   def file_of(item):
     return item.nodeid.split("::")[0]
-  counts = {}
-  for item in items:
-    counts[file_of(item)] = counts.get(file_of(item), 0) + 1
+  counts = collections.Counter(map(file_of, items))
   rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
   items.sort(key=lambda item: (rank.get(file_of(item), len(rank)), -counts[file_of(item)]))

@@ -165,7 +165,8 @@ def _train_opl():
   rng = np.random.default_rng(0)
   data = logged_batch(rng.normal(size=(6, 2)).astype(F32), rng.integers(0, 3, 6).astype(np.int32),
                       rng.uniform(size=6).astype(F32), np.full(6, 0.5, F32))
-  return dict(apply_fn=_policy()[0], params=_policy()[1], data=data, key=KEY, method="ips", epochs=1,
+  apply_fn, params = _policy()
+  return dict(apply_fn=apply_fn, params=params, data=data, key=KEY, method="ips", epochs=1,
               optimizer=optax.sgd(0.1))
 
 
@@ -175,14 +176,16 @@ def _ranker():
 
 
 def _train_ranker():
-  data, num_sessions = relevance_data(_ltr().features, _ltr().labels, _ltr().where)
-  return dict(apply_fn=_ranker()[0], params=_ranker()[1], data=data, key=KEY, objective="value",
+  ltr, (apply_fn, params) = _ltr(), _ranker()
+  data, num_sessions = relevance_data(ltr.features, ltr.labels, ltr.where)
+  return dict(apply_fn=apply_fn, params=params, data=data, key=KEY, objective="value",
               num_sessions=num_sessions, rank_weights=ranking.dcg_rank_weights(2), steps=1,
               eval_every=1, optimizer=optax.sgd(0.1), num_samples=2)
 
 
 def _finetune():
-  return dict(apply_fn=_mlp()[0], params=_mlp()[1], reward_fn=lambda x0, c: x0[:, 0], key=KEY,
+  apply_fn, params = _mlp()
+  return dict(apply_fn=apply_fn, params=params, reward_fn=lambda x0, c: x0[:, 0], key=KEY,
               method="loop", rounds=1, eval_every=1, schedule=SCHEDULE, optimizer=optax.sgd(0.1),
               sampling=finetuning.Sampling(shape=(2,), num_classes=2, prompts_per_round=1,
                                            samples_per_prompt=2, num_steps=2))

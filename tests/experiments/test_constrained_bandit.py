@@ -94,12 +94,10 @@ def test_the_wilson_interval_matches_its_formula():
 
 @pytest.mark.slow
 def test_the_command_writes_the_results_plot_and_claims_table(finished):
+  """The command's own files; the task's results in them are checked above."""
   out = finished[0].parent
   results = json.loads((out / "results.json").read_text())
   assert results["mode"] == "quick" and set(results["tasks"]) == {"bandit"}
-  task = results["tasks"]["bandit"]
-  assert {"lambda", "lambda_exact", "slack", "reward", "kl", "fixed_weights", "claims"} <= set(task)
-  assert task["lambda_exact"] is not None
   assert (out / "constrained.png").exists()
   summary = (out / "summary.md").read_text()
   assert "Constrained alignment" in summary and "| bandit |" in summary

@@ -29,8 +29,9 @@ def logged() -> types.SimpleNamespace:
 
 
 def objective(logits, multipliers=(1.5,), **options):
-  options = {"thresholds": jnp.array([0.3]), "estimator": "dr", "reward_hat": logged().reward_hat} | options
-  return constrained_objective(jax.nn.softmax(logits, axis=-1), logged().actions, logged().rewards, logged().propensities,
+  log = logged()
+  options = {"thresholds": jnp.array([0.3]), "estimator": "dr", "reward_hat": log.reward_hat} | options
+  return constrained_objective(jax.nn.softmax(logits, axis=-1), log.actions, log.rewards, log.propensities,
                                jnp.asarray(multipliers), **options)
 
 

@@ -38,7 +38,8 @@ def logged_data():
 
 
 def run(path, optimizer=FAST, epochs=3, **options):
-  return train(policy()[0], policy()[1], logged_data(), key=jax.random.key(2), method="ips", epochs=epochs,
+  apply_fn, params = policy()
+  return train(apply_fn, params, logged_data(), key=jax.random.key(2), method="ips", epochs=epochs,
                optimizer=optimizer, checkpoint_path=path, **options)
 
 

@@ -69,11 +69,11 @@ def test_the_history_has_every_name_and_shape(four_steps):
 def test_the_first_dual_step_is_projected_descent_on_the_initial_slack(four_steps):
   # Step 0 sees the initial (uniform) policy and lambda = 0: its slack is the objective's there,
   # and lambda_1 = max(0, 0 - eta * slack).
-  uniform = jnp.full((200, 4), 0.25)
+  uniform, data = jnp.full((200, 4), 0.25), logged_data()
   for s in range(2):
     expected = constrained_objective(
-        uniform, logged_data().actions[s], logged_data().rewards[s], logged_data().logging_probs[s], jnp.zeros(1),
-        thresholds=jnp.array([THRESHOLD]), estimator="dr", reward_hat=logged_data().reward_hat[s])
+        uniform, data.actions[s], data.rewards[s], data.logging_probs[s], jnp.zeros(1),
+        thresholds=jnp.array([THRESHOLD]), estimator="dr", reward_hat=data.reward_hat[s])
     history = four_steps.history
     np.testing.assert_allclose(history["slack/safety"][0, s], expected.slacks[0], atol=1e-5)
     np.testing.assert_allclose(history["lambda/safety"][0, s],
@@ -143,7 +143,8 @@ def test_bad_inputs_raise_naming_the_argument(change, error, match):
 
 
 def test_actions_beyond_the_policy_are_refused():
-  data = logged_data()._replace(actions=logged_data().actions.at[0, 0].set(4))
+  data = logged_data()
+  data = data._replace(actions=data.actions.at[0, 0].set(4))
   with pytest.raises(ValueError, match="action"):
     train_constrained(apply_fn, PARAMS, data, key=KEYS, thresholds=[0.5], num_steps=1,
                       optimizer=OPTIMIZER, dual=DUAL)

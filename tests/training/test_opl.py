@@ -146,7 +146,8 @@ def test_method_gradient_rejects_an_unknown_method():
 
 
 def test_train_rejects_an_action_beyond_the_policy():
-  data = one_seed_data()._replace(actions=one_seed_data().actions.at[0].set(NA))
+  data = one_seed_data()
+  data = data._replace(actions=data.actions.at[0].set(NA))
   with pytest.raises(ValueError, match="actions"):
     train(apply_fn, init_params(0), data, key=jax.random.key(0), method="ips", epochs=1,
           optimizer=OPTIMIZER)
@@ -209,7 +210,7 @@ def resume_params():
 
 def resume_options():
   return dict(key=jax.random.split(jax.random.key(11), 2), method="beta_grad",
-                      batch_size=8, evaluate=evaluate, optimizer=OPTIMIZER)
+              batch_size=8, evaluate=evaluate, optimizer=OPTIMIZER)
 
 
 def resume_run(path, epochs=6, data=None, **changes):

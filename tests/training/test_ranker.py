@@ -49,21 +49,23 @@ def exact_exposure(logits, where):
 
 
 def supervised():
-  return cltr.relevance_data(ltr_data().features, ltr_data().labels, ltr_data().where)
+  ltr = ltr_data()
+  return cltr.relevance_data(ltr.features, ltr.labels, ltr.where)
 
 
 @pytest.mark.slow
 def test_the_ascent_direction_matches_the_exact_gradient():
   """Mean over keys of the sampled parameter gradient = the gradient by enumerating rankings."""
   data, num_sessions = supervised()
+  ltr = ltr_data()
   data = data._replace(logging_exposure=jax.vmap(exact_exposure)(
-      jnp.zeros(ltr_data().where.shape), ltr_data().where))
+      jnp.zeros(ltr.where.shape), ltr.where))
   for objective in ("value", "safe"):
     def exact_fn(params):
-      exposure = jax.vmap(exact_exposure)(apply_fn(params, ltr_data().features), ltr_data().where)
+      exposure = jax.vmap(exact_exposure)(apply_fn(params, ltr.features), ltr.where)
       return cltr.logged_objective(exposure, data.logging_exposure, data.rewards,
                                    data.session_counts, objective=objective,
-                                   num_sessions=num_sessions, where=ltr_data().where)
+                                   num_sessions=num_sessions, where=ltr.where)
     exact = ravel_pytree(jax.grad(exact_fn)(initial_params()))[0]
     estimates = jax.jit(jax.vmap(lambda k: ravel_pytree(cltr.ascent_direction(
         apply_fn, initial_params(), data, key=k, objective=objective, num_sessions=num_sessions,
@@ -72,7 +74,7 @@ def test_the_ascent_direction_matches_the_exact_gradient():
     # 4 standard errors of the Monte Carlo mean, plus float32 rounding where the estimate has no
     # variance (the bias: PL is shift-invariant, so its gradient is a sum of Q D = 60 logit
     # gradients that cancel exactly; each rounds by at most eps times the largest gradient).
-    rounding = ltr_data().where.size * np.finfo(np.float32).eps * np.abs(np.asarray(exact)).max()
+    rounding = ltr.where.size * np.finfo(np.float32).eps * np.abs(np.asarray(exact)).max()
     tolerance = 4 * np.asarray(estimates.std(0)) / np.sqrt(2000) + rounding
     np.testing.assert_array_less(np.abs(np.asarray(estimates.mean(0)) - np.asarray(exact)), tolerance)
     assert np.abs(np.asarray(exact)).max() > 5 * tolerance.max()
@@ -80,7 +82,8 @@ def test_the_ascent_direction_matches_the_exact_gradient():
 
 def expected_value(params):
   data, num_sessions = supervised()
-  exposure = jax.vmap(exact_exposure)(apply_fn(params, ltr_data().features), ltr_data().where)
+  ltr = ltr_data()
+  exposure = jax.vmap(exact_exposure)(apply_fn(params, ltr.features), ltr.where)
   return float(jnp.sum(exposure * data.rewards) / num_sessions)
 
 
@@ -116,17 +119,18 @@ def test_prpo_keeps_exposures_near_the_logging_policy():
   PRPO's clipping stops each document's own push once its ratio leaves [0.8, 1.2], but the
   ranker's shared parameters still move with the documents inside the range, so ratios do leave
   it (measured: 0.45 to 4.6, against 0.003 to 10 for the plain objective)."""
-  logits = apply_fn(initial_params(), ltr_data().features)
-  logging_exposure = jax.vmap(exact_exposure)(logits, ltr_data().where)
-  rewards = jnp.where(ltr_data().where, -jax.nn.softmax(jnp.where(ltr_data().where, logits, -1e9)), 0.0)
-  data = cltr.RankingData(ltr_data().features, ltr_data().where, rewards, jnp.ones(12), logging_exposure)
+  ltr = ltr_data()
+  logits = apply_fn(initial_params(), ltr.features)
+  logging_exposure = jax.vmap(exact_exposure)(logits, ltr.where)
+  rewards = jnp.where(ltr.where, -jax.nn.softmax(jnp.where(ltr.where, logits, -1e9)), 0.0)
+  data = cltr.RankingData(ltr.features, ltr.where, rewards, jnp.ones(12), logging_exposure)
   divergence = {}
   for objective in ("value", "prpo"):
     result = training.train_ranker(apply_fn, initial_params(), data, key=jax.random.key(4), objective=objective,
                                    num_sessions=12, rank_weights=RANK_WEIGHTS, steps=100,
                                    optimizer=OPTIMIZER, num_samples=64, eval_every=50)
-    exposure = jax.vmap(exact_exposure)(apply_fn(result.params, ltr_data().features), ltr_data().where)
-    ratio = np.asarray(exposure / jnp.where(logging_exposure > 0, logging_exposure, 1.0))[np.asarray(ltr_data().where)]
+    exposure = jax.vmap(exact_exposure)(apply_fn(result.params, ltr.features), ltr.where)
+    ratio = np.asarray(exposure / jnp.where(logging_exposure > 0, logging_exposure, 1.0))[np.asarray(ltr.where)]
     divergence[objective] = (ratio.min(), ratio.max(), float(jnp.mean(jax.vmap(exposure_divergence)(
         exposure, logging_exposure))))
   assert divergence["value"][0] < 0.01 and divergence["prpo"][0] > 0.3, divergence
