@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from saferl_jax import checks
+
 
 def clipped_surrogate(ratio: ArrayLike, advantage: ArrayLike, *, clip_low: float,
                       clip_high: float) -> jax.Array:
@@ -30,7 +32,7 @@ def clipped_surrogate(ratio: ArrayLike, advantage: ArrayLike, *, clip_low: float
   Args:
     ratio: new / old probability (or exposure) ratios, any shape.
     advantage: advantages (or estimated rewards), broadcastable to ratio.
-    clip_low: lower end, e.g. 1 - epsilon.
+    clip_low: lower end, e.g. 1 - epsilon (a float or a scalar array, traced under jit).
     clip_high: upper end, e.g. 1 + epsilon.
 
   Returns:
@@ -41,7 +43,7 @@ def clipped_surrogate(ratio: ArrayLike, advantage: ArrayLike, *, clip_low: float
     >>> clipped_surrogate(jnp.array([0.5, 1.0, 2.0]), 1.0, clip_low=0.8, clip_high=1.2).tolist()
     [0.5, 1.0, 1.2000000476837158]
   """
-  if not clip_low <= clip_high:
+  if checks.is_concrete(clip_low, clip_high) and not float(clip_low) <= float(clip_high):
     raise ValueError(f"clip_low/clip_high: need clip_low <= clip_high, got {clip_low}, {clip_high}")
   ratio, advantage = jnp.asarray(ratio), jnp.asarray(advantage)
   return jnp.minimum(ratio * advantage, jnp.clip(ratio, clip_low, clip_high) * advantage)

@@ -580,7 +580,8 @@ def ppo_loss(log_probs: ArrayLike, old_log_probs: ArrayLike, advantages: ArrayLi
     old_log_probs: [S, B] those recorded when sampling (`Trajectory.log_probs`; gradient stopped).
     advantages: [B] advantages: `ppo_advantages` for DDPO, `loop_advantages` for LOOP (gradient
       stopped).
-    clip_range: e > 0, a Python float.
+    clip_range: e > 0, a float or a scalar array (traced: a new value reuses the compiled loss,
+      and a sweep over e under jit or vmap compiles once).
 
   Returns:
     A `PPOLoss` (loss, approx_kl, clip_fraction); only loss carries a gradient.
@@ -598,10 +599,10 @@ def ppo_loss(log_probs: ArrayLike, old_log_probs: ArrayLike, advantages: ArrayLi
   """
   log_probs, advantages, old_log_probs = _check_log_probs(log_probs, advantages, old_log_probs)
   checks.check_nonnegative_option("clip_range", clip_range, strictly_positive=True)
-  return _ppo_kernel(log_probs, old_log_probs, advantages, float(clip_range))
+  return _ppo_kernel(log_probs, old_log_probs, advantages, jnp.asarray(clip_range, log_probs.dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("clip_range",))
+@jax.jit
 def _ppo_kernel(log_probs, old_log_probs, advantages, clip_range):
   log_ratio = log_probs - jax.lax.stop_gradient(old_log_probs)
   ratio = jnp.exp(jnp.minimum(log_ratio, _MAX_LOG_RATIO))

@@ -51,6 +51,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import jax
@@ -146,7 +147,10 @@ FULL = Config(rounds=200, num_seeds=5, mixture_pretrain_steps=10_000, mixture_ro
               sweep_rounds=20)
 
 
+@functools.cache
 def _optimizer(learning_rate: float) -> optax.GradientTransformation:
+  # One object per learning rate: finetune calls that share their optimizer (and options) share
+  # one compiled round.
   return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(learning_rate))
 
 

@@ -183,7 +183,7 @@ class FinetuneState(NamedTuple):
   Attributes:
     params: the trained parameters (the adapters, with frozen_params).
     opt_state: the optimizer's state.
-    tracker: PPO's per-prompt reward buffers (`prompt_tracker`), empty for other methods.
+    tracker: PPO's per-prompt reward buffers (`prompt_tracker`), unused by other methods.
     ema_params: the exponential moving average of params (params itself without ema_decay).
     duals: the constraints' multipliers and dual state (`DualState` of [m]); None without
       constraints (an empty pytree: orbax cannot save zero-size arrays).
@@ -237,23 +237,31 @@ def _transitions(apply_fn, params, trajectory, schedule, null_condition, samplin
                                 null_condition=null_condition, reduce=sampling.reduce)
 
 
-def _advantages(method, rewards, prompts, tracker_state, *, sampling, tracker_options,
-                normalize_advantages, grpo_global_std):
-  """(advantages [B], the tracker's new state) of one round."""
+def _advantages(family, clipped_method, rewards, prompts, tracker_state, *, sampling,
+                tracker_options, normalize_advantages, grpo_global_std):
+  """(advantages [B], the tracker's new state) of one round: REINFORCE's leave-one-out baseline,
+  or for the clipped family the advantages of _CLIPPED[clipped_method] (an int array)."""
   k = sampling.samples_per_prompt
-  if method == "ppo":
+
+  def ppo():
     ids = jnp.repeat(prompts.ids, k)
     tracked = prompt_tracker(tracker_options[0], buffer_size=tracker_options[1],
                              min_count=tracker_options[2]).update(tracker_state, ids, rewards)
     return jnp.clip(tracked.advantages, -_ADVANTAGE_CLIP, _ADVANTAGE_CLIP), tracked.state
-  if method == "grpo":
+
+  def grpo():
     return grpo_advantages(rewards, samples_per_condition=k, global_std=grpo_global_std), tracker_state
-  return loop_advantages(rewards, samples_per_condition=k, normalize=normalize_advantages), tracker_state
+
+  def loop():
+    return loop_advantages(rewards, samples_per_condition=k, normalize=normalize_advantages), tracker_state
+  if family == "reinforce":
+    return loop()
+  return jax.lax.switch(clipped_method, [ppo, grpo, loop])
 
 
 def _round(state: FinetuneState, data: tuple, key: jax.Array, round_index: jax.Array, *,
-           apply_fn, reward_fn, prompt_fn, optimizer, method: str, sampling: Sampling,
-           epochs: int, minibatches: int, clip_range: float, kl_weight: float,
+           apply_fn, reward_fn, prompt_fn, optimizer, family: str, sampling: Sampling,
+           epochs: int, minibatches: int, kl_weight: float,
            normalize_advantages: bool, grpo_global_std: bool, tracker_options: tuple,
            timestep_fraction: float, max_step_grad_norm: float | None, backprop_steps: int,
            ema_decay: float | None, batch_mesh=None, constraint_options=None):
@@ -266,10 +274,14 @@ def _round(state: FinetuneState, data: tuple, key: jax.Array, round_index: jax.A
   With `batch_mesh` (finetune's batch_devices), the B samples' arrays are split over its "batch"
   devices (apply_fn arrives wrapped by `parallel.batch_sharded`).
 
+  `family` is "draft", "reinforce" or "clipped"; which clipped method's advantages a clipped round
+  uses is data, as is the clip range, so that PPO, GRPO and LOOP with the same other options,
+  and a sweep over clip ranges, share one compiled round.
+
   `data` is (this seed's reference parameters, then shared by every seed: the schedule, the null
-  condition and the frozen parameters).
+  condition, the frozen parameters, the clipped method's index in _CLIPPED and the clip range).
   """
-  reference_params, schedule, null_condition, frozen_params = data
+  reference_params, schedule, null_condition, frozen_params, clipped_method, clip_range = data
   round_key = jax.random.fold_in(key, round_index)
   prompt_key, sample_key, shuffle_key, steps_key = jax.random.split(round_key, 4)
   prompts = _draw_prompts(prompt_fn, prompt_key, sampling.prompts_per_round)
@@ -278,7 +290,7 @@ def _round(state: FinetuneState, data: tuple, key: jax.Array, round_index: jax.A
                         guidance_scale=sampling.guidance_scale, null_condition=null_condition)
   old_params = jax.lax.stop_gradient(state.params)
 
-  if method == "draft":
+  if family == "draft":
     def draft_loss(params):
       trajectory = differentiable_sample(
           apply_fn, _network(params, frozen_params), prompts.conditions, key=sample_key,
@@ -306,11 +318,12 @@ def _round(state: FinetuneState, data: tuple, key: jax.Array, round_index: jax.A
       trained_rewards = lagrangian_reward(rewards, constraint_values, state.duals.multipliers,
                                           thresholds=thresholds)
     advantages, tracker = _advantages(
-        method, trained_rewards, prompts, state.tracker, sampling=sampling, tracker_options=tracker_options,
+        family, clipped_method, trained_rewards, prompts, state.tracker, sampling=sampling,
+        tracker_options=tracker_options,
         normalize_advantages=normalize_advantages, grpo_global_std=grpo_global_std)
     params, opt_state, approx_kl, clip_fraction = _policy_gradient_updates(
         state, trajectory, advantages, reference_params, schedule, null_condition, frozen_params,
-        shuffle_key, steps_key, apply_fn=apply_fn, optimizer=optimizer, method=method,
+        shuffle_key, steps_key, apply_fn=apply_fn, optimizer=optimizer, family=family,
         sampling=sampling, epochs=epochs, minibatches=minibatches, clip_range=clip_range,
         kl_weight=kl_weight, timestep_fraction=timestep_fraction,
         max_step_grad_norm=max_step_grad_norm, batch_mesh=batch_mesh)
@@ -355,7 +368,7 @@ def _score(reward_fn, trajectory):
 
 def _policy_gradient_updates(state, trajectory, advantages, reference_params, schedule,
                              null_condition, frozen_params, shuffle_key, steps_key, *, apply_fn,
-                             optimizer, method, sampling, epochs, minibatches, clip_range,
+                             optimizer, family, sampling, epochs, minibatches, clip_range,
                              kl_weight, timestep_fraction, max_step_grad_norm, batch_mesh=None):
   """REINFORCE's one step, or the clipped loss's epochs x minibatches steps, on one round's samples."""
   num_steps = sampling.num_steps
@@ -365,12 +378,12 @@ def _policy_gradient_updates(state, trajectory, advantages, reference_params, sc
   # when a fraction is trained, so the estimate stays unbiased), the clipped loss averages them,
   # and the KL is weighted as the policy loss is, so that kl_weight is the beta of
   # E[r] - beta KL(path).
-  step_weight = num_steps / num_trained if method == "reinforce" else 1.0 / num_trained
+  step_weight = num_steps / num_trained if family == "reinforce" else 1.0 / num_trained
 
   def step_loss(params, step, step_advantages):
     new = _transitions(apply_fn, _network(params, frozen_params), step, schedule, null_condition,
                        sampling)
-    if method == "reinforce":
+    if family == "reinforce":
       loss, approx_kl, clip_fraction = reinforce_loss(new.log_probs, step_advantages), 0.0, 0.0
     else:
       loss, approx_kl, clip_fraction = ppo_loss(new.log_probs, step.log_probs, step_advantages,
@@ -384,7 +397,7 @@ def _policy_gradient_updates(state, trajectory, advantages, reference_params, sc
     return step_weight * loss, (jnp.asarray(approx_kl), jnp.asarray(clip_fraction))
 
   batch_size = advantages.shape[0]
-  if method == "reinforce":  # on-policy: one step on the whole batch
+  if family == "reinforce":  # on-policy: one step on the whole batch
     orders = jnp.arange(batch_size)[None, None]
   else:
     orders = jax.vmap(lambda k: jax.random.permutation(k, batch_size))(
@@ -599,7 +612,7 @@ def finetune(
   key, params, single_seed = driver.seed_axis(key, params)
   num_seeds = key.shape[0]
 
-  # Only PPO reads the tracker (its min_count was checked above); other methods carry an empty one.
+  # Only PPO reads the tracker (its min_count was checked above); other methods carry one unused.
   min_count = min(int(tracker_min_count), int(tracker_buffer))
   tracker = prompt_tracker(num_prompt_ids, buffer_size=tracker_buffer, min_count=min_count)
   trackers = jax.vmap(lambda _: tracker.init())(jnp.arange(num_seeds))
@@ -614,9 +627,13 @@ def finetune(
                  max_step_grad_norm=None if max_step_grad_norm is None else float(max_step_grad_norm),
                  backprop_steps=int(backprop_steps),
                  ema_decay=None if ema_decay is None else float(ema_decay))
-  # The reference (per seed), then shared by every seed: the schedule, the null condition and the
-  # frozen weights (never copied per seed).
-  data = (params, schedule, null_condition, frozen_params)
+  # The reference (per seed), then shared by every seed: the schedule, the null condition, the
+  # frozen weights (never copied per seed), which clipped method's advantages a clipped round uses
+  # and the clip range (data, so that PPO, GRPO and LOOP, and every clip range, share one
+  # compiled round).
+  clipped_method = jnp.asarray(_CLIPPED.index(method) if method in _CLIPPED else 0, jnp.int32)
+  data = (params, schedule, null_condition, frozen_params, clipped_method,
+          jnp.asarray(clip_range, jnp.float32))
   # The null condition travels as data (it may be an array), so the static Sampling holds none.
   static_sampling = dataclasses.replace(sampling, null_condition=None)
   # Fingerprinting costs a few eager updates and checksums: only for checkpointed runs.
@@ -632,13 +649,15 @@ def finetune(
   # Without constraints the round is the unconstrained one (constraint_options=None).
   if constraint_options is not None:
     options["constraint_options"] = constraint_options
+  step_options = {**options, "family": "clipped" if method in _CLIPPED else method}
+  del step_options["method"], step_options["clip_range"]
   step_fn = driver.step_function(_round, apply_fn=parallel.batch_sharded(apply_fn, batch_mesh),
                                  reward_fn=reward_fn, prompt_fn=prompt_fn, optimizer=optimizer,
-                                 sampling=static_sampling, batch_mesh=batch_mesh, **options)
+                                 sampling=static_sampling, batch_mesh=batch_mesh, **step_options)
   evaluate_ema = None if evaluate is None else _evaluate_ema(evaluate, ema_decay is not None)
   state, history, _ = driver.run(
       step_fn, state, data, key, num_steps=rounds, eval_every=eval_every, fingerprint=fingerprint,
-      data_axes=(0, None, None, None), evaluate=evaluate_ema, checkpoint_path=checkpoint_path,
+      data_axes=(0, None, None, None, None, None), evaluate=evaluate_ema, checkpoint_path=checkpoint_path,
       checkpoint_mismatch=checkpoint_mismatch, description=f"finetune ({method})",
       evaluate_state=True, mesh=batch_mesh)
   result = driver.finish(state.params, history, single_seed)
