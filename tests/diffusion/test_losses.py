@@ -174,6 +174,12 @@ def test_ppo_loss_values_and_diagnostics():
   jitted = jax.jit(lambda lp, o, a: ppo_loss(lp, o, a, clip_range=0.2))(old + log_ratio, old, adv)
   for x, y in zip(jitted, out):
     np.testing.assert_allclose(x, y, rtol=1e-6)
+  # The clip range may be traced: vmapped over e, each row equals the call with that float.
+  swept = jax.vmap(lambda e: ppo_loss(old + log_ratio, old, adv, clip_range=e))(jnp.array([0.2, 0.6]))
+  for i, e in enumerate((0.2, 0.6)):
+    for x, y in zip(swept, ppo_loss(old + log_ratio, old, adv, clip_range=e)):
+      np.testing.assert_allclose(x[i], y, rtol=1e-6)
+  assert swept.clip_fraction[1] < swept.clip_fraction[0]  # 1.5 and 0.5 lie inside 1 +- 0.6
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 from saferl_jax.models.denoisers import MLPDenoiser
+from saferl_jax.training import driver
 from saferl_jax.training.finetuning import METHODS, Sampling, finetune
 from saferl_jax.diffusion.schedules import linear_schedule
 from saferl_jax.models.functional import as_functional
@@ -59,6 +60,24 @@ def test_every_method_raises_the_reward(method):
     # The round's first minibatch sees ratio 1 (KL 0); the later ones follow moved parameters,
     # so the round's mean KL is positive in every round.
     assert np.all(result.history["approx_kl"] > 0), result.history["approx_kl"]
+
+
+@pytest.mark.slow
+def test_the_clipped_methods_and_clip_ranges_share_one_compiled_round():
+  """PPO, GRPO and LOOP with the same other options (and any clip range) run one compiled
+  round: the method's advantages and the clip range are data. The runs still differ."""
+  compiled = driver._compiled_chunk
+  runs = {}
+  for method, clip_range in (("ppo", 0.2), ("grpo", 0.1), ("loop", 0.3)):
+    before = compiled.cache_info()
+    runs[method] = finetune(apply_fn, initial_params(), tilt, key=jax.random.key(0), method=method,
+                            rounds=2, schedule=SCHEDULE, sampling=SAMPLING, optimizer=OPTIMIZER,
+                            clip_range=clip_range, eval_every=2).history["reward"]
+    if method != "ppo":
+      assert compiled.cache_info().misses == before.misses, method
+  # The first round samples from the same parameters; the second follows each method's update.
+  assert runs["ppo"][0] == runs["grpo"][0] == runs["loop"][0]
+  assert len({runs[method][1] for method in runs}) == 3
 
 
 @pytest.mark.slow
