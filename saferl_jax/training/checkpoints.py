@@ -71,14 +71,14 @@ def optimizer_probe(optimizer, params) -> list[float]:
   for `params`: the same tree (so masks apply as they would), ranks and dtypes, every leaf
   2 x ... x 2 with fixed values, so the eager updates compile a few programs per rank, shared by
   every model, not one per leaf shape (seconds on the first run of a conv net). Shape-dependent
-  choices (Adafactor's factoring of large matrices) are therefore not probed.
+  choices (Adafactor's factoring of large matrices) are therefore not probed. `params` may hold
+  arrays or `jax.ShapeDtypeStruct`s: only the tree, ranks and dtypes are read.
   """
   rng = np.random.default_rng(0)
   leaves, treedef = jax.tree_util.tree_flatten(params)
-  dtypes = [jnp.result_type(leaf) for leaf in leaves]
 
   def draw():
-    return [rng.standard_normal((2,) * np.ndim(leaf)).astype(dtype) for leaf, dtype in zip(leaves, dtypes)]
+    return [rng.standard_normal((2,) * np.ndim(leaf)).astype(jnp.result_type(leaf)) for leaf in leaves]
   stand_in = jax.tree_util.tree_unflatten(treedef, draw())
   state = optimizer.init(stand_in)
   probe = []

@@ -83,26 +83,10 @@ def check_chunks(name: str, total: int, eval_every: int) -> None:
 
 def check_finite_params(params) -> None:
   """Initial parameters must be finite: training from NaN only looks like a learning-rate problem."""
-  checked = [(path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-             if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) and checks.is_concrete(leaf)]
-  if not checked:
-    return
-  finite = np.asarray(_leaves_finite([leaf for _, leaf in checked]))
-  for (path, _), ok in zip(checked, finite):
-    if not ok:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) and checks.is_concrete(leaf) and \
+       not bool(jnp.all(jnp.isfinite(leaf))):
       raise ValueError(f"params: {jax.tree_util.keystr(path)} contains NaN or infinite values")
-
-
-# The tree helpers below run as one compiled program per tree (its shapes), not one eagerly
-# compiled operation per leaf shape: a conv net's first training call compiled some fifty.
-@jax.jit
-def _leaves_finite(leaves: list) -> jax.Array:
-  return jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])
-
-
-@jax.jit
-def _add_seed_axis(tree):
-  return jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], tree)
 
 
 def seed_axis(key: jax.Array, params) -> tuple[jax.Array, Any, bool]:
@@ -111,7 +95,7 @@ def seed_axis(key: jax.Array, params) -> tuple[jax.Array, Any, bool]:
   check_seed_keys(key)
   check_finite_params(params)
   if key.ndim == 0:
-    return key[None], _add_seed_axis(params), True
+    return key[None], jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], params), True
   return key, params, False
 
 
@@ -125,7 +109,6 @@ def check_data_seeds(data_seeds: int | None, key: jax.Array, single_seed: bool) 
     raise ValueError(f"data: has {data_seeds} seeds but key has {key.shape[0]}")
 
 
-@jax.jit
 def one_seed(tree):
   """The first seed's slice of a tree with a leading seed axis."""
   return jax.tree_util.tree_map(lambda x: x[0], tree)
@@ -148,7 +131,6 @@ def fingerprint(*, loop: str, state, data, key, num_steps: int, eval_every: int,
     run_config: anything else the caller wants to bind the checkpoint to (an experiment's config).
     **extra: further JSON fields (e.g. a reward's probe values).
   """
-  params = one_seed(state.params)
   result = {
       "loop": loop, "num_steps": int(num_steps), "eval_every": int(eval_every),
       "options": options,
@@ -160,7 +142,8 @@ def fingerprint(*, loop: str, state, data, key, num_steps: int, eval_every: int,
       "run_config": run_config,
   }
   if optimizer is not None:
-    result["optimizer"] = checkpoints.optimizer_probe(optimizer, params)
+    # The probe reads only one seed's shapes and dtypes (no slice is computed).
+    result["optimizer"] = checkpoints.optimizer_probe(optimizer, jax.eval_shape(one_seed, state.params))
   # As it will read back from the checkpoint's JSON (tuples become lists).
   return json.loads(json.dumps({**result, **extra}))
 
