@@ -30,7 +30,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 # Examples that take 0.6 s or more on 2 CPU cores (mostly XLA compilation); they run in the slow
-# tier, so `pytest -m "not slow"` stays near 2 minutes.
+# tier, so `pytest -m "not slow"` stays under 2 minutes.
 SLOW_DOCTESTS = {
     "saferl_jax.cltr.bias_estimation.estimate_bias",
     "saferl_jax.data.click_logs.with_click_model",
@@ -48,13 +48,16 @@ SLOW_DOCTESTS = {
     "saferl_jax.data.constrained_bandit.policy_values",
     "saferl_jax.data.constrained_bandit.simulate_log",
     "saferl_jax.data.constrained_bandit.simulate_logs",
+    "saferl_jax.data.constrained_bandit.two_reward_problem",
     "saferl_jax.data.digits.split",
     "saferl_jax.data.ltr.make_ltr_dataset",
     "saferl_jax.data.ltr.split",
     "saferl_jax.data.mixture2d.constrained_optimum",
     "saferl_jax.data.mixture2d.mixture_mmd",
     "saferl_jax.data.mixture2d.sample_mixture",
+    "saferl_jax.data.obd.iter_obd",
     "saferl_jax.data.obd.load_obd",
+    "saferl_jax.data.synthetic_bandit.logged_rounds",
     "saferl_jax.data.synthetic_bandit.make_problem",
     "saferl_jax.data.synthetic_bandit.simulate_log",
     "saferl_jax.diffusion.composition.path_kl",
@@ -77,6 +80,7 @@ SLOW_DOCTESTS = {
     "saferl_jax.models.denoisers.SequenceEncoder",
     "saferl_jax.models.lora.LoRALayer",
     "saferl_jax.models.lora.disable_adapters",
+    "saferl_jax.models.lora.lora_functional",
     "saferl_jax.models.reward_models.cross_fit_propensities",
     "saferl_jax.models.reward_models.cross_fit_reward_model",
     "saferl_jax.ope.confidence.estimator_bootstrap_interval",

@@ -401,6 +401,7 @@ VALID_ROWS = sorted(name for name, row in TABLE.items() if row.run_valid)
 
 
 @pytest.mark.parametrize("name", VALID_ROWS)
+@pytest.mark.slow
 def test_valid_call_runs(name):
   """Every row's baseline call is valid, so a refusal below is the bad option's doing."""
   row = TABLE[name]

@@ -151,6 +151,7 @@ def test_log_likelihood_never_decreases():
   assert values[-1] - values[0] > 1.0  # and it does climb
 
 
+@pytest.mark.slow
 def test_masked_documents_are_ignored_and_all_masked_is_finite():
   counts = _synthetic_counts(num_docs=5)
   padded = be.RankCounts(

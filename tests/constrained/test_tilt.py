@@ -192,6 +192,7 @@ def test_minimize_dual_matches_lbfgsb_with_kkt_and_strong_duality():
   np.testing.assert_allclose(primal, dual.value, rtol=0, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_minimize_dual_in_float32_is_close_to_the_float64_minimiser():
   log_ref, q0, q, b, beta = active_inactive_problem()
   exact = float64_minimiser()

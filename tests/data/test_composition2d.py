@@ -53,6 +53,7 @@ def test_grid_kls_and_normaliser_match_the_product_of_gaussians():
     np.testing.assert_allclose(got.log_normalizer, log_z, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_optimal_weights_match_the_closed_form_optimum_with_equal_kls():
   best = c2d.optimal_weights(LOG_Q, cell_area=GRID.cell_area)
   mu_star = closed_form_optimum()

@@ -88,6 +88,7 @@ def _old_simulate_log(key, problem, n):
 @pytest.mark.parametrize("num_actions, temperature", [
     (7, 300.0), pytest.param(1, 1.0, marks=pytest.mark.slow), pytest.param(4, -2.0, marks=pytest.mark.slow),
     pytest.param(64, 1.0, marks=pytest.mark.slow), pytest.param(100, 5.0, marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_simulated_log_is_bit_identical_to_the_gathered_cdf_formula(num_actions, temperature):
   problem = sb.make_problem(jax.random.key(num_actions), num_actions=num_actions, num_contexts=20,
                             logger_inverse_temperature=temperature)
@@ -135,6 +136,7 @@ def test_logged_rounds_vmapped_over_seeds_equal_a_loop(problem):
       np.testing.assert_allclose(getattr(batched, name)[i], column, rtol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow
 def test_logged_rounds_reject_a_seed_batched_log(problem):
   logs = sb.simulate_logs(problem, keys=jax.random.split(jax.random.key(0), 2), num_rounds=4)
   with pytest.raises(ValueError, match="log.context_ids"):

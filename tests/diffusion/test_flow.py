@@ -205,6 +205,7 @@ def np_chain(schedule, num_steps, eta):
 
 
 @pytest.mark.parametrize("eta, num_steps", [(0.7, 10), (1.0, 20)])
+@pytest.mark.slow
 def test_sampled_sde_chain_has_the_exact_discrete_marginal(eta, num_steps):
   # x ~ N(0, I) at t_max = 0.97: every step is Gaussian, so the final marginal is the float64
   # propagation of N(0, 1); 20000 samples against it, 4 standard errors.

@@ -562,6 +562,7 @@ def test_epsilon_loss_pytree_conditions():
   np.testing.assert_allclose(jax.jit(fn)(0.5, condition["u"]), fn(0.5, condition["u"]), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_epsilon_loss_condition_checks():
   zero = lambda params, x, t, c: jnp.zeros_like(x)
   x0 = jnp.zeros((4, 2))

@@ -139,6 +139,7 @@ def test_gradient_with_respect_to_eps():
   np.testing.assert_allclose(grad, expected, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_step_kl_closed_form_and_monte_carlo():
   mean, ref = jnp.array([1.0, -2.0, 0.5]), jnp.array([0.0, -1.0, 0.5])
   assert float(step_kl(mean, ref, 2.0)) == pytest.approx(2.0 / 8.0)

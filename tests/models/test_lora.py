@@ -160,6 +160,7 @@ def test_adapter_gradients_match_finite_differences_and_leave_out_the_base(built
 
 
 @pytest.mark.parametrize("name", ["mlp", "conv"])
+@pytest.mark.slow
 def test_merge_equals_adapted_and_restores_the_original_structure(built, adapted, name):
   build, inputs = built[name]
   reference, model, *_ = adapted[name]
@@ -196,6 +197,7 @@ def test_disabled_adapters_give_the_base_and_vmap_over_seeds_equals_a_loop(built
   assert np.abs(vmapped[0] - vmapped[1]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_include_chooses_the_layers(built):
   build, _ = built["conv"]
   num_convs = sum(isinstance(m, PatchConv) for _, m in nnx.iter_modules(build()))
@@ -247,6 +249,7 @@ def test_bad_options_name_the_argument(built):
     lora.count_parameters({"name": "kernel"})
 
 
+@pytest.mark.slow
 def test_count_parameters_closed_form():
   tree = {"w": jnp.zeros((3, 5)), "b": jax.ShapeDtypeStruct((5,), jnp.float32), "s": 2.0}
   assert lora.count_parameters(tree) == 15 + 5 + 1

@@ -90,6 +90,7 @@ def test_iw_and_mrdr_name_what_they_miss(missing):
 @pytest.mark.parametrize("model, optimizer", [
     ("logistic", SGD), pytest.param("logistic", None, marks=pytest.mark.slow),
     pytest.param("mlp", None, marks=pytest.mark.slow)], ids=["sgd", "lbfgs", "mlp-lbfgs"])
+@pytest.mark.slow
 def test_changing_one_folds_rewards_leaves_that_folds_predictions_unchanged(model, optimizer):
   x, a, r = small_log()
   options = dict(num_actions=3, key=jax.random.key(3), model=model, optimizer=optimizer,
@@ -105,6 +106,7 @@ def test_changing_one_folds_rewards_leaves_that_folds_predictions_unchanged(mode
   assert np.abs(np.asarray(refit.reward_hat - fit.reward_hat)[~in_fold]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_folds_are_balanced_and_drawn_from_the_key():
   x, a, r = small_log()
   fits = [cross_fit_reward_model(x, a, r, num_actions=3, key=jax.random.key(k), optimizer=SGD,
@@ -211,6 +213,7 @@ def test_iw_and_mrdr_fit_with_positions_and_a_three_axis_target():
     assert np.all(np.isfinite(fit.reward_hat))
 
 
+@pytest.mark.slow
 def test_auto_loss_picks_squared_for_non_binary_rewards():
   x, a, r = small_log()
   scaled = 3.0 * r  # rewards in {0, 3}: squared loss, identity link

@@ -196,6 +196,7 @@ def test_subgaussian_by_hand():
   np.testing.assert_allclose(sg_dr(R, A, P, T, Q, lambda_=0.5).per_sample, dr_terms, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_subgaussian_limits():
   # lambda_ = 0 is IPS / DR; lambda_ = 1 sets every positive weight to 1.
   assert_estimate(sg_ips(R, A, P, T, lambda_=0.0), np_estimate("ips", R, A, P, T))
@@ -214,6 +215,7 @@ def test_subgaussian_limits():
   assert values == sorted(values, reverse=True)
 
 
+@pytest.mark.slow
 def test_subgaussian_is_differentiable_in_lambda_and_vmaps_over_a_grid():
   grid = jnp.array([0.0, 0.2, 0.7, 1.0])
   batched = jax.vmap(lambda lam: sg_dr(R, A, P, T, Q, lambda_=lam).value)(grid)
@@ -895,6 +897,7 @@ def _bias_data(seed, n, tiny=None):
 
 
 @pytest.mark.parametrize("seed,n", [(0, 2), (1, 3), (2, 5), (3, 12), (4, 40)])
+@pytest.mark.slow
 def test_jackknife_bias_equals_a_leave_one_out_loop(seed, n):
   r, a, p, t = _bias_data(seed, n)
   w = t[np.arange(n), a] / p
@@ -922,6 +925,7 @@ def test_jackknife_bias_in_float32_with_a_dominant_weight(seed, n, tiny):
     np.testing.assert_allclose(out.bias, expected, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_jackknife_bias_special_cases():
   # Constant weights: every beta gives the same estimate, beta* = 0 and nothing to correct.
   constant = beta_ips_bias(R, np.zeros(4, int), np.full(4, 0.5), np.tile([0.5, 0.5], (4, 1)))
@@ -933,6 +937,7 @@ def test_jackknife_bias_special_cases():
   np.testing.assert_allclose(out.bias, np.mean(r * w) - value, rtol=1e-6)  # (n-1)(mean - V)
 
 
+@pytest.mark.slow
 def test_jackknife_bias_jit_vmap_and_gradient():
   data = random_datasets(5, batch=3, n=8)[:4]
   batched = jax.vmap(beta_ips_bias)(*data)

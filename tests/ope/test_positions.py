@@ -67,12 +67,14 @@ def assert_trees_close(x, y, **tolerance):
 
 
 @pytest.mark.parametrize("name", sorted(CALLS))
+@pytest.mark.slow
 def test_slots_with_positions_equal_the_selected_slice(name):
   with_slots = CALLS[name](R, ACTIONS, P, T, Q, POS)
   on_slice = CALLS[name](R, ACTIONS, P, selected(T), selected(Q), None)
   assert_trees_close(with_slots, on_slice, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_each_round_reads_only_its_own_slot():
   # Changing the slots that no round uses changes nothing (they stay distributions).
   other = np.where(np.arange(L)[None, None, :] == POS[:, None, None], T, T[:, ::-1, :])
@@ -86,6 +88,7 @@ def test_each_round_reads_only_its_own_slot():
                              rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_single_slot_equals_no_positions():
   for name in ("ips", "dr", "sndr", "sg_dr"):
     assert_trees_close(CALLS[name](R, ACTIONS, P, T[:, :, :1], Q[:, :, :1], np.zeros(N, np.int32)),

@@ -65,6 +65,7 @@ def test_self_normalised_intervals_use_the_delta_method():
   np.testing.assert_allclose(report.delta, 0.1)
 
 
+@pytest.mark.slow
 def test_default_estimators_follow_estimate_all():
   assert evaluate(R, A, P, T).names == ("ips", "snips", "beta_ips")
   assert evaluate(R, A, P, T, Q).names == ("ips", "snips", "beta_ips", "dm", "dr", "sndr")
@@ -93,6 +94,7 @@ def test_bad_requests_are_refused_by_name():
     evaluate(R, A, np.where(P > 0.3, P, 0.0), T)
 
 
+@pytest.mark.slow
 def test_a_tuned_value_and_a_traced_option_give_the_same_report():
   tuned = tune(R, A, P, T, Q, estimator="dr", grid=[1.0, 2.0, np.inf])
   report = evaluate(R, A, P, T, Q, estimators=("dr",), options={"dr": {"clip": tuned.best}})

@@ -239,6 +239,7 @@ def test_improves_on_logging_false_deploy_rate_is_at_most_delta():
   assert rate <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / 2000), rate
 
 
+@pytest.mark.slow
 def test_improves_on_logging_high_confidence_truncated():
   r, a, p, t = simulate(jax.random.key(8), GOOD, 1000)
   logged_rewards = simulate(jax.random.key(9), PI_0, 1000)[0]

@@ -41,6 +41,7 @@ def _chunks(inputs, cuts):
                reward_hat=inputs.reward_hat[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
+@pytest.mark.slow
 def test_default_and_dr_streamed_estimates_equal_in_memory_ones(log_inputs):
   names = ("ips", "snips", "dr", "beta_ips")
   reference = ope.estimate_all(*log_inputs, estimators=names)
@@ -105,6 +106,7 @@ def test_intervals_and_diagnostics_match_the_in_memory_bounds(log_inputs):
   assert int(result.num_rounds) == 2003
 
 
+@pytest.mark.slow
 def test_where_masks_rounds_and_update_runs_under_jit(log_inputs):
   chunk = _chunks(log_inputs, [0, 64])[0]
   stream = st.stream_estimators(("snips", "dr"))
@@ -117,6 +119,7 @@ def test_where_masks_rounds_and_update_runs_under_jit(log_inputs):
   np.testing.assert_allclose(finalized.value, stream.finalize(kept).estimates["snips"].value, rtol=RTOL)
 
 
+@pytest.mark.slow
 def test_merge_is_the_moments_of_the_union():
   rng = np.random.default_rng(1)
   columns = (rng.normal(size=(50, 3)) * [1.0, 100.0, 0.01]).astype(np.float32)

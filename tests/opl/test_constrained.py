@@ -49,12 +49,14 @@ def test_on_the_logging_policy_the_values_are_the_means_and_the_bound_is_student
   np.testing.assert_allclose(out.lagrangian, rewards[:, 0].mean() + 1.5 * (lcb - 0.3), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_penalty_estimate_uses_the_estimate_in_the_slack():
   out = objective(logged().logits, penalty="estimate")
   np.testing.assert_allclose(out.slacks, out.estimates[1:] - 0.3, atol=1e-6)
   np.testing.assert_allclose(out.lagrangian, out.estimates[0] + 1.5 * out.slacks[0], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_dr_gradient_matches_central_finite_differences():
   # In float64 a central difference with h = 1e-5 is accurate to O(h^2) ~ 1e-10 plus rounding
   # ~1e-16 / h ~ 1e-11; 1e-7 leaves room for the objective's curvature.

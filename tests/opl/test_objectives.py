@@ -270,6 +270,7 @@ def test_corrected_gradient_is_the_gradient_of_the_corrected_objective(beta):
                                rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.slow
 def test_gradient_optimal_baseline_by_hand():
   with jax.enable_x64(True):
     apply_fn, params = tiny_policy()
@@ -325,6 +326,7 @@ def np_variance_minimiser(r, g):
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.4, 1.7])
+@pytest.mark.slow
 def test_gradient_variance_is_the_trace_of_the_sample_covariance_over_n(beta):
   with jax.enable_x64(True):
     apply_fn, params = tiny_policy()

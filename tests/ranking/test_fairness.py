@@ -47,6 +47,7 @@ def exact_exposure(logits, theta, where=None):
   return exact_objective(square(logits), jnp.eye(num_items), theta, where=square(where))
 
 
+@pytest.mark.slow
 def test_closed_forms():
   # Merits 2, 1: exposure per merit 0.5 and 0.5 is fair; 1 and 0.5 is not.
   assert float(exposure_disparity(jnp.array([1.0, 0.5]), jnp.array([2.0, 1.0]))) == 0.0
@@ -80,6 +81,7 @@ def test_matches_the_pairwise_loop_with_masks_and_batches():
     np.testing.assert_allclose(jitted(exposure, merit, where), got, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_padding_never_reaches_the_value_or_gradient():
   where = jnp.array([True, True, False])
   merit = jnp.array([1.0, 2.0, 3.0])
@@ -116,6 +118,7 @@ LISTS = [
 
 
 @pytest.mark.parametrize("logits,merit,where,cutoff,form", LISTS)
+@pytest.mark.slow
 def test_disparity_of_exact_exposures(logits, merit, where, cutoff, form):
   logits, merit = jnp.asarray(logits), jnp.asarray(merit)
   valid = np.ones(len(merit), bool) if where is None else np.asarray(where)

@@ -58,6 +58,7 @@ def assert_mean_within_stderr(samples, expected, num_se=4.0):
 # Exact values by enumeration.
 
 
+@pytest.mark.slow
 def test_exact_objective_closed_forms():
   # One rank, two items: R = sigma(m0 - m1) rho0 + sigma(m1 - m0) rho1.
   m = jnp.array([0.7, -0.2])

@@ -161,6 +161,7 @@ def test_listmle_random_ties_pick_a_label_consistent_order():
   assert seen <= values and len(seen) > 1
 
 
+@pytest.mark.slow
 def test_softmax_loss_closed_form_and_masks():
   logits = np.array([[1.0, 0.0, -1.0, 5.0], [0.5, 0.5, 0.0, 0.0]], np.float32)
   labels = np.array([[2.0, 1.0, 0.0, 4.0], [1.0, 0.0, 3.0, 0.0]], np.float32)

@@ -94,6 +94,7 @@ def test_per_resample_counts_have_multinomial_variance(indices):
   assert abs(per_resample.mean() - (1 - 1 / N_Q)) <= 4 * standard_error
 
 
+@pytest.mark.slow
 def test_resamples_are_uncorrelated(indices):
   # Counts of different resamples are independent: correlation 0, standard
   # deviation about 1/sqrt(n) per pair.

@@ -31,6 +31,7 @@ interval_jit = jax.jit(confidence_interval, static_argnames=("method", "truncate
     ("bernstein", math.sqrt(2 * math.log(2 / 0.05) * STD**2 / N)
      + 7 * 1.0 * math.log(2 / 0.05) / (3 * (N - 1))),
 ], ids=["normal", "t", "hoeffding", "bernstein"])
+@pytest.mark.slow
 def test_lower_bound_closed_form(method, half_width):
   bound = lower_bound_jit(X, delta=0.05, method=method, max_value=1.0)
   np.testing.assert_allclose(bound, MEAN - half_width, rtol=1e-5)
@@ -43,6 +44,7 @@ def test_lower_bound_closed_form(method, half_width):
     ("bernstein", math.sqrt(2 * math.log(4 / 0.05) * STD**2 / N)
      + 7 * 2.0 * math.log(4 / 0.05) / (3 * (N - 1))),
 ], ids=["normal", "t", "hoeffding", "bernstein"])
+@pytest.mark.slow
 def test_confidence_interval_closed_form(method, half_width):
   ci = interval_jit(X, delta=0.05, method=method, max_value=2.0)
   np.testing.assert_allclose(ci.lower, MEAN - half_width, rtol=1e-5)

@@ -55,6 +55,7 @@ def four_steps():
   return run()
 
 
+@pytest.mark.slow
 def test_the_history_has_every_name_and_shape(four_steps):
   history = four_steps.history
   for name in ("value/primary", "lagrangian", "estimate/safety", "lcb/safety", "slack/safety",
@@ -83,6 +84,7 @@ def test_the_first_dual_step_is_projected_descent_on_the_initial_slack(four_step
   np.testing.assert_allclose(lam[1:], np.maximum(lam[:-1] - 2.0 * slack[1:], 0.0), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_dual_every_holds_the_multipliers_between_dual_steps():
   history = run(dual_every=2).history["lambda/safety"]
   np.testing.assert_array_equal(history[0], 0.0)  # step 1 of 2: no dual step yet
@@ -96,6 +98,7 @@ def test_without_a_dual_the_multipliers_stay_fixed_per_seed():
                              result.history["estimate/safety"] - THRESHOLD, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_single_key_runs_one_seed_like_the_first_of_two(four_steps):
   one = train_constrained(apply_fn, PARAMS[0], jax.tree_util.tree_map(lambda x: x[0], logged_data()),
                           key=KEYS[0], thresholds=[THRESHOLD], num_steps=4, optimizer=OPTIMIZER,

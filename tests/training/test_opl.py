@@ -247,6 +247,7 @@ def test_resume_after_an_interrupt_equals_the_uninterrupted_run(six_epochs, tmp_
   assert resumed.history["baseline"].shape == (6, 2)
 
 
+@pytest.mark.slow
 def test_a_finished_checkpoint_is_returned_without_training(six_epochs, tmp_path, saved_epochs):
   reference, six_path = six_epochs
   path = tmp_path / "copy"
@@ -259,6 +260,7 @@ def test_a_finished_checkpoint_is_returned_without_training(six_epochs, tmp_path
     ("method", "options"), ("data", "data_sha256"), ("params", "initial_state_sha256"),
     ("lambda", "options"), ("epochs", "num_steps"), ("permuted", "data_sha256"),
     ("evaluate", "evaluate")])
+@pytest.mark.slow
 def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(six_epochs, tmp_path,
                                                                     saved_epochs, change, field):
   _, six_path = six_epochs
@@ -307,6 +309,7 @@ def test_method_gradient_beta_grad(batch_and_params):
   assert np.abs(flat(grads)).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_method_gradient_banditnet(batch_and_params):
   batch, params = batch_and_params
   ips_grads, ips_baseline = method_gradient("ips", apply_fn, params, batch)
@@ -323,6 +326,7 @@ def test_method_gradient_banditnet(batch_and_params):
   assert not np.allclose(flat(grads), flat(ips_grads))
 
 
+@pytest.mark.slow
 def test_method_gradient_beta_value_and_snips(batch_and_params):
   batch, params = batch_and_params
   log_probs = logged_log_probs(apply_fn, params, batch.contexts, batch.actions)
@@ -345,6 +349,7 @@ def test_method_gradient_beta_value_and_snips(batch_and_params):
 
 
 @pytest.mark.parametrize("method", ["beta_grad", "snips"])
+@pytest.mark.slow
 def test_one_epoch_with_batch_size_n_is_one_full_batch_step(method):
   params = init_params(2)
   optimizer = optax.adam(0.05)
