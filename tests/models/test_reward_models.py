@@ -87,9 +87,8 @@ def test_iw_and_mrdr_name_what_they_miss(missing):
 # Out of fold: round i's prediction never depends on its own fold's data.
 
 
-@pytest.mark.parametrize("model, optimizer", [
-    ("logistic", SGD), pytest.param("logistic", None, marks=pytest.mark.slow),
-    pytest.param("mlp", None, marks=pytest.mark.slow)], ids=["sgd", "lbfgs", "mlp-lbfgs"])
+@pytest.mark.parametrize("model, optimizer", [("logistic", SGD), ("logistic", None), ("mlp", None)],
+                         ids=["sgd", "lbfgs", "mlp-lbfgs"])
 @pytest.mark.slow
 def test_changing_one_folds_rewards_leaves_that_folds_predictions_unchanged(model, optimizer):
   x, a, r = small_log()
