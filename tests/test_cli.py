@@ -21,14 +21,14 @@ TINY_CLTR = cltr_safety.Config(num_queries=40, max_docs=8, min_docs=4, num_featu
                                logger_fraction=0.1, logger_steps=10, sessions=(100, 1000), num_seeds=2, steps=10,
                                num_samples=4, eval_samples=8, click_models=("trust_bias", "adversarial"),
                                estimated_bias=(), methods=("ips", "dr", "safe_dr", "prpo"))
-# The sweep runs at the circle task's learning rate (Config's default 5e-4), so its cells reuse that
-# task's compiled round: the clip range is data.
+# The sweep runs at the circle task's learning rate, so its cells reuse that task's compiled round
+# (the clip range is data).
 TINY_LOOP = loop_finetuning.Config(train_steps=100, sampling_steps=4, channels=8, pretrain_steps=20,
                                    pretrain_batch=32, classifier_steps=20, prompts_per_round=2,
                                    samples_per_prompt=2, rounds=2, eval_every=2, minibatches=1,
                                    num_seeds=2, mixture_pretrain_steps=20, mixture_rounds=2,
-                                   circle_hidden=(16, 16), circle_eval_prompts=3,
-                                   circle_eval_samples=16, sweep_methods=("loop",),
+                                   circle_hidden=(16, 16), circle_learning_rate=5e-4,
+                                   circle_eval_prompts=3, circle_eval_samples=16, sweep_methods=("loop",),
                                    sweep_clip_ranges=(0.1, 0.3), sweep_learning_rates=(5e-4,),
                                    sweep_rounds=2)
 

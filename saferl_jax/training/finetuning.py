@@ -649,8 +649,10 @@ def finetune(
   # Without constraints the round is the unconstrained one (constraint_options=None).
   if constraint_options is not None:
     options["constraint_options"] = constraint_options
-  step_options = {**options, "family": "clipped" if method in _CLIPPED else method}
-  del step_options["method"], step_options["clip_range"]
+  # The round's static options: the method's family only (method and clip range travel as data).
+  step_options = {name: value for name, value in options.items()
+                  if name not in ("method", "clip_range")}
+  step_options["family"] = "clipped" if method in _CLIPPED else method
   step_fn = driver.step_function(_round, apply_fn=parallel.batch_sharded(apply_fn, batch_mesh),
                                  reward_fn=reward_fn, prompt_fn=prompt_fn, optimizer=optimizer,
                                  sampling=static_sampling, batch_mesh=batch_mesh, **step_options)
