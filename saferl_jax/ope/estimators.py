@@ -732,31 +732,21 @@ def _split_options(name: str, options: dict) -> tuple[tuple, dict]:
   return tuple(sorted(static)), dynamic
 
 
-def _estimates_from_rounds(rounds: LoggedRounds, dynamic: dict, requests: tuple
-                           ) -> dict[str, Estimate]:
-  return {name: _KERNEL_FUNCTIONS[name](rounds, **dict(static), **dynamic[name])
-          for name, static in requests}
-
-
 @functools.partial(jax.jit, static_argnames=("requests", "check"))
 def _estimates_kernel(inputs: tuple, dynamic: dict, *, requests: tuple,
-                      check: tuple[bool, ...] | None
-                      ) -> tuple[jax.Array | None, tuple[dict[str, Estimate], LoggedRounds]]:
-  """One compiled program: the value flags of the inputs (the checks selected by `check`), every
-  requested estimate, and the reduced terms for `rounds_lib.remember_rounds`."""
+                      check: tuple[bool, ...] | None) -> tuple[jax.Array | None, dict[str, Estimate]]:
+  """One compiled program: the value flags of the inputs (the checks selected by `check`) and
+  every requested estimate."""
   rounds = rounds_lib.reduce_inputs(*inputs)
-  flags = None if check is None else rounds_lib.input_flags(inputs, check, rounds)
-  return flags, (_estimates_from_rounds(rounds, dynamic, requests),
-                 rounds_lib.kept_terms(rounds, inputs))
-
-
-_estimates_from_rounds_jit = jax.jit(_estimates_from_rounds, static_argnames="requests")
+  estimates = {name: _KERNEL_FUNCTIONS[name](rounds, **dict(static), **dynamic[name])
+               for name, static in requests}
+  return (None if check is None else rounds_lib.input_flags(inputs, check, rounds)), estimates
 
 
 def _estimate(estimators: tuple[str, ...], options: dict[str, dict], rewards, actions,
               logging_probs, target_dist, reward_hat=None, positions=None) -> dict[str, Estimate]:
   """Validates once (shapes while tracing, values in the kernel's single host transfer) and runs
-  the compiled estimators; on a dataset an earlier call reduced, on its memoised rounds."""
+  the compiled estimators."""
   inputs = rounds_lib.prepare_inputs(rewards, actions, logging_probs, target_dist, reward_hat,
                                      positions)
   requests, dynamic = [], {}
@@ -765,13 +755,7 @@ def _estimate(estimators: tuple[str, ...], options: dict[str, dict], rewards, ac
     _check_options(name, opts)
     static, dynamic[name] = _split_options(name, opts)
     requests.append((name, static))
-  requests = tuple(requests)
-  memo = rounds_lib.memoised_rounds(inputs)
-  if memo is not None:
-    return _estimates_from_rounds_jit(memo, dynamic, requests=requests)
-  estimates, kept = rounds_lib.run_validated(_estimates_kernel, inputs, dynamic, requests=requests)
-  rounds_lib.remember_rounds(inputs, kept)
-  return estimates
+  return rounds_lib.run_validated(_estimates_kernel, inputs, dynamic, requests=tuple(requests))
 
 
 def _estimate_one(name: str, options: dict, *arrays, positions=None) -> Estimate:

@@ -19,7 +19,6 @@ into the same compiled pass as the other value checks.
 from __future__ import annotations
 
 import functools
-import weakref
 from typing import NamedTuple
 
 import jax
@@ -235,55 +234,6 @@ def run_validated(kernel, inputs: tuple, *args, **static):
   return kernel(inputs, *args, check=None, **static)[1]
 
 
-# Rounds already reduced from concrete jax.Arrays that passed their checks. A jax.Array is
-# immutable, so its reduction stays right for as long as the inputs live: a second estimator on
-# the same dataset (eager `ips`, then `snips`) reads the [n] terms instead of target_dist
-# [n, A] again. Keyed by the inputs' ids; dropped by a weakref callback as soon as any input is
-# collected, so an id is never reused stale. The memo holds the reduced terms, never the inputs.
-_REDUCED: dict[tuple, tuple[tuple[weakref.ref, ...], LoggedRounds]] = {}
-
-
-def _memo_key(inputs: tuple) -> tuple:
-  return tuple(None if x is None else id(x) for x in inputs)
-
-
-def memoised_rounds(inputs: tuple) -> LoggedRounds | None:
-  """The rounds `remember_rounds` kept for exactly these `prepare_inputs` arrays, else None."""
-  entry = _REDUCED.get(_memo_key(inputs))
-  if entry is None:
-    return None
-  refs, terms = entry
-  if any(ref() is not x for ref, x in zip(refs, (x for x in inputs if x is not None))):
-    return None
-  return terms._replace(rewards=inputs[0])
-
-
-def kept_terms(rounds: LoggedRounds, inputs: tuple) -> LoggedRounds:
-  """What a kernel returns for `remember_rounds`: the terms that are not inputs or zeros (the
-  weights, and the reward model's two terms when there is one), None in place of the others."""
-  if inputs[4] is None:
-    return rounds._replace(rewards=None, reward_hat_logged=None, dm=None)
-  return rounds._replace(rewards=None)
-
-
-def remember_rounds(inputs: tuple, kept: LoggedRounds) -> None:
-  """Keeps the `kept_terms` of checked, concrete jax.Array inputs for `memoised_rounds`."""
-  present = tuple(x for x in inputs if x is not None)
-  if (not all(isinstance(x, jax.Array) for x in present)
-      or not checks.is_concrete(*present, *jax.tree.leaves(kept))):
-    return  # numpy inputs are converted afresh by every call; tracers have no identity to keep
-  key = _memo_key(inputs)
-
-  def forget(ref, key=key):
-    entry = _REDUCED.get(key)
-    if entry is not None and any(r is ref for r in entry[0]):
-      del _REDUCED[key]
-  if kept.dm is None:
-    zeros = jnp.zeros_like(kept.weights)
-    kept = kept._replace(reward_hat_logged=zeros, dm=zeros)
-  _REDUCED[key] = (tuple(weakref.ref(x, forget) for x in present), kept)
-
-
 @functools.partial(jax.jit, static_argnames="check")
 def _rounds_kernel(inputs: tuple, *, check: tuple[bool, ...] | None
                    ) -> tuple[jax.Array | None, LoggedRounds]:
@@ -338,12 +288,7 @@ def logged_rounds(
     [2.0, 2.0]
   """
   inputs = prepare_inputs(rewards, actions, logging_probs, target_dist, reward_hat, positions)
-  memo = memoised_rounds(inputs)
-  if memo is not None:
-    return memo
-  rounds = run_validated(_rounds_kernel, inputs)
-  remember_rounds(inputs, kept_terms(rounds, inputs))
-  return rounds
+  return run_validated(_rounds_kernel, inputs)
 
 
 def importance_weights(

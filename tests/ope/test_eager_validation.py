@@ -4,16 +4,12 @@ Counted, never timed: `checks.fetch_flags` is the one device-to-host transfer of
 and the per-argument host checks (np.asarray per check) run only to build the message of a failure.
 """
 
-import gc
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from saferl_jax import checks
-from saferl_jax.ope import estimators
-from saferl_jax.ope import rounds as rounds_lib
 from saferl_jax.ope import (beta_ips, beta_ips_bias, dm, dr, dr_os, estimate_all,
                             importance_weights, ips, logged_rounds, sg_dr, sg_ips, snips, sndr,
                             switch_dr, weight_diagnostics)
@@ -96,64 +92,6 @@ def test_a_failed_check_is_not_remembered():
   for _ in range(2):
     with pytest.raises(ValueError, match="^logging_probs: every propensity must be in"):
       ips(r, a, bad, t)
-
-
-@pytest.fixture
-def kernel_runs(monkeypatch):
-  """Counts runs of the fused kernel that reduces [n, A] inputs (not of the from-rounds kernel)."""
-  runs = []
-  kernel = estimators._estimates_kernel
-
-  def counting(*args, **kwargs):
-    runs.append(kwargs["requests"])
-    return kernel(*args, **kwargs)
-  monkeypatch.setattr(estimators, "_estimates_kernel", counting)
-  return runs
-
-
-def test_a_second_estimator_on_the_same_arrays_reuses_their_reduction(kernel_runs):
-  r, a, p, t, q = _fresh()
-  ips(r, a, p, t)
-  reused = snips(r, a, p, t)
-  assert len(kernel_runs) == 1  # snips read the memoised [n] terms, not target_dist
-  np.testing.assert_allclose(logged_rounds(r, a, p, t).weights, T[np.arange(4), A] / P, rtol=1e-6)
-  reused_dr = dr(r, a, p, t, q)  # a reward model is another dataset: its own reduction
-  assert len(kernel_runs) == 2
-  np.testing.assert_allclose(dr(r, a, p, t, q).value, reused_dr.value, rtol=1e-6)
-  assert len(kernel_runs) == 2
-  fresh_snips, fresh_dr = snips(*_fresh()[:4]), dr(*_fresh())  # reduced by the fused kernel
-  np.testing.assert_allclose(reused.per_sample, fresh_snips.per_sample, rtol=1e-6)
-  np.testing.assert_allclose(reused_dr.per_sample, fresh_dr.per_sample, rtol=1e-6)
-
-
-def test_numpy_inputs_and_failed_checks_are_never_memoised(kernel_runs):
-  ips(R, A, P, T)
-  ips(R, A, P, T)  # converted afresh by each call
-  assert len(kernel_runs) == 2
-  r, a, p, t, _ = _fresh()
-  bad = jnp.asarray(P).at[1].set(0.0)
-  for _ in range(2):
-    with pytest.raises(ValueError, match="^logging_probs"):
-      ips(r, a, bad, t)
-  assert len(kernel_runs) == 4
-
-
-def test_the_memo_forgets_a_dataset_when_an_input_is_collected():
-  r, a, p, t, _ = _fresh()
-  ips(r, a, p, t)
-  key = rounds_lib._memo_key(rounds_lib.prepare_inputs(r, a, p, t))
-  assert key in rounds_lib._REDUCED
-  del t
-  gc.collect()
-  assert key not in rounds_lib._REDUCED
-
-
-def test_rounds_reduced_under_jit_are_not_memoised(kernel_runs):
-  r, a, p, t, _ = _fresh()
-  jax.jit(lambda: ips(r, a, p, t).value)()  # concrete data, traced kernel: nothing to keep
-  assert rounds_lib.memoised_rounds(rounds_lib.prepare_inputs(r, a, p, t)) is None
-  ips(r, a, p, t)
-  assert rounds_lib.memoised_rounds(rounds_lib.prepare_inputs(r, a, p, t)) is not None
 
 
 def test_weight_diagnostics_one_transfer(counted):
