@@ -631,9 +631,10 @@ def finetune(
   # frozen weights (never copied per seed), which clipped method's advantages a clipped round uses
   # and the clip range (data, so that PPO, GRPO and LOOP, and every clip range, share one
   # compiled round).
+  # The clip range takes JAX's default float, as the log-probabilities do (float64 under x64).
   clipped_method = jnp.asarray(_CLIPPED.index(method) if method in _CLIPPED else 0, jnp.int32)
   data = (params, schedule, null_condition, frozen_params, clipped_method,
-          jnp.asarray(clip_range, jnp.float32))
+          jnp.asarray(options["clip_range"]))
   # The null condition travels as data (it may be an array), so the static Sampling holds none.
   static_sampling = dataclasses.replace(sampling, null_condition=None)
   # Fingerprinting costs a few eager updates and checksums: only for checkpointed runs.
