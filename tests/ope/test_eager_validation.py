@@ -162,6 +162,15 @@ def test_traced_options_reuse_the_concrete_checks():
     jax.vmap(lambda c: ips(r, a, jnp.asarray(P).at[0].set(2.0), t, clip=c).value)(jnp.ones(2))
 
 
+def _summing_to_one_with_a_negative(t):
+  """t [n, ..., A] with its last row(s) set to [1.2, -0.2, 0, ...]: every sum stays 1, so only the
+  min >= 0 part of the check catches the negative entry."""
+  t = np.array(t, np.float32)
+  t[-1] = 0.0
+  t[-1, ..., 0], t[-1, ..., 1] = 1.2, -0.2
+  return t
+
+
 def test_the_fused_flags_agree_with_the_host_checks_at_the_edges():
   specs = (checks.ValueCheck("x", "finite"), checks.ValueCheck("x", "probability"),
            checks.ValueCheck("x", "nonnegative"))
@@ -178,7 +187,7 @@ def test_the_fused_flags_agree_with_the_host_checks_at_the_edges():
       assert bool(flag) == host_bad, (spec.kind, values)
   rows = checks.ValueCheck("t", "distribution_rows")
   for t in (T, T * 0.9, np.where(T == 0.1, -0.1, T), np.where(T == 0.1, np.nan, T),
-            np.where(T == 0.1, np.inf, T), T + 5e-5 / 3):
+            np.where(T == 0.1, np.inf, T), T + 5e-5 / 3, _summing_to_one_with_a_negative(T)):
     x = jnp.asarray(t, jnp.float32)
     flag = bool(np.asarray(checks.value_flags((rows,), (x,)))[0])
     try:
@@ -187,3 +196,32 @@ def test_the_fused_flags_agree_with_the_host_checks_at_the_edges():
     except ValueError:
       host_bad = True
     assert flag == host_bad, t
+  slots = checks.ValueCheck("t", "distribution_slots")
+  slotted = np.stack([T, T[::-1]], axis=-1)  # [n, A, L = 2]
+  for t in (slotted, np.where(slotted == 0.1, -0.1, slotted), slotted * [1.0, 0.9],
+            _summing_to_one_with_a_negative(slotted.transpose(0, 2, 1)).transpose(0, 2, 1),
+            np.where(slotted == 0.6, np.nan, slotted)):
+    x = jnp.asarray(t, jnp.float32)
+    flag = bool(np.asarray(checks.value_flags((slots,), (x,)))[0])
+    try:
+      checks.check_distribution_slots("t", x)
+      host_bad = False
+    except ValueError:
+      host_bad = True
+    assert flag == host_bad, t
+
+
+@pytest.mark.parametrize("size", [3, 2**24, 2**24 + 1, 2**31 - 1])
+def test_the_fused_index_flag_agrees_with_the_host_check(size):
+  # size <= 2^24 takes the float32 path of the fused check, larger sizes the integer one.
+  spec = checks.ValueCheck("a", "index", size, "action")
+  for values in ([0, size - 1], [0, size], [-1, 0], [-(2**31), 0], [2**31 - 1, 0],
+                 [size - 2, size - 1], [size + 1, 0], [2**24 - 1, 0], [2**24 + 1, 0]):
+    x = jnp.asarray(np.array(values, np.int64).clip(-(2**31), 2**31 - 1), jnp.int32)
+    flag = bool(np.asarray(checks.value_flags((spec,), (x,)))[0])
+    try:
+      checks._host_check(spec, x)
+      host_bad = False
+    except ValueError:
+      host_bad = True
+    assert flag == host_bad, (size, values)
