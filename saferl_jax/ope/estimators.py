@@ -16,8 +16,11 @@ shapes in Python, then runs one module-level jitted kernel that computes the
 estimates and the value checks' flags together (min, max and row-sum
 reductions); the flags come back in one host transfer and a failed one raises a
 ValueError naming the argument. Device arrays that passed are not checked again
-by the next estimator. Under jit, vmap or grad (tracers) only shapes are checked
-and concrete arguments keep their host checks, as before.
+by the next estimator, and the importance weights computed from the same
+actions, logging_probs and target_dist (device arrays) are reused rather than
+gathered again from [n, A] (kept until one of those arrays is collected). Under
+jit, vmap or grad (tracers) only shapes are checked and concrete arguments keep
+their host checks, as before.
 
 References:
   Dudik, Langford, Li. Doubly Robust Policy Evaluation and Learning. ICML 2011. https://arxiv.org/abs/1103.4601
@@ -733,14 +736,15 @@ def _split_options(name: str, options: dict) -> tuple[tuple, dict]:
 
 
 @functools.partial(jax.jit, static_argnames=("requests", "check"))
-def _estimates_kernel(inputs: tuple, dynamic: dict, *, requests: tuple,
-                      check: tuple[bool, ...] | None) -> tuple[jax.Array | None, dict[str, Estimate]]:
-  """One compiled program: the value flags of the inputs (the checks selected by `check`) and
-  every requested estimate."""
-  rounds = rounds_lib.reduce_inputs(*inputs)
+def _estimates_kernel(inputs: tuple, dynamic: dict, weights: jax.Array | None, *, requests: tuple,
+                      check: tuple[bool, ...] | None) -> tuple:
+  """One compiled program: the value flags of the inputs (the checks selected by `check`), every
+  requested estimate, and the importance weights (None when they were given)."""
+  rounds = rounds_lib.reduce_inputs(*inputs, weights=weights)
   estimates = {name: _KERNEL_FUNCTIONS[name](rounds, **dict(static), **dynamic[name])
                for name, static in requests}
-  return (None if check is None else rounds_lib.input_flags(inputs, check, rounds)), estimates
+  flags = None if check is None else rounds_lib.input_flags(inputs, check, rounds)
+  return flags, (estimates, rounds.weights if weights is None else None)
 
 
 def _estimate(estimators: tuple[str, ...], options: dict[str, dict], rewards, actions,
@@ -755,7 +759,12 @@ def _estimate(estimators: tuple[str, ...], options: dict[str, dict], rewards, ac
     _check_options(name, opts)
     static, dynamic[name] = _split_options(name, opts)
     requests.append((name, static))
-  return rounds_lib.run_validated(_estimates_kernel, inputs, dynamic, requests=tuple(requests))
+  weights = rounds_lib.known_weights(inputs)  # a second estimator on the same log skips the gather
+  estimates, new_weights = rounds_lib.run_validated(_estimates_kernel, inputs, dynamic, weights,
+                                                    requests=tuple(requests))
+  if weights is None:
+    rounds_lib.remember_weights(inputs, new_weights)
+  return estimates
 
 
 def _estimate_one(name: str, options: dict, *arrays, positions=None) -> Estimate:

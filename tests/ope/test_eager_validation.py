@@ -4,12 +4,15 @@ Counted, never timed: `checks.fetch_flags` is the one device-to-host transfer of
 and the per-argument host checks (np.asarray per check) run only to build the message of a failure.
 """
 
+import gc
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from saferl_jax import checks
+from saferl_jax.ope import rounds as rounds_lib
 from saferl_jax.ope import (beta_ips, beta_ips_bias, dm, dr, dr_os, estimate_all,
                             importance_weights, ips, logged_rounds, sg_dr, sg_ips, snips, sndr,
                             switch_dr, weight_diagnostics)
@@ -84,6 +87,51 @@ def test_arrays_that_passed_are_not_checked_again(counted):
   assert len(counted) == 2
   ips(r, a, p, jnp.asarray(T))  # a new target_dist is checked again
   assert len(counted) == 3
+
+
+def test_a_second_estimator_reuses_the_weights_and_agrees_with_a_fresh_call():
+  # Larger than the toy log, so that reusing the weights could change the estimates' float32
+  # rounding if it computed them differently; it must not.
+  rng = np.random.default_rng(0)
+  n, num_actions = 1000, 5
+  t = rng.dirichlet(np.ones(num_actions), n).astype(np.float32)
+  arrays = (rng.random(n).astype(np.float32), rng.integers(0, num_actions, n).astype(np.int32),
+            rng.uniform(0.05, 1.0, n).astype(np.float32), t,
+            rng.random((n, num_actions)).astype(np.float32))
+  r, a, p, t, q = (jnp.asarray(x) for x in arrays)
+  inputs = rounds_lib.prepare_inputs(r, a, p, t, q)
+  assert rounds_lib.known_weights(inputs) is None
+  ips(r, a, p, t)
+  assert rounds_lib.known_weights(inputs) is not None
+  for call in (snips, lambda *x: dr(*x, q), lambda *x: sndr(*x, q), lambda *x: switch_dr(*x, q, tau=3.0)):
+    reused = call(r, a, p, t)
+    fresh = call(*(jnp.asarray(x) for x in arrays[:4]))  # new arrays: weights computed afresh
+    for got, want in zip(reused, fresh):
+      np.testing.assert_array_equal(got, want)
+
+
+def test_remembered_weights_are_dropped_with_their_arrays_and_never_kept_for_numpy():
+  r, a, p, t, q = _fresh()
+  before = len(rounds_lib._WEIGHTS)
+  ips(r, a, p, t)
+  assert len(rounds_lib._WEIGHTS) == before + 1
+  del t  # one of the arrays the weights came from is collected: the entry goes with it
+  gc.collect()
+  assert len(rounds_lib._WEIGHTS) == before
+  ips(R, A, P, T)  # numpy inputs are converted afresh by every call: nothing to key on
+  assert len(rounds_lib._WEIGHTS) == before
+
+
+def test_remembered_weights_do_not_skip_the_checks_of_a_new_argument():
+  r, a, p, t, q = _fresh()
+  ips(r, a, p, t)
+  with pytest.raises(ValueError, match="^rewards"):
+    snips(jnp.asarray(R).at[0].set(jnp.nan), a, p, t)
+  with pytest.raises(ValueError, match="^reward_hat"):
+    dr(r, a, p, t, jnp.asarray(Q).at[0, 0].set(jnp.inf))
+  # Under jax.jit nothing is remembered or reused: the traced call computes its own weights.
+  np.testing.assert_allclose(jax.jit(lambda: snips(r, a, p, t * 0.5 + 0.5 / 3).value)(),
+                             snips(r, a, p, jnp.asarray(T) * 0.5 + 0.5 / 3).value, rtol=1e-6)
 
 
 def test_a_failed_check_is_not_remembered():
