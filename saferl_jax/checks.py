@@ -369,32 +369,57 @@ def host_checks(specs: tuple[ValueCheck, ...], arrays: tuple) -> None:
       _host_check(spec, x)
 
 
-# Arrays that already passed a check. A jax.Array is immutable, so a check it passed once holds for
-# as long as it lives: a second estimator on the same arrays skips their pass. Keyed by (id, check)
-# and dropped by a weakref callback when the array is collected, so an id is never reused stale.
-_PASSED: dict[tuple[int, ValueCheck], weakref.ref] = {}
+class ArrayMemo:
+  """Values derived from concrete jax.Arrays, kept for as long as those arrays live.
+
+  A jax.Array is immutable, so what was derived from it once (a check it passed, the importance
+  weights of a log) holds until it is collected. Entries are keyed by the arrays' identity and a
+  tag, and dropped by a weakref callback when one of the arrays is collected, so an id is never
+  reused stale. Only concrete jax.Arrays are kept: a numpy input is converted afresh by every call
+  and a tracer has no lasting identity.
+  """
+
+  def __init__(self):
+    self._entries: dict[tuple, tuple[tuple[weakref.ref, ...], object]] = {}
+
+  def __len__(self) -> int:
+    return len(self._entries)
+
+  def get(self, arrays: tuple, tag=None):
+    """The value kept for these very arrays (and tag), or None."""
+    entry = self._entries.get((tuple(map(id, arrays)), tag))
+    if entry is None or not all(ref() is x for ref, x in zip(entry[0], arrays)):
+      return None
+    return entry[1]
+
+  def put(self, arrays: tuple, value, tag=None) -> None:
+    """Keeps value for these arrays (and tag); nothing unless every one is a concrete jax.Array."""
+    if not all(isinstance(x, jax.Array) and is_concrete(x) for x in arrays):
+      return
+    key = (tuple(map(id, arrays)), tag)
+    def forget(ref, key=key):
+      entry = self._entries.get(key)
+      if entry is not None and any(r is ref for r in entry[0]):
+        del self._entries[key]
+    self._entries[key] = (tuple(weakref.ref(x, forget) for x in arrays), value)
 
 
-def _has_passed(spec: ValueCheck, x) -> bool:
-  ref = _PASSED.get((id(x), spec))
-  return ref is not None and ref() is x
+# Arrays that already passed a check (tagged by the check): a second estimator on the same arrays
+# skips their pass.
+_PASSED = ArrayMemo()
 
 
 def pending(specs: tuple[ValueCheck, ...], arrays: tuple) -> tuple[bool, ...]:
   """Which checks still need a pass: not those of an absent (None) array, nor those a concrete
   jax.Array has already passed (numpy inputs are converted afresh by each call, so never skip)."""
-  return tuple(x is not None and not _has_passed(spec, x) for spec, x in zip(specs, arrays))
+  return tuple(x is not None and _PASSED.get((x,), spec) is None for spec, x in zip(specs, arrays))
 
 
 def remember_passed(specs: tuple[ValueCheck, ...], arrays: tuple, mask: tuple[bool, ...]) -> None:
   """Records that the arrays selected by `mask` passed their checks (see `pending`)."""
   for spec, x, selected in zip(specs, arrays, mask):
-    if selected and isinstance(x, jax.Array) and is_concrete(x):
-      key = (id(x), spec)
-      def forget(ref, key=key):
-        if _PASSED.get(key) is ref:
-          del _PASSED[key]
-      _PASSED[key] = weakref.ref(x, forget)
+    if selected:
+      _PASSED.put((x,), True, spec)
 
 
 def only_pending(arrays: tuple, mask: tuple[bool, ...]) -> tuple:
